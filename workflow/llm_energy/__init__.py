@@ -1,0 +1,3 @@
+"""llm_energy: measure what LLM inference costs (energy, throughput, latency, FLOPs)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Registry of inference backends by name. Adding a backend is one module and one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from llm_energy.backends.base import Backend
+from llm_energy.errors import BackendError
+
+# name -> "module:Class"; modules are imported lazily so that a missing engine (vllm, tensorrt_llm)
+# does not break the others.
+BACKENDS: dict[str, str] = {
+    "pytorch": "llm_energy.backends.pytorch:PytorchBackend",
+    "vllm": "llm_energy.backends.vllm:VllmBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend '{name}'; known backends: {sorted(BACKENDS)}")
+    module_name, class_name = BACKENDS[name].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def create_backend(name: str, settings: dict | None = None) -> Backend:
+    cls = backend_class(name)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise BackendError(f"backend '{name}' cannot run here: {reason}")
+    return cls(settings)

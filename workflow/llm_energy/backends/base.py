@@ -1,0 +1,114 @@
+"""The backend interface: what an inference engine must do for the harness, and nothing more.
+
+A backend loads a model, generates for a list of requests and returns per-request token counts and
+timestamps. It knows nothing about energy, files or Snakemake. The harness (llm_energy.measure)
+owns the sequence setup -> warm-up -> window -> generate -> close and the energy session.
+Timestamps are `llm_energy.clock.now()` values.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How tokens are chosen and when generation stops; the same for every backend."""
+
+    mode: str = "greedy"  # "greedy" or "sampling"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    output_length: str = "fixed"  # "fixed": exactly max_output_tokens; "eos": stop at EOS
+    max_output_tokens: int = 64
+    seed: int = 0
+
+    @property
+    def fixed_length(self) -> bool:
+        return self.output_length == "fixed"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to generate for. `prompt_token_ids` are already truncated to max_input_tokens."""
+
+    index: int
+    prompt_token_ids: tuple[int, ...]
+
+    @property
+    def input_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class RequestRecord:
+    """What a backend observed for one request. Token counts exclude padding and anything after EOS."""
+
+    index: int
+    input_tokens: int
+    output_tokens: int
+    submitted_s: float
+    finished_s: float
+    first_token_s: float | None = None  # None where the backend cannot observe it
+    token_times_s: list[float] | None = None  # arrival time of every output token (streaming)
+    output_token_ids: list[int] = field(default_factory=list)
+    batch_index: int | None = None
+    latency_source: str = "host_clock"  # where the timestamps came from
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finished_s - self.submitted_s
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.submitted_s
+
+
+@dataclass
+class LoadReport:
+    """Facts the backend learnt while loading (shown in the run artifact)."""
+
+    device: str
+    dtype: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Base class of inference backends. Register implementations in llm_energy.backends."""
+
+    name: str = ""
+
+    def __init__(self, settings: dict[str, Any] | None = None):
+        self.settings = dict(settings or {})
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the backend can run here, else why not and how to install it."""
+        return None
+
+    @abstractmethod
+    def load(self, model_dir: Path, dtype: str, max_model_len: int, batch_size: int) -> LoadReport:
+        """Load weights and start the engine. Called once, outside the measurement window.
+
+        `batch_size` is the campaign's batch size: engines that size their scheduler at start (vLLM's
+        max_num_seqs) use it; the others may ignore it.
+        """
+
+    @abstractmethod
+    def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
+        """Turn prompts into requests with the model's tokenizer, truncated to max_input_tokens."""
+
+    @abstractmethod
+    def generate(
+        self, requests: list[Request], batch_size: int, decoding: DecodingSettings
+    ) -> list[RequestRecord]:
+        """Generate for all requests (batched as the backend and `batch_size` allow)."""
+
+    def synchronize(self) -> None:
+        """Wait until all device work has finished (called at window edges)."""
+
+    def close(self) -> None:
+        """Free the engine and device memory."""
