@@ -1,0 +1,49 @@
+# llm-energy: measure what LLM inference costs.
+#   snakemake --cores 2                                   # the embedded default campaign
+#   snakemake --cores 2 --configfile config/campaigns/X.yaml
+#   snakemake --cores 1 --config figures_only=true --forceall   # figures from cached results only
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+WORKFLOW_DIR = Path(workflow.basedir) / "workflow"
+# The package is importable here and in every job (also inside conda environments and SLURM jobs,
+# which inherit the environment), whether or not it was pip-installed.
+sys.path.insert(0, str(WORKFLOW_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKFLOW_DIR), os.environ.get("PYTHONPATH")]))
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/datasets.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/inference.smk"
+include: "workflow/rules/flops.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/plots.smk"
+
+
+rule all:
+    input:
+        SUMMARY_CSV,
+        SUMMARY_PARQUET,
+        FIGURES,
+    default_target: True
+
+
+# Downloads, dataset preparation, aggregation and plots run on the submit host (a cluster's compute
+# nodes need no network, and these jobs are too small to be worth a queue slot).
+localrules:
+    all,
+    prepare_dataset,
+    download_model,
+    summarize,
+    plot,
+
+if not FIGURES_ONLY:
+
+    localrules:
+        aggregate,

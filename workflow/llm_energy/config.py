@@ -1,0 +1,301 @@
+"""The campaign: validation of the config and its expansion into experiments.
+
+A campaign names models, datasets, backends and a parameter grid. `load_campaign` validates it against
+workflow/schemas/config.schema.json (filling defaults, rejecting unknown keys) and expands it at parse
+time into experiments with stable, readable ids. Every problem a user can cause raises ConfigError
+naming the key and the fix, before any job runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from llm_energy.artifacts import SCHEMA_DIR, sha256_json
+from llm_energy.backends import BACKENDS
+from llm_energy.errors import ConfigError
+
+CONFIG_SCHEMA_PATH = SCHEMA_DIR / "config.schema.json"
+GRID_KEYS = (
+    "batch_size", "dtype", "max_input_tokens", "max_output_tokens", "decoding", "output_length",
+    "batching", "token_budget",
+)
+
+
+@lru_cache(maxsize=1)
+def config_schema() -> dict:
+    return json.loads(CONFIG_SCHEMA_PATH.read_text())
+
+
+def _validator_filling_defaults():
+    """A Draft 2020-12 validator that also writes each property's `default` into the instance."""
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": properties_with_defaults})
+
+
+def _dotted(path) -> str:
+    """['grid', 'batch_size', 0] -> 'grid.batch_size[0]'"""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
+    """The keys a mapping at `instance_path` may hold (for 'did you mean' hints)."""
+    node: Any = schema
+    for part in instance_path:
+        if not isinstance(node, Mapping):
+            return []
+        if part in node.get("properties", {}):
+            node = node["properties"][part]
+        elif isinstance(node.get("additionalProperties"), Mapping):
+            node = node["additionalProperties"]
+        else:
+            return []
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    keys = set(node.get("properties", {}))
+    for branch in node.get("allOf", []):
+        keys |= set(branch.get("then", {}).get("properties", {}))
+    return sorted(keys)
+
+
+def _error_to_config_error(error: jsonschema.ValidationError, schema: dict) -> ConfigError:
+    path = list(error.absolute_path)
+    key = _dotted(path)
+    if error.validator == "additionalProperties":
+        unexpected = re.findall(r"'([^']+)'", error.message.split("(")[-1])
+        bad = unexpected[0] if unexpected else "?"
+        allowed = _allowed_keys(schema, path)
+        close = difflib.get_close_matches(bad, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return ConfigError(
+            _dotted(path + [bad]), "unknown key",
+            f"{hint}Remove it or use one of: {', '.join(allowed)}.",
+        )
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)'", error.message)
+        name = missing[0] if missing else "?"
+        return ConfigError(_dotted(path + [name]), "is required but missing", f"Add '{name}' under '{key}'.")
+    if error.validator == "enum":
+        options = ", ".join(json.dumps(v) for v in error.validator_value)
+        return ConfigError(key, f"{json.dumps(error.instance)} is not allowed", f"Use one of: {options}.")
+    if error.validator == "type":
+        expected = error.validator_value
+        return ConfigError(
+            key, f"has type {type(error.instance).__name__} ({json.dumps(error.instance)})",
+            f"It must be of type {expected}.",
+        )
+    return ConfigError(key, error.message, "See workflow/schemas/config.schema.json for what it accepts.")
+
+
+def validate_config(raw: Mapping[str, Any]) -> dict:
+    """Validate a config mapping and return a copy with every default filled in."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("(top level)", "the config is not a mapping", "Write the config as YAML keys.")
+    config = copy.deepcopy(dict(raw))
+    schema = config_schema()
+    validator = _validator_filling_defaults()(schema)
+    errors = list(validator.iter_errors(config))
+    if errors:
+        # The deepest, most specific error is the most useful one to show.
+        best = max(errors, key=lambda e: (len(e.absolute_path), e.validator != "if"))
+        nested = list(best.context or [])
+        if nested:
+            best = jsonschema.exceptions.best_match(nested)
+        raise _error_to_config_error(best, schema)
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    models = config["models"]
+    for name, spec in config["datasets"].items():
+        if spec["source"] == "synthetic" and spec["tokenizer_model"] not in models:
+            raise ConfigError(
+                f"datasets.{name}.tokenizer_model",
+                f"names model '{spec['tokenizer_model']}', which is not in 'models'",
+                f"Use one of: {', '.join(models)}.",
+            )
+        dist = spec.get("input_tokens") if spec["source"] == "synthetic" else None
+        if dist is not None:
+            needed = {"fixed": ["value"], "uniform": ["min", "max"], "normal": ["mean", "std"],
+                      "lognormal": ["mean", "sigma"]}[dist["distribution"]]
+            for key in needed:
+                if key not in dist:
+                    raise ConfigError(
+                        f"datasets.{name}.input_tokens.{key}",
+                        f"is required for distribution '{dist['distribution']}'", f"Add '{key}'.",
+                    )
+    for index, backend in enumerate(config["backends"]):
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"backends[{index}]", f"'{backend}' is not an implemented backend",
+                f"Use one of: {', '.join(sorted(BACKENDS))}.",
+            )
+    grid = config["grid"]
+    if "token_budget" in grid["batching"] and not any(b for b in grid["token_budget"]):
+        raise ConfigError(
+            "grid.token_budget", "batching 'token_budget' needs a token budget",
+            "Give grid.token_budget a list of integers, e.g. [4096].",
+        )
+    known = {"model", "backend", "dataset", *GRID_KEYS}
+    for index, rule in enumerate(config["exclude"]):
+        for key in rule:
+            if key not in known:
+                raise ConfigError(f"exclude[{index}].{key}", "unknown key", f"Use keys among: {', '.join(sorted(known))}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One fully resolved point of the campaign."""
+
+    id: str
+    model: str
+    backend: str
+    dataset: str
+    parameters: dict[str, Any]
+    model_spec: dict[str, Any] = field(repr=False)
+    dataset_spec: dict[str, Any] = field(repr=False)
+    backend_settings: dict[str, Any] = field(repr=False)
+    warmup_requests: int = 0
+    requests_per_cycle: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "model": self.model, "backend": self.backend, "dataset": self.dataset,
+            "parameters": self.parameters, "model_spec": self.model_spec,
+            "dataset_spec": self.dataset_spec, "backend_settings": self.backend_settings,
+            "warmup_requests": self.warmup_requests, "requests_per_cycle": self.requests_per_cycle,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
+        return cls(**dict(data))
+
+
+def _decoding_label(decoding: Mapping[str, Any]) -> str:
+    if decoding["mode"] == "greedy":
+        return "greedy"
+    label = f"t{decoding['temperature']:g}-p{decoding['top_p']:g}"
+    return label + (f"-k{decoding['top_k']}" if decoding["top_k"] else "")
+
+
+def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[str, Any], identity: Any) -> str:
+    """`model.backend.dataset.bs8-float32-in512-out64-greedy.<hash8>`; the hash covers everything
+    that changes the measurement, so a changed parameter never reuses an old folder."""
+    p = parameters
+    label = f"bs{p['batch_size']}-{p['dtype']}-in{p['max_input_tokens']}-out{p['max_output_tokens']}"
+    label += "-" + _decoding_label({"mode": p["decoding_mode"], "temperature": p["temperature"],
+                                    "top_p": p["top_p"], "top_k": p["top_k"]})
+    if p["output_length"] != "fixed":
+        label += f"-{p['output_length']}"
+    if p["batching"] != "fixed":
+        label += f"-{p['batching']}" + (f"{p['token_budget']}" if p["batching"] == "token_budget" else "")
+    return f"{model}.{backend}.{dataset}.{label}.{sha256_json(identity)[:8]}"
+
+
+def _excluded(rules: list[Mapping[str, Any]], point: Mapping[str, Any]) -> bool:
+    return any(all(point.get(k) == v for k, v in rule.items()) for rule in rules)
+
+
+def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
+    """All experiments of a validated config, keyed by id, in a stable order."""
+    grid = config["grid"]
+    campaign = config["campaign"]
+    experiments: dict[str, Experiment] = {}
+    values = [grid[k] for k in GRID_KEYS]
+    for model, backend, dataset in itertools.product(config["models"], config["backends"], config["datasets"]):
+        for combo in itertools.product(*values):
+            point = dict(zip(GRID_KEYS, combo))
+            if point["batching"] != "token_budget":
+                if point["token_budget"] is not None and point["token_budget"] != grid["token_budget"][0]:
+                    continue  # the budget only varies token_budget batching: no duplicates
+                point["token_budget"] = None
+            elif point["token_budget"] is None:
+                continue
+            if _excluded(config["exclude"], {"model": model, "backend": backend, "dataset": dataset, **point}):
+                continue
+            decoding = point.pop("decoding")
+            parameters = {
+                **{k: v for k, v in point.items()},
+                "decoding_mode": decoding["mode"],
+                "temperature": decoding["temperature"] if decoding["mode"] == "sampling" else 0.0,
+                "top_p": decoding["top_p"] if decoding["mode"] == "sampling" else 1.0,
+                "top_k": decoding["top_k"] if decoding["mode"] == "sampling" else 0,
+            }
+            backend_settings = dict(config["backend_settings"].get(backend, {}))
+            identity = {
+                "model": config["models"][model], "dataset": config["datasets"][dataset],
+                "backend": backend, "backend_settings": backend_settings, "parameters": parameters,
+                "warmup_requests": campaign["warmup_requests"],
+                "requests_per_cycle": campaign["requests_per_cycle"], "seed": campaign["seed"],
+            }
+            eid = experiment_id(model, backend, dataset, parameters, identity)
+            experiments[eid] = Experiment(
+                id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
+                model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
+                backend_settings=backend_settings, warmup_requests=campaign["warmup_requests"],
+                requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"],
+            )
+    if not experiments and not config.get("figures_only"):
+        raise ConfigError("exclude", "every experiment of the campaign is excluded", "Loosen the exclude rules.")
+    return experiments
+
+
+@dataclass
+class Campaign:
+    config: dict[str, Any]
+    experiments: dict[str, Experiment]
+
+    @property
+    def sha256(self) -> str:
+        return sha256_json(self.config)
+
+    @property
+    def cycles(self) -> int:
+        return self.config["campaign"]["cycles"]
+
+
+def load_campaign(raw: Mapping[str, Any]) -> Campaign:
+    config = validate_config(raw)
+    return Campaign(config=config, experiments=expand_experiments(config))
+
+
+def load_campaign_file(path: Path | str) -> Campaign:
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("(file)", f"config file {path} does not exist", "Pass an existing --configfile.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("(file)", f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown.") from None
+    return load_campaign(raw or {})

@@ -1,0 +1,44 @@
+# aggregate: cycles combined per experiment; summarize: one tidy row per experiment.
+# In figures-only mode the experiment results already exist (e.g. an archived results/ tree) and no
+# rule upstream of them is part of the DAG: nothing is downloaded and no inference runs.
+
+if FIGURES_ONLY:
+    EXPERIMENT_RESULTS = sorted(glob.glob(f"{RESULTS}/experiments/*.json"))
+    if not EXPERIMENT_RESULTS:
+        raise WorkflowError(
+            f"figures_only: no experiment results in {RESULTS}/experiments/; point results_dir at an "
+            "existing results tree (e.g. --config figures_only=true results_dir=results/examples/...)"
+        )
+else:
+    EXPERIMENT_RESULTS = expand(f"{RESULTS}/experiments/{{experiment}}.json", experiment=EXPERIMENTS)
+
+    rule aggregate:
+        input:
+            runs=expand(f"{RESULTS}/runs/{{{{experiment}}}}/cycle-{{cycle}}/result.json", cycle=CYCLES),
+            flops=f"{RESULTS}/flops/{{experiment}}.json",
+        output:
+            f"{RESULTS}/experiments/{{experiment}}.json",
+        params:
+            config_sha256=CONFIG_SHA256,
+        log:
+            f"{RESULTS}/logs/aggregate/{{experiment}}.log",
+        conda:
+            "../../envs/analysis.yaml"
+        script:
+            "../scripts/aggregate.py"
+
+
+rule summarize:
+    input:
+        EXPERIMENT_RESULTS,
+    output:
+        csv=SUMMARY_CSV,
+        parquet=SUMMARY_PARQUET,
+    params:
+        config_sha256=None if FIGURES_ONLY else CONFIG_SHA256,
+    log:
+        f"{RESULTS}/logs/summarize.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/summarize.py"

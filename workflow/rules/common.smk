@@ -1,0 +1,51 @@
+# Campaign loading and the paths every rule shares.
+import glob
+
+import yaml
+
+from llm_energy.config import load_campaign
+from llm_energy.errors import ConfigError
+
+
+def _campaign_config(given):
+    """--configfile replaces the embedded default campaign instead of merging into it (a merge would
+    silently add the default's tiny models to every campaign); --config key=value still overrides."""
+    if workflow.overwrite_configfiles:
+        return dict(given)
+    default = yaml.safe_load(Path(workflow.basedir, "config", "config.yaml").read_text())
+    for key, value in given.items():
+        default[key] = value
+    return default
+
+
+try:
+    CAMPAIGN = load_campaign(_campaign_config(config))
+except ConfigError as error:
+    # One clear message, before any job runs and before anything is written.
+    raise WorkflowError(f"Invalid configuration: {error}") from None
+
+CONFIG = CAMPAIGN.config
+CONFIG_SHA256 = CAMPAIGN.sha256
+EXPERIMENTS = CAMPAIGN.experiments
+CYCLES = list(range(1, CAMPAIGN.cycles + 1))
+RESULTS = CONFIG["results_dir"]
+FIGURES_ONLY = CONFIG["figures_only"]
+
+SUMMARY_CSV = f"{RESULTS}/summary.csv"
+SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
+FIGURE_NAMES = ["energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"]
+FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURE_NAMES, ext=["png", "svg"])
+
+wildcard_constraints:
+    experiment=r"[^/]+",
+    cycle=r"\d+",
+    model=r"[A-Za-z0-9_-]+",
+    dataset=r"[A-Za-z0-9_-]+",
+    figure="|".join(FIGURE_NAMES),
+
+
+def experiment_of(wildcards):
+    try:
+        return EXPERIMENTS[wildcards.experiment]
+    except KeyError:
+        raise WorkflowError(f"'{wildcards.experiment}' is not an experiment of this campaign") from None

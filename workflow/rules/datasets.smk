@@ -1,0 +1,26 @@
+# prepare_dataset: prompts + manifest for each dataset of the campaign (runs on the submit host:
+# compute nodes need no network).
+
+
+def tokenizer_manifest(wildcards):
+    spec = CONFIG["datasets"][wildcards.dataset]
+    if spec["source"] == "synthetic":
+        return ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")
+    return []
+
+
+rule prepare_dataset:
+    input:
+        tokenizer=tokenizer_manifest,
+    output:
+        prompts="resources/datasets/{dataset}/prompts.jsonl",
+        manifest="resources/datasets/{dataset}/manifest.json",
+    params:
+        spec=lambda wc: CONFIG["datasets"][wc.dataset],
+        config_sha256=CONFIG_SHA256,
+    log:
+        "resources/logs/prepare_dataset/{dataset}.log",
+    conda:
+        "../../envs/pytorch.yaml"
+    script:
+        "../scripts/prepare_dataset.py"

@@ -1,0 +1,19 @@
+# estimate_flops: analytic FLOPs for the requests actually measured (cycle 1's token counts),
+# cross-checked on the real model.
+
+
+rule estimate_flops:
+    input:
+        model=lambda wc: ancient(f"resources/models/{experiment_of(wc).model}/manifest.json"),
+        requests=f"{RESULTS}/runs/{{experiment}}/cycle-1/requests.parquet",
+    output:
+        f"{RESULTS}/flops/{{experiment}}.json",
+    params:
+        dtype=lambda wc: experiment_of(wc).parameters["dtype"],
+        config_sha256=CONFIG_SHA256,
+    log:
+        f"{RESULTS}/logs/estimate_flops/{{experiment}}.log",
+    conda:
+        "../../envs/pytorch.yaml"
+    script:
+        "../scripts/estimate_flops.py"

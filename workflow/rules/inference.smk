@@ -1,0 +1,28 @@
+# run_inference: one measured cycle of one experiment. Never two at once on a GPU: each job takes the
+# `gpu` resource, which the profiles cap at the number of GPUs (1 on a CPU-only machine, so CPU
+# measurements do not overlap either).
+
+BACKEND_ENVS = {"pytorch": "../../envs/pytorch.yaml", "vllm": "../../envs/vllm.yaml"}
+
+
+rule run_inference:
+    input:
+        model=lambda wc: ancient(f"resources/models/{experiment_of(wc).model}/manifest.json"),
+        prompts=lambda wc: ancient(f"resources/datasets/{experiment_of(wc).dataset}/prompts.jsonl"),
+        dataset=lambda wc: ancient(f"resources/datasets/{experiment_of(wc).dataset}/manifest.json"),
+    output:
+        result=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/result.json",
+        requests=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/requests.parquet",
+        timeline=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/timeline.parquet",
+    params:
+        experiment=lambda wc: experiment_of(wc).to_dict(),
+        energy=CONFIG["energy"],
+        config_sha256=CONFIG_SHA256,
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/run_inference/{{experiment}}/cycle-{{cycle}}.log",
+    conda:
+        lambda wc: BACKEND_ENVS[experiment_of(wc).backend]
+    script:
+        "../scripts/run_inference.py"

@@ -1,0 +1,15 @@
+# download_model: weights + tokenizer + manifest (hub snapshot, local folder, or built-in tiny model).
+
+
+rule download_model:
+    output:
+        manifest="resources/models/{model}/manifest.json",
+    params:
+        spec=lambda wc: CONFIG["models"][wc.model],
+        config_sha256=CONFIG_SHA256,
+    log:
+        "resources/logs/download_model/{model}.log",
+    conda:
+        "../../envs/pytorch.yaml"
+    script:
+        "../scripts/download_model.py"

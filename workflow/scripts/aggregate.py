@@ -1,0 +1,11 @@
+from llm_energy.jobs import aggregate_job
+from llm_energy.logs import job_logging
+
+with job_logging(snakemake.log[0]):
+    aggregate_job(
+        snakemake.wildcards.experiment,
+        snakemake.input.runs,
+        snakemake.input.flops,
+        snakemake.output[0],
+        snakemake.params.config_sha256,
+    )

@@ -1,0 +1,12 @@
+from llm_energy.jobs import estimate_flops_job
+from llm_energy.logs import job_logging
+
+with job_logging(snakemake.log[0]):
+    estimate_flops_job(
+        snakemake.wildcards.experiment,
+        snakemake.input.model,
+        snakemake.input.requests,
+        snakemake.params.dtype,
+        snakemake.output[0],
+        snakemake.params.config_sha256,
+    )
