@@ -1,0 +1,264 @@
+"""aggregate_experiment over fake cycles (ok and failed), with and without a FLOPs estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_energy import aggregate, artifacts
+from llm_energy.aggregate import MBU_METHOD, aggregate_experiment
+from llm_energy.errors import ArtifactError
+from llm_energy.statistics import describe
+
+EXPERIMENT_ID = "tiny-llama.pytorch.builtin.bs8-fp32-out64.3f9a1c2e"
+GPU = "NVIDIA H100 80GB HBM3"
+PEAK_FLOPS_PER_S = 989e12
+PEAK_BYTES_PER_S = 3.35e12
+PARAMETERS = {
+    "batch_size": 8, "dtype": "bf16", "max_input_tokens": 128, "max_output_tokens": 64,
+    "decoding_mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+    "output_length": "fixed", "batching": "fixed", "token_budget": None,
+}
+
+
+@pytest.fixture(autouse=True)
+def fake_peaks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+
+    def peak_figures(gpu_name: str, dtype: str) -> dict[str, float] | None:
+        calls.append((gpu_name, dtype))
+        if gpu_name != GPU:
+            return None
+        return {"flops_per_s": PEAK_FLOPS_PER_S, "memory_bytes_per_s": PEAK_BYTES_PER_S}
+
+    monkeypatch.setattr(aggregate, "peak_figures_provider", lambda: peak_figures)
+    return calls
+
+
+def run_result_data(
+    cycle: int,
+    metrics: dict[str, float | None] | None,
+    info: dict[str, str] | None = None,
+    status: str = "ok",
+    error: str | None = None,
+    flags: tuple[str, ...] = (),
+    experiment_id: str = EXPERIMENT_ID,
+) -> dict[str, Any]:
+    """A run_result `data` shaped like llm_energy.measure writes it."""
+    return {
+        "experiment_id": experiment_id, "cycle": cycle, "status": status, "error": error,
+        "experiment": {"model": "tiny-llama", "backend": "pytorch", "dataset": "builtin",
+                       "parameters": dict(PARAMETERS)},
+        "load": None, "setup": {"duration_s": 1.0, "windows": []}, "window": None, "tokens": None,
+        "metrics": metrics or {}, "metrics_info": info or {}, "phases": None, "energy_sources": {},
+        "validity": {"flags": list(flags), "valid": not flags},
+    }
+
+
+def write_run(directory: Path, data: dict[str, Any], gpus: list[str]) -> Path:
+    path = directory / "runs" / data["experiment_id"] / f"cycle-{data['cycle']}" / "result.json"
+    provenance = {"experiment": data["experiment_id"], "gpus": [{"name": name, "uuid": f"GPU-{i}"}
+                                                               for i, name in enumerate(gpus)]}
+    artifacts.write_json_artifact(path, "run_result", data, provenance)
+    return path
+
+
+def gpu_metrics(window_s: float, gpu_j: float, output_tokens: float = 512.0) -> dict[str, float | None]:
+    node_j = gpu_j + 30.0
+    return {
+        "window_duration_s": window_s, "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / window_s, "gpu_energy_j": gpu_j,
+        "gpu_energy_per_output_token_j": gpu_j / output_tokens, "node_energy_j": node_j,
+        "cpu_energy_j": None, "ttft_p50_s": 0.05,
+    }
+
+
+GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "measured",
+            "cpu_unavailable_reason": "no RAPL"}
+
+
+def write_flops(directory: Path, total_flops: float = 4.0e12, decode_bytes_min: float = 2.0e11) -> Path:
+    path = directory / "flops" / f"{EXPERIMENT_ID}.json"
+    # Shaped like llm_energy.flops writes it (the flops_estimate schema requires every key).
+    data = {
+        "method": "analytic", "confidence": "high", "total_flops": total_flops,
+        "prefill_flops": total_flops / 4, "decode_flops": total_flops * 3 / 4,
+        "per_request_mean_flops": total_flops / 8,
+        "tokens": {"requests": 8, "input_tokens": 1024, "output_tokens": 512, "prefill_tokens": 1024,
+                   "decode_tokens": 504},
+        "decode_bytes_min": decode_bytes_min,
+        "decode_bytes_breakdown": {"weight_bytes": decode_bytes_min, "kv_cache_bytes": None,
+                                   "decode_steps_min": 63, "batch_size": 8, "decode_weight_params": 1000},
+        "dtype": "bf16", "bytes_per_param": 2, "parameter_count": 1000, "cross_checks": [],
+        "architecture": None, "notes": [],
+    }
+
+    artifacts.write_json_artifact(path, "flops_estimate", data, {"experiment": EXPERIMENT_ID})
+    return path
+
+
+@pytest.fixture()
+def three_cycles(tmp_path: Path) -> list[Path]:
+    """Two ok cycles (one flagged) and one failed cycle on one H100."""
+    info_2 = {**GPU_INFO, "latency_source": "cuda_events"}
+    return [
+        write_run(tmp_path, run_result_data(1, gpu_metrics(2.0, 200.0), {**GPU_INFO, "latency_source": "host_clock"}), [GPU]),
+        write_run(tmp_path, run_result_data(2, gpu_metrics(2.5, 240.0), info_2, flags=("short_window",)), [GPU]),
+        write_run(tmp_path, run_result_data(3, None, status="failed", error="CUDA out of memory",
+                                            flags=("failed",)), [GPU]),
+    ]
+
+
+def test_three_cycles_with_flops(tmp_path: Path, three_cycles: list[Path], fake_peaks: list) -> None:
+    flops_path = write_flops(tmp_path)
+    result = aggregate_experiment(three_cycles, flops_path)
+
+    assert result["experiment_id"] == EXPERIMENT_ID
+    assert result["status"] == "ok"
+    assert result["experiment"]["parameters"]["batch_size"] == 8
+    assert result["cycles_ok"] == 2 and result["cycles_ok_list"] == [1, 2]
+    assert result["cycles_failed"] == [{"cycle": 3, "error": "CUDA out of memory"}]
+    assert result["cycles_invalid"] == [{"cycle": 2, "flags": ["short_window"]}]
+    assert result["flags"] == {"failed": 1, "short_window": 1}
+    assert result["gpu_name"] == GPU and result["gpu_count"] == 1
+
+    # every numeric metric of the ok cycles, described over those cycles only
+    assert result["metrics"]["output_tokens_per_s"] == describe([256.0, 204.8])
+    assert result["metrics"]["gpu_energy_j"]["mean"] == 220.0
+    assert result["metrics"]["cpu_energy_j"]["n"] == 0 and result["metrics"]["cpu_energy_j"]["n_missing"] == 2
+
+    # metrics_info: agreeing strings kept, disagreeing ones marked mixed
+    info = result["metrics_info"]
+    assert info["gpu_energy_source"] == "nvml_energy_counter"
+    assert info["latency_source"] == "mixed: host_clock, cuda_events"
+    assert info["flops_method"] == "analytic" and info["flops_confidence"] == "high"
+    assert info["mbu_method"] == MBU_METHOD and "lower bound" in info["mbu_method"]
+
+    # derived metrics: computed per cycle, then described (mean of ratios, with a real spread)
+    metrics = result["metrics"]
+    assert metrics["gpu_flops_per_j"] == describe([4.0e12 / 200.0, 4.0e12 / 240.0])
+    assert metrics["node_flops_per_j"]["mean"] == pytest.approx((4.0e12 / 230.0 + 4.0e12 / 270.0) / 2)
+    assert metrics["achieved_flops_per_s"]["mean"] == pytest.approx((2.0e12 + 1.6e12) / 2)
+    assert metrics["mfu"]["mean"] == pytest.approx((2.0e12 + 1.6e12) / 2 / PEAK_FLOPS_PER_S)
+    assert metrics["mbu"]["mean"] == pytest.approx((1.0e11 + 0.8e11) / 2 / PEAK_BYTES_PER_S)
+    assert metrics["mfu"]["ci95_low"] < metrics["mfu"]["mean"] < metrics["mfu"]["ci95_high"]
+    assert fake_peaks == [(GPU, "bf16"), (GPU, "bf16")]
+    assert info["gpu_peak_figures"] == f"1 x {GPU} at bf16: 9.89e+14 FLOP/s, 3.35e+12 B/s"
+    assert not any(key.endswith("_unavailable_reason") and key.startswith(("mfu", "mbu", "gpu_flops"))
+                   for key in info)
+    assert result["flops"] == {"method": "analytic", "confidence": "high", "total_flops": 4.0e12,
+                               "decode_bytes_min": 2.0e11}
+
+    # the result is a valid experiment_result artifact and reads back unchanged
+    out = tmp_path / "experiments" / f"{EXPERIMENT_ID}.json"
+    artifacts.write_json_artifact(out, "experiment_result", result, {"experiment": EXPERIMENT_ID})
+    assert artifacts.read_json_artifact(out, "experiment_result")["data"] == json.loads(json.dumps(result))
+
+
+def test_without_flops_estimate(tmp_path: Path, three_cycles: list[Path]) -> None:
+    result = aggregate_experiment(three_cycles, tmp_path / "flops" / "missing.json")
+    assert result["flops"] is None
+    info = result["metrics_info"]
+    assert "does not exist" in info["flops_unavailable_reason"]
+    for name in ("gpu_flops_per_j", "node_flops_per_j", "achieved_flops_per_s", "mfu", "mbu"):
+        assert result["metrics"][name]["mean"] is None
+        assert result["metrics"][name]["n_missing"] == 2
+        assert "does not exist" in info[f"{name}_unavailable_reason"]
+    # everything else is still aggregated
+    assert result["metrics"]["gpu_energy_per_output_token_j"]["n"] == 2
+
+    no_path = aggregate_experiment(three_cycles, None)
+    assert "no FLOPs estimate" in no_path["metrics_info"]["flops_unavailable_reason"]
+
+
+def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
+    """A CPU machine: GPU energy null, CPU+DRAM estimated, no GPU in the provenance."""
+    metrics = {"window_duration_s": 4.0, "output_tokens": 100.0, "gpu_energy_j": None,
+               "cpu_energy_j": 40.0, "dram_energy_j": 20.0, "node_energy_j": 60.0}
+    info = {"cpu_energy_source": "codecarbon_estimate", "cpu_energy_method": "estimated",
+            "gpu_unavailable_reason": "no NVIDIA GPU"}
+    paths = [write_run(tmp_path, run_result_data(c, metrics, info), gpus=[]) for c in (1, 2)]
+    result = aggregate_experiment(paths, write_flops(tmp_path))
+    m, i = result["metrics"], result["metrics_info"]
+    assert result["gpu_name"] is None and result["gpu_count"] == 0
+    assert m["node_flops_per_j"]["mean"] == pytest.approx(4.0e12 / 60.0)
+    assert m["gpu_flops_per_j"]["mean"] is None
+    assert i["gpu_flops_per_j_unavailable_reason"] == "gpu_energy_j unavailable (all cycles)"
+    assert i["mfu_unavailable_reason"] == "no GPU in the run provenance (all cycles)"
+    assert i["mbu_unavailable_reason"] == "no GPU in the run provenance (all cycles)"
+    assert "gpu_peak_figures" not in i
+    # per-output-token energy of domains the run did not report is derived per cycle
+    assert m["cpu_energy_per_output_token_j"]["mean"] == pytest.approx(0.4)
+    assert m["dram_energy_per_output_token_j"]["mean"] == pytest.approx(0.2)
+    assert "output_tokens" in i["cpu_energy_per_output_token_j_method"]
+    assert m["gpu_energy_per_output_token_j"]["mean"] is None
+
+
+def test_unknown_gpu_and_missing_peak_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), ["Mystery GPU"])
+             for c in (1, 2)]
+    flops = write_flops(tmp_path)
+    result = aggregate_experiment(paths, flops)
+    assert result["metrics"]["mfu"]["mean"] is None
+    assert "no peak figures for Mystery GPU at bf16" in result["metrics_info"]["mfu_unavailable_reason"]
+    assert result["metrics"]["gpu_flops_per_j"]["n"] == 2  # needs no peak figures
+
+    monkeypatch.setattr(aggregate, "peak_figures_provider", lambda: None)
+    result = aggregate_experiment(paths, flops)
+    assert "peak_figures missing" in result["metrics_info"]["mbu_unavailable_reason"]
+
+
+def test_two_gpus_double_the_peak(tmp_path: Path) -> None:
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU, GPU])
+             for c in (1, 2)]
+    result = aggregate_experiment(paths, write_flops(tmp_path))
+    assert result["gpu_count"] == 2
+    assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / (2 * PEAK_FLOPS_PER_S))
+
+
+def test_all_cycles_failed_still_gives_a_result(tmp_path: Path) -> None:
+    paths = [
+        write_run(tmp_path, run_result_data(c, None, status="failed", error=f"OOM {c}", flags=("failed",)), [GPU])
+        for c in (1, 2, 3)
+    ]
+    result = aggregate_experiment(paths, None)
+    assert result["status"] == "failed"
+    assert result["cycles_ok"] == 0
+    assert [f["error"] for f in result["cycles_failed"]] == ["OOM 1", "OOM 2", "OOM 3"]
+    assert result["metrics"] == {}
+    assert result["flags"] == {"failed": 3}
+    artifacts.write_json_artifact(tmp_path / "failed.json", "experiment_result", result, {})
+
+
+def test_mixing_experiments_or_repeating_a_cycle_is_refused(tmp_path: Path) -> None:
+    one = write_run(tmp_path, run_result_data(1, gpu_metrics(2.0, 200.0)), [GPU])
+    other = write_run(tmp_path, run_result_data(2, gpu_metrics(2.0, 200.0), experiment_id="other.x"), [GPU])
+    with pytest.raises(ArtifactError, match="several experiments"):
+        aggregate_experiment([one, other], None)
+    with pytest.raises(ArtifactError, match="more than once"):
+        aggregate_experiment([one, one], None)
+    with pytest.raises(ArtifactError, match="no run_result"):
+        aggregate_experiment([], None)
+
+
+def test_a_corrupt_run_result_is_an_artifact_error(tmp_path: Path) -> None:
+    bad = tmp_path / "result.json"
+    bad.write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        aggregate_experiment([bad], None)
+
+
+def test_real_peak_figures_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default provider is llm_energy.flops.peak_figures (H100 SXM, dense bf16)."""
+    monkeypatch.setattr(aggregate, "peak_figures_provider", aggregate._default_peak_figures)
+    from llm_energy.flops import peak_figures
+
+    peaks = peak_figures(GPU, "bf16")
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU]) for c in (1, 2)]
+    result = aggregate_experiment(paths, write_flops(tmp_path))
+    assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / peaks["flops_per_s"])
+    assert result["metrics"]["mbu"]["mean"] == pytest.approx(1.0e11 / peaks["memory_bytes_per_s"])
+    assert "H100 SXM" in result["metrics_info"]["gpu_peak_figures"]

@@ -1,0 +1,401 @@
+"""Combine the measurement cycles of one experiment into an `experiment_result`.
+
+Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the experiment's
+`flops_estimate`. Output (the `data` of an `experiment_result` artifact):
+
+- identity: experiment_id, experiment (model, backend, dataset, parameters), gpu_name, gpu_count;
+- cycles: cycles_ok (count), cycles_ok_list, cycles_failed [{cycle, error}], cycles_invalid
+  [{cycle, flags}] (cycles that ran but whose validity check failed: kept in the statistics, listed);
+- metrics: every numeric metric of the ok cycles, each summarised by `statistics.describe`, plus
+  derived metrics computed per cycle first and then described (so their spread is real):
+  `{cpu,dram,...}_energy_per_output_token_j` where a cycle lacks them, `gpu_flops_per_j`,
+  `node_flops_per_j`, `achieved_flops_per_s`, `mfu` and `mbu`;
+- metrics_info: the strings of the cycles (sources, methods); where cycles disagree the value reads
+  "mixed: a, b"; a derived metric that cannot be computed has `<metric>_unavailable_reason`;
+- flags: the validity flags of all cycles with how many cycles raised each;
+- flops: method, confidence, total_flops, decode_bytes_min of the FLOPs estimate (null + reason when
+  there is none).
+
+An experiment whose cycles all failed still gets a result, with status "failed", so the summary
+shows the failure instead of silently dropping the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_energy.artifacts import read_json_artifact
+from llm_energy.errors import ArtifactError
+from llm_energy.statistics import describe
+
+log = logging.getLogger(__name__)
+
+# Energy domains whose per-output-token energy is derived (per cycle) when a run lacks it.
+ENERGY_DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram", "node")
+FLOPS_DERIVED_METRICS: tuple[str, ...] = (
+    "gpu_flops_per_j", "node_flops_per_j", "achieved_flops_per_s", "mfu", "mbu",
+)
+ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others have it
+
+MFU_METHOD = (
+    "achieved_flops_per_s / (gpu_count x peak dense flops_per_s of the GPU at the run dtype); "
+    "achieved_flops_per_s = total_flops / window_duration_s"
+)
+MBU_METHOD = (
+    "lower bound: decode_bytes_min / window_duration_s / (gpu_count x peak memory_bytes_per_s); "
+    "decode_bytes_min is the minimum traffic (weights + KV cache read once per decode step) and the "
+    "window also contains prefill, so the true bandwidth utilisation is at least this"
+)
+
+PeakFiguresFunction = Callable[[str, str], Mapping[str, Any] | None]
+
+
+def _default_peak_figures() -> PeakFiguresFunction | None:
+    """`llm_energy.flops.peak_figures`, or None where that module is not available."""
+    try:
+        from llm_energy.flops import peak_figures
+    except ImportError as exc:  # flops.py is optional for the analysis end
+        log.warning("llm_energy.flops.peak_figures unavailable (%s): MFU and MBU will be null", exc)
+        return None
+    return peak_figures
+
+
+# Tests replace this to control the GPU peak figures without the real table.
+peak_figures_provider: Callable[[], PeakFiguresFunction | None] = _default_peak_figures
+
+
+@dataclass
+class _Cycle:
+    """The parts of one run_result that aggregation uses."""
+
+    path: Path
+    cycle: int
+    status: str
+    error: str | None
+    experiment_id: str
+    experiment: dict[str, Any]
+    metrics: dict[str, float | None]
+    metrics_info: dict[str, str]
+    flags: list[str]
+    valid: bool
+    gpu_names: list[str] = field(default_factory=list)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> float | None:
+    if not _is_number(value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _read_cycle(path: Path) -> _Cycle:
+    document = read_json_artifact(path, "run_result")
+    data = document["data"]
+    try:
+        experiment_id = data["experiment_id"]
+        cycle = int(data["cycle"])
+        status = data["status"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: run_result lacks a usable experiment_id/cycle/status ({exc!r}); "
+            f"re-run the cycle to re-create it"
+        ) from None
+    metrics: dict[str, float | None] = {}
+    for name, value in (data.get("metrics") or {}).items():
+        if value is None:
+            metrics[name] = None
+        elif _is_number(value):
+            metrics[name] = float(value)
+        else:  # a metric that is not a number cannot be averaged; say so once, keep going
+            log.debug("%s: metric %s is not numeric (%r), not aggregated", path, name, value)
+    info = {str(k): str(v) for k, v in (data.get("metrics_info") or {}).items() if v is not None}
+    validity = data.get("validity") or {}
+    gpus = (document.get("provenance") or {}).get("gpus") or []
+    gpu_names = [str(g["name"]) for g in gpus if isinstance(g, Mapping) and g.get("name")]
+    return _Cycle(
+        path=path,
+        cycle=cycle,
+        status=str(status),
+        error=data.get("error"),
+        experiment_id=str(experiment_id),
+        experiment=dict(data.get("experiment") or {}),
+        metrics=metrics,
+        metrics_info=info,
+        flags=[str(f) for f in validity.get("flags") or []],
+        valid=bool(validity.get("valid", True)),
+        gpu_names=gpu_names,
+    )
+
+
+def _merge_info(cycles: Sequence[_Cycle]) -> dict[str, str]:
+    """One string per metrics_info key: the common value, or "mixed: a, b" where cycles disagree."""
+    keys: list[str] = []
+    for cycle in cycles:
+        keys.extend(k for k in cycle.metrics_info if k not in keys)
+    merged: dict[str, str] = {}
+    for key in keys:
+        values: list[str] = []
+        for cycle in cycles:
+            value = cycle.metrics_info.get(key, ABSENT)
+            if value not in values:
+                values.append(value)
+        merged[key] = values[0] if len(values) == 1 else "mixed: " + ", ".join(values)
+    return merged
+
+
+def _read_flops(flops_path: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(flops data, None) or (None, reason it is unavailable)."""
+    if flops_path is None:
+        return None, "no FLOPs estimate was given for this experiment"
+    flops_path = Path(flops_path)
+    if not flops_path.is_file():
+        return None, f"FLOPs estimate {flops_path} does not exist"
+    data = read_json_artifact(flops_path, "flops_estimate")["data"]
+    total = _finite(data.get("total_flops"))
+    if total is None or total <= 0:
+        return None, f"FLOPs estimate {flops_path} has no positive total_flops"
+    return data, None
+
+
+@dataclass
+class _DerivedSeries:
+    """Per-cycle values of one derived metric and why some cycles have none."""
+
+    values: list[float | None] = field(default_factory=list)
+    reasons: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, cycle: int, value: float | None, reason: str | None = None) -> None:
+        self.values.append(value)
+        if value is None:
+            self.reasons.setdefault(reason or "inputs missing", []).append(cycle)
+
+    def reason_text(self, n_cycles: int) -> str | None:
+        if not self.reasons:
+            return None
+        parts = []
+        for reason, cycles in self.reasons.items():
+            where = "all cycles" if len(cycles) == n_cycles else "cycles " + ", ".join(map(str, cycles))
+            parts.append(f"{reason} ({where})")
+        return "; ".join(parts)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _derive_per_token_energy(ok: Sequence[_Cycle]) -> dict[str, _DerivedSeries]:
+    """`<domain>_energy_per_output_token_j` = energy / output tokens, for domains the runs lack."""
+    derived: dict[str, _DerivedSeries] = {}
+    for domain in ENERGY_DOMAINS:
+        name = f"{domain}_energy_per_output_token_j"
+        energy_name = f"{domain}_energy_j"
+        if any(name in c.metrics for c in ok) or not any(energy_name in c.metrics for c in ok):
+            continue  # measured by the run already, or the domain does not exist at all
+        series = _DerivedSeries()
+        for c in ok:
+            energy = _finite(c.metrics.get(energy_name))
+            tokens = _finite(c.metrics.get("output_tokens"))
+            if energy is None:
+                series.add(c.cycle, None, f"{energy_name} unavailable")
+            elif not tokens:
+                series.add(c.cycle, None, "no output tokens")
+            else:
+                series.add(c.cycle, energy / tokens)
+        derived[name] = series
+    return derived
+
+
+def _peaks_for(
+    cycle: _Cycle, dtype: str, lookup: PeakFiguresFunction | None
+) -> tuple[Mapping[str, Any] | None, int, str | None]:
+    """(peak figures of ONE GPU, gpu count, None) or (None, 0, reason)."""
+    if not cycle.gpu_names:
+        return None, 0, "no GPU in the run provenance"
+    if lookup is None:
+        return None, 0, "GPU peak figures unavailable (llm_energy.flops.peak_figures missing)"
+    if len(set(cycle.gpu_names)) > 1:
+        return None, 0, f"mixed GPU models {sorted(set(cycle.gpu_names))}"
+    try:
+        peaks = lookup(cycle.gpu_names[0], dtype)
+    except (ValueError, LookupError) as exc:  # a table that raises for unknown names
+        return None, 0, f"no peak figures for {cycle.gpu_names[0]} at {dtype} ({exc})"
+    if not peaks:
+        return None, 0, f"no peak figures for {cycle.gpu_names[0]} at {dtype}"
+    return peaks, len(cycle.gpu_names), None
+
+
+def _describe_peaks(peaks: Mapping[str, Any], gpu_name: str, gpu_count: int, dtype: str) -> str:
+    """One line naming the peak figures MFU/MBU were computed against (for the metrics_info)."""
+    model = peaks.get("gpu_model") or gpu_name
+    precision = peaks.get("dtype") or dtype
+    flops = _finite(peaks.get("flops_per_s"))
+    bandwidth = _finite(peaks.get("memory_bytes_per_s"))
+    text = (f"{gpu_count} x {model} at {precision}: "
+            f"{'%.4g' % flops if flops else 'n/a'} FLOP/s, {'%.4g' % bandwidth if bandwidth else 'n/a'} B/s")
+    return text + (f" ({peaks['source']})" if peaks.get("source") else "")
+
+
+def _derive_flops_metrics(
+    ok: Sequence[_Cycle], flops: Mapping[str, Any] | None, flops_reason: str | None, dtype: str,
+    peak_descriptions: list[str],
+) -> dict[str, _DerivedSeries]:
+    series = {name: _DerivedSeries() for name in FLOPS_DERIVED_METRICS}
+    lookup = peak_figures_provider() if ok else None
+    total_flops = _finite(flops.get("total_flops")) if flops else None
+    decode_bytes = _finite(flops.get("decode_bytes_min")) if flops else None
+    for c in ok:
+        window = _finite(c.metrics.get("window_duration_s"))
+        if flops is None:
+            for s in series.values():
+                s.add(c.cycle, None, flops_reason)
+            continue
+        gpu_energy = _finite(c.metrics.get("gpu_energy_j"))
+        node_energy = _finite(c.metrics.get("node_energy_j"))
+        series["gpu_flops_per_j"].add(
+            c.cycle, _ratio(total_flops, gpu_energy),
+            "gpu_energy_j unavailable" if gpu_energy is None else "gpu_energy_j not positive",
+        )
+        series["node_flops_per_j"].add(
+            c.cycle, _ratio(total_flops, node_energy),
+            "node_energy_j unavailable" if node_energy is None else "node_energy_j not positive",
+        )
+        achieved = _ratio(total_flops, window)
+        series["achieved_flops_per_s"].add(c.cycle, achieved, "window_duration_s unavailable")
+        peaks, gpu_count, peak_reason = _peaks_for(c, dtype, lookup)
+        peak_flops = _finite(peaks.get("flops_per_s")) if peaks else None
+        peak_bytes = _finite(peaks.get("memory_bytes_per_s")) if peaks else None
+        if peaks:
+            description = _describe_peaks(peaks, c.gpu_names[0], gpu_count, dtype)
+            if description not in peak_descriptions:
+                peak_descriptions.append(description)
+        if achieved is None:
+            series["mfu"].add(c.cycle, None, "window_duration_s unavailable")
+        elif peak_reason:
+            series["mfu"].add(c.cycle, None, peak_reason)
+        else:
+            series["mfu"].add(
+                c.cycle, _ratio(achieved, peak_flops * gpu_count if peak_flops else None),
+                f"no peak flops_per_s for {c.gpu_names[0]} at {dtype}",
+            )
+        if decode_bytes is None:
+            series["mbu"].add(c.cycle, None, "FLOPs estimate has no decode_bytes_min")
+        elif window is None:
+            series["mbu"].add(c.cycle, None, "window_duration_s unavailable")
+        elif peak_reason:
+            series["mbu"].add(c.cycle, None, peak_reason)
+        else:
+            bandwidth = _ratio(decode_bytes, window)
+            series["mbu"].add(
+                c.cycle, _ratio(bandwidth, peak_bytes * gpu_count if peak_bytes else None),
+                f"no peak memory_bytes_per_s for {c.gpu_names[0]} at {dtype}",
+            )
+    return series
+
+
+def _check_one_experiment(cycles: Sequence[_Cycle]) -> str:
+    ids = sorted({c.experiment_id for c in cycles})
+    if len(ids) != 1:
+        raise ArtifactError(
+            f"run results of several experiments were given to one aggregation: {ids} "
+            f"({[str(c.path) for c in cycles]}); aggregate each experiment separately"
+        )
+    numbers = [c.cycle for c in cycles]
+    duplicates = sorted(n for n, count in Counter(numbers).items() if count > 1)
+    if duplicates:
+        raise ArtifactError(
+            f"experiment {ids[0]}: cycle(s) {duplicates} given more than once "
+            f"({[str(c.path) for c in cycles]}); pass each cycle's result.json once"
+        )
+    return ids[0]
+
+
+def aggregate_experiment(
+    run_result_paths: Iterable[Path | str], flops_path: Path | str | None
+) -> dict[str, Any]:
+    """Aggregate the cycles of one experiment; returns the data of an `experiment_result` artifact."""
+    paths = [Path(p) for p in run_result_paths]
+    if not paths:
+        raise ArtifactError("aggregate_experiment: no run_result files given; the experiment has no cycles")
+    cycles = sorted((_read_cycle(p) for p in paths), key=lambda c: c.cycle)
+    experiment_id = _check_one_experiment(cycles)
+    ok = [c for c in cycles if c.status == "ok"]
+    failed = [c for c in cycles if c.status != "ok"]
+    for c in failed:
+        log.warning("%s cycle %d failed: %s", experiment_id, c.cycle, c.error)
+    reference = ok[0] if ok else cycles[0]
+    experiment = reference.experiment
+    dtype = str((experiment.get("parameters") or {}).get("dtype", ""))
+
+    metric_names: list[str] = []
+    for c in ok:
+        metric_names.extend(name for name in c.metrics if name not in metric_names)
+    metrics = {name: describe([c.metrics.get(name) for c in ok]) for name in sorted(metric_names)}
+    info = _merge_info(ok or cycles)
+
+    flops, flops_reason = _read_flops(Path(flops_path) if flops_path is not None else None)
+    if ok:
+        derived = _derive_per_token_energy(ok)
+        peak_descriptions: list[str] = []
+        derived.update(_derive_flops_metrics(ok, flops, flops_reason, dtype, peak_descriptions))
+        if peak_descriptions:
+            info["gpu_peak_figures"] = "; ".join(peak_descriptions)
+        for name, series in derived.items():
+            metrics[name] = describe(series.values)
+            reason = series.reason_text(len(ok))
+            if reason:
+                info[f"{name}_unavailable_reason"] = reason
+        for domain in ENERGY_DOMAINS:
+            name = f"{domain}_energy_per_output_token_j"
+            if name in derived and f"{name}_method" not in info:
+                info[f"{name}_method"] = f"{domain}_energy_j / output_tokens per cycle"
+        info["mfu_method"] = MFU_METHOD
+        info["mbu_method"] = MBU_METHOD
+    if flops is not None:
+        info["flops_method"] = str(flops.get("method"))
+        info["flops_confidence"] = str(flops.get("confidence"))
+    else:
+        info["flops_unavailable_reason"] = str(flops_reason)
+
+    flag_counts = Counter(flag for c in cycles for flag in dict.fromkeys(c.flags))
+    gpu_names = reference.gpu_names
+    result: dict[str, Any] = {
+        "experiment_id": experiment_id,
+        "status": "ok" if ok else "failed",
+        "experiment": experiment,
+        "gpu_name": ", ".join(dict.fromkeys(gpu_names)) if gpu_names else None,
+        "gpu_count": len(gpu_names),
+        "cycles_ok": len(ok),
+        "cycles_ok_list": [c.cycle for c in ok],
+        "cycles_failed": [{"cycle": c.cycle, "error": c.error} for c in failed],
+        "cycles_invalid": [{"cycle": c.cycle, "flags": c.flags} for c in ok if not c.valid],
+        "metrics": metrics,
+        "metrics_info": info,
+        "flags": dict(sorted(flag_counts.items())),
+        "flops": (
+            {
+                "method": flops.get("method"),
+                "confidence": flops.get("confidence"),
+                "total_flops": _finite(flops.get("total_flops")),
+                "decode_bytes_min": _finite(flops.get("decode_bytes_min")),
+            }
+            if flops is not None
+            else None
+        ),
+        "run_results": [str(c.path) for c in cycles],
+    }
+    log.info(
+        "%s: %d ok, %d failed cycle(s), %d metrics", experiment_id, len(ok), len(failed), len(metrics)
+    )
+    return result

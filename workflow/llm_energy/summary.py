@@ -1,0 +1,163 @@
+"""The tidy summary table: one row per experiment, written as Parquet (artifact) and CSV.
+
+Columns, in order:
+- identity: experiment_id, model, backend, dataset, the experiment parameters (batch_size, dtype,
+  max_input_tokens, max_output_tokens, decoding_mode, temperature, top_p, top_k, output_length,
+  batching, token_budget), cycles_ok, cycles_failed, status, flags (";"-joined), gpu_name, then
+  gpu_count, errors, total_flops, decode_bytes_min;
+- per metric (sorted by name): `<metric>` = mean over ok cycles, `<metric>_std`, `<metric>_ci95_low`,
+  `<metric>_ci95_high`, `<metric>_cv`;
+- the metrics_info strings (sources, methods, unavailable reasons), one column per key.
+Rows are sorted by model, backend, dataset, batch_size (then experiment_id, for a stable order).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_energy.artifacts import atomic_write_bytes, read_json_artifact, read_table_artifact, write_table_artifact
+
+log = logging.getLogger(__name__)
+
+# Identity columns and their kind; the order is the column order of the table.
+PARAMETER_COLUMNS: dict[str, str] = {
+    "batch_size": "int",
+    "dtype": "str",
+    "max_input_tokens": "int",
+    "max_output_tokens": "int",
+    "decoding_mode": "str",
+    "temperature": "float",
+    "top_p": "float",
+    "top_k": "int",
+    "output_length": "str",
+    "batching": "str",
+    "token_budget": "int",
+}
+IDENTITY_COLUMNS: dict[str, str] = {
+    "experiment_id": "str",
+    "model": "str",
+    "backend": "str",
+    "dataset": "str",
+    **PARAMETER_COLUMNS,
+    "cycles_ok": "int",
+    "cycles_failed": "int",
+    "status": "str",
+    "flags": "str",
+    "gpu_name": "str",
+}
+EXTRA_COLUMNS: dict[str, str] = {
+    "gpu_count": "int",
+    "errors": "str",
+    "total_flops": "float",
+    "decode_bytes_min": "float",
+}
+# Statistic of `describe` -> column suffix ("" = the mean is the bare metric name).
+STAT_SUFFIXES: dict[str, str] = {
+    "mean": "",
+    "std": "_std",
+    "ci95_low": "_ci95_low",
+    "ci95_high": "_ci95_high",
+    "cv": "_cv",
+}
+SORT_COLUMNS = ["model", "backend", "dataset", "batch_size", "experiment_id"]
+
+
+def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict[str, str]]:
+    """(identity values, metrics, metrics_info) of one experiment_result."""
+    experiment = data.get("experiment") or {}
+    parameters = experiment.get("parameters") or {}
+    failures = data.get("cycles_failed") or []
+    flops = data.get("flops") or {}
+    identity: dict[str, Any] = {
+        "experiment_id": data["experiment_id"],
+        "model": experiment.get("model"),
+        "backend": experiment.get("backend"),
+        "dataset": experiment.get("dataset"),
+        **{name: parameters.get(name) for name in PARAMETER_COLUMNS},
+        "cycles_ok": int(data.get("cycles_ok") or 0),
+        "cycles_failed": len(failures),
+        "status": data.get("status"),
+        "flags": ";".join(sorted(data.get("flags") or {})),
+        "gpu_name": data.get("gpu_name"),
+        "gpu_count": int(data.get("gpu_count") or 0),
+        "errors": "; ".join(f"cycle {f.get('cycle')}: {f.get('error')}" for f in failures) or None,
+        "total_flops": flops.get("total_flops"),
+        "decode_bytes_min": flops.get("decode_bytes_min"),
+    }
+    return identity, dict(data.get("metrics") or {}), dict(data.get("metrics_info") or {})
+
+
+def _typed(values: list[Any], kind: str) -> pd.Series:
+    """A column of the given kind: int64 (Int64 where some are null), float64 or object strings."""
+    if kind == "int":
+        if any(v is None for v in values):
+            return pd.Series(values, dtype="Int64")
+        return pd.Series(values, dtype="int64")
+    if kind == "float":
+        return pd.Series([np.nan if v is None else float(v) for v in values], dtype="float64")
+    return pd.Series([None if v is None else str(v) for v in values], dtype="object")
+
+
+def build_summary(experiment_result_paths: Iterable[Path | str]) -> pd.DataFrame:
+    """Read experiment_result artifacts and return the tidy summary (one row per experiment)."""
+    identities: list[dict[str, Any]] = []
+    all_metrics: list[dict[str, dict]] = []
+    all_info: list[dict[str, str]] = []
+    for path in experiment_result_paths:
+        data = read_json_artifact(path, "experiment_result")["data"]
+        identity, metrics, info = _row(data)
+        identities.append(identity)
+        all_metrics.append(metrics)
+        all_info.append(info)
+
+    columns: dict[str, pd.Series] = {}
+    for name, kind in {**IDENTITY_COLUMNS, **EXTRA_COLUMNS}.items():
+        columns[name] = _typed([row[name] for row in identities], kind)
+
+    metric_names = sorted({name for metrics in all_metrics for name in metrics})
+    for name in metric_names:
+        for stat, suffix in STAT_SUFFIXES.items():
+            column = name + suffix
+            if column in columns:
+                raise ValueError(f"metric column '{column}' collides with another column")
+            columns[column] = _typed(
+                [(metrics.get(name) or {}).get(stat) for metrics in all_metrics], "float"
+            )
+
+    info_names = sorted({key for info in all_info for key in info})
+    for key in info_names:
+        # A metrics_info key that happens to equal a metric column must not overwrite it.
+        column = key if key not in columns else f"info_{key}"
+        columns[column] = _typed([info.get(key) for info in all_info], "str")
+
+    frame = pd.DataFrame(columns)
+    if len(frame):
+        frame = frame.sort_values(SORT_COLUMNS, kind="stable", na_position="last").reset_index(drop=True)
+    log.info("summary: %d experiments, %d columns", len(frame), len(frame.columns))
+    return frame
+
+
+def write_summary(
+    frame: pd.DataFrame, csv_path: Path | str, parquet_path: Path | str, provenance: Mapping[str, Any]
+) -> None:
+    """Write the summary as a Parquet artifact (`summary_table`) and as CSV with the same columns."""
+    write_table_artifact(
+        parquet_path, "summary_table", frame, provenance,
+        extra={"rows": len(frame), "columns": len(frame.columns)},
+    )
+    # Floats are written repr-exact: pandas.read_csv(..., float_precision="round_trip") gives back the
+    # numbers of the Parquet file bit for bit (the default parser may differ in the last digit).
+    csv_text = frame.to_csv(index=False, lineterminator="\n", float_format=None)
+    atomic_write_bytes(csv_path, csv_text.encode("utf-8"))
+
+
+def read_summary(parquet_path: Path | str) -> pd.DataFrame:
+    """The summary table of a `summary_table` Parquet artifact (validated)."""
+    frame, _meta = read_table_artifact(parquet_path, "summary_table")
+    return frame
