@@ -58,12 +58,14 @@ def run_inference_job(experiment: Mapping[str, Any], cycle: int, model_manifest:
                              baseline_path=Path(baseline_path) if baseline_path else None)
 
 
-def estimate_flops_job(experiment_id: str, model_manifest: Path, requests_path: Path, dtype: str, out: Path,
-                       config_sha256: str) -> dict:
+def estimate_flops_job(experiment_id: str, model_manifest: Path, requests_path: Path, dtype: str, batch_size: int,
+                       out: Path, config_sha256: str) -> dict:
     from llm_energy import flops, models
 
     frame, _ = artifacts.read_table_artifact(requests_path, "requests_table")
-    data = flops.estimate_experiment_flops(models.resolve_model_path(Path(model_manifest)), frame, dtype=dtype)
+    data = flops.estimate_experiment_flops(
+        models.resolve_model_path(Path(model_manifest)), frame, dtype=dtype, batch_size=batch_size
+    )
     prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256,
                               inputs=[Path(model_manifest), Path(requests_path)], include_gpus=False)
     artifacts.write_json_artifact(out, "flops_estimate", data, prov)

@@ -10,6 +10,7 @@ rule estimate_flops:
         f"{RESULTS}/flops/{{experiment}}.json",
     params:
         dtype=lambda wc: experiment_of(wc).parameters["dtype"],
+        batch_size=lambda wc: experiment_of(wc).parameters["batch_size"],
         config_sha256=CONFIG_SHA256,
     log:
         f"{RESULTS}/logs/estimate_flops/{{experiment}}.log",

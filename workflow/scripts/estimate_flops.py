@@ -7,6 +7,7 @@ with job_logging(snakemake.log[0]):
         snakemake.input.model,
         snakemake.input.requests,
         snakemake.params.dtype,
+        snakemake.params.batch_size,
         snakemake.output[0],
         snakemake.params.config_sha256,
     )
