@@ -66,7 +66,9 @@ def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
     for part in instance_path:
         if not isinstance(node, Mapping):
             return []
-        if part in node.get("properties", {}):
+        if isinstance(part, int):
+            node = node.get("items", {})
+        elif part in node.get("properties", {}):
             node = node["properties"][part]
         elif isinstance(node.get("additionalProperties"), Mapping):
             node = node["additionalProperties"]
@@ -203,7 +205,8 @@ class Experiment:
 def _decoding_label(decoding: Mapping[str, Any]) -> str:
     if decoding["mode"] == "greedy":
         return "greedy"
-    label = f"t{decoding['temperature']:g}-p{decoding['top_p']:g}"
+    # Dots separate the id's parts, so numbers use '_' as decimal mark: t0_7-p0_9-k50.
+    label = f"t{decoding['temperature']:g}-p{decoding['top_p']:g}".replace(".", "_")
     return label + (f"-k{decoding['top_k']}" if decoding["top_k"] else "")
 
 
@@ -221,8 +224,16 @@ def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[st
     return f"{model}.{backend}.{dataset}.{label}.{sha256_json(identity)[:8]}"
 
 
+def _matches(rule_value: Any, value: Any) -> bool:
+    """A rule's mapping matches when its keys are a subset with equal values ({mode: sampling}
+    matches every sampling decoding, whatever its filled-in defaults)."""
+    if isinstance(rule_value, Mapping) and isinstance(value, Mapping):
+        return all(k in value and _matches(v, value[k]) for k, v in rule_value.items())
+    return rule_value == value
+
+
 def _excluded(rules: list[Mapping[str, Any]], point: Mapping[str, Any]) -> bool:
-    return any(all(point.get(k) == v for k, v in rule.items()) for rule in rules)
+    return any(all(_matches(v, point.get(k)) for k, v in rule.items()) for rule in rules)
 
 
 def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:

@@ -1,0 +1,480 @@
+"""Unit tests of llm_energy.config: validation (with defaults), error messages and expansion."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm_energy.config import (
+    Campaign,
+    Experiment,
+    expand_experiments,
+    load_campaign,
+    load_campaign_file,
+    validate_config,
+)
+from llm_energy.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
+CAMPAIGN_FILES = sorted((REPO_ROOT / "config" / "campaigns").glob("*.yaml"))
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+\.[0-9a-f]{8}$")
+
+
+def default_raw() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def minimal_raw() -> dict[str, Any]:
+    return {
+        "models": {"m": {"source": "builtin"}},
+        "datasets": {"d": {"source": "bundled"}},
+        "backends": ["pytorch"],
+    }
+
+
+def raises_config_error(raw: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_campaign(raw)
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped configs
+
+
+def test_default_config_validates_and_expands_to_four_experiments() -> None:
+    campaign = load_campaign_file(DEFAULT_CONFIG)
+    # 2 models x 1 backend x 1 dataset x 2 batch sizes; every other grid axis has one value.
+    assert len(campaign.experiments) == 4
+    assert campaign.cycles == 2
+    assert {(e.model, e.parameters["batch_size"]) for e in campaign.experiments.values()} == {
+        ("tiny-llama", 1), ("tiny-llama", 4), ("tiny-gpt2", 1), ("tiny-gpt2", 4),
+    }
+    for eid, experiment in campaign.experiments.items():
+        assert experiment.id == eid
+        assert ID_PATTERN.match(eid), eid
+        assert experiment.backend == "pytorch"
+        assert experiment.dataset == "bundled"
+        assert experiment.warmup_requests == 2
+        assert experiment.seed == 1234
+        assert experiment.requests_per_cycle is None
+        assert experiment.parameters == {
+            "batch_size": experiment.parameters["batch_size"], "dtype": "float32", "max_input_tokens": 128,
+            "max_output_tokens": 16, "output_length": "fixed", "batching": "fixed", "token_budget": None,
+            "decoding_mode": "greedy", "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+        }
+
+
+def test_default_config_readable_id_prefix() -> None:
+    ids = list(load_campaign(default_raw()).experiments)
+    prefix = "tiny-llama.pytorch.bundled.bs1-float32-in128-out16-greedy."
+    matching = [i for i in ids if i.startswith(prefix)]
+    assert len(matching) == 1
+    assert re.fullmatch(r"[0-9a-f]{8}", matching[0][len(prefix):])
+    # Order is stable: models, then batch sizes, as written in the config.
+    assert [i.rsplit(".", 1)[0] for i in ids] == [
+        "tiny-llama.pytorch.bundled.bs1-float32-in128-out16-greedy",
+        "tiny-llama.pytorch.bundled.bs4-float32-in128-out16-greedy",
+        "tiny-gpt2.pytorch.bundled.bs1-float32-in128-out16-greedy",
+        "tiny-gpt2.pytorch.bundled.bs4-float32-in128-out16-greedy",
+    ]
+
+
+@pytest.mark.parametrize("path", [DEFAULT_CONFIG, *CAMPAIGN_FILES], ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    campaign = load_campaign_file(path)
+    assert isinstance(campaign, Campaign)
+    assert campaign.experiments or campaign.config["figures_only"]
+    for eid in campaign.experiments:
+        assert ID_PATTERN.match(eid), eid
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable ids
+
+
+def test_ids_are_stable_across_loads_and_key_order() -> None:
+    first = load_campaign(default_raw())
+    second = load_campaign(default_raw())
+    assert list(first.experiments) == list(second.experiments)
+    assert first.sha256 == second.sha256
+    # Reordering mapping keys (YAML formatting) changes nothing.
+    raw = default_raw()
+    reordered = {k: raw[k] for k in reversed(list(raw))}
+    reordered["energy"] = {k: raw["energy"][k] for k in reversed(list(raw["energy"]))}
+    reordered["models"] = {
+        name: {k: spec[k] for k in reversed(list(spec))} for name, spec in raw["models"].items()
+    }
+    assert set(load_campaign(reordered).experiments) == set(first.experiments)
+
+
+def _hash(eid: str) -> str:
+    return eid.rsplit(".", 1)[1]
+
+
+def _label(eid: str) -> str:
+    return eid.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda c: c["campaign"].update(warmup_requests=3), id="warmup_requests"),
+        pytest.param(lambda c: c["campaign"].update(seed=99), id="campaign.seed"),
+        pytest.param(lambda c: c["campaign"].update(requests_per_cycle=5), id="requests_per_cycle"),
+        pytest.param(lambda c: c["datasets"]["bundled"].update(sample_size=9), id="dataset.sample_size"),
+        pytest.param(lambda c: c["models"]["tiny-llama"].update(seed=1), id="model.seed"),
+        pytest.param(lambda c: c["backend_settings"]["pytorch"].update(attn_implementation="eager"),
+                     id="backend_settings"),
+    ],
+)
+def test_changed_hidden_parameter_changes_hash_not_label(change: Callable[[dict], None]) -> None:
+    before = list(load_campaign(default_raw()).experiments)
+    raw = default_raw()
+    change(raw)
+    after = list(load_campaign(raw).experiments)
+    # The readable label is the same, but the hash of the llama bs1 experiment differs.
+    assert [_label(i) for i in after] == [_label(i) for i in before]
+    assert _hash(after[0]) != _hash(before[0])
+
+
+def test_changed_model_seed_keeps_other_model_ids() -> None:
+    before = load_campaign(default_raw()).experiments
+    raw = default_raw()
+    raw["models"]["tiny-llama"]["seed"] = 1
+    after = load_campaign(raw).experiments
+    gpt2_before = {i for i in before if i.startswith("tiny-gpt2.")}
+    gpt2_after = {i for i in after if i.startswith("tiny-gpt2.")}
+    assert gpt2_before == gpt2_after
+    assert not {i for i in before if i.startswith("tiny-llama.")} & set(after)
+
+
+def test_changed_grid_parameter_changes_label_and_hash() -> None:
+    raw = default_raw()
+    raw["grid"]["max_output_tokens"] = [32]
+    ids = list(load_campaign(raw).experiments)
+    assert ids[0].startswith("tiny-llama.pytorch.bundled.bs1-float32-in128-out32-greedy.")
+    original = list(load_campaign(default_raw()).experiments)[0]
+    assert _hash(ids[0]) != _hash(original)
+
+
+def test_experiment_round_trips_through_dict() -> None:
+    experiment = next(iter(load_campaign(default_raw()).experiments.values()))
+    assert Experiment.from_dict(experiment.to_dict()) == experiment
+    assert experiment.to_dict()["model_spec"]["architecture"] == "llama"
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults
+
+
+def test_defaults_are_filled_and_input_untouched() -> None:
+    raw = minimal_raw()
+    snapshot = copy.deepcopy(raw)
+    config = validate_config(raw)
+    assert raw == snapshot  # validation works on a copy
+    assert config["campaign"] == {"name": "campaign", "cycles": 3, "warmup_requests": 4,
+                                  "requests_per_cycle": None, "seed": 1234}
+    assert config["grid"] == {
+        "batch_size": [1], "dtype": ["float32"], "max_input_tokens": [512], "max_output_tokens": [64],
+        "decoding": [{"mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
+        "output_length": ["fixed"], "batching": ["fixed"], "token_budget": [None],
+    }
+    assert config["exclude"] == []
+    assert config["results_dir"] == "results"
+    assert config["figures_only"] is False
+    assert config["backend_settings"]["pytorch"]["device"] == "auto"
+    assert config["backend_settings"]["pytorch"]["attn_implementation"] == "sdpa"
+    assert config["backend_settings"]["vllm"]["gpu_memory_utilization"] == 0.9
+    assert config["energy"]["baseline"] == {"duration_s": 10, "max_age_s": 3600}
+    assert config["energy"]["country_iso_code"] == "FRA"
+    # Source-specific defaults come from the matching if/then branch only.
+    assert config["models"]["m"] == {"source": "builtin", "architecture": "llama", "seed": 0,
+                                     "save_dtype": "float32", "trust_remote_code": False,
+                                     "max_model_len": None}
+    assert config["datasets"]["d"] == {"source": "bundled", "sample_size": None, "seed": 0, "shuffle": True,
+                                       "min_chars": None, "max_chars": None, "categories": None}
+    experiments = expand_experiments(config)
+    assert list(experiments) and list(experiments)[0].startswith("m.pytorch.d.bs1-float32-in512-out64-greedy.")
+
+
+def test_hub_model_defaults_and_valid_revision() -> None:
+    raw = minimal_raw()
+    raw["models"]["h"] = {"source": "hub", "id": "org/model", "revision": "a" * 40}
+    config = validate_config(raw)
+    assert config["models"]["h"]["allow_patterns"] is None
+    assert "architecture" not in config["models"]["h"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: each names the key
+
+
+def test_unknown_top_level_key_did_you_mean() -> None:
+    raw = minimal_raw()
+    raw["gird"] = {"batch_size": [1]}
+    error = raises_config_error(raw)
+    assert error.key == "gird"
+    assert error.problem == "unknown key"
+    assert "did you mean 'grid'?" in str(error)
+    assert "'gird'" in str(error)
+
+
+def test_misspelt_required_top_level_key() -> None:
+    raw = minimal_raw()
+    raw["modles"] = raw.pop("models")
+    error = raises_config_error(raw)
+    assert error.key == "modles"
+    assert "did you mean 'models'?" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "suggestion"),
+    [
+        pytest.param(lambda c: c["grid"].update(batchsize=[2]), "grid.batchsize", "batch_size", id="grid"),
+        pytest.param(lambda c: c["campaign"].update(cycels=2), "campaign.cycels", "cycles", id="campaign"),
+        pytest.param(lambda c: c["backend_settings"]["pytorch"].update(devce="cpu"),
+                     "backend_settings.pytorch.devce", "device", id="backend_settings"),
+        pytest.param(lambda c: c["energy"]["baseline"].update(duration=3), "energy.baseline.duration",
+                     "duration_s", id="energy.baseline"),
+        pytest.param(lambda c: c["models"]["tiny-llama"].update(archtecture="llama"),
+                     "models.tiny-llama.archtecture", "architecture", id="model"),
+        pytest.param(lambda c: c["datasets"]["bundled"].update(sampel_size=3), "datasets.bundled.sampel_size",
+                     "sample_size", id="dataset"),
+    ],
+)
+def test_unknown_nested_key_names_full_path(mutate, key: str, suggestion: str) -> None:
+    raw = default_raw()
+    mutate(raw)
+    error = raises_config_error(raw)
+    assert error.key == key
+    assert error.problem == "unknown key"
+    assert f"did you mean '{suggestion}'?" in str(error)
+
+
+def test_unknown_key_inside_list_item_suggests_the_right_key() -> None:
+    # A typo inside grid.decoding[0] must be as helpful as anywhere else: name the item and suggest.
+    raw = default_raw()
+    raw["grid"]["decoding"] = [{"mode": "sampling", "temprature": 0.7}]
+    error = raises_config_error(raw)
+    assert error.key == "grid.decoding[0].temprature"
+    assert "did you mean 'temperature'?" in str(error)
+    assert "mode" in error.fix and "top_p" in error.fix
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "key"),
+    [([1, "x"], "grid.batch_size[1]"), (["1"], "grid.batch_size[0]"), (4, "grid.batch_size")],
+)
+def test_wrong_type_names_index(batch_size, key: str) -> None:
+    raw = default_raw()
+    raw["grid"]["batch_size"] = batch_size
+    error = raises_config_error(raw)
+    assert error.key == key
+    assert "must be of type" in error.fix
+
+
+def test_wrong_type_of_nested_scalar() -> None:
+    raw = default_raw()
+    raw["campaign"]["cycles"] = "two"
+    error = raises_config_error(raw)
+    assert error.key == "campaign.cycles"
+    assert "integer" in str(error)
+
+
+def test_missing_models() -> None:
+    raw = minimal_raw()
+    del raw["models"]
+    error = raises_config_error(raw)
+    assert error.key == "models"
+    assert error.problem == "is required but missing"
+
+
+def test_empty_models_mapping() -> None:
+    raw = minimal_raw()
+    raw["models"] = {}
+    error = raises_config_error(raw)
+    assert error.key == "models"
+
+
+def test_hub_model_without_revision() -> None:
+    raw = minimal_raw()
+    raw["models"]["h"] = {"source": "hub", "id": "org/model"}
+    error = raises_config_error(raw)
+    assert error.key == "models.h.revision"
+    assert "required" in error.problem
+
+
+def test_unknown_backend() -> None:
+    raw = minimal_raw()
+    raw["backends"] = ["pytorch", "tensorrt"]
+    error = raises_config_error(raw)
+    assert error.key == "backends[1]"
+    assert "'tensorrt'" in error.problem
+    assert "pytorch" in error.fix and "vllm" in error.fix
+
+
+def test_synthetic_dataset_with_missing_tokenizer_model() -> None:
+    raw = minimal_raw()
+    raw["datasets"]["s"] = {"source": "synthetic", "count": 4, "tokenizer_model": "nope",
+                            "input_tokens": {"distribution": "fixed", "value": 8}}
+    error = raises_config_error(raw)
+    assert error.key == "datasets.s.tokenizer_model"
+    assert "'nope'" in error.problem
+    assert "m" in error.fix
+
+
+def test_synthetic_dataset_distribution_parameter_missing() -> None:
+    raw = minimal_raw()
+    raw["datasets"]["s"] = {"source": "synthetic", "count": 4, "tokenizer_model": "m",
+                            "input_tokens": {"distribution": "uniform", "min": 8}}
+    error = raises_config_error(raw)
+    assert error.key == "datasets.s.input_tokens.max"
+
+
+def test_token_budget_batching_without_budget() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"batching": ["fixed", "token_budget"]}
+    error = raises_config_error(raw)
+    assert error.key == "grid.token_budget"
+    assert "token budget" in error.problem
+
+
+def test_exclude_with_unknown_key() -> None:
+    raw = default_raw()
+    raw["exclude"] = [{"model": "tiny-gpt2"}, {"batchsize": 4}]
+    error = raises_config_error(raw)
+    assert error.key == "exclude[1].batchsize"
+    assert "batch_size" in error.fix
+
+
+def test_everything_excluded() -> None:
+    raw = default_raw()
+    raw["exclude"] = [{"backend": "pytorch"}]
+    error = raises_config_error(raw)
+    assert error.key == "exclude"
+    assert "excluded" in error.problem
+
+
+def test_everything_excluded_is_fine_for_figures_only() -> None:
+    raw = default_raw()
+    raw["exclude"] = [{"backend": "pytorch"}]
+    raw["figures_only"] = True
+    assert load_campaign(raw).experiments == {}
+
+
+def test_config_not_a_mapping() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(["models"])  # type: ignore[arg-type]
+    assert info.value.key == "(top level)"
+
+
+def test_config_file_missing_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_campaign_file(tmp_path / "absent.yaml")
+    assert "absent.yaml" in str(info.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_campaign_file(bad)
+    assert "bad.yaml" in str(info.value) and "YAML" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+
+
+def test_exclude_drops_matching_experiments() -> None:
+    raw = default_raw()
+    raw["exclude"] = [{"model": "tiny-gpt2", "batch_size": 4}]
+    experiments = load_campaign(raw).experiments.values()
+    assert sorted((e.model, e.parameters["batch_size"]) for e in experiments) == [
+        ("tiny-gpt2", 1), ("tiny-llama", 1), ("tiny-llama", 4),
+    ]
+    raw["exclude"] = [{"batch_size": 1}]
+    assert {e.parameters["batch_size"] for e in load_campaign(raw).experiments.values()} == {4}
+
+
+def test_exclude_rule_with_partial_decoding() -> None:
+    # exclude rules are "partial experiment descriptions": {decoding: {mode: sampling}} must match a
+    # sampling entry whose temperature/top_p/top_k were filled with defaults.
+    raw = default_raw()
+    raw["grid"]["decoding"] = [{"mode": "greedy"}, {"mode": "sampling", "temperature": 0.7}]
+    assert len(load_campaign(raw).experiments) == 8
+    raw["exclude"] = [{"decoding": {"mode": "sampling"}}]
+    remaining = load_campaign(raw).experiments.values()
+    assert {e.parameters["decoding_mode"] for e in remaining} == {"greedy"}
+    assert len(remaining) == 4
+
+
+def test_sampling_decoding_labels_and_parameters() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"decoding": [{"mode": "greedy"}, {"mode": "sampling", "temperature": 0.7, "top_p": 0.9,
+                                                     "top_k": 50}, {"mode": "sampling"}]}
+    experiments = list(load_campaign(raw).experiments.values())
+    # The label itself contains '.' for 0.7/0.9: compare the id without model.backend.dataset. and hash.
+    bodies = [e.id[len("m.pytorch.d."):].rsplit(".", 1)[0] for e in experiments]
+    assert bodies == [
+        "bs1-float32-in512-out64-greedy",
+        "bs1-float32-in512-out64-t0_7-p0_9-k50",
+        "bs1-float32-in512-out64-t1-p1",
+    ]
+    greedy, tuned, plain = (e.parameters for e in experiments)
+    assert (greedy["decoding_mode"], greedy["temperature"], greedy["top_p"], greedy["top_k"]) == ("greedy", 0.0, 1.0, 0)
+    assert (tuned["decoding_mode"], tuned["temperature"], tuned["top_p"], tuned["top_k"]) == ("sampling", 0.7, 0.9, 50)
+    assert (plain["decoding_mode"], plain["temperature"], plain["top_p"], plain["top_k"]) == ("sampling", 1.0, 1.0, 0)
+
+
+def test_output_length_and_batching_labels() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"output_length": ["fixed", "eos"], "batching": ["fixed", "sorted", "token_budget"],
+                   "token_budget": [2048]}
+    bodies = [e.id[len("m.pytorch.d."):].rsplit(".", 1)[0] for e in load_campaign(raw).experiments.values()]
+    assert bodies == [
+        "bs1-float32-in512-out64-greedy",
+        "bs1-float32-in512-out64-greedy-sorted",
+        "bs1-float32-in512-out64-greedy-token_budget2048",
+        "bs1-float32-in512-out64-greedy-eos",
+        "bs1-float32-in512-out64-greedy-eos-sorted",
+        "bs1-float32-in512-out64-greedy-eos-token_budget2048",
+    ]
+
+
+def test_token_budget_only_varies_token_budget_batching() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"batching": ["fixed", "sorted", "token_budget"], "token_budget": [256, 1024]}
+    experiments = list(load_campaign(raw).experiments.values())
+    combos = [(e.parameters["batching"], e.parameters["token_budget"]) for e in experiments]
+    assert combos == [("fixed", None), ("sorted", None), ("token_budget", 256), ("token_budget", 1024)]
+    assert len({e.id for e in experiments}) == len(experiments) == 4
+
+
+def test_token_budget_null_entry_skipped_for_token_budget_batching() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"batching": ["fixed", "token_budget"], "token_budget": [None, 512]}
+    combos = [(e.parameters["batching"], e.parameters["token_budget"])
+              for e in load_campaign(raw).experiments.values()]
+    assert combos == [("fixed", None), ("token_budget", 512)]
+
+
+def test_budget_without_token_budget_batching_is_ignored() -> None:
+    raw = minimal_raw()
+    raw["grid"] = {"batching": ["fixed"], "token_budget": [256, 1024]}
+    experiments = list(load_campaign(raw).experiments.values())
+    assert [(e.parameters["batching"], e.parameters["token_budget"]) for e in experiments] == [("fixed", None)]
+
+
+def test_backend_settings_only_of_own_backend() -> None:
+    raw = minimal_raw()
+    raw["backends"] = ["pytorch", "vllm"]
+    experiments = {e.backend: e for e in load_campaign(raw).experiments.values()}
+    assert experiments["pytorch"].backend_settings["device"] == "auto"
+    assert "device" not in experiments["vllm"].backend_settings
+    assert experiments["vllm"].backend_settings["gpu_memory_utilization"] == 0.9
