@@ -170,6 +170,19 @@ def test_one_billion_llama_dims_count_without_building():
     assert models.key_dims(config)["num_key_value_heads"] == 8
 
 
+def test_llama_3_2_1b_dims_with_tied_embeddings_have_its_parameter_count():
+    """tie_word_embeddings: the Llama-3.2-1B shape (1,235,814,400 parameters) from dims alone."""
+    spec = models.parse_spec("l1b", {"source": "builtin", "architecture": "llama", "hidden_size": 2048,
+                                     "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
+                                     "intermediate_size": 8192, "vocab_size": 128256,
+                                     "tie_word_embeddings": True})
+    config = models.builtin_model_config(spec, spec.vocab_size, {"pad": 0, "bos": 1, "eos": 2})
+    assert config.tie_word_embeddings is True
+    assert models.count_parameters(config).total == 1_235_814_400
+    gpt2 = models.parse_spec("g", {"source": "builtin", "architecture": "gpt2"})
+    assert models.builtin_model_config(gpt2, 512, {"pad": 0, "bos": 1, "eos": 2}).tie_word_embeddings is True
+
+
 @pytest.mark.parametrize(
     ("spec", "key"),
     [

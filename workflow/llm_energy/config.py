@@ -184,9 +184,15 @@ class Experiment:
     model_spec: dict[str, Any] = field(repr=False)
     dataset_spec: dict[str, Any] = field(repr=False)
     backend_settings: dict[str, Any] = field(repr=False)
-    warmup_requests: int = 0
-    requests_per_cycle: int | None = None
+    warmup_requests: int | dict[str, int] = 0
+    requests_per_cycle: int | dict[str, int] | None = None
     seed: int = 0
+
+    def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
+        """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""
+        if isinstance(setting, Mapping):
+            return setting["batches"] * self.parameters["batch_size"]
+        return setting
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from llm_energy.backends import create_backend
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.config import Experiment
 from llm_energy.energy import EnergySession, EnergySettings
-from llm_energy.errors import BackendError
+from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,15 @@ def max_model_len(experiment: Experiment) -> int:
 def select_requests(requests: list[Request], experiment: Experiment) -> tuple[list[Request], list[Request]]:
     """(warm-up requests, measured requests). Warm-up reuses the first prompts: it only has to run
     the same kernels at the same shapes; the measured set is every prompt (or requests_per_cycle)."""
-    measured = requests[: experiment.requests_per_cycle] if experiment.requests_per_cycle else list(requests)
-    warmup = list(requests[: experiment.warmup_requests])
+    wanted = experiment.request_count(experiment.requests_per_cycle)
+    if wanted is not None and wanted > len(requests):
+        raise ConfigError(
+            "campaign.requests_per_cycle",
+            f"asks for {wanted} requests but dataset '{experiment.dataset}' has {len(requests)} prompts",
+            f"Lower it, or give datasets.{experiment.dataset} more prompts (sample_size / count).",
+        )
+    measured = list(requests[:wanted]) if wanted else list(requests)
+    warmup = list(requests[: experiment.request_count(experiment.warmup_requests)])
     return warmup, measured
 
 

@@ -97,6 +97,8 @@ class BuiltinSpec:
     max_position_embeddings: int = 2048
     tokenizer_vocab_size: int = 2048
     save_dtype: str = "float32"
+    # None: the architecture's habit (GPT-2 ties, Llama-3.1-8B does not; Llama-3.2-1B/3B do).
+    tie_word_embeddings: bool | None = None
     trust_remote_code: bool = False
 
 
@@ -179,6 +181,8 @@ def _parse_builtin(name: str, values: dict[str, Any]) -> BuiltinSpec:
     if architecture == "gpt2" and "num_kv_heads" in values:
         raise ConfigError(_key(name, "num_kv_heads"), "GPT-2 has no grouped-query attention",
                           "Remove it, or use architecture 'llama'.")
+    if "tie_word_embeddings" in values:
+        _require_type(name, "tie_word_embeddings", values["tie_word_embeddings"], bool, "true or false")
     save_dtype = values.get("save_dtype", "float32")
     if save_dtype not in SAVE_DTYPES:
         raise ConfigError(_key(name, "save_dtype"), f"unknown dtype {save_dtype!r}",
@@ -300,13 +304,13 @@ def builtin_model_config(spec: BuiltinSpec, vocab_size: int, special_ids: Mappin
             vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
             num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position_embeddings,
-            tie_word_embeddings=False, **ids,
+            tie_word_embeddings=bool(spec.tie_word_embeddings), **ids,
         )
     else:
         config = GPT2Config(
             vocab_size=vocab_size, n_embd=spec.hidden_size, n_inner=spec.intermediate_size,
             n_layer=spec.num_layers, n_head=spec.num_heads, n_positions=spec.max_position_embeddings,
-            **ids,
+            tie_word_embeddings=spec.tie_word_embeddings is not False, **ids,
         )
     config.architectures = ["LlamaForCausalLM" if spec.architecture == "llama" else "GPT2LMHeadModel"]
     return config
