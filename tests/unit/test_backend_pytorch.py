@@ -195,6 +195,10 @@ def test_count_output_tokens_stops_at_first_eos_inclusive() -> None:
     assert backend.count_output_tokens([5, 9, 2, 7], fixed_length=False) == 2
     backend.tokenizer = SimpleNamespace(eos_token_id=(9,))
     assert backend.count_output_tokens([5, 6, 9], fixed_length=False) == 3
+    # The generation config's EOS ids stop a sequence too (as they do in generate and in vLLM).
+    backend.tokenizer = SimpleNamespace(eos_token_id=2)
+    backend.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 7]))
+    assert backend.count_output_tokens([5, 7, 2], fixed_length=False) == 2
 
 
 def test_count_output_tokens_real_tokenizer(llama: PytorchBackend) -> None:

