@@ -24,6 +24,23 @@ except ConfigError as error:
     # One clear message, before any job runs and before anything is written.
     raise WorkflowError(f"Invalid configuration: {error}") from None
 
+
+def _check_backends_installed():
+    """Without conda deployment every job runs in this environment: a backend missing here would fail
+    every one of its jobs, so stop now. With conda deployment, envs/ brings each engine."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    from llm_energy.backends import require_installed
+
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method or CAMPAIGN.config["figures_only"]:
+        return
+    try:
+        require_installed(CAMPAIGN.config["backends"])
+    except ConfigError as error:
+        raise WorkflowError(f"Invalid configuration: {error}") from None
+
+
+_check_backends_installed()
 CONFIG = CAMPAIGN.config
 CONFIG_SHA256 = CAMPAIGN.sha256
 EXPERIMENTS = CAMPAIGN.experiments

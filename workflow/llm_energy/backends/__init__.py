@@ -29,3 +29,16 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
     if reason:
         raise BackendError(f"backend '{name}' cannot run here: {reason}")
     return cls(settings)
+
+
+def require_installed(names: list[str]) -> None:
+    """Stop before any job runs when a selected backend cannot run in this environment."""
+    from llm_energy.errors import ConfigError
+
+    for index, name in enumerate(names):
+        reason = backend_class(name).unavailable_reason()
+        if reason:
+            raise ConfigError(
+                f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
+                "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
+            )

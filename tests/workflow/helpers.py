@@ -1,0 +1,48 @@
+"""Run the real snakemake on a copy of the workflow in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+# Figures printed at the end of the test session (see tests/conftest.py).
+MEASURED_TIMES_S: dict[str, float] = {}
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The files a user has: Snakefile, workflow/, config/, envs/ (no results, no resources)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO_ROOT / "Snakefile", dest / "Snakefile")
+    for folder in ("workflow", "config", "envs"):
+        shutil.copytree(REPO_ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "CODECARBON_LOG_LEVEL": "error", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra or {})
+    return env
+
+
+def run_snakemake(workdir: Path, *args: str, timeout_s: float = 900, label: str | None = None,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout_s,
+        env=test_environment(env),
+    )
+    if label:
+        MEASURED_TIMES_S[label] = time.perf_counter() - start
+    return completed
+
+
+def describe(completed: subprocess.CompletedProcess) -> str:
+    return f"exit {completed.returncode}\n--- stdout ---\n{completed.stdout[-6000:]}\n--- stderr ---\n{completed.stderr[-6000:]}"
