@@ -20,6 +20,7 @@ from llm_energy.backends import create_backend
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.config import Experiment
 from llm_energy.energy import EnergySession, EnergySettings
+from llm_energy.energy.validity import invalidating_flags
 from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def run_cycle(
         "metrics_info": info,
         "phases": phases,
         "energy_sources": session.describe(),
-        "validity": {"flags": flags, "valid": not flags},
+        "validity": {"flags": flags, "valid": not invalidating_flags(flags)},
     }
     artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame(records), provenance)
     artifacts.write_table_artifact(paths.timeline, "timeline_table", timeline, provenance)

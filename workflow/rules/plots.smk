@@ -7,7 +7,7 @@ rule plot:
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
-            caption="../report/{figure}.rst",
+            caption="../report/figure.rst",
             category="Figures",
         ),
         svg=f"{RESULTS}/figures/{{figure}}.svg",
