@@ -17,6 +17,14 @@ sys.path.insert(0, str(WORKFLOW_DIR))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKFLOW_DIR), os.environ.get("PYTHONPATH")]))
 
 
+# Measurements never overlap: on one machine, run_inference jobs share a `gpu` resource of 1 unless
+# --resources says otherwise. (Snakemake looks for a default workflow profile next to the Snakefile,
+# in profiles/default, so workflow/profiles/default is only used when named with --workflow-profile;
+# this cap must not depend on it.) On a cluster, SLURM gives each job its own GPU.
+if workflow.local_exec and "gpu" not in workflow.global_resources:
+    workflow.register_resource("gpu", 1)
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/models.smk"

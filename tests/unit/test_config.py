@@ -478,3 +478,12 @@ def test_backend_settings_only_of_own_backend() -> None:
     assert experiments["pytorch"].backend_settings["device"] == "auto"
     assert "device" not in experiments["vllm"].backend_settings
     assert experiments["vllm"].backend_settings["gpu_memory_utilization"] == 0.9
+
+
+def test_command_line_strings_are_read_as_booleans_where_the_schema_wants_one() -> None:
+    raw = minimal_raw()
+    raw["figures_only"] = "true"
+    assert load_campaign(raw).config["figures_only"] is True
+    raw["figures_only"] = "maybe"
+    error = raises_config_error(raw)
+    assert error.key == "figures_only"

@@ -111,11 +111,28 @@ def _error_to_config_error(error: jsonschema.ValidationError, schema: dict) -> C
     return ConfigError(key, error.message, "See workflow/schemas/config.schema.json for what it accepts.")
 
 
+def coerce_command_line_values(config: Mapping[str, Any]) -> dict:
+    """`snakemake --config figures_only=true` passes the string "true": read top-level strings as
+    YAML scalars where the schema expects a boolean or a number."""
+    properties = config_schema()["properties"]
+    coerced = dict(config)
+    for key, value in config.items():
+        expected = properties.get(key, {}).get("type")
+        if isinstance(value, str) and expected in ("boolean", "integer", "number"):
+            import yaml
+
+            try:
+                coerced[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass  # left as is: validation names the key and the expected type
+    return coerced
+
+
 def validate_config(raw: Mapping[str, Any]) -> dict:
     """Validate a config mapping and return a copy with every default filled in."""
     if not isinstance(raw, Mapping):
         raise ConfigError("(top level)", "the config is not a mapping", "Write the config as YAML keys.")
-    config = copy.deepcopy(dict(raw))
+    config = copy.deepcopy(coerce_command_line_values(raw))
     schema = config_schema()
     validator = _validator_filling_defaults()(schema)
     errors = list(validator.iter_errors(config))

@@ -17,6 +17,14 @@ from llm_energy import artifacts, provenance
 log = logging.getLogger(__name__)
 
 
+def config_sha256(config: Mapping[str, Any]) -> str | None:
+    """Hash of the validated campaign config (equals llm_energy.config.Campaign.sha256). None in
+    figures-only mode: the archived experiments carry the hash of the campaign that produced them."""
+    if config.get("figures_only"):
+        return None
+    return artifacts.sha256_json(dict(config))
+
+
 def prepare_dataset_job(name: str, spec: Mapping[str, Any], out_dir: Path, tokenizer_manifest: Path | None,
                         config_sha256: str) -> dict:
     from llm_energy import datasets, models

@@ -18,8 +18,6 @@ else:
             flops=f"{RESULTS}/flops/{{experiment}}.json",
         output:
             f"{RESULTS}/experiments/{{experiment}}.json",
-        params:
-            config_sha256=CONFIG_SHA256,
         log:
             f"{RESULTS}/logs/aggregate/{{experiment}}.log",
         conda:
@@ -34,8 +32,6 @@ rule summarize:
     output:
         csv=SUMMARY_CSV,
         parquet=SUMMARY_PARQUET,
-    params:
-        config_sha256=None if FIGURES_ONLY else CONFIG_SHA256,
     log:
         f"{RESULTS}/logs/summarize.log",
     conda:

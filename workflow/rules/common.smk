@@ -41,8 +41,12 @@ def _check_backends_installed():
 
 
 _check_backends_installed()
+# Jobs see the validated campaign (defaults filled) as snakemake.config; its hash in every artifact's
+# provenance is computed there. It is deliberately not a rule param: a param that changes with every
+# campaign edit would rerun every finished measurement after, say, adding one batch size.
+config.clear()
+config.update(CAMPAIGN.config)
 CONFIG = CAMPAIGN.config
-CONFIG_SHA256 = CAMPAIGN.sha256
 EXPERIMENTS = CAMPAIGN.experiments
 CYCLES = list(range(1, CAMPAIGN.cycles + 1))
 RESULTS = CONFIG["results_dir"]

@@ -5,7 +5,7 @@
 def tokenizer_manifest(wildcards):
     spec = CONFIG["datasets"][wildcards.dataset]
     if spec["source"] == "synthetic":
-        return ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")
+        return [ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")]
     return []
 
 
@@ -17,7 +17,6 @@ rule prepare_dataset:
         manifest="resources/datasets/{dataset}/manifest.json",
     params:
         spec=lambda wc: CONFIG["datasets"][wc.dataset],
-        config_sha256=CONFIG_SHA256,
     log:
         "resources/logs/prepare_dataset/{dataset}.log",
     conda:

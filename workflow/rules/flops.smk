@@ -11,7 +11,6 @@ rule estimate_flops:
     params:
         dtype=lambda wc: experiment_of(wc).parameters["dtype"],
         batch_size=lambda wc: experiment_of(wc).parameters["batch_size"],
-        config_sha256=CONFIG_SHA256,
     log:
         f"{RESULTS}/logs/estimate_flops/{{experiment}}.log",
     conda:

@@ -17,7 +17,9 @@ rule run_inference:
     params:
         experiment=lambda wc: experiment_of(wc).to_dict(),
         energy=CONFIG["energy"],
-        config_sha256=CONFIG_SHA256,
+    # All local cores: nothing else (a FLOPs estimate, a plot) competes for the CPU that drives the
+    # GPU while a window is open. On a cluster the profile sets cpus_per_task instead.
+    threads: workflow.cores if workflow.local_exec else 1
     resources:
         gpu=1,
     log:

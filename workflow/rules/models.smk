@@ -6,7 +6,6 @@ rule download_model:
         manifest="resources/models/{model}/manifest.json",
     params:
         spec=lambda wc: CONFIG["models"][wc.model],
-        config_sha256=CONFIG_SHA256,
     log:
         "resources/logs/download_model/{model}.log",
     conda:

@@ -1,4 +1,4 @@
-from llm_energy.jobs import aggregate_job
+from llm_energy.jobs import aggregate_job, config_sha256
 from llm_energy.logs import job_logging
 
 with job_logging(snakemake.log[0]):
@@ -7,5 +7,5 @@ with job_logging(snakemake.log[0]):
         snakemake.input.runs,
         snakemake.input.flops,
         snakemake.output[0],
-        snakemake.params.config_sha256,
+        config_sha256(snakemake.config),
     )

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from llm_energy.jobs import prepare_model_job
+from llm_energy.jobs import config_sha256, prepare_model_job
 from llm_energy.logs import job_logging
 
 with job_logging(snakemake.log[0]):
@@ -8,5 +8,5 @@ with job_logging(snakemake.log[0]):
         snakemake.wildcards.model,
         snakemake.params.spec,
         Path(snakemake.output.manifest).parent,
-        snakemake.params.config_sha256,
+        config_sha256(snakemake.config),
     )

@@ -1,4 +1,4 @@
-from llm_energy.jobs import estimate_flops_job
+from llm_energy.jobs import config_sha256, estimate_flops_job
 from llm_energy.logs import job_logging
 
 with job_logging(snakemake.log[0]):
@@ -9,5 +9,5 @@ with job_logging(snakemake.log[0]):
         snakemake.params.dtype,
         snakemake.params.batch_size,
         snakemake.output[0],
-        snakemake.params.config_sha256,
+        config_sha256(snakemake.config),
     )

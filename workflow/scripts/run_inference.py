@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from llm_energy.jobs import baseline_cache_path, run_inference_job
+from llm_energy.jobs import baseline_cache_path, config_sha256, run_inference_job
 from llm_energy.logs import job_logging
 
 # The guard matters: vLLM's engine core runs in a spawned subprocess, which re-imports this script.
@@ -15,6 +15,6 @@ if __name__ == "__main__":
             result=snakemake.output.result,
             requests=snakemake.output.requests,
             timeline=snakemake.output.timeline,
-            config_sha256=snakemake.params.config_sha256,
+            config_sha256=config_sha256(snakemake.config),
             baseline_path=baseline_cache_path(),
         )

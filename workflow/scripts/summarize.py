@@ -1,5 +1,5 @@
-from llm_energy.jobs import summarize_job
+from llm_energy.jobs import config_sha256, summarize_job
 from llm_energy.logs import job_logging
 
 with job_logging(snakemake.log[0]):
-    summarize_job(snakemake.input, snakemake.output.csv, snakemake.output.parquet, snakemake.params.config_sha256)
+    summarize_job(snakemake.input, snakemake.output.csv, snakemake.output.parquet, config_sha256(snakemake.config))
