@@ -1,0 +1,129 @@
+"""The embedded default campaign, end to end, with the real snakemake (no GPU, no network)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from llm_energy import artifacts
+from llm_energy.config import load_campaign_file
+from tests.workflow.helpers import REPO_ROOT, copy_workflow, describe, run_snakemake
+
+pytestmark = pytest.mark.workflow
+DEFAULT_CAMPAIGN_BUDGET_S = 300
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("default-campaign"))
+    completed = run_snakemake(workdir, "--cores", "2", label="default campaign (snakemake --cores 2)")
+    assert completed.returncode == 0, describe(completed)
+    return workdir, completed
+
+
+def test_every_experiment_and_cycle_has_artifacts(default_run):
+    workdir, _ = default_run
+    campaign = load_campaign_file(REPO_ROOT / "config" / "config.yaml")
+    assert len(campaign.experiments) == 4
+    for eid, experiment in campaign.experiments.items():
+        for cycle in range(1, campaign.cycles + 1):
+            run_dir = workdir / "results" / "runs" / eid / f"cycle-{cycle}"
+            document = artifacts.read_json_artifact(run_dir / "result.json", "run_result")
+            data = document["data"]
+            assert data["status"] == "ok", data["error"]
+            assert document["provenance"]["experiment"] == eid
+            assert document["provenance"]["config_sha256"] == campaign.sha256
+            assert document["provenance"]["software"]["torch"]
+            requests, _ = artifacts.read_table_artifact(run_dir / "requests.parquet", "requests_table")
+            assert len(requests) == 8  # the dataset's sample size
+            assert (requests["output_tokens"] == 16).all()  # fixed output length
+            assert data["tokens"]["output_tokens"] == 8 * 16
+            timeline, _ = artifacts.read_table_artifact(run_dir / "timeline.parquet", "timeline_table")
+            assert timeline is not None
+            # No GPU and no RAPL on this machine: said so, never a zero.
+            window = data["window"]
+            assert window["domains"]["gpu"]["available"] is False
+            assert window["domains"]["gpu"]["reason"]
+            assert data["metrics"]["gpu_energy_j"] is None
+            assert data["metrics"]["output_tokens_per_s"] > 0
+            assert [w["name"] for w in data["setup"]["windows"]] == ["model_load", "warmup"]
+        flops = artifacts.read_json_artifact(workdir / "results" / "flops" / f"{eid}.json", "flops_estimate")
+        assert flops["data"]["total_flops"] > 0
+        aggregated = artifacts.read_json_artifact(workdir / "results" / "experiments" / f"{eid}.json", "experiment_result")
+        assert aggregated["data"]["cycles_ok"] == campaign.cycles
+
+
+def test_summary_table_has_one_row_per_experiment_with_units(default_run):
+    workdir, _ = default_run
+    csv = pd.read_csv(workdir / "results" / "summary.csv")
+    parquet, meta = artifacts.read_table_artifact(workdir / "results" / "summary.parquet", "summary_table")
+    assert len(csv) == len(parquet) == 4
+    assert set(csv["batch_size"]) == {1, 4}
+    assert set(csv["model"]) == {"tiny-llama", "tiny-gpt2"}
+    assert (csv["output_tokens_per_s"] > 0).all()
+    assert "output_tokens_per_s_ci95_low" in csv.columns
+    assert csv["node_energy_per_output_token_j"].notna().all()  # CodeCarbon's CPU/RAM estimate
+    assert set(csv["node_energy_method"]) == {"estimated"}
+    assert meta["schema"] == "llm_energy/summary_table"
+
+
+def test_figures_exist_in_png_and_svg(default_run):
+    workdir, _ = default_run
+    for figure in ("energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"):
+        png = workdir / "results" / "figures" / f"{figure}.png"
+        svg = workdir / "results" / "figures" / f"{figure}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in svg.read_bytes()[:2000]
+
+
+def test_rerun_has_nothing_to_do(default_run):
+    workdir, _ = default_run
+    completed = run_snakemake(workdir, "--cores", "2", "-n")
+    assert completed.returncode == 0, describe(completed)
+    assert "Nothing to be done" in completed.stdout + completed.stderr
+
+
+def test_adding_a_batch_size_runs_only_the_new_experiments(default_run, tmp_path):
+    workdir, _ = default_run
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    config["grid"]["batch_size"] = [1, 4, 2]
+    extended = tmp_path / "extended.yaml"
+    extended.write_text(yaml.safe_dump(config))
+    completed = run_snakemake(workdir, "--cores", "2", "-n", "--configfile", str(extended))
+    assert completed.returncode == 0, describe(completed)
+    output = completed.stdout + completed.stderr
+    # 2 models x 1 new batch size x 2 cycles
+    assert any(line.split()[:2] == ["run_inference", "4"] for line in output.splitlines()), output
+
+
+def test_html_report(default_run):
+    workdir, _ = default_run
+    completed = run_snakemake(workdir, "--report", "report.html", timeout_s=300)
+    assert completed.returncode == 0, describe(completed)
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "energy_vs_batch_size" in html
+
+
+def test_figures_only_mode_regenerates_from_a_copied_results_tree(default_run, tmp_path):
+    workdir, _ = default_run
+    reader = copy_workflow(tmp_path / "reader")
+    # A reader has the archived results only: no models, no datasets, no resources/ at all.
+    shutil.copytree(workdir / "results" / "experiments", reader / "archive" / "experiments")
+    completed = run_snakemake(
+        reader, "--cores", "1", "--config", "figures_only=true", "results_dir=archive", label="figures-only mode"
+    )
+    assert completed.returncode == 0, describe(completed)
+    output = completed.stdout + completed.stderr
+    assert "run_inference" not in output and "download_model" not in output
+    assert not (reader / "resources").exists()
+    regenerated = pd.read_csv(reader / "archive" / "summary.csv")
+    original = pd.read_csv(workdir / "results" / "summary.csv")
+    assert list(regenerated["experiment_id"]) == list(original["experiment_id"])
+    pd.testing.assert_series_equal(regenerated["output_tokens_per_s"], original["output_tokens_per_s"])
+    for figure in ("energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"):
+        assert (reader / "archive" / "figures" / f"{figure}.png").stat().st_size > 0
