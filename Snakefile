@@ -14,7 +14,7 @@ WORKFLOW_DIR = Path(workflow.basedir) / "workflow"
 # The package is importable here and in every job (also inside conda environments and SLURM jobs,
 # which inherit the environment), whether or not it was pip-installed.
 sys.path.insert(0, str(WORKFLOW_DIR))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKFLOW_DIR), os.environ.get("PYTHONPATH")]))
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(WORKFLOW_DIR), os.environ.get("PYTHONPATH")])))
 
 
 # Measurements never overlap: on one machine, run_inference jobs share a `gpu` resource of 1 unless

@@ -184,3 +184,14 @@ def test_reads_the_summary_parquet_artifact(tmp_path: Path, campaign: pd.DataFra
     write_summary(campaign, tmp_path / "s.csv", tmp_path / "s.parquet", {})
     plots.plot_latency(tmp_path / "s.parquet", tmp_path / "l.png", tmp_path / "l.svg")
     assert_figure_files(tmp_path / "l.png", tmp_path / "l.svg")
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_validity_flags_are_named_on_every_figure(tmp_path: Path, campaign: pd.DataFrame, name: str) -> None:
+    flagged = campaign.copy()
+    first_ok = flagged.index[flagged["status"] == "ok"][0]
+    flagged.loc[first_ok, "flags"] = "short_window"
+    png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
+    PLOTS[name](flagged, png, svg)
+    text = assert_figure_files(png, svg)
+    assert "Validity flags" in text and "short_window" in text

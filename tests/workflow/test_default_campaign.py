@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -52,6 +50,8 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
             assert data["metrics"]["gpu_energy_j"] is None
             assert data["metrics"]["output_tokens_per_s"] > 0
             assert [w["name"] for w in data["setup"]["windows"]] == ["model_load", "warmup"]
+            assert data["gpu_state"] == {"start": [], "end": []}  # no GPU used
+            assert document["provenance"]["code"]["package_version"]
         flops = artifacts.read_json_artifact(workdir / "results" / "flops" / f"{eid}.json", "flops_estimate")
         assert flops["data"]["total_flops"] > 0
         aggregated = artifacts.read_json_artifact(workdir / "results" / "experiments" / f"{eid}.json", "experiment_result")

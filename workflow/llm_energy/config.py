@@ -144,7 +144,21 @@ def validate_config(raw: Mapping[str, Any]) -> dict:
             best = jsonschema.exceptions.best_match(nested)
         raise _error_to_config_error(best, schema)
     _check_semantics(config)
-    return config
+    canonical = _canonical(config)
+    # The campaign's own order of models and datasets is kept: it orders experiments and tables.
+    for section in ("models", "datasets"):
+        canonical[section] = {name: canonical[section][name] for name in config[section]}
+    return canonical
+
+
+def _canonical(value: Any) -> Any:
+    """Mappings with sorted keys, recursively. Rule params are compared by their text, so the order of
+    keys in a YAML file must not decide whether Snakemake reruns a finished measurement."""
+    if isinstance(value, Mapping):
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _check_semantics(config: dict) -> None:
@@ -210,19 +224,6 @@ class Experiment:
         if isinstance(setting, Mapping):
             return setting["batches"] * self.parameters["batch_size"]
         return setting
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "model": self.model, "backend": self.backend, "dataset": self.dataset,
-            "parameters": self.parameters, "model_spec": self.model_spec,
-            "dataset_spec": self.dataset_spec, "backend_settings": self.backend_settings,
-            "warmup_requests": self.warmup_requests, "requests_per_cycle": self.requests_per_cycle,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
-        return cls(**dict(data))
 
 
 def _decoding_label(decoding: Mapping[str, Any]) -> str:

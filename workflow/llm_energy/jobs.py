@@ -47,17 +47,19 @@ def baseline_cache_path(resources_dir: Path | str = "resources") -> Path:
     return Path(resources_dir) / "baseline" / f"{socket.gethostname()}.json"
 
 
-def run_inference_job(experiment: Mapping[str, Any], cycle: int, model_manifest: Path, dataset_dir: Path,
-                      energy_config: Mapping[str, Any], result: Path, requests: Path, timeline: Path,
-                      config_sha256: str, baseline_path: Path | None = None) -> dict:
+def run_inference_job(experiment_id: str, config: Mapping[str, Any], cycle: int, model_manifest: Path,
+                      dataset_dir: Path, result: Path, requests: Path, timeline: Path,
+                      baseline_path: Path | None = None) -> dict:
     from llm_energy import datasets, measure, models
-    from llm_energy.config import Experiment
+    from llm_energy.config import load_campaign
 
-    exp = Experiment.from_dict(experiment)
+    campaign = load_campaign(config)
+    exp = campaign.experiments[experiment_id]
+    energy_config = campaign.config["energy"]
     model_dir = models.resolve_model_path(Path(model_manifest))
     prompts = [p["prompt"] for p in datasets.load_prompts(Path(dataset_dir))]
     prov = provenance.collect(
-        experiment=exp.id, config_sha256=config_sha256,
+        experiment=exp.id, config_sha256=campaign.sha256,
         inputs=[Path(model_manifest), Path(dataset_dir) / "manifest.json", Path(dataset_dir) / "prompts.jsonl"],
         extra={"job": measure.job_provenance()},
     )

@@ -134,6 +134,7 @@ def run_cycle(
     backend = None
     log.info("experiment %s cycle %d: %d prompts, GPUs used: %s", experiment.id, cycle, len(prompts),
              [d.uuid for d in devices] or "none")
+    gpu_state = {"start": hardware.describe_gpus(devices), "end": []}  # temperatures, clocks, limits
     session.start()
     try:
         baseline = session.ensure_baseline()
@@ -157,10 +158,12 @@ def run_cycle(
             records = backend.generate(measured, experiment.parameters["batch_size"], decoding)
             backend.synchronize()
             window = session.close_window(handle)
+            gpu_state["end"] = hardware.describe_gpus(devices)
         except BackendError as exc:
             log.error("experiment %s cycle %d failed: %s", experiment.id, cycle, exc)
             session.stop()
             result = _failed_result(experiment, cycle, str(exc), setup_windows, session.describe())
+            result["gpu_state"] = {"start": gpu_state["start"], "end": hardware.describe_gpus(devices)}
             artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame([]), provenance)
             artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), provenance)
             artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
@@ -196,6 +199,7 @@ def run_cycle(
         "metrics_info": info,
         "phases": phases,
         "energy_sources": session.describe(),
+        "gpu_state": gpu_state,
         "validity": {"flags": flags, "valid": not invalidating_flags(flags)},
     }
     artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame(records), provenance)

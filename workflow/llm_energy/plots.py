@@ -109,7 +109,14 @@ def _split_successful(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     ok_mask = summary["status"].astype(str) == "ok"
     failed = summary.loc[~ok_mask, "experiment_id"].astype(str).tolist()
     notes = [f"Skipped {len(failed)} failed experiment(s): {_list_ids(failed)}"] if failed else []
-    return summary.loc[ok_mask].reset_index(drop=True), notes
+    ok = summary.loc[ok_mask].reset_index(drop=True)
+    if "flags" in ok.columns:
+        # Validity flags travel with every figure, so a reader of the report sees them too.
+        flagged = [f"{eid} [{flags}]" for eid, flags in zip(ok["experiment_id"].astype(str), ok["flags"])
+                   if isinstance(flags, str) and flags]
+        if flagged:
+            notes.append(f"Validity flags (summary.csv, column flags): {_list_ids(flagged)}")
+    return ok, notes
 
 
 def _method_word(methods: list[str]) -> str:

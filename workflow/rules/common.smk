@@ -42,8 +42,8 @@ def _check_backends_installed():
 
 _check_backends_installed()
 # Jobs see the validated campaign (defaults filled) as snakemake.config; its hash in every artifact's
-# provenance is computed there. It is deliberately not a rule param: a param that changes with every
-# campaign edit would rerun every finished measurement after, say, adding one batch size.
+# provenance is computed there. It is deliberately not one of the params (a value that changes with
+# every campaign edit would rerun every finished measurement after, say, adding one batch size).
 config.clear()
 config.update(CAMPAIGN.config)
 CONFIG = CAMPAIGN.config
@@ -70,3 +70,11 @@ def experiment_of(wildcards):
         return EXPERIMENTS[wildcards.experiment]
     except KeyError:
         raise WorkflowError(f"'{wildcards.experiment}' is not an experiment of this campaign") from None
+
+
+def tokenizer_manifest(wildcards):
+    """A synthetic dataset is sized in tokens of one model's tokenizer: that model comes first."""
+    spec = CONFIG["datasets"][wildcards.dataset]
+    if spec["source"] == "synthetic":
+        return [ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")]
+    return []

@@ -2,13 +2,6 @@
 # compute nodes need no network).
 
 
-def tokenizer_manifest(wildcards):
-    spec = CONFIG["datasets"][wildcards.dataset]
-    if spec["source"] == "synthetic":
-        return [ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")]
-    return []
-
-
 rule prepare_dataset:
     input:
         tokenizer=tokenizer_manifest,

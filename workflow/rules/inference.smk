@@ -14,12 +14,13 @@ rule run_inference:
         result=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/result.json",
         requests=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/requests.parquet",
         timeline=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/timeline.parquet",
-    params:
-        experiment=lambda wc: experiment_of(wc).to_dict(),
-        energy=CONFIG["energy"],
-    # All local cores: nothing else (a FLOPs estimate, a plot) competes for the CPU that drives the
-    # GPU while a window is open. On a cluster the profile sets cpus_per_task instead.
-    threads: workflow.cores if workflow.local_exec else 1
+    # No params: the job looks its experiment up by id in the campaign it receives, and the id already
+    # hashes every parameter that changes the measurement. A finished measurement is never rerun
+    # because unrelated campaign settings (energy reporting, other experiments) changed.
+    # All local cores (Snakemake caps threads at --cores): nothing else (a FLOPs estimate, a plot)
+    # competes for the CPU that drives the GPU while a window is open. On a cluster the profile sets
+    # cpus_per_task instead.
+    threads: (os.cpu_count() or 1) if workflow.local_exec else 1
     resources:
         gpu=1,
     log:
