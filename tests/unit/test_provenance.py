@@ -123,3 +123,23 @@ def test_software_versions_match_installed(name: str) -> None:
     import importlib.metadata
 
     assert provenance.software_versions()[name] == importlib.metadata.version(name)
+
+
+def test_git_commit_of_a_tree_without_git_comes_from_the_environment(monkeypatch):
+    import subprocess
+
+    from llm_energy import provenance
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    monkeypatch.setenv("LLM_ENERGY_GIT_COMMIT", "99fbc72")
+    provenance.git_commit.cache_clear()
+    try:
+        assert provenance.git_commit() == "99fbc72"
+        monkeypatch.delenv("LLM_ENERGY_GIT_COMMIT")
+        provenance.git_commit.cache_clear()
+        assert provenance.git_commit() is None
+    finally:
+        provenance.git_commit.cache_clear()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_energy import hub
 from llm_energy.artifacts import (
     atomic_write_bytes,
     read_json_artifact,
@@ -60,7 +61,6 @@ UNCATEGORIZED = "uncategorized"
 # Seconds to wait for the hub before falling back to the local cache. Short on purpose: a pipeline
 # without network must fail (or use its cache) in seconds, not after minutes of retries.
 HUB_TIMEOUT_S = 10.0
-_TRUE_STRINGS = {"1", "ON", "YES", "TRUE"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,28 +596,6 @@ def _load_synthetic(name: str, spec: Mapping[str, Any], tokenizer: Any) -> Loade
 # Hugging Face Hub
 
 
-def hub_offline() -> bool:
-    """True when offline mode is requested: the env vars (read now, so a change after import counts)
-    or the flag huggingface_hub read at import."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").strip().upper() in _TRUE_STRINGS:
-            return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> Path:
-    """The hub download cache, from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
 def _datasets_cache_dir() -> Path:
     if os.environ.get("HF_DATASETS_CACHE"):
         return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
@@ -663,7 +641,7 @@ def _unavailable(name: str, target: HubTarget, reason: str) -> SourceUnavailable
     return SourceUnavailableError(
         f"data set '{name}' (datasets.{name}.id -> {target.repo_id}{revision}): the Hugging Face Hub "
         f"cannot be reached ({reason}) and the data set is not in the local cache "
-        f"({_hub_cache_dir()}). Download it once on a machine with network "
+        f"({hub.cache_dir()}). Download it once on a machine with network "
         f"(`hf download --repo-type dataset {target.repo_id}`, or `huggingface-cli download "
         f"--repo-type dataset {target.repo_id}` with older huggingface_hub) and set HF_HOME to that "
         f"cache, or export it to a local file and use `source: file`."
@@ -696,7 +674,7 @@ def _load_hub_dataset(name: str, target: HubTarget) -> tuple[Any, str | None]:
         load_kwargs["data_files"] = target.data_files
 
     reason = "offline mode is on (HF_HUB_OFFLINE)"
-    if not hub_offline():
+    if not hub.offline("HF_DATASETS_OFFLINE"):
         try:
             info = HfApi().dataset_info(target.repo_id, revision=target.revision, timeout=HUB_TIMEOUT_S)
         except hub_errors.GatedRepoError:
@@ -724,7 +702,7 @@ def _load_hub_dataset(name: str, target: HubTarget) -> tuple[Any, str | None]:
     # load_dataset on the folder sees the same configurations as on the hub.
     try:
         snapshot = Path(snapshot_download(target.repo_id, repo_type="dataset", revision=target.revision,
-                                          cache_dir=str(_hub_cache_dir()), local_files_only=True))
+                                          cache_dir=str(hub.cache_dir()), local_files_only=True))
     except (hub_errors.LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         logger.info("no hub cache snapshot of %s (%s)", target.repo_id, exc)
     else:

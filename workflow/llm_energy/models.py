@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from llm_energy import hub
 from llm_energy.artifacts import read_json_artifact, sha256_file, write_json_artifact
 from llm_energy.errors import ArtifactError, ConfigError, SourceUnavailableError
 
@@ -368,34 +369,6 @@ def build_builtin_model(spec: BuiltinSpec, weights_dir: Path, corpus_path: Path 
 # Hub models
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """Offline mode, read now (huggingface_hub reads it once at import, tests set it later)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-
-
-def hub_cache_dir() -> Path:
-    """The HF cache the user may have populated: HF_HUB_CACHE, else HF_HOME/hub, read now."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT
-
-
 def _hub_unreachable_reason(endpoint: str) -> str | None:
     """Why the hub cannot be reached, or None if a TCP connection opens.
 
@@ -464,7 +437,7 @@ def download_hub_model(name: str, spec: HubSpec, weights_dir: Path) -> str:
 
     token = os.environ.get("HF_TOKEN") or False  # False: never fall back to a stored token file
     patterns = list(spec.allow_patterns)
-    cache_dir = hub_cache_dir()
+    cache_dir = hub.cache_dir()
 
     cache_miss = f"the HF cache ({cache_dir}) does not hold it"
     try:
@@ -482,9 +455,9 @@ def download_hub_model(name: str, spec: HubSpec, weights_dir: Path) -> str:
         _link_or_copy_tree(Path(cached), weights_dir)
         return commit
 
-    if hub_offline():
+    if hub.offline("TRANSFORMERS_OFFLINE"):
         raise _unavailable(name, spec, f"offline mode (HF_HUB_OFFLINE) is on and {cache_miss}")
-    endpoint = hub_endpoint()
+    endpoint = hub.endpoint()
     reason = _hub_unreachable_reason(endpoint)
     if reason:
         raise _unavailable(name, spec, reason)

@@ -41,6 +41,8 @@ def software_versions() -> dict[str, str | None]:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The checkout's commit (+ "-dirty"); in a copied tree without .git (a container, a GPU node
+    that got an rsync'd copy), whatever LLM_ENERGY_GIT_COMMIT says, else None."""
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
@@ -53,7 +55,7 @@ def git_commit() -> str | None:
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("LLM_ENERGY_GIT_COMMIT") or None
 
 
 def host_facts() -> dict[str, Any]:
