@@ -101,14 +101,16 @@ def _prefill_spans(records: list[RequestRecord]) -> list[tuple[float, float]]:
     return [(r.submitted_s, r.first_token_s) for r in records if r.first_token_s is not None]
 
 
-def _failed_result(experiment: Experiment, cycle: int, error: str, setup: list[dict], energy_sources: dict) -> dict:
+def _failed_result(experiment: Experiment, cycle: int, error: str, setup: list[dict], energy_sources: dict,
+                   gpu_state: dict) -> dict:
     return {
         "experiment_id": experiment.id, "cycle": cycle, "status": "failed", "error": error,
         "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
                        "parameters": experiment.parameters},
         "load": None, "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
         "window": None, "tokens": None, "metrics": {}, "metrics_info": {}, "phases": None,
-        "energy_sources": energy_sources, "validity": {"flags": ["failed"], "valid": False},
+        "energy_sources": energy_sources, "gpu_state": gpu_state,
+        "validity": {"flags": ["failed"], "valid": False},
     }
 
 
@@ -162,8 +164,8 @@ def run_cycle(
         except BackendError as exc:
             log.error("experiment %s cycle %d failed: %s", experiment.id, cycle, exc)
             session.stop()
-            result = _failed_result(experiment, cycle, str(exc), setup_windows, session.describe())
-            result["gpu_state"] = {"start": gpu_state["start"], "end": hardware.describe_gpus(devices)}
+            gpu_state["end"] = hardware.describe_gpus(devices)
+            result = _failed_result(experiment, cycle, str(exc), setup_windows, session.describe(), gpu_state)
             artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame([]), provenance)
             artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), provenance)
             artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
