@@ -272,16 +272,20 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
 
 
+def _render(draw, summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str, title: str) -> None:
+    """Draw one figure from a summary (DataFrame or Parquet path) in the house style and save it."""
+    with matplotlib.rc_context(RC_PARAMS):
+        figure = draw(_load(summary), title)
+    _save(figure, png, svg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
 
 def plot_energy_vs_batch_size(summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str) -> None:
     """Energy per output token vs batch size, one line per configuration, 95 % CI error bars."""
-    title = "Energy per output token vs batch size"
-    with matplotlib.rc_context(RC_PARAMS):
-        figure = _draw_energy_vs_batch_size(_load(summary), title)
-    _save(figure, png, svg)
+    _render(_draw_energy_vs_batch_size, summary, png, svg, "Energy per output token vs batch size")
 
 
 def _draw_energy_vs_batch_size(summary: pd.DataFrame, title: str) -> Figure:
@@ -337,10 +341,7 @@ def pareto_front(throughput: Sequence[float], energy: Sequence[float]) -> list[i
 
 def plot_throughput_vs_energy(summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str) -> None:
     """Output tokens/s (x) vs energy per output token (y), labelled by batch size, Pareto front."""
-    title = "Throughput vs energy per output token"
-    with matplotlib.rc_context(RC_PARAMS):
-        figure = _draw_throughput_vs_energy(_load(summary), title)
-    _save(figure, png, svg)
+    _render(_draw_throughput_vs_energy, summary, png, svg, "Throughput vs energy per output token")
 
 
 def _draw_throughput_vs_energy(summary: pd.DataFrame, title: str) -> Figure:
@@ -415,10 +416,7 @@ def _estimated(ok: pd.DataFrame, domain: str) -> list[bool]:
 def plot_energy_breakdown(summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str) -> None:
     """Stacked bars per experiment: GPU, CPU and DRAM energy per output token; estimated domains
     hatched, unavailable domains marked "n/a" (never drawn as zero)."""
-    title = "Energy per output token by domain"
-    with matplotlib.rc_context(RC_PARAMS):
-        figure = _draw_energy_breakdown(_load(summary), title)
-    _save(figure, png, svg)
+    _render(_draw_energy_breakdown, summary, png, svg, "Energy per output token by domain")
 
 
 def _bar_labels(ok: pd.DataFrame) -> list[str]:
@@ -499,10 +497,7 @@ PERCENTILE_STYLES: tuple[tuple[str, str], ...] = (("p50", "-"), ("p90", "--"))
 
 def plot_latency(summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str) -> None:
     """TTFT and end-to-end latency (p50 solid, p90 dashed) vs batch size, where available."""
-    title = "Latency vs batch size"
-    with matplotlib.rc_context(RC_PARAMS):
-        figure = _draw_latency(_load(summary), title)
-    _save(figure, png, svg)
+    _render(_draw_latency, summary, png, svg, "Latency vs batch size")
 
 
 def _draw_latency(summary: pd.DataFrame, title: str) -> Figure:
