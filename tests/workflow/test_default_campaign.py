@@ -13,7 +13,6 @@ from llm_energy.config import load_campaign_file
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, describe, run_snakemake
 
 pytestmark = pytest.mark.workflow
-DEFAULT_CAMPAIGN_BUDGET_S = 300
 
 
 @pytest.fixture(scope="module")
