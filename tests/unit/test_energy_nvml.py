@@ -6,7 +6,7 @@ import pytest
 
 from llm_energy import hardware
 from llm_energy.energy.nvml import NvmlEnergySource, counter_devices
-from llm_energy.energy.testing import FakeGpu, FakeNvml
+from tests.fake_nvml import FakeGpu, FakeNvml
 
 UUID0, UUID1 = "GPU-0000", "GPU-1111"
 

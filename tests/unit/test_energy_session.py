@@ -11,7 +11,7 @@ import pytest
 from llm_energy import clock, hardware
 from llm_energy.artifacts import read_json_artifact, write_json_artifact
 from llm_energy.energy import EnergySession, EnergySettings, split_prefill_decode
-from llm_energy.energy.testing import FakeGpu, FakeNvml
+from tests.fake_nvml import FakeGpu, FakeNvml
 from llm_energy.errors import ConfigError
 
 UUID0, UUID1 = "GPU-aaaaaaaa-0000", "GPU-bbbbbbbb-1111"

@@ -12,7 +12,7 @@ import pytest
 from llm_energy import hardware
 from llm_energy.artifacts import read_table_artifact, write_table_artifact
 from llm_energy.energy.nvml import NvmlEnergySource
-from llm_energy.energy.testing import FakeGpu, FakeNvml
+from tests.fake_nvml import FakeGpu, FakeNvml
 from llm_energy.energy.timeline import (
     TIMELINE_COLUMNS,
     TimelineSampler,

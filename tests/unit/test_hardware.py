@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm_energy import hardware
-from llm_energy.energy.testing import LIBRARY_NOT_FOUND, FakeGpu, FakeNvml
+from tests.fake_nvml import LIBRARY_NOT_FOUND, FakeGpu, FakeNvml
 
 UUID0 = "GPU-11111111-aaaa-bbbb-cccc-000000000000"
 UUID1 = "GPU-22222222-aaaa-bbbb-cccc-111111111111"

@@ -32,6 +32,7 @@ from typing import Any
 
 from llm_energy.artifacts import read_json_artifact
 from llm_energy.errors import ArtifactError
+from llm_energy.flops import mbu, mfu
 from llm_energy.statistics import describe
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def _derive_flops_metrics(
             series["mfu"].add(c.cycle, None, peak_reason)
         else:
             series["mfu"].add(
-                c.cycle, _ratio(achieved, peak_flops * gpu_count if peak_flops else None),
+                c.cycle, mfu(total_flops, window, peak_flops * gpu_count if peak_flops else None),
                 f"no peak flops_per_s for {c.gpu_names[0]} at {dtype}",
             )
         if decode_bytes is None:
@@ -296,9 +297,8 @@ def _derive_flops_metrics(
         elif peak_reason:
             series["mbu"].add(c.cycle, None, peak_reason)
         else:
-            bandwidth = _ratio(decode_bytes, window)
             series["mbu"].add(
-                c.cycle, _ratio(bandwidth, peak_bytes * gpu_count if peak_bytes else None),
+                c.cycle, mbu(decode_bytes, window, peak_bytes * gpu_count if peak_bytes else None),
                 f"no peak memory_bytes_per_s for {c.gpu_names[0]} at {dtype}",
             )
     return series

@@ -43,6 +43,13 @@ class Request:
         return len(self.prompt_token_ids)
 
 
+def tokenize_prompts(tokenizer: Any, prompts: list[str], max_input_tokens: int) -> list[Request]:
+    """The input-token rule every backend shares: the model's tokenizer with its special tokens, then
+    truncated to max_input_tokens. One rule, so backends report the same input tokens for a prompt."""
+    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    return [Request(index=i, prompt_token_ids=tuple(ids[:max_input_tokens])) for i, ids in enumerate(encoded)]
+
+
 @dataclass
 class RequestRecord:
     """What a backend observed for one request. Token counts exclude padding and anything after EOS."""

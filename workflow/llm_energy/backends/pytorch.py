@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
-from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
+from llm_energy.backends.base import (
+    Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+)
 from llm_energy.batching import make_batches
 from llm_energy.errors import BackendError
 
@@ -113,8 +115,7 @@ class PytorchBackend(Backend):
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         assert self.tokenizer is not None, "load() first"
-        encoded = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        return [Request(index=i, prompt_token_ids=tuple(ids[:max_input_tokens])) for i, ids in enumerate(encoded)]
+        return tokenize_prompts(self.tokenizer, prompts, max_input_tokens)
 
     def _generation_kwargs(self, decoding: DecodingSettings) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
-from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
+from llm_energy.backends.base import (
+    Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+)
 from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,13 +117,6 @@ def _measure_clock_offsets(tries: int = 5) -> ClockOffsets:
             best = candidate
     assert best is not None
     return best
-
-
-def _tokenize_like_pytorch(tokenizer: Any, prompts: list[str], max_input_tokens: int) -> list[Request]:
-    """The same rule as the pytorch backend (special tokens added, then truncated from the right), so
-    both backends report the same input tokens for the same prompts."""
-    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    return [Request(index=i, prompt_token_ids=tuple(ids[:max_input_tokens])) for i, ids in enumerate(encoded)]
 
 
 def _short(exc: BaseException, limit: int = 2000) -> str:
@@ -356,7 +351,7 @@ class VllmBackend(Backend):
         raise BackendError("VllmBackend: load() first")
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
-        return _tokenize_like_pytorch(self._tokenizer(), prompts, max_input_tokens)
+        return tokenize_prompts(self._tokenizer(), prompts, max_input_tokens)
 
     # -- generate ------------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ return types and units (mJ, mW, MHz) and the same error style (`NVMLError` with 
 fake GPU replays either a recorded sequence of counter values (one per read) or a power profile
 over time, from which the counter is derived the way the real one behaves: it advances only every
 `update_period_s` (100 ms on an H100) and holds the energy up to its last tick. Nothing here is
-used outside tests; the real code paths run against `pynvml` on a GPU machine.
+used outside tests (it lives in tests/, not in the package); the real code paths run against `pynvml`
+on a GPU machine.
 """
 
 from __future__ import annotations
