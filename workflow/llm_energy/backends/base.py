@@ -114,6 +114,33 @@ class Backend(ABC):
     ) -> list[RequestRecord]:
         """Generate for all requests (batched as the backend and `batch_size` allow)."""
 
+    # -- optional hooks the harness calls; the defaults suit an engine with nothing to report --
+
+    @property
+    def engine_path(self) -> str:
+        """A short label of the code path that generates ("eager", "fast", "cuda_graphs", ...):
+        recorded in the artifacts, the summary and the figures so that paths are never mixed up."""
+        return "default"
+
+    def compile(self, batches: list[list[Request]], decoding: DecodingSettings) -> dict[str, Any]:
+        """Compile and capture every shape the window will see (the harness passes the measured
+        batches, and calls this inside the `compile` setup window, after load and before warm-up).
+        Returns facts for the artifact. Engines that compile inside `load` do nothing here."""
+        return {}
+
+    def compilation_count(self) -> int | None:
+        """A counter that grows with every (re)compilation, or None where there is none. The harness
+        reads it at both window edges: a change flags the run `recompiled_in_window`."""
+        return None
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory interval (called at a window's opening edge)."""
+
+    def memory_report(self) -> dict[str, Any]:
+        """Memory figures since the last reset (bytes): peak_allocated_bytes, peak_reserved_bytes,
+        weight_bytes, kv_cache_bytes, peak_rss_bytes; None where unknown. Read at the closing edge."""
+        return {}
+
     def synchronize(self) -> None:
         """Wait until all device work has finished (called at window edges)."""
 
