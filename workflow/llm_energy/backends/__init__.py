@@ -31,8 +31,9 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
     return cls(settings)
 
 
-def require_installed(names: list[str]) -> None:
-    """Stop before any job runs when a selected backend cannot run in this environment."""
+def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
+    """Stop before any job runs when a selected backend, or a setting of it (quantization), cannot
+    run in this environment."""
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
@@ -42,3 +43,10 @@ def require_installed(names: list[str]) -> None:
                 f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
+    pytorch = (backend_settings or {}).get("pytorch") or {}
+    if "pytorch" in names:
+        from llm_energy.backends import quantization
+
+        reason = quantization.unsupported_reason(pytorch.get("quantization"), pytorch.get("device", "auto"))
+        if reason:
+            raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
+from llm_energy.backends import quantization
 from llm_energy.backends.base import (
     Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
@@ -93,6 +94,11 @@ class PytorchBackend(Backend):
             # accelerate places the weights straight onto the device(s): no detour through host
             # memory (that detour made a 1 B bf16 load take ~20 s on an H100 machine).
             kwargs["device_map"] = self.settings.get("device_map") or self.device
+            method = self.settings.get("quantization") or quantization.NONE
+            reason = quantization.unsupported_reason(method, self.device)
+            if reason:
+                raise BackendError(f"{quantization.SETTING_KEY}: {reason}")
+            kwargs["quantization_config"] = quantization.quantization_config(method, kwargs["dtype"])
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
             self.model.eval()
         except torch.cuda.OutOfMemoryError as exc:
@@ -110,6 +116,7 @@ class PytorchBackend(Backend):
                 "device_map": str(getattr(self.model, "hf_device_map", None) or self.device),
                 "torch_threads": torch.get_num_threads(),
                 "cache_implementation": self.settings.get("cache_implementation"),
+                **quantization.load_details(method, self.model),
             },
         )
 
