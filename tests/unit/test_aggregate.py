@@ -262,3 +262,17 @@ def test_real_peak_figures_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / peaks["flops_per_s"])
     assert result["metrics"]["mbu"]["mean"] == pytest.approx(1.0e11 / peaks["memory_bytes_per_s"])
     assert "H100 SXM" in result["metrics_info"]["gpu_peak_figures"]
+
+
+def test_mbu_counts_the_stored_quantized_weight_bytes(tmp_path: Path, fake_peaks: list) -> None:
+    """A run that recorded its matmul weights as stored (int8: 1 byte each) moves those bytes per decode
+    step; a run without them keeps the FLOPs estimate's parameters x dtype size."""
+    quantized = run_result_data(1, gpu_metrics(2.0, 200.0), GPU_INFO)
+    quantized["load"] = {"device": "cuda", "dtype": "bfloat16",
+                         "details": {"quantization": "torchao_int8_weight_only", "matmul_weight_bytes": 1000.0}}
+    plain = run_result_data(2, gpu_metrics(2.0, 200.0), GPU_INFO)
+    result = aggregate_experiment([write_run(tmp_path, quantized, [GPU]), write_run(tmp_path, plain, [GPU])],
+                                  write_flops(tmp_path))
+    mbu_values = [1000.0 * 63 / 2.0 / PEAK_BYTES_PER_S, 2.0e11 / 2.0 / PEAK_BYTES_PER_S]
+    assert result["metrics"]["mbu"] == describe(mbu_values)
+    assert "matmul_weight_bytes" in result["metrics_info"]["mbu_method"]

@@ -50,6 +50,8 @@ MFU_METHOD = (
 )
 MBU_METHOD = (
     "lower bound: decode_bytes_min / window_duration_s / (gpu_count x peak memory_bytes_per_s); "
+    "weights at the bytes the run stored them in (load details matmul_weight_bytes: quantized weights "
+    "count as stored), else parameters x dtype size; "
     "decode_bytes_min is the minimum traffic (weights + KV cache read once per decode step) and the "
     "window also contains prefill, so the true bandwidth utilisation is at least this"
 )
@@ -86,6 +88,9 @@ class _Cycle:
     flags: list[str]
     valid: bool
     gpu_names: list[str] = field(default_factory=list)
+    # Bytes of the matmul weights as the backend stored them (quantized ones included), where the
+    # load report has them (pytorch backend): what one decode step reads at least.
+    matmul_weight_bytes: float | None = None
 
 
 def _is_number(value: Any) -> bool:
@@ -135,6 +140,7 @@ def _read_cycle(path: Path) -> _Cycle:
         flags=[str(f) for f in validity.get("flags") or []],
         valid=bool(validity.get("valid", True)),
         gpu_names=gpu_names,
+        matmul_weight_bytes=_finite(((data.get("load") or {}).get("details") or {}).get("matmul_weight_bytes")),
     )
 
 
@@ -248,6 +254,19 @@ def _describe_peaks(peaks: Mapping[str, Any], gpu_name: str, gpu_count: int, dty
     return text + (f" ({peaks['source']})" if peaks.get("source") else "")
 
 
+def _decode_bytes_min(flops: Mapping[str, Any] | None, cycle: _Cycle) -> float | None:
+    """Minimum bytes moved while decoding: the run's stored matmul weight bytes (quantization
+    counted) x decode steps + KV cache, where the run recorded them; else the FLOPs estimate's
+    figure (weight parameters x bytes of the dtype), for artifacts without matmul_weight_bytes."""
+    if not flops:
+        return None
+    breakdown = flops.get("decode_bytes_breakdown") or {}
+    steps = _finite(breakdown.get("decode_steps_min"))
+    if cycle.matmul_weight_bytes is not None and steps is not None:
+        return cycle.matmul_weight_bytes * steps + (_finite(breakdown.get("kv_cache_bytes")) or 0.0)
+    return _finite(flops.get("decode_bytes_min"))
+
+
 def _derive_flops_metrics(
     ok: Sequence[_Cycle], flops: Mapping[str, Any] | None, flops_reason: str | None, dtype: str,
     peak_descriptions: list[str],
@@ -255,8 +274,8 @@ def _derive_flops_metrics(
     series = {name: _DerivedSeries() for name in FLOPS_DERIVED_METRICS}
     lookup = peak_figures_provider() if ok else None
     total_flops = _finite(flops.get("total_flops")) if flops else None
-    decode_bytes = _finite(flops.get("decode_bytes_min")) if flops else None
     for c in ok:
+        decode_bytes = _decode_bytes_min(flops, c)
         window = _finite(c.metrics.get("window_duration_s"))
         if flops is None:
             for s in series.values():
