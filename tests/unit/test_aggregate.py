@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from llm_energy import aggregate, artifacts
@@ -276,3 +277,70 @@ def test_mbu_counts_the_stored_quantized_weight_bytes(tmp_path: Path, fake_peaks
     mbu_values = [1000.0 * 63 / 2.0 / PEAK_BYTES_PER_S, 2.0e11 / 2.0 / PEAK_BYTES_PER_S]
     assert result["metrics"]["mbu"] == describe(mbu_values)
     assert "matmul_weight_bytes" in result["metrics_info"]["mbu_method"]
+
+# -- latency pooled over the requests of all cycles ---------------------------------------------
+
+
+def write_requests(result_path: Path, records: list) -> None:
+    """The cycle's requests.parquet beside its result.json, as the harness writes it."""
+    from llm_energy.measure import requests_frame
+
+    artifacts.write_table_artifact(result_path.parent / "requests.parquet", "requests_table",
+                                   requests_frame(records), {"experiment": EXPERIMENT_ID})
+
+
+def streamed_requests(count: int, offset_s: float) -> list:
+    """`count` requests of 3 tokens in 2 chunks (1 + 2 tokens): TTFT 0.1 s, one ITL of 0.2 s each."""
+    from llm_energy.backends.base import RequestRecord
+
+    return [RequestRecord(index=i, input_tokens=4, output_tokens=3, submitted_s=offset_s + i,
+                          finished_s=offset_s + i + 0.3 + 0.001 * i, first_token_s=offset_s + i + 0.1,
+                          chunk_times_s=[offset_s + i + 0.1, offset_s + i + 0.3 + 0.001 * i], chunk_tokens=[1, 2])
+            for i in range(count)]
+
+
+def test_latency_is_pooled_over_every_request_of_every_cycle(tmp_path: Path) -> None:
+    """60 requests per cycle: no cycle alone has a p99 (and its reason is not carried over), the
+    120 pooled samples do; the per-cycle percentiles are not averaged into `metrics`."""
+    paths = []
+    for cycle in (1, 2):
+        metrics = {**gpu_metrics(2.0, 200.0), "ttft_p99_s": None, "ttft_n": 60.0}
+        info = {**GPU_INFO, "ttft_p99_unavailable_reason": "60 ttft samples ...; a p99 needs at least 100"}
+        path = write_run(tmp_path, run_result_data(cycle, metrics, info), [GPU])
+        write_requests(path, streamed_requests(60, offset_s=1000.0 * cycle))
+        paths.append(path)
+    result = aggregate_experiment(paths, None)
+    latency = result["latency"]
+    assert latency["ttft_n"] == latency["e2e_n"] == latency["itl_n"] == latency["tpot_n"] == 120
+    e2e = [0.3 + 0.001 * i for i in range(60)] * 2
+    assert latency["e2e_p99_s"] == pytest.approx(float(np.percentile(e2e, 99)))
+    assert latency["e2e_mean_s"] == pytest.approx(float(np.mean(e2e)))
+    assert latency["ttft_p50_s"] == pytest.approx(0.1)
+    assert latency["tpot_mean_s"] == pytest.approx(float(np.mean(e2e)) / 2 - 0.05)
+    assert "ttft_p99_unavailable_reason" not in result["metrics_info"]
+    assert "ttft_p50_s" not in result["metrics"] and "ttft_n" not in result["metrics"]
+    assert result["metrics_info"]["latency_pooled_over"].endswith("cycles 1, 2 (120 requests)")
+    artifacts.validate_data("experiment_result", result)
+
+
+def test_latency_below_100_pooled_samples_has_no_p99(tmp_path: Path) -> None:
+    paths = []
+    for cycle in (1, 2):
+        path = write_run(tmp_path, run_result_data(cycle, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU])
+        write_requests(path, streamed_requests(49 if cycle == 1 else 50, offset_s=100.0 * cycle))
+        paths.append(path)
+    result = aggregate_experiment(paths, None)
+    assert result["latency"]["e2e_n"] == 99 and result["latency"]["e2e_p99_s"] is None
+    assert result["latency"]["e2e_p90_s"] is not None
+    assert result["metrics_info"]["e2e_p99_unavailable_reason"] == (
+        "99 e2e samples pooled over the requests of cycles 1, 2; a p99 needs at least 100")
+
+
+def test_latency_without_a_requests_table_is_null_with_the_reason(tmp_path: Path) -> None:
+    with_table = write_run(tmp_path, run_result_data(1, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU])
+    write_requests(with_table, streamed_requests(5, offset_s=0.0))
+    without = write_run(tmp_path, run_result_data(2, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU])
+    result = aggregate_experiment([with_table, without], None)
+    assert result["latency"]["ttft_n"] == 0 and result["latency"]["ttft_p50_s"] is None
+    reason = result["metrics_info"]["ttft_unavailable_reason"]
+    assert reason.startswith("not pooled: cycle 2: ") and "artifact not found" in reason

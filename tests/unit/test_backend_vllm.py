@@ -22,6 +22,7 @@ from llm_energy.backends import vllm as vllm_backend
 from llm_energy.backends.base import DecodingSettings, Request
 from llm_energy.backends.vllm import VllmBackend
 from llm_energy.errors import BackendError, ConfigError
+from llm_energy.metrics import inter_token_latencies_s, latency_metrics, time_per_output_token_s
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("CI"):
@@ -187,8 +188,12 @@ def test_fixed_length_greedy_counts_and_timestamps(fixed_run):
     for request, record in zip(requests, records):
         assert record.output_tokens == 12 == len(record.output_token_ids)
         assert record.input_tokens == request.input_tokens
-        assert record.latency_source == "vllm_request_metrics"
+        assert record.latency_source == "vllm_engine_core_stamps_not_at_caller"
         assert 0 < record.ttft_s <= record.e2e_s
+        # Only first and last token are known: no arrivals, hence no ITL; TPOT from the own last token.
+        assert record.arrivals() == ([], []) and inter_token_latencies_s(record) == []
+        assert time_per_output_token_s(record) == pytest.approx(
+            (record.finished_s - record.first_token_s) / 11)
         # Engine timestamps converted to clock.now(): inside the window that bracketed the call.
         assert before - 1e-3 <= record.submitted_s <= record.first_token_s <= record.finished_s <= after + 1e-3
 
@@ -222,27 +227,37 @@ def test_request_longer_than_max_model_len_is_refused(offline):
 
 
 @needs_vllm
-def test_streaming_token_times(streaming, fixed_run):
+def test_streaming_chunk_times(streaming, fixed_run):
     requests, offline_records, _, _ = fixed_run
     before = clock.now()
     records = streaming.generate(requests, BATCH_SIZE, greedy("fixed", 12))
     after = clock.now()
     for record, offline_record in zip(records, offline_records):
-        assert record.latency_source == "vllm_streaming"
-        assert record.output_tokens == 12 and len(record.token_times_s) == 12
-        times = record.token_times_s
-        assert all(a <= b for a, b in zip(times, times[1:]))
-        assert record.first_token_s == times[0] and record.finished_s == pytest.approx(times[-1], abs=1e-3)
+        assert record.latency_source == "vllm_stream_arrival_at_caller"
+        times, tokens = record.arrivals()
+        # Every chunk carries at least one token; merged chunks count all their tokens.
+        assert record.output_tokens == 12 == sum(tokens) and min(tokens) >= 1
+        assert all(a < b for a, b in zip(times, times[1:]))
+        assert record.first_token_s == times[0] and record.finished_s == times[-1]
         assert before <= record.submitted_s < record.first_token_s <= record.finished_s <= after
         # Same engine, same model, greedy: the same tokens as the offline LLM.
         assert record.output_token_ids == offline_record.output_token_ids
+    # One ITL per chunk after the first, and none of them zero (merged chunks give one gap, not zeros).
+    itl = [gap for record in records for gap in inter_token_latencies_s(record)]
+    assert itl and min(itl) > 0
+    flat, _ = latency_metrics(records)
+    assert flat["itl_n"] == len(itl) == sum(len(r.chunk_times_s) - 1 for r in records)
+    assert flat["ttft_n"] == flat["e2e_n"] == flat["tpot_n"] == len(records)
+    for record in records:
+        assert sum(inter_token_latencies_s(record)) == pytest.approx(record.e2e_s - record.ttft_s)
 
 
 @needs_vllm
 def test_streaming_eos_mode(streaming):
     records = streaming.generate(streaming.tokenize(PROMPTS[:2], 16), BATCH_SIZE, greedy("eos", 6))
     for record in records:
-        assert 1 <= record.output_tokens <= 6 and len(record.token_times_s) == record.output_tokens
+        assert 1 <= record.output_tokens <= 6 and sum(record.chunk_tokens) == record.output_tokens
+        assert record.finished_s == record.chunk_times_s[-1]  # its own last token
 
 
 # -- engine errors -----------------------------------------------------------------------------

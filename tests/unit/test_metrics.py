@@ -9,9 +9,14 @@ import pytest
 
 from llm_energy.backends.base import RequestRecord
 from llm_energy.metrics import (
+    LATENCY_METRIC_NAMES,
+    LATENCY_REASON_KEYS,
+    NO_SAMPLE_REASONS,
+    PERCENTILE_MIN_SAMPLES,
     distribution,
     energy_metrics,
     inter_token_latencies_s,
+    latency_distributions,
     latency_metrics,
     run_metrics,
     time_per_output_token_s,
@@ -63,21 +68,47 @@ def measure_window() -> dict[str, Any]:
 )
 def test_distribution_matches_numpy(values: list[float]) -> None:
     result = distribution(values)
-    assert set(result) == {"mean", "p50", "p90", "p99"}
+    assert set(result) == {"n", "mean", "p50", "p90", "p99"}
+    assert result["n"] == len(values)
     assert result["mean"] == pytest.approx(float(np.mean(values)), rel=1e-12)
-    for p in (50, 90, 99):
-        assert result[f"p{p}"] == pytest.approx(float(np.percentile(values, p)), rel=1e-12)
-        assert isinstance(result[f"p{p}"], float)
+    for p, needed in PERCENTILE_MIN_SAMPLES.items():
+        if len(values) >= needed:
+            assert result[f"p{p}"] == pytest.approx(float(np.percentile(values, p)), rel=1e-12)
+            assert isinstance(result[f"p{p}"], float)
+        else:
+            assert result[f"p{p}"] is None
 
 
 def test_distribution_exact_linear_interpolation() -> None:
-    result = distribution([1.0, 2.0, 3.0, 4.0, None])  # None is skipped, not zero
-    assert result == {"mean": 2.5, "p50": 2.5, "p90": pytest.approx(3.7), "p99": pytest.approx(3.97)}
+    values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, None, float("nan")]  # skipped, not zero
+    assert distribution(values) == {"n": 10, "mean": 5.5, "p50": 5.5, "p90": pytest.approx(9.1), "p99": None}
 
 
 def test_distribution_empty() -> None:
-    assert distribution([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
-    assert distribution([None, None]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+    empty = {"n": 0, "mean": None, "p50": None, "p90": None, "p99": None}
+    assert distribution([]) == empty
+    assert distribution([None, None]) == empty
+
+
+def test_p99_needs_100_samples_and_p90_10() -> None:
+    """The sample-count rule at its edges: 99 samples give no p99, 100 do; 9 give no p90, 10 do."""
+    flat, reasons = latency_distributions({"e2e": [float(v) for v in range(99)]}, "the test requests")
+    assert flat["e2e_n"] == 99 and flat["e2e_p99_s"] is None and flat["e2e_p90_s"] == pytest.approx(88.2)
+    assert reasons["e2e_p99_unavailable_reason"] == (
+        "99 e2e samples pooled over the test requests; a p99 needs at least 100")
+    flat, reasons = latency_distributions({"e2e": [float(v) for v in range(100)]})
+    assert flat["e2e_n"] == 100 and flat["e2e_p99_s"] == pytest.approx(98.01)
+    assert "e2e_p99_unavailable_reason" not in reasons
+    flat, reasons = latency_distributions({"ttft": [1.0] * 9})
+    assert flat["ttft_p90_s"] is None and "ttft_p90_unavailable_reason" in reasons
+    assert flat["ttft_p50_s"] == 1.0  # a median needs one sample
+    flat, reasons = latency_distributions({"ttft": [1.0] * 10})
+    assert flat["ttft_p90_s"] == 1.0 and "ttft_p90_unavailable_reason" not in reasons
+    # No sample at all: every statistic None, one reason for the metric, n = 0 (a count, not missing).
+    assert flat["itl_n"] == 0 and flat["itl_mean_s"] is None and flat["itl_p50_s"] is None
+    assert reasons["itl_unavailable_reason"] == NO_SAMPLE_REASONS["itl"]
+    assert set(flat) == set(LATENCY_METRIC_NAMES)
+    assert set(reasons) <= set(LATENCY_REASON_KEYS)
 
 
 def test_inter_token_latencies() -> None:
@@ -85,6 +116,50 @@ def test_inter_token_latencies() -> None:
     assert inter_token_latencies_s(first) == pytest.approx([0.5, 0.5, 0.5, 0.5])
     assert inter_token_latencies_s(second) == pytest.approx([0.2, 0.8])
     assert inter_token_latencies_s(third) == []
+
+
+def test_merged_chunks_give_one_gap_each_never_zero() -> None:
+    """A streamed request of 6 tokens in 3 chunks (1, 3, 2 tokens): 2 ITLs, the chunk gaps; TPOT still
+    divides by the 5 token gaps; the ITLs add up to e2e - TTFT."""
+    record = RequestRecord(index=0, input_tokens=4, output_tokens=6, submitted_s=10.0, finished_s=10.9,
+                           first_token_s=10.2, chunk_times_s=[10.2, 10.5, 10.9], chunk_tokens=[1, 3, 2])
+    assert inter_token_latencies_s(record) == pytest.approx([0.3, 0.4])
+    assert time_per_output_token_s(record) == pytest.approx(0.7 / 5)
+    assert record.e2e_s == pytest.approx(0.9) and record.ttft_s == pytest.approx(0.2)
+    assert sum(inter_token_latencies_s(record)) == pytest.approx(record.e2e_s - record.ttft_s)
+    flat, _ = latency_metrics([record])
+    assert flat["itl_n"] == 2 and flat["itl_mean_s"] == pytest.approx(0.35)
+
+
+def test_chunk_tokens_must_match_chunk_times() -> None:
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        RequestRecord(index=0, input_tokens=1, output_tokens=2, submitted_s=0.0, finished_s=1.0,
+                      chunk_times_s=[0.5, 1.0], chunk_tokens=[2])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        RequestRecord(index=0, input_tokens=1, output_tokens=2, submitted_s=0.0, finished_s=1.0,
+                      chunk_times_s=[0.5, 1.0], chunk_tokens=[2, 0])
+
+
+def test_eos_stopped_request_in_a_batch_uses_its_own_last_token() -> None:
+    """Batch of two, 128 steps of 10 ms each from t=1.0: request 0 runs all 128 steps, request 1 stops at
+    EOS after 10. Each has one time per step up to its own output count and finished_s = its own last
+    token (as the pytorch backend records them): request 1's TPOT is one step, not 12.7 steps."""
+    steps = [1.0 + 0.01 * (i + 1) for i in range(128)]
+    full = RequestRecord(index=0, input_tokens=8, output_tokens=128, submitted_s=1.0, finished_s=steps[-1],
+                         first_token_s=steps[0], token_times_s=steps, batch_index=0)
+    stopped = RequestRecord(index=1, input_tokens=8, output_tokens=10, submitted_s=1.0, finished_s=steps[9],
+                            first_token_s=steps[0], token_times_s=steps[:10], batch_index=0)
+    assert time_per_output_token_s(full) == pytest.approx(0.01)
+    assert time_per_output_token_s(stopped) == pytest.approx(0.01)
+    assert stopped.e2e_s == pytest.approx(0.10) and full.e2e_s == pytest.approx(1.28)
+    assert inter_token_latencies_s(stopped) == pytest.approx([0.01] * 9)
+    # Even a record whose finished_s is the batch end gets its own last token from its arrivals.
+    batch_end = RequestRecord(index=1, input_tokens=8, output_tokens=10, submitted_s=1.0, finished_s=2.5,
+                              first_token_s=steps[0], token_times_s=steps[:10], batch_index=0)
+    assert batch_end.last_token_s == steps[9] and time_per_output_token_s(batch_end) == pytest.approx(0.01)
+    flat, _ = latency_metrics([full, stopped])
+    assert flat["itl_n"] == 127 + 9 and flat["tpot_n"] == 2 and flat["e2e_n"] == 2
+    assert flat["e2e_mean_s"] == pytest.approx((1.28 + 0.10) / 2)
 
 
 def test_time_per_output_token() -> None:
@@ -101,19 +176,22 @@ def test_record_properties() -> None:
     first, _, third = records()
     assert first.e2e_s == 2.5 and first.ttft_s == 0.5
     assert third.e2e_s == 3.0 and third.ttft_s is None
+    assert third.arrivals() == ([], []) and third.last_token_s == 3.5  # finished_s where no arrivals
 
 
 def test_latency_metrics() -> None:
-    flat = latency_metrics(records())
-    assert set(flat) == {f"{n}_{s}_s" for n in ("e2e", "ttft", "itl", "tpot") for s in ("mean", "p50", "p90", "p99")}
-    e2e = [2.5, 1.2, 3.0]
-    ttft = [0.5, 0.2]
-    itl = [0.5, 0.5, 0.5, 0.5, 0.2, 0.8]
-    for name, values in (("e2e", e2e), ("ttft", ttft), ("itl", itl)):
+    flat, info = latency_metrics(records())
+    assert set(flat) == set(LATENCY_METRIC_NAMES)
+    samples = {"e2e": [2.5, 1.2, 3.0], "ttft": [0.5, 0.2], "itl": [0.5, 0.5, 0.5, 0.5, 0.2, 0.8], "tpot": [0.5, 0.5]}
+    for name, values in samples.items():
+        assert flat[f"{name}_n"] == len(values)
         assert flat[f"{name}_mean_s"] == pytest.approx(np.mean(values))
-        for p in (50, 90, 99):
-            assert flat[f"{name}_p{p}_s"] == pytest.approx(np.percentile(values, p))
-    assert flat["tpot_mean_s"] == pytest.approx(0.5) and flat["tpot_p99_s"] == pytest.approx(0.5)
+        assert flat[f"{name}_p50_s"] == pytest.approx(np.percentile(values, 50))
+        # Fewer than 10 (100) samples: no p90 (p99), with the reason.
+        assert flat[f"{name}_p90_s"] is None and flat[f"{name}_p99_s"] is None
+        assert info[f"{name}_p99_unavailable_reason"] == (
+            f"{len(values)} {name} samples pooled over the 3 requests of the run; a p99 needs at least 100")
+    assert info["latency_source"] == "engine,host_clock"
 
 
 def test_window_bounds() -> None:

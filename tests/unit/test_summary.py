@@ -152,3 +152,21 @@ def test_info_key_colliding_with_a_metric_column_is_prefixed(tmp_path: Path) -> 
     frame = build_summary([path])
     assert frame.loc[0, "mfu"] == pytest.approx(0.15)
     assert frame.loc[0, "info_mfu"] == "a note that collides"
+
+
+def test_pooled_latency_columns_with_units_and_n(tmp_path: Path) -> None:
+    """The experiment's pooled latency becomes one column per statistic (seconds) plus <name>_n
+    (int); an experiment without latency (all cycles failed) gets nulls and n = 0."""
+    from llm_energy.metrics import LATENCY_METRIC_NAMES, latency_distributions
+
+    latency, _ = latency_distributions({"ttft": [0.1] * 150, "e2e": [1.0, 2.0]})
+    measured = experiment_result_data("a.bs1", "model-a", 1, {"gpu_energy_per_output_token_j": [0.9]})
+    measured["latency"] = latency
+    failed = experiment_result_data("a.bs64", "model-a", 64, {"x": [None]}, status="failed")
+    frame = build_summary([write_experiment(tmp_path, measured), write_experiment(tmp_path, failed)])
+    assert set(LATENCY_METRIC_NAMES) <= set(frame.columns)
+    assert "ttft_p99_s_std" not in frame.columns  # one pooled value per experiment, no spread columns
+    assert frame["ttft_n"].tolist() == [150, 0] and frame["ttft_n"].dtype == np.int64
+    assert frame.loc[0, "ttft_p99_s"] == pytest.approx(0.1) and frame["ttft_p99_s"].dtype == np.float64
+    assert frame.loc[0, "e2e_p50_s"] == pytest.approx(1.5) and np.isnan(frame.loc[0, "e2e_p90_s"])
+    assert np.isnan(frame.loc[1, "ttft_p50_s"])

@@ -14,7 +14,12 @@ Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally,
   "mixed: a, b"; a derived metric that cannot be computed has `<metric>_unavailable_reason`;
 - flags: the validity flags of all cycles with how many cycles raised each;
 - flops: method, confidence, total_flops, decode_bytes_min of the FLOPs estimate (null + reason when
-  there is none).
+  there is none);
+- latency: TTFT, ITL, TPOT and e2e distributions pooled over every request (every row of the
+  requests.parquet beside each ok cycle's result.json, repeats included), not averaged per-cycle
+  percentiles: `<name>_mean_s`, `<name>_p50_s`, `<name>_p90_s`, `<name>_p99_s`, `<name>_n` (definitions
+  and the sample-count rule in llm_energy.metrics); reasons of null ones and `latency_pooled_over` in
+  metrics_info. The per-cycle latency distributions are therefore not in `metrics`.
 
 An experiment whose cycles all failed still gets a result, with status "failed", so the summary
 shows the failure instead of silently dropping the row.
@@ -30,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_energy.artifacts import read_json_artifact
+from llm_energy import metrics as metric_definitions
+from llm_energy.artifacts import read_json_artifact, read_table_artifact
 from llm_energy.errors import ArtifactError
 from llm_energy.flops import mbu, mfu
 from llm_energy.statistics import describe
@@ -42,6 +48,7 @@ ENERGY_DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram", "node")
 FLOPS_DERIVED_METRICS: tuple[str, ...] = (
     "gpu_flops_per_j", "node_flops_per_j", "achieved_flops_per_s", "mfu", "mbu",
 )
+REQUESTS_TABLE = "requests.parquet"  # written beside each cycle's result.json
 ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others have it
 
 MFU_METHOD = (
@@ -323,6 +330,49 @@ def _derive_flops_metrics(
     return series
 
 
+def _cycle_latency_samples(cycle: _Cycle) -> dict[str, list[float]]:
+    """Every latency sample of one cycle, from the rows of its requests table (raises ArtifactError)."""
+    path = cycle.path.parent / REQUESTS_TABLE
+    frame, _ = read_table_artifact(path, "requests_table")
+    if "itl_s" not in frame.columns:
+        raise ArtifactError(f"{path} has no itl_s column (written before per-chunk ITLs were recorded); "
+                            f"re-run cycle {cycle.cycle}")
+
+    def column(name: str) -> list[float]:
+        return [float(v) for v in frame[name] if v is not None and math.isfinite(float(v))]
+
+    return {
+        "e2e": column("e2e_s"),
+        "ttft": column("ttft_s"),
+        "tpot": column("tpot_s"),
+        "itl": [float(gap) for gaps in frame["itl_s"] for gap in (gaps if gaps is not None else ())],
+    }
+
+
+def _pooled_latency(ok: Sequence[_Cycle]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Latency distributions over the requests of every ok cycle, pooled (see the module docstring)."""
+    pooled: dict[str, list[float]] = {name: [] for name in metric_definitions.LATENCY_NAMES}
+    problems: list[str] = []
+    for c in ok:
+        try:
+            samples = _cycle_latency_samples(c)
+        except ArtifactError as exc:
+            problems.append(f"cycle {c.cycle}: {exc}")
+            continue
+        for name, values in samples.items():
+            pooled[name].extend(values)
+    if problems or not ok:
+        # Pooling some cycles only would describe another set of requests than the other metrics.
+        reason = "; ".join(problems) if problems else "no ok cycle"
+        flat, _ = metric_definitions.latency_distributions({})
+        return flat, {f"{name}_unavailable_reason": f"not pooled: {reason}"
+                      for name in metric_definitions.LATENCY_NAMES}
+    where = f"the requests of cycles {', '.join(str(c.cycle) for c in ok)}"
+    flat, info = metric_definitions.latency_distributions(pooled, where)
+    info["latency_pooled_over"] = f"every row of {REQUESTS_TABLE} of {where} ({len(pooled['e2e'])} requests)"
+    return flat, info
+
+
 def _check_one_experiment(cycles: Sequence[_Cycle]) -> str:
     ids = sorted({c.experiment_id for c in cycles})
     if len(ids) != 1:
@@ -359,9 +409,15 @@ def aggregate_experiment(
 
     metric_names: list[str] = []
     for c in ok:
-        metric_names.extend(name for name in c.metrics if name not in metric_names)
+        metric_names.extend(name for name in c.metrics if name not in metric_names
+                            and name not in metric_definitions.LATENCY_METRIC_NAMES)
     metrics = {name: describe([c.metrics.get(name) for c in ok]) for name in sorted(metric_names)}
     info = _merge_info(ok or cycles)
+    # The experiment's latency is pooled over all requests; the cycles' own reasons do not apply to it.
+    for key in metric_definitions.LATENCY_REASON_KEYS:
+        info.pop(key, None)
+    latency, latency_info = _pooled_latency(ok)
+    info.update(latency_info)
 
     flops, flops_reason = _read_flops(Path(flops_path) if flops_path is not None else None)
     if ok:
@@ -412,6 +468,7 @@ def aggregate_experiment(
             if flops is not None
             else None
         ),
+        "latency": latency,
         "run_results": [str(c.path) for c in cycles],
     }
     log.info(

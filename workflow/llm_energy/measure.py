@@ -73,9 +73,13 @@ def select_requests(requests: list[Request], experiment: Experiment) -> tuple[li
 
 
 def requests_frame(records: list[RequestRecord]) -> pd.DataFrame:
+    """One row per request; latencies as llm_energy.metrics defines them. `itl_s` holds the request's
+    every ITL sample (one per chunk gap), so that aggregation can pool the samples over cycles."""
     rows = []
     for r in records:
         itl = metrics.inter_token_latencies_s(r)
+        tpot = metrics.time_per_output_token_s(r)
+        chunk_times, chunk_tokens = r.arrivals()
         rows.append({
             "request_index": r.index,
             "batch_index": -1 if r.batch_index is None else r.batch_index,
@@ -86,13 +90,17 @@ def requests_frame(records: list[RequestRecord]) -> pd.DataFrame:
             "finished_s": r.finished_s,
             "e2e_s": r.e2e_s,
             "ttft_s": float("nan") if r.ttft_s is None else r.ttft_s,
-            "tpot_s": metrics.time_per_output_token_s(r) or float("nan"),
+            "tpot_s": float("nan") if tpot is None else tpot,
             "itl_mean_s": sum(itl) / len(itl) if itl else float("nan"),
             "token_times_s": list(r.token_times_s or []),
+            "chunk_times_s": chunk_times,
+            "chunk_tokens": chunk_tokens,
+            "itl_s": itl,
             "latency_source": r.latency_source,
         })
     columns = ["request_index", "batch_index", "input_tokens", "output_tokens", "submitted_s", "first_token_s",
-               "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s", "latency_source"]
+               "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s", "chunk_times_s",
+               "chunk_tokens", "itl_s", "latency_source"]
     return pd.DataFrame(rows, columns=columns)
 
 

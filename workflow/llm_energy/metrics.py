@@ -5,6 +5,23 @@
 - The measurement window runs from the first request submitted to the last token received.
 - Derived metrics use output tokens as denominator unless the name says otherwise; the energy boundary
   (gpu, cpu, dram, or node = every available domain) is the first word of the name; units come last.
+
+Latency, per request, as vLLM's serving benchmark defines it (`vllm bench serve`:
+vllm/benchmarks/lib/endpoint_request_func.py and serve.py), from the timestamps of its RequestRecord:
+- TTFT = its first token reaching the caller - its submission;
+- e2e = its OWN last token - its submission (never the end of the batch it ran in);
+- TPOT = (own last token - own first token) / (output tokens - 1); none for a request of one token;
+- ITL = one value per chunk after the first: the gap between consecutive chunk arrivals. A chunk that
+  carries several tokens (a streaming engine merges them when the caller lags) gives ONE gap, never
+  zero gaps; a backend that sees every token on its own gives one gap per token. A request's ITLs sum
+  to e2e - TTFT; a backend without arrival times (vLLM offline) has no ITLs.
+Each latency is a distribution over its samples, pooled: every request of a run here (repeats of the
+request set included), every request of every cycle in the experiment result (llm_energy.aggregate).
+Metrics: `<name>_mean_s`, `<name>_p50_s`, `<name>_p90_s`, `<name>_p99_s` and `<name>_n` (samples). A
+percentile needs enough samples to be one: p50 needs 1, p90 10, p99 100 (below that a "p99" is an
+interpolation between the largest few values); it is None below, with
+`<name>_p<p>_unavailable_reason` in metrics_info (`<name>_unavailable_reason` when there is no sample).
+Percentiles are numpy's linear interpolation, as in vLLM's benchmark.
 """
 
 from __future__ import annotations
@@ -17,43 +34,93 @@ import numpy as np
 from llm_energy.backends.base import RequestRecord
 
 DOMAINS = ("gpu", "cpu", "dram")
-PERCENTILES = (50, 90, 99)
+# Percentile -> the fewest samples it is reported from.
+PERCENTILE_MIN_SAMPLES: dict[int, int] = {50: 1, 90: 10, 99: 100}
+PERCENTILES = tuple(PERCENTILE_MIN_SAMPLES)
+LATENCY_NAMES = ("e2e", "ttft", "itl", "tpot")
+# Every metric key and metrics_info reason key the latency distributions produce.
+LATENCY_METRIC_NAMES: tuple[str, ...] = tuple(
+    key for name in LATENCY_NAMES
+    for key in (f"{name}_mean_s", *(f"{name}_p{p}_s" for p in PERCENTILES), f"{name}_n")
+)
+LATENCY_REASON_KEYS: tuple[str, ...] = tuple(
+    key for name in LATENCY_NAMES
+    for key in (f"{name}_unavailable_reason", *(f"{name}_p{p}_unavailable_reason" for p in PERCENTILES))
+)
+# Why a latency has no sample at all (the records say where their timestamps came from).
+NO_SAMPLE_REASONS: dict[str, str] = {
+    "e2e": "no request was measured",
+    "ttft": "the backend did not observe any request's first token",
+    "itl": ("no request has two or more chunk arrival times (the backend reports only first and last token, "
+            "or every request was one chunk)"),
+    "tpot": "no request has an observed first token and two or more output tokens",
+}
 
 
-def distribution(values: Iterable[float]) -> dict[str, float | None]:
-    """mean and p50/p90/p99 of the values (None for each when there are none)."""
+def distribution(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """n, mean and p50/p90/p99 of the values (None and NaN skipped); a percentile is None below
+    PERCENTILE_MIN_SAMPLES, every statistic is None without samples."""
     array = np.asarray([v for v in values if v is not None], dtype=float)
-    if array.size == 0:
-        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
-    return {"mean": float(array.mean()), **{f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES}}
+    array = array[np.isfinite(array)]
+    result: dict[str, float | int | None] = {"n": int(array.size), "mean": float(array.mean()) if array.size else None}
+    for p, needed in PERCENTILE_MIN_SAMPLES.items():
+        result[f"p{p}"] = float(np.percentile(array, p)) if array.size >= needed else None
+    return result
 
 
 def inter_token_latencies_s(record: RequestRecord) -> list[float]:
-    """Gaps between consecutive output tokens, measured from streamed arrival times."""
-    times = record.token_times_s or []
+    """ITL: one gap per chunk after the first, between consecutive arrivals at the caller."""
+    times, _ = record.arrivals()
     return [b - a for a, b in zip(times, times[1:])]
 
 
 def time_per_output_token_s(record: RequestRecord) -> float | None:
-    """TPOT: (last token - first token) / (output tokens - 1); needs an observed first token."""
+    """TPOT: (own last token - own first token) / (output tokens - 1); None without an observed first
+    token or with fewer than 2 output tokens."""
     if record.first_token_s is None or record.output_tokens < 2:
         return None
-    return (record.finished_s - record.first_token_s) / (record.output_tokens - 1)
+    return (record.last_token_s - record.first_token_s) / (record.output_tokens - 1)
 
 
-def latency_metrics(records: Sequence[RequestRecord]) -> dict[str, float | None]:
-    """e2e, ttft, itl (streamed only) and tpot distributions as flat `<name>_<stat>_s` metrics."""
-    series = {
+def latency_samples(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
+    """Every sample of each latency: one e2e, TTFT and TPOT per request (where defined), one ITL per gap."""
+    return {
         "e2e": [r.e2e_s for r in records],
-        "ttft": [r.ttft_s for r in records],
+        "ttft": [r.ttft_s for r in records if r.ttft_s is not None],
         "itl": [gap for r in records for gap in inter_token_latencies_s(r)],
-        "tpot": [time_per_output_token_s(r) for r in records],
+        "tpot": [t for t in (time_per_output_token_s(r) for r in records) if t is not None],
     }
+
+
+def latency_distributions(
+    samples: Mapping[str, Sequence[float]], where: str = "",
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """The latency metrics (LATENCY_METRIC_NAMES) of pooled samples, and the reasons of those that are None.
+    `where` says what was pooled (for the reasons)."""
     flat: dict[str, float | None] = {}
-    for name, values in series.items():
-        for stat, value in distribution(values).items():
-            flat[f"{name}_{stat}_s"] = value
-    return flat
+    reasons: dict[str, str] = {}
+    pooled = f" pooled over {where}" if where else ""
+    for name in LATENCY_NAMES:
+        stats = distribution(samples.get(name, ()))
+        n = int(stats["n"] or 0)
+        flat[f"{name}_n"] = float(n)
+        flat[f"{name}_mean_s"] = stats["mean"]
+        for p, needed in PERCENTILE_MIN_SAMPLES.items():
+            flat[f"{name}_p{p}_s"] = stats[f"p{p}"]
+            if 0 < n < needed:
+                reasons[f"{name}_p{p}_unavailable_reason"] = (
+                    f"{n} {name} samples{pooled}; a p{p} needs at least {needed}")
+        if n == 0:
+            reasons[f"{name}_unavailable_reason"] = NO_SAMPLE_REASONS[name]
+    return flat, reasons
+
+
+def latency_metrics(records: Sequence[RequestRecord]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """e2e, TTFT, ITL and TPOT distributions of one run (see the module docstring), and metrics_info:
+    latency_source (where the timestamps were taken) and the reasons of unavailable statistics."""
+    flat, info = latency_distributions(latency_samples(records), f"the {len(records)} requests of the run")
+    info["latency_source"] = ",".join(sorted({r.latency_source for r in records}))
+    return flat, info
 
 
 def window_bounds(records: Sequence[RequestRecord]) -> tuple[float, float]:
@@ -162,6 +229,7 @@ def run_metrics(
             metrics[key] = None
         if phases:
             info["phase_split_unavailable_reason"] = str(phases.get("reason", "unknown"))
-    metrics.update(latency_metrics(records))
-    info["latency_source"] = ",".join(sorted({r.latency_source for r in records}))
+    latency, latency_info = latency_metrics(records)
+    metrics.update(latency)
+    info.update(latency_info)
     return metrics, info

@@ -7,6 +7,10 @@ Columns, in order:
   gpu_count, errors, total_flops, decode_bytes_min;
 - per metric (sorted by name): `<metric>` = mean over ok cycles, `<metric>_std`, `<metric>_ci95_low`,
   `<metric>_ci95_high`, `<metric>_cv`;
+- latency, pooled over every request of every ok cycle (llm_energy.aggregate, definitions in
+  llm_energy.metrics), for e2e, itl, tpot, ttft: `<name>_mean_s`, `<name>_p50_s`, `<name>_p90_s`,
+  `<name>_p99_s` (seconds; null below the samples a percentile needs, the reason in the info columns)
+  and `<name>_n` (samples); one value per experiment, so no _std/_ci95 columns;
 - the metrics_info strings (sources, methods, unavailable reasons), one column per key.
 Rows are sorted by model, backend, dataset, batch_size (then experiment_id, for a stable order).
 """
@@ -22,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from llm_energy.artifacts import atomic_write_bytes, read_json_artifact, read_table_artifact, write_table_artifact
+from llm_energy.metrics import LATENCY_METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ SORT_COLUMNS = ["model", "backend", "dataset", "batch_size", "experiment_id"]
 
 
 def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict[str, str]]:
-    """(identity values, metrics, metrics_info) of one experiment_result."""
+    """(identity values, metrics, metrics_info) of one experiment_result (latency: see _latency_columns)."""
     experiment = data.get("experiment") or {}
     parameters = experiment.get("parameters") or {}
     failures = data.get("cycles_failed") or []
@@ -104,17 +109,34 @@ def _typed(values: list[Any], kind: str) -> pd.Series:
     return pd.Series([None if v is None else str(v) for v in values], dtype="object")
 
 
+def _latency_columns(all_latency: list[dict[str, Any]]) -> dict[str, pd.Series]:
+    """The pooled latency columns, in LATENCY_METRIC_NAMES order: seconds as float, `<name>_n` as int
+    (0 for an experiment without them, e.g. one whose cycles all failed)."""
+    columns: dict[str, pd.Series] = {}
+    if not any(all_latency):
+        return columns  # results written before latency was pooled: no columns rather than empty ones
+    for name in LATENCY_METRIC_NAMES:
+        values = [latency.get(name) for latency in all_latency]
+        if name.endswith("_n"):
+            columns[name] = _typed([int(v or 0) for v in values], "int")
+        else:
+            columns[name] = _typed(values, "float")
+    return columns
+
+
 def build_summary(experiment_result_paths: Iterable[Path | str]) -> pd.DataFrame:
     """Read experiment_result artifacts and return the tidy summary (one row per experiment)."""
     identities: list[dict[str, Any]] = []
     all_metrics: list[dict[str, dict]] = []
     all_info: list[dict[str, str]] = []
+    all_latency: list[dict[str, Any]] = []
     for path in experiment_result_paths:
         data = read_json_artifact(path, "experiment_result")["data"]
         identity, metrics, info = _row(data)
         identities.append(identity)
         all_metrics.append(metrics)
         all_info.append(info)
+        all_latency.append(dict(data.get("latency") or {}))
 
     columns: dict[str, pd.Series] = {}
     for name, kind in {**IDENTITY_COLUMNS, **EXTRA_COLUMNS}.items():
@@ -129,6 +151,11 @@ def build_summary(experiment_result_paths: Iterable[Path | str]) -> pd.DataFrame
             columns[column] = _typed(
                 [(metrics.get(name) or {}).get(stat) for metrics in all_metrics], "float"
             )
+
+    for column, series in _latency_columns(all_latency).items():
+        if column in columns:
+            raise ValueError(f"latency column '{column}' collides with another column")
+        columns[column] = series
 
     info_names = sorted({key for info in all_info for key in info})
     for key in info_names:

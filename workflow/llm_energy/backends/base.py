@@ -52,7 +52,20 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str], max_input_tokens: int) 
 
 @dataclass
 class RequestRecord:
-    """What a backend observed for one request. Token counts exclude padding and anything after EOS."""
+    """What a backend observed for one request. Token counts exclude padding and anything after EOS.
+
+    Timestamps are taken, where the backend can, when the token reaches the caller (`latency_source`
+    says where they were taken; llm_energy.metrics defines the latencies computed from them):
+    - submitted_s: the request handed to the engine;
+    - first_token_s: its first output token;
+    - finished_s: its OWN last output token (not the end of the batch it ran in: a request that
+      stopped at EOS after 10 of 128 steps finished at step 10);
+    - arrivals, one of (or neither, where only first and last token are known):
+      chunk_times_s + chunk_tokens: when each chunk of tokens reached the caller and how many tokens it
+      carried (a streaming engine merges tokens into one chunk when the caller lags behind);
+      token_times_s: one time per output token, for backends that see every token on its own (each is
+      then a chunk of one token).
+    """
 
     index: int
     input_tokens: int
@@ -60,14 +73,38 @@ class RequestRecord:
     submitted_s: float
     finished_s: float
     first_token_s: float | None = None  # None where the backend cannot observe it
-    token_times_s: list[float] | None = None  # arrival time of every output token (streaming)
+    token_times_s: list[float] | None = None  # arrival time of every output token (one token per step)
     output_token_ids: list[int] = field(default_factory=list)
     batch_index: int | None = None
     latency_source: str = "host_clock"  # where the timestamps came from
+    chunk_times_s: list[float] | None = None  # arrival time of every streamed chunk (>= 1 token each)
+    chunk_tokens: list[int] | None = None  # tokens carried by each chunk of chunk_times_s
+
+    def __post_init__(self) -> None:
+        if self.chunk_times_s is not None:
+            tokens = self.chunk_tokens if self.chunk_tokens is not None else [1] * len(self.chunk_times_s)
+            if len(tokens) != len(self.chunk_times_s) or any(n < 1 for n in tokens):
+                raise ValueError(f"request {self.index}: chunk_tokens {tokens} must give a count >= 1 for "
+                                 f"each of the {len(self.chunk_times_s)} chunk_times_s")
+            self.chunk_tokens = list(tokens)
+
+    def arrivals(self) -> tuple[list[float], list[int]]:
+        """(arrival time, tokens carried) of each chunk that reached the caller; empty where unknown."""
+        if self.chunk_times_s is not None:
+            return list(self.chunk_times_s), list(self.chunk_tokens or [])
+        if self.token_times_s is not None:
+            return list(self.token_times_s), [1] * len(self.token_times_s)
+        return [], []
+
+    @property
+    def last_token_s(self) -> float:
+        """This request's own last token: its last arrival where arrivals are known, else finished_s."""
+        times, _ = self.arrivals()
+        return times[-1] if times else self.finished_s
 
     @property
     def e2e_s(self) -> float:
-        return self.finished_s - self.submitted_s
+        return self.last_token_s - self.submitted_s
 
     @property
     def ttft_s(self) -> float | None:

@@ -3,15 +3,20 @@
 Two modes, chosen by `backend_settings.vllm.streaming`; the engine is started once, in `load()`:
 
 - offline (default): `vllm.LLM`, every request submitted in one `LLM.generate` call; the engine
-  batches up to `max_num_seqs` (= the campaign batch size unless set). Timestamps come from vLLM's
-  per-request metrics (`RequestOutput.metrics`, kept only with `disable_log_stats=False`):
-  `arrival_time` (frontend, wall clock `time.time()`) and `first_token_ts` / `last_token_ts` (engine
-  core, `time.monotonic()`, i.e. CLOCK_MONOTONIC, shared by every process of the host, so the same
-  conversion holds when the engine core runs in a subprocess). latency_source="vllm_request_metrics".
+  batches up to `max_num_seqs` (= the campaign batch size unless set). `LLM.generate` returns only
+  when every request is done, so no timestamp can be taken when a token reaches the caller: they come
+  from vLLM's per-request metrics (`RequestOutput.metrics`, kept only with `disable_log_stats=False`):
+  `arrival_time` (frontend, wall clock `time.time()`) and `first_token_ts` / `last_token_ts` (the
+  request's own first and last token, stamped by the engine core when it builds the step's outputs,
+  `time.monotonic()`, i.e. CLOCK_MONOTONIC, shared by every process of the host, so the same
+  conversion holds when the engine core runs in a subprocess). No per-token times, hence no ITL.
+  latency_source="vllm_engine_core_stamps_not_at_caller".
 - streaming: `vllm.v1.engine.async_llm.AsyncLLM` with `RequestOutputKind.DELTA`, every request
-  submitted concurrently in one asyncio loop; each new token arrives as one chunk and is stamped with
-  `llm_energy.clock.now()` on arrival (chunks the consumer could not pick up in time are merged by
-  vLLM: their tokens share the arrival time). latency_source="vllm_streaming". The AsyncLLM engine
+  submitted concurrently in one asyncio loop; each chunk is stamped with `llm_energy.clock.now()`
+  when it reaches our coroutine, and its token count is kept (`RequestRecord.chunk_times_s`,
+  `chunk_tokens`): vLLM merges the tokens of several steps into one chunk when the consumer could not
+  pick them up in time, and such a chunk is one arrival (one ITL), as in vLLM's own benchmark.
+  latency_source="vllm_stream_arrival_at_caller". The AsyncLLM engine
   core always runs in a subprocess, started with `spawn` on CPU: the calling script must guard its
   body with `if __name__ == "__main__":`.
 
@@ -444,7 +449,7 @@ class VllmBackend(Backend):
                 first_token_s=first_token_s,
                 output_token_ids=token_ids,
                 batch_index=None,  # continuous batching: no fixed batches
-                latency_source="vllm_request_metrics",
+                latency_source="vllm_engine_core_stamps_not_at_caller",
             ))
         return records
 
@@ -459,24 +464,27 @@ class VllmBackend(Backend):
             params = self.sampling_params(decoding, request, streaming=True)
             prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
             token_ids: list[int] = []
-            token_times: list[float] = []
-            merged_chunks = 0
+            chunk_times: list[float] = []
+            chunk_tokens: list[int] = []
             submitted = clock.now()
-            finished = submitted
             async for chunk in engine.generate(prompt, params, request_id=f"llm-energy-{call}-{request.index}"):
                 arrived = clock.now()
                 new = list(chunk.outputs[0].token_ids)
-                merged_chunks += len(new) > 1
+                if not new:  # e.g. a final chunk that only says "finished": no token arrived
+                    continue
                 token_ids.extend(new)
-                token_times.extend([arrived] * len(new))
-                finished = arrived
-            if merged_chunks:
-                log.debug("request %d: %d chunks carried several tokens", request.index, merged_chunks)
+                chunk_times.append(arrived)
+                chunk_tokens.append(len(new))
+            merged = sum(n > 1 for n in chunk_tokens)
+            if merged:
+                log.debug("request %d: %d of %d chunks carried several tokens", request.index, merged,
+                          len(chunk_tokens))
             return RequestRecord(
                 index=request.index, input_tokens=request.input_tokens, output_tokens=len(token_ids),
-                submitted_s=submitted, finished_s=finished,
-                first_token_s=token_times[0] if token_times else None, token_times_s=token_times,
-                output_token_ids=token_ids, batch_index=None, latency_source="vllm_streaming",
+                submitted_s=submitted, finished_s=chunk_times[-1] if chunk_times else submitted,
+                first_token_s=chunk_times[0] if chunk_times else None,
+                chunk_times_s=chunk_times, chunk_tokens=chunk_tokens,
+                output_token_ids=token_ids, batch_index=None, latency_source="vllm_stream_arrival_at_caller",
             )
 
         async def run_all() -> list[RequestRecord]:
