@@ -43,10 +43,10 @@ def require_installed(names: list[str], backend_settings: dict | None = None) ->
                 f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
-    pytorch = (backend_settings or {}).get("pytorch") or {}
     if "pytorch" in names:
         from llm_energy.backends import quantization
 
+        pytorch = (backend_settings or {}).get("pytorch") or {}
         reason = quantization.unsupported_reason(pytorch.get("quantization"), pytorch.get("device", "auto"))
         if reason:
             raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
