@@ -31,14 +31,17 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
     return cls(settings)
 
 
-def require_installed(names: list[str]) -> None:
-    """Stop before any job runs when a selected backend cannot run in this environment."""
+def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
+    """Stop before any job runs when a selected backend, or one of its settings (backend_settings.<name>),
+    cannot run in this environment."""
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
-        reason = backend_class(name).unavailable_reason()
+        cls = backend_class(name)
+        reason = cls.unavailable_reason()
         if reason:
             raise ConfigError(
                 f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
+        cls.check_settings(dict((backend_settings or {}).get(name) or {}))
