@@ -125,6 +125,11 @@ def _cache_bytes(cache) -> int:
     return total
 
 
+def _width(batch: list[Request]) -> int:
+    """The padded prompt width of a batch (left padding to its longest prompt)."""
+    return max(r.input_tokens for r in batch)
+
+
 def _peak_rss_bytes() -> int:
     """The process's peak resident memory: VmHWM (resettable), else getrusage (since process start)."""
     try:
@@ -288,7 +293,8 @@ class PytorchBackend(Backend):
                 # value is torch's, not the user's, and is replaced.
                 if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
                     os.environ[name] = str(Path(root) / sub)
-        return {name: os.environ[name] for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR") if name in os.environ}
+        names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+        return {name: os.environ[name] for name in names if name in os.environ}
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         assert self.tokenizer is not None, "load() first"
@@ -323,7 +329,7 @@ class PytorchBackend(Backend):
     def _pad_left(self, batch: list[Request]):
         import torch
 
-        width = max(r.input_tokens for r in batch)
+        width = _width(batch)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -456,7 +462,7 @@ class PytorchBackend(Backend):
         import torch
 
         rows = max(self.batch_size or 1, max(len(b) for b in batches))
-        by_width = sorted((b for b in batches if b), key=lambda b: max(r.input_tokens for r in b))
+        by_width = sorted((b for b in batches if b), key=_width)
         widest, narrowest = by_width[-1], by_width[0]
         # Every step runs: the graph and its CUDA-graph capture happen in the first decoding steps.
         fixed = dataclasses.replace(decoding, output_length="fixed")
@@ -475,7 +481,7 @@ class PytorchBackend(Backend):
             "first_call_s": first_done - start,
             "second_call_s": end - first_done,
             "shapes_compiled": [{"batch_size": rows, "static_cache_len": self.max_cache_len,
-                                 "prompt_widths_run": sorted({max(r.input_tokens for r in b) for b in (widest, narrowest)})}],
+                                 "prompt_widths_run": sorted({_width(widest), _width(narrowest)})}],
             "compilations": after_first - before,
             "recompilations": after_second - after_first,
             "compile_mode": self.path.compile_mode,
