@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_energy import models
 from llm_energy.backends import require_installed
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.backends.pytorch import (
@@ -24,20 +23,12 @@ from llm_energy.backends.pytorch import (
 )
 from llm_energy.config import load_campaign
 from llm_energy.errors import BackendError, ConfigError
-from tests.unit.test_backend_pytorch import eos_token
+from tests.unit.test_backend_pytorch import eos_token, prompts, weights_of
 
 MAX_INPUT_TOKENS = 16
 N = 8
 BATCH = 3  # five requests: batches of 3 and 2, so the last batch gets one dummy row on the static path
 MAX_MODEL_LEN = 64
-
-
-def weights_of(model_folder: Path) -> Path:
-    return models.resolve_model_path(model_folder / "manifest.json")
-
-
-def prompts() -> list[str]:
-    return models.read_prompt_corpus()[:5]
 
 
 def loaded(model_folder: Path, settings: dict) -> PytorchBackend:
