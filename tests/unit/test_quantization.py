@@ -11,7 +11,7 @@ from llm_energy import models
 from llm_energy.backends import quantization, require_installed
 from llm_energy.backends.base import DecodingSettings
 from llm_energy.backends.pytorch import PytorchBackend
-from llm_energy.errors import BackendError, ConfigError
+from llm_energy.errors import ConfigError
 
 N = 6  # output tokens per request
 
@@ -61,5 +61,5 @@ def test_prejob_check_names_the_key_and_what_to_install(monkeypatch):
 def test_cuda_only_methods_are_refused_on_cpu_before_load(tiny_llama):
     reason = quantization.unsupported_reason("torchao_int4_weight_only", "cpu")
     assert reason and "CUDA" in reason
-    with pytest.raises(BackendError, match="backend_settings.pytorch.quantization"):
+    with pytest.raises(ConfigError, match="backend_settings.pytorch.quantization"):
         _load(tiny_llama, "bnb_4bit")

@@ -32,21 +32,16 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
 
 
 def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
-    """Stop before any job runs when a selected backend, or a setting of it (quantization), cannot
-    run in this environment."""
+    """Stop before any job runs when a selected backend, or one of its settings (backend_settings.<name>),
+    cannot run in this environment."""
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
-        reason = backend_class(name).unavailable_reason()
+        cls = backend_class(name)
+        reason = cls.unavailable_reason()
         if reason:
             raise ConfigError(
                 f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
-    if "pytorch" in names:
-        from llm_energy.backends import quantization
-
-        pytorch = (backend_settings or {}).get("pytorch") or {}
-        reason = quantization.unsupported_reason(pytorch.get("quantization"), pytorch.get("device", "auto"))
-        if reason:
-            raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
+        cls.check_settings(dict((backend_settings or {}).get(name) or {}))

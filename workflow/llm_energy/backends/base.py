@@ -133,6 +133,11 @@ class Backend(ABC):
         """None when the backend can run here, else why not and how to install it."""
         return None
 
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        """Raise ConfigError for backend_settings.<name> that the schema cannot judge (an optional package
+        a setting needs, a combination that cannot work). Called before any job runs."""
+
     @abstractmethod
     def load(self, model_dir: Path, dtype: str, max_model_len: int, batch_size: int) -> LoadReport:
         """Load weights and start the engine. Called once, outside the measurement window.

@@ -3,11 +3,25 @@
 Static batches with left padding; per-token arrival times come from a streamer that `generate` calls
 once per decoding step (it moves each step's tokens to the host, which synchronizes the device, so the
 host clock sees the token when it exists). TTFT is measured from the moment a batch is submitted.
+
+Two engine paths (`engine_path`):
+- "fast": one `transformers.StaticCache` of fixed length (max_model_len) and batch size, owned by the
+  backend and reset before every batch, passed to `generate`, which then compiles its decoding step
+  itself (`_valid_auto_compile_criteria` + `CompileConfig`; the prefill stays eager). Every batch is
+  padded to the batch size, so the decoding step has one shape per experiment: `compile()` compiles
+  and captures it once, outside the measured window. A persistent cache keeps the tensor addresses
+  that CUDA graphs were captured with (a fresh cache per call would allocate inside the window).
+- "eager": transformers' default dynamic cache, no compilation (the default on CPU, where compiling
+  would cost more than it saves on a 2-core machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +31,115 @@ from llm_energy.backends.base import (
     Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.batching import make_batches
-from llm_energy.errors import BackendError
+from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SETTINGS_KEY = "backend_settings.pytorch"
+
+
+@dataclass(frozen=True)
+class EnginePath:
+    """How the backend generates, resolved from the settings and the device."""
+
+    cache_implementation: str  # "dynamic" or "static"
+    compile_mode: str | None  # a torch.compile mode; None: not compiled
+    compile_backend: str  # torch.compile backend ("inductor"; "eager"/"aot_eager" skip code generation)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_mode is not None
+
+    @property
+    def label(self) -> str:
+        if self.cache_implementation == "static":
+            return "fast" if self.compiled else "static"
+        return "eager"
+
+
+def resolve_engine_path(settings: dict[str, Any], device: str) -> EnginePath:
+    """"auto" means the fast path on CUDA and eager dynamic elsewhere; an explicit compile mode implies
+    the static cache (transformers compiles only over a static cache)."""
+    compile_setting = settings.get("compile", "auto")
+    if compile_setting == "auto":
+        compile_mode = "reduce-overhead" if device == "cuda" else None
+    else:
+        compile_mode = compile_setting or None
+    cache = settings.get("cache_implementation") or "auto"
+    if cache == "auto":
+        cache = "static" if device == "cuda" or compile_mode else "dynamic"
+    return EnginePath(cache, compile_mode, settings.get("compile_backend") or "inductor")
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """The checks of backend_settings.pytorch that need more than the schema: raised before any job."""
+    attn = settings.get("attn_implementation", "sdpa")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"{SETTINGS_KEY}.attn_implementation", "is 'flash_attention_2' but the flash_attn package is not installed",
+            "Install it on the GPU machine (pip install flash-attn --no-build-isolation, with a CUDA build of "
+            "torch), or use 'sdpa'.",
+        )
+    compile_setting = settings.get("compile", "auto")
+    if compile_setting not in ("auto", False, None) and settings.get("cache_implementation") == "dynamic":
+        raise ConfigError(
+            f"{SETTINGS_KEY}.compile", f"is '{compile_setting}' but cache_implementation is 'dynamic'",
+            "transformers compiles generate only over a static cache: set cache_implementation to 'static' "
+            "or 'auto', or compile to false.",
+        )
+    reason = quantization.unsupported_reason(settings.get("quantization"), settings.get("device", "auto"))
+    if reason:
+        raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
+
+
+def compilation_counter() -> int:
+    """torch dynamo's count of frame conversions: it grows with every compilation and recompilation
+    (also one that fails and falls back to eager), never otherwise. Process-wide and monotone."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes held by a transformers Cache's key and value tensors (allocated layers only)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and getattr(layer, "is_initialized", True):
+                total += quantization.stored_bytes(tensor)
+    return total
+
+
+def _width(batch: list[Request]) -> int:
+    """The padded prompt width of a batch (left padding to its longest prompt)."""
+    return max(r.input_tokens for r in batch)
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory: VmHWM (resettable), else getrusage (since process start)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Writing 5 to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _StepClock:
@@ -49,6 +167,18 @@ class PytorchBackend(Backend):
         self.model = None
         self.tokenizer = None
         self.device = "cpu"
+        self.path = EnginePath("dynamic", None, "inductor")  # resolved in load()
+        self.max_cache_len: int | None = None
+        self.batch_size: int | None = None
+        self._static_cache = None  # the fast path's one StaticCache, for self._static_cache_batch rows
+        self._static_cache_batch: int | None = None
+        self._compile_config = None
+        self._dynamic_kv_peak_bytes: int | None = None  # largest dynamic cache seen since the reset
+        self._rss_reset = False
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        check_settings(settings)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -76,6 +206,7 @@ class PytorchBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_settings(self.settings)
         if self.settings.get("num_threads"):
             torch.set_num_threads(int(self.settings["num_threads"]))
         self.device = self._resolve_device()
@@ -94,10 +225,7 @@ class PytorchBackend(Backend):
             # accelerate places the weights straight onto the device(s): no detour through host
             # memory (that detour made a 1 B bf16 load take ~20 s on an H100 machine).
             kwargs["device_map"] = self.settings.get("device_map") or self.device
-            method = self.settings.get("quantization") or quantization.NONE
-            reason = quantization.unsupported_reason(method, self.device)
-            if reason:
-                raise BackendError(f"{quantization.SETTING_KEY}: {reason}")
+            method = self.settings.get("quantization") or quantization.NONE  # checked by check_settings
             kwargs["quantization_config"] = quantization.quantization_config(method, kwargs["dtype"])
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
             self.model.eval()
@@ -115,10 +243,49 @@ class PytorchBackend(Backend):
                 "attn_implementation": kwargs["attn_implementation"],
                 "device_map": str(getattr(self.model, "hf_device_map", None) or self.device),
                 "torch_threads": torch.get_num_threads(),
-                "cache_implementation": self.settings.get("cache_implementation"),
                 **quantization.load_details(method, self.model),
+                **self._configure_engine(max_model_len, batch_size),
             },
         )
+
+    def _configure_engine(self, max_model_len: int, batch_size: int) -> dict[str, Any]:
+        """Resolve the engine path and where compiled code is cached; returns the load report's facts."""
+        from transformers import CompileConfig
+
+        self.path = resolve_engine_path(self.settings, self.device)
+        self.max_cache_len = int(max_model_len)
+        self.batch_size = int(batch_size)
+        cache_dirs: dict[str, str] = {}
+        if self.path.compiled:
+            self._compile_config = CompileConfig(mode=self.path.compile_mode, backend=self.path.compile_backend)
+            if self.device != "cuda":
+                # transformers compiles only on accelerators unless told otherwise (its own testing flag).
+                self._compile_config._compile_all_devices = True
+            cache_dirs = self._set_compile_cache_dirs()
+        return {
+            "engine_path": self.path.label,
+            "cache_implementation": self.path.cache_implementation,
+            "compile_mode": self.path.compile_mode,
+            "compile_backend": self.path.compile_backend if self.path.compiled else None,
+            "static_cache_len": self.max_cache_len if self.path.cache_implementation == "static" else None,
+            "compile_cache_dirs": cache_dirs,
+        }
+
+    def _set_compile_cache_dirs(self) -> dict[str, str]:
+        """Point inductor's and triton's caches into compile_cache_dir (under resources/, so cycles and
+        reruns reuse compiled kernels), unless the user exported their own; read before compiling."""
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        root = self.settings.get("compile_cache_dir")
+        if root:
+            for name, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+                current = os.environ.get(name)
+                # inductor writes its own default into the environment the first time it looks: that
+                # value is torch's, not the user's, and is replaced.
+                if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+                    os.environ[name] = str(Path(root) / sub)
+        names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+        return {name: os.environ[name] for name in names if name in os.environ}
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         assert self.tokenizer is not None, "load() first"
@@ -138,14 +305,22 @@ class PytorchBackend(Backend):
                           top_k=decoding.top_k or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.settings.get("cache_implementation"):
-            kwargs["cache_implementation"] = self.settings["cache_implementation"]
+        if self.path.cache_implementation == "static":
+            # Our own StaticCache goes in per batch; a cache_implementation from the model's generation
+            # config would conflict with it.
+            kwargs["cache_implementation"] = None
+            if self.path.compiled:
+                kwargs["compile_config"] = self._compile_config
+            else:
+                kwargs["disable_compile"] = True  # generate would auto-compile over a static cache on CUDA
+        # The returned cache is how the dynamic path's KV bytes are observed (memory_report).
+        kwargs["return_dict_in_generate"] = True
         return kwargs
 
     def _pad_left(self, batch: list[Request]):
         import torch
 
-        width = max(r.input_tokens for r in batch)
+        width = _width(batch)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -177,41 +352,186 @@ class PytorchBackend(Backend):
                 return position + 1
         return len(generated)
 
+    def plan_batches(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[list[Request]]:
+        """The batches generate() runs for these requests (the harness passes them to compile())."""
+        return make_batches(
+            requests, batch_size, self.settings.get("batching", "fixed"),
+            self.settings.get("token_budget"), decoding.max_output_tokens,
+        )
+
+    def _rows(self, batch: list[Request], batch_size: int) -> list[Request]:
+        """The static cache has a fixed batch dimension: a smaller batch gets dummy rows, copies of its
+        first request (real prompts, so no fully masked row makes NaNs), whose outputs are dropped."""
+        if self.path.cache_implementation != "static" or len(batch) >= batch_size:
+            return list(batch)
+        return list(batch) + [batch[0]] * (batch_size - len(batch))
+
+    def _static_cache_for(self, rows: int):
+        """The fast path's one cache, allocated once per batch size; a new batch size (never within
+        one experiment) gets a new cache, hence new shapes and a recompilation."""
+        from transformers import StaticCache
+
+        if self._static_cache is None or self._static_cache_batch != rows:
+            self._static_cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+            self._static_cache_batch = rows
+        return self._static_cache
+
+    def _run_batch(self, rows: list[Request], decoding: DecodingSettings, kwargs: dict[str, Any]):
+        """One `generate` call: (new token ids per row, step arrival times, submission time)."""
+        import torch
+
+        ids, mask = self._pad_left(rows)
+        width = ids.shape[1]
+        call_kwargs = dict(kwargs)
+        if self.path.cache_implementation == "static":
+            if width + decoding.max_output_tokens > self.max_cache_len:
+                raise BackendError(
+                    f"a prompt of {width} tokens plus max_output_tokens {decoding.max_output_tokens} does not fit "
+                    f"the static cache of {self.max_cache_len} tokens (the model's max_model_len); raise "
+                    f"max_model_len or lower max_input_tokens / max_output_tokens"
+                )
+            call_kwargs["past_key_values"] = self._static_cache_for(len(rows))
+        step_clock = _StepClock()
+        submitted = clock.now()
+        try:
+            with torch.inference_mode():
+                if "past_key_values" in call_kwargs:
+                    call_kwargs["past_key_values"].reset()  # in place: the captured addresses stay valid
+                output = self.model.generate(input_ids=ids, attention_mask=mask, streamer=step_clock, **call_kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BackendError(f"out of GPU memory at batch size {len(rows)}: {exc}") from exc
+        self.synchronize()
+        if self.path.cache_implementation == "dynamic" and output.past_key_values is not None:
+            # At the end of generate the dynamic cache holds every token: its largest size.
+            held = _cache_bytes(output.past_key_values)
+            self._dynamic_kv_peak_bytes = max(self._dynamic_kv_peak_bytes or 0, held)
+        new_tokens = output.sequences[:, width:].tolist()
+        del output
+        return new_tokens, step_clock.step_times_s, submitted
+
     def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
         import torch
         from tqdm import tqdm
 
         assert self.model is not None, "load() first"
-        batches = make_batches(
-            requests, batch_size, self.settings.get("batching", "fixed"),
-            self.settings.get("token_budget"), decoding.max_output_tokens,
-        )
+        batches = self.plan_batches(requests, batch_size, decoding)
         kwargs = self._generation_kwargs(decoding)
         records: list[RequestRecord] = []
         torch.manual_seed(decoding.seed)
         for batch_index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", mininterval=5)):
-            ids, mask = self._pad_left(batch)
-            step_clock = _StepClock()
-            submitted = clock.now()
-            try:
-                with torch.inference_mode():
-                    output = self.model.generate(input_ids=ids, attention_mask=mask, streamer=step_clock, **kwargs)
-            except torch.cuda.OutOfMemoryError as exc:
-                raise BackendError(f"out of GPU memory at batch size {len(batch)}: {exc}") from exc
-            self.synchronize()
-            finished = clock.now()
-            new_tokens = output[:, ids.shape[1] :].tolist()
+            new_tokens, step_times, submitted = self._run_batch(self._rows(batch, batch_size), decoding, kwargs)
+            # zip stops at the real requests: dummy rows are neither recorded nor counted.
             for request, generated in zip(batch, new_tokens):
                 n = self.count_output_tokens(generated, decoding.fixed_length)
-                times = step_clock.step_times_s[:n]
+                times = step_times[:n]
                 records.append(RequestRecord(
                     index=request.index, input_tokens=request.input_tokens, output_tokens=n,
-                    submitted_s=submitted, finished_s=finished,
+                    # A request is finished when its own last counted token arrived (with EOS, rows of
+                    # one batch end at different steps even though generate returns once for all).
+                    submitted_s=submitted, finished_s=times[-1] if times else submitted,
                     first_token_s=times[0] if times else None, token_times_s=times,
                     output_token_ids=generated[:n], batch_index=batch_index,
                     latency_source="host_clock_per_step",
                 ))
         return sorted(records, key=lambda r: r.index)
+
+    # -- engine hooks of the harness --
+
+    @property
+    def engine_path(self) -> str:
+        return self.path.label
+
+    def compile(self, batches: list[list[Request]], decoding: DecodingSettings) -> dict[str, Any]:
+        """Compile and capture the decoding step before the window. Its shapes depend only on the batch
+        size and the cache length (the 4-D mask spans the whole static cache; the prefill is not
+        compiled), so one batch at the padded batch size compiles everything the window will run. A
+        second call at another prompt width proves it: it must compile nothing."""
+        facts: dict[str, Any] = {"engine_path": self.path.label, "compiled": self.path.compiled}
+        if not self.path.compiled or not batches:
+            return facts
+        assert self.model is not None, "load() first"
+        import torch
+
+        rows = max(self.batch_size or 1, max(len(b) for b in batches))
+        by_width = sorted((b for b in batches if b), key=_width)
+        widest, narrowest = by_width[-1], by_width[0]
+        # Every step runs: the graph and its CUDA-graph capture happen in the first decoding steps.
+        fixed = dataclasses.replace(decoding, output_length="fixed")
+        kwargs = self._generation_kwargs(fixed)
+        torch.manual_seed(decoding.seed)
+        start, before = clock.now(), compilation_counter()
+        self._run_batch(self._rows(widest, rows), fixed, kwargs)
+        first_done, after_first = clock.now(), compilation_counter()
+        self._run_batch(self._rows(narrowest, rows), fixed, kwargs)
+        end, after_second = clock.now(), compilation_counter()
+        if after_second != after_first:
+            log.warning("the second compile call recompiled (%d frames): the window may recompile too",
+                        after_second - after_first)
+        facts.update({
+            "seconds": end - start,
+            "first_call_s": first_done - start,
+            "second_call_s": end - first_done,
+            "shapes_compiled": [{"batch_size": rows, "static_cache_len": self.max_cache_len,
+                                 "prompt_widths_run": sorted({_width(widest), _width(narrowest)})}],
+            "compilations": after_first - before,
+            "recompilations": after_second - after_first,
+            "compile_mode": self.path.compile_mode,
+            "compile_backend": self.path.compile_backend,
+        })
+        return facts
+
+    def compilation_count(self) -> int | None:
+        return compilation_counter()
+
+    def _cuda_devices(self) -> list:
+        import torch
+
+        if self.model is None or not torch.cuda.is_available():
+            return []
+        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
+
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        for device in self._cuda_devices():
+            torch.cuda.reset_peak_memory_stats(device)
+        self._dynamic_kv_peak_bytes = None
+        self._rss_reset = _reset_peak_rss()
+
+    def memory_report(self) -> dict[str, Any]:
+        import torch
+
+        unavailable: dict[str, str] = {}
+        devices = self._cuda_devices()
+        if devices:
+            peak_allocated = sum(torch.cuda.max_memory_allocated(d) for d in devices)
+            peak_reserved = sum(torch.cuda.max_memory_reserved(d) for d in devices)
+        else:
+            peak_allocated = peak_reserved = None
+            unavailable["peak_allocated_bytes"] = unavailable["peak_reserved_bytes"] = "no CUDA device in use"
+        kv_bytes: int | None
+        if self.path.cache_implementation == "static":
+            kv_bytes = _cache_bytes(self._static_cache) if self._static_cache is not None else None
+            kv_source = "static_cache_allocation"
+            if not kv_bytes:
+                kv_bytes = None
+                unavailable["kv_cache_bytes"] = "the static cache is allocated at the first generate, not yet run"
+        else:
+            kv_bytes = self._dynamic_kv_peak_bytes
+            kv_source = "dynamic_cache_at_end_of_largest_batch"
+            if kv_bytes is None:
+                unavailable["kv_cache_bytes"] = "no generate since the last reset"
+        return {
+            "peak_allocated_bytes": peak_allocated,
+            "peak_reserved_bytes": peak_reserved,
+            "weight_bytes": quantization.weight_bytes(self.model)["weight_bytes"] if self.model is not None else None,
+            "kv_cache_bytes": kv_bytes,
+            "kv_cache_source": kv_source,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            # VmHWM is reset at the window's opening edge where Linux allows it; else it spans the process.
+            "peak_rss_scope": "since_reset" if self._rss_reset else "since_process_start",
+            "unavailable": unavailable,
+        }
 
     def synchronize(self) -> None:
         import torch
@@ -225,6 +545,7 @@ class PytorchBackend(Backend):
         import torch
 
         self.model = None
+        self._static_cache = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
