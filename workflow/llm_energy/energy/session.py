@@ -462,10 +462,15 @@ class EnergySession:
                 flags.add("timeline_gaps")
         reasons = window_rows["clocks_event_reasons"].dropna()
         flags |= validity.throttle_flags(int(r) for r in reasons)
-        if validity.settings_changed(handle.gpu_settings, settings_end,
+        # A window opened before bind_to_process_gpus read every candidate at its opening edge:
+        # compare only the GPUs measured now.
+        measured = set(self._counter_uuids())
+        settings_start = {u: v for u, v in handle.gpu_settings.items() if u in measured}
+        pids_start = {u: v for u, v in handle.gpu_pids.items() if u in measured}
+        if validity.settings_changed(settings_start, settings_end,
                                      window_rows["power_limit_w"].to_numpy()):
             flags.add("gpu_settings_changed")
-        observed = set().union(*handle.gpu_pids.values(), *pids_end.values(), *(
+        observed = set().union(*pids_start.values(), *pids_end.values(), *(
             pids for t, uuid, pids in list(self._sink.pid_observations)
             if start_s <= t <= end_s and uuid in self._counter_uuids()))
         foreign = validity.foreign_pids(observed, own_process_tree())
