@@ -96,6 +96,9 @@ def test_real_child_process_measures_windows_without_any_thread_in_the_parent(fa
         def stop(self):
             pass
 
+    # Threads an earlier test left behind (e.g. a daemon thread of another library still ending)
+    # are not the session's; on their own, only the main thread runs.
+    before = {t.name for t in threading.enumerate()}
     with process_session(tmp_path, codecarbon_factory=FakeTracker) as session:
         assert session.sampler.mode == "process" and session.sampler.running
         handle = session.open_window("inference")
@@ -105,7 +108,8 @@ def test_real_child_process_measures_windows_without_any_thread_in_the_parent(fa
         record = session.close_window(handle)
         frame = session.timeline_frame()
         child = session.sampler.process
-    assert threads_inside == [["MainThread"], ["MainThread"]]
+    assert all(set(names) <= before | {"MainThread"} and "MainThread" in names
+               for names in threads_inside), (threads_inside, before)
     assert child.returncode == 0
     gpu = record["domains"]["gpu"]
     assert gpu["gross_j"] == pytest.approx(150.0 * record["duration_s"], rel=0.05)
