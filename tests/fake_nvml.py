@@ -228,3 +228,20 @@ class FakeNvml:
 
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> SimpleNamespace:
         return SimpleNamespace(total=80 * 1024**3, used=0, free=80 * 1024**3)
+
+
+FAKE_NVML_ENV = "LLM_ENERGY_FAKE_NVML"
+
+
+def from_environment() -> FakeNvml:
+    """A FakeNvml built from `$LLM_ENERGY_FAKE_NVML` (a JSON list of FakeGpu keyword arguments).
+
+    The sampler child process loads it with `--nvml-module tests.fake_nvml:from_environment`, so
+    the real process mode runs end to end on a machine without a GPU. Only JSON-able fields (no
+    power profiles given as callables) can be passed this way.
+    """
+    import json
+    import os
+
+    specs = json.loads(os.environ[FAKE_NVML_ENV])
+    return FakeNvml([FakeGpu(**spec) for spec in specs])

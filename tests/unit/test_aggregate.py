@@ -344,3 +344,23 @@ def test_latency_without_a_requests_table_is_null_with_the_reason(tmp_path: Path
     assert result["latency"]["ttft_n"] == 0 and result["latency"]["ttft_p50_s"] is None
     reason = result["metrics_info"]["ttft_unavailable_reason"]
     assert reason.startswith("not pooled: cycle 2: ") and "artifact not found" in reason
+
+
+def test_mfu_uses_one_gpu_peak_when_the_run_measured_one_gpu_of_eight(tmp_path: Path) -> None:
+    """An 8-GPU box without CUDA_VISIBLE_DEVICES: provenance lists 8 GPUs, the energy session bound
+    the run to GPU 3 (energy_sources); MFU/MBU divide by one GPU's peak, not eight."""
+    flops_path = write_flops(tmp_path)
+    one, eight = [], []
+    for cycle, window_s in ((1, 2.0), (2, 2.5)):
+        data = run_result_data(cycle, gpu_metrics(window_s, 200.0), GPU_INFO)
+        eight.append(write_run(tmp_path / "all", data, [GPU] * 8))
+        bound = {**data, "energy_sources": {"sources": [
+            {"name": "nvml", "available": True,
+             "devices": [{"index": 3, "uuid": "GPU-3", "name": GPU}]}]}}
+        one.append(write_run(tmp_path / "bound", bound, [GPU] * 8))
+    bound_result = aggregate_experiment(one, flops_path)
+    unbound_result = aggregate_experiment(eight, flops_path)
+    assert bound_result["gpu_count"] == 1 and unbound_result["gpu_count"] == 8
+    for metric in ("mfu", "mbu"):
+        assert bound_result["metrics"][metric]["mean"] == pytest.approx(
+            8 * unbound_result["metrics"][metric]["mean"])

@@ -54,7 +54,8 @@ def test_cpu_only_session_completes_with_reasons_and_estimates(tmp_path: Path, m
     elapsed = time.perf_counter() - started
 
     json.dumps(record, allow_nan=False)  # JSON-able, no NaN
-    assert set(record) == {"name", "start_s", "end_s", "duration_s", "domains", "emissions", "flags"}
+    assert set(record) == {"name", "start_s", "end_s", "duration_s", "domains", "emissions", "baseline",
+                           "flags"}
     assert record["duration_s"] == pytest.approx(record["end_s"] - record["start_s"])
     assert record["duration_s"] >= 0.6
 

@@ -36,10 +36,12 @@ def fake_box(monkeypatch):
     hardware.set_nvml_module(None)
 
 
-def session_for(tmp_path: Path, baseline_path: Path | None = None, **overrides) -> EnergySession:
+def session_for(tmp_path: Path, baseline_path: Path | None = None, sampler: str = "thread",
+                **overrides) -> EnergySession:
     settings = EnergySettings.from_config({**FAST, **overrides})
     return EnergySession(settings, devices=hardware.visible_gpus(), baseline_path=baseline_path,
-                         powercap_root=tmp_path / "no-powercap", measure_counter_period=False)
+                         powercap_root=tmp_path / "no-powercap", measure_counter_period=False,
+                         sampler=sampler)
 
 
 def run_window(session: EnergySession, seconds: float, name: str = "inference",
@@ -212,7 +214,7 @@ def test_codecarbon_failure_leaves_the_run_complete(fake_box, tmp_path):
 
     settings = EnergySettings.from_config({**FAST, "codecarbon": True})
     with EnergySession(settings, devices=hardware.visible_gpus(),
-                       powercap_root=tmp_path / "none", codecarbon_factory=broken_tracker,
+                       powercap_root=tmp_path / "none", codecarbon_factory=broken_tracker, sampler="thread",
                        measure_counter_period=False) as session:
         record = run_window(session, 0.2)
         described = session.describe()

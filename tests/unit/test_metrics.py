@@ -206,37 +206,45 @@ def test_energy_metrics_mixed_domains() -> None:
     numbers, info = energy_metrics(measure_window())
     assert numbers == {
         "gpu_energy_j": 100.0, "gpu_net_energy_j": 60.0,
-        "cpu_energy_j": 50.0, "cpu_net_energy_j": None,
+        # an estimate never fills a measured column, nor the node total
+        "cpu_energy_j": None, "cpu_net_energy_j": None, "cpu_estimated_energy_j": 50.0,
         "dram_energy_j": None, "dram_net_energy_j": None,  # unavailable is None, never 0
-        "node_energy_j": 150.0,
-        "node_net_energy_j": None,  # one available domain has no net value: no node net
+        "dram_estimated_energy_j": None,
+        "node_energy_j": 100.0, "node_net_energy_j": 60.0,
+        "host_estimated_energy_j": 50.0,
     }
     assert info == {
         "gpu_energy_source": "nvml", "gpu_energy_method": "measured",
         "cpu_energy_source": "codecarbon", "cpu_energy_method": "estimated",
+        "cpu_unavailable_reason": "not measured; CodeCarbon's estimate is in cpu_estimated_energy_j",
         "dram_unavailable_reason": "no RAPL: /sys/class/powercap is absent",
-        "node_energy_domains": "gpu+cpu", "node_energy_method": "mixed",
+        "node_energy_domains": "gpu", "node_energy_method": "measured",
+        "host_estimated_energy_domains": "cpu",
+        "host_estimated_energy_method": "estimated (CodeCarbon model)",
     }
 
 
 def test_energy_metrics_node_net_when_all_nets_known() -> None:
     window = measure_window()
-    window["domains"]["cpu"]["net_j"] = 20.0
+    window["domains"]["cpu"] = domain(50.0, method="measured", source="rapl", net_j=20.0)
     window["domains"]["dram"] = domain(5.0, method="measured", source="rapl", net_j=1.0)
     numbers, info = energy_metrics(window)
     assert numbers["node_energy_j"] == 155.0
     assert numbers["node_net_energy_j"] == 81.0
     assert info["node_energy_domains"] == "gpu+cpu+dram"
-    assert info["node_energy_method"] == "mixed"
+    assert info["node_energy_method"] == "measured"
+    assert numbers["host_estimated_energy_j"] is None
     assert "dram_unavailable_reason" not in info
 
 
 def test_energy_metrics_single_method_and_missing_domains() -> None:
     window = {"duration_s": 1.0, "domains": {"cpu": domain(8.0, method="estimated", source="codecarbon")}}
     numbers, info = energy_metrics(window)
-    assert numbers["node_energy_j"] == 8.0 and numbers["gpu_energy_j"] is None
-    assert info["node_energy_method"] == "estimated"
-    assert info["node_energy_domains"] == "cpu"
+    # a CPU-only machine without RAPL: nothing measured, the estimate in its own columns
+    assert numbers["node_energy_j"] is None and numbers["gpu_energy_j"] is None
+    assert numbers["cpu_estimated_energy_j"] == numbers["host_estimated_energy_j"] == 8.0
+    assert info["node_energy_method"] == "none" and info["node_energy_domains"] == "none"
+    assert info["host_estimated_energy_domains"] == "cpu"
     assert info["gpu_unavailable_reason"] == "not measured"
     assert info["dram_unavailable_reason"] == "not measured"
 
@@ -252,7 +260,8 @@ def test_energy_metrics_nothing_available() -> None:
 def test_energy_metrics_prefix_has_no_info() -> None:
     numbers, info = energy_metrics(measure_window(), prefix="setup_load_")
     assert numbers["setup_load_gpu_energy_j"] == 100.0
-    assert numbers["setup_load_node_energy_j"] == 150.0
+    assert numbers["setup_load_node_energy_j"] == 100.0
+    assert numbers["setup_load_host_estimated_energy_j"] == 50.0
     assert all(k.startswith("setup_load_") for k in numbers)
     assert info == {}
 
@@ -286,21 +295,22 @@ def test_run_metrics_tokens_throughput_and_energy_ratios() -> None:
     assert metrics["gpu_net_energy_per_output_token_j"] == pytest.approx(60.0 / 9)
     assert metrics["gpu_output_tokens_per_j"] == pytest.approx(9 / 100.0)
     assert metrics["gpu_mean_power_w"] == pytest.approx(10.0)
-    assert metrics["cpu_energy_per_output_token_j"] == pytest.approx(50.0 / 9)
-    assert metrics["cpu_net_energy_per_output_token_j"] is None
-    assert metrics["cpu_mean_power_w"] == pytest.approx(5.0)
-    assert metrics["node_energy_j"] == 150.0
-    assert metrics["node_energy_per_output_token_j"] == pytest.approx(150.0 / 9)
-    assert metrics["node_output_tokens_per_j"] == pytest.approx(9 / 150.0)
-    assert metrics["node_mean_power_w"] == pytest.approx(15.0)
-    assert metrics["node_net_energy_per_output_token_j"] is None
+    assert metrics["cpu_energy_per_output_token_j"] is None  # estimated, not measured
+    assert metrics["cpu_estimated_energy_per_output_token_j"] == pytest.approx(50.0 / 9)
+    assert metrics["host_estimated_energy_per_output_token_j"] == pytest.approx(50.0 / 9)
+    assert metrics["cpu_mean_power_w"] is None
+    assert metrics["node_energy_j"] == 100.0
+    assert metrics["node_energy_per_output_token_j"] == pytest.approx(100.0 / 9)
+    assert metrics["node_output_tokens_per_j"] == pytest.approx(9 / 100.0)
+    assert metrics["node_mean_power_w"] == pytest.approx(10.0)
+    assert metrics["node_net_energy_per_output_token_j"] == pytest.approx(60.0 / 9)
     for key in ("dram_energy_j", "dram_energy_per_output_token_j", "dram_output_tokens_per_j",
                 "dram_mean_power_w", "dram_net_energy_per_output_token_j"):
         assert metrics[key] is None, key  # unavailable stays None, never 0
     assert metrics["timeline_vs_counter_rel_diff"] == 0.02
     assert metrics["emissions_kg_co2eq"] == 1.5e-5
-    assert info["node_energy_domains"] == "gpu+cpu"
-    assert info["node_energy_method"] == "mixed"
+    assert info["node_energy_domains"] == "gpu"
+    assert info["node_energy_method"] == "measured"
     assert info["dram_unavailable_reason"] == "no RAPL: /sys/class/powercap is absent"
     assert info["latency_source"] == "engine,host_clock"
     assert metrics["e2e_mean_s"] == pytest.approx(np.mean([2.5, 1.2, 3.0]))
@@ -316,9 +326,9 @@ def test_run_metrics_unavailable_gpu_and_emissions() -> None:
     assert metrics["gpu_energy_j"] is None and metrics["gpu_energy_per_output_token_j"] is None
     assert metrics["timeline_vs_counter_rel_diff"] is None
     assert metrics["emissions_kg_co2eq"] is None
-    assert metrics["node_energy_j"] == 50.0
-    assert info["node_energy_domains"] == "cpu"
-    assert info["node_energy_method"] == "estimated"
+    assert metrics["node_energy_j"] is None and metrics["host_estimated_energy_j"] == 50.0
+    assert info["node_energy_domains"] == "none"
+    assert info["host_estimated_energy_domains"] == "cpu"
     assert info["gpu_unavailable_reason"] == "no NVIDIA GPU"
 
 
@@ -338,14 +348,14 @@ def test_run_metrics_setup_windows() -> None:
     assert metrics["setup_load_duration_s"] == 3.0
     assert metrics["setup_warmup_duration_s"] == 1.0
     assert metrics["setup_load_gpu_energy_j"] == 30.0
-    assert metrics["setup_load_cpu_energy_j"] == 6.0
+    assert metrics["setup_load_cpu_energy_j"] is None  # estimated: not in a measured column
     assert metrics["setup_load_dram_energy_j"] is None
-    assert metrics["setup_load_node_energy_j"] == 36.0
+    assert metrics["setup_load_node_energy_j"] == 30.0
     assert metrics["setup_warmup_gpu_energy_j"] == 10.0
     assert metrics["setup_warmup_cpu_energy_j"] is None
     assert metrics["setup_warmup_node_energy_j"] == 10.0
     assert metrics["setup_gpu_energy_j"] == 40.0
-    assert metrics["setup_node_energy_j"] == 46.0
+    assert metrics["setup_node_energy_j"] == 40.0
     assert not [k for k in metrics if k.startswith("setup_") and "net" in k]  # net is for the window only
     # Setup windows never change the measured window's numbers or info.
     plain, plain_info = run_metrics(records(), measure_window())

@@ -27,8 +27,9 @@ GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "me
             "node_energy_domains": "gpu", "node_energy_method": "measured"}
 CPU_INFO = {"gpu_unavailable_reason": "no NVIDIA GPU", "cpu_energy_source": "codecarbon_estimate",
             "cpu_energy_method": "estimated", "dram_energy_source": "codecarbon_estimate",
-            "dram_energy_method": "estimated", "node_energy_domains": "cpu+dram",
-            "node_energy_method": "estimated"}
+            "dram_energy_method": "estimated", "node_energy_domains": "none",
+            "node_energy_method": "none", "host_estimated_energy_domains": "cpu+dram",
+            "host_estimated_energy_method": "estimated (CodeCarbon model)"}
 
 
 def _result(experiment_id: str, model: str, backend: str, batch_size: int, cycles: dict[str, list],
@@ -70,9 +71,13 @@ def gpu_cycles(batch_size: int, scale: float = 1.0) -> dict[str, list]:
 def cpu_cycles(batch_size: int) -> dict[str, list]:
     return {
         "gpu_energy_per_output_token_j": [None] * 3,
-        "cpu_energy_per_output_token_j": [0.4 / batch_size, 0.41 / batch_size, 0.39 / batch_size],
-        "dram_energy_per_output_token_j": [0.2 / batch_size] * 3,
-        "node_energy_per_output_token_j": [0.6 / batch_size, 0.62 / batch_size, 0.59 / batch_size],
+        # a CPU-only machine without RAPL measures nothing: only CodeCarbon's estimate exists
+        "cpu_energy_per_output_token_j": [None] * 3,
+        "node_energy_per_output_token_j": [None] * 3,
+        "cpu_estimated_energy_per_output_token_j": [0.4 / batch_size, 0.41 / batch_size, 0.39 / batch_size],
+        "dram_estimated_energy_per_output_token_j": [0.2 / batch_size] * 3,
+        "host_estimated_energy_per_output_token_j": [0.6 / batch_size, 0.62 / batch_size,
+                                                     0.59 / batch_size],
         "output_tokens_per_s": [50.0 * batch_size] * 3,
         "e2e_p50_s": [2.0, 2.1, 2.05],
     }
@@ -139,7 +144,7 @@ def test_empty_and_all_failed_summaries(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", PLOTS)
 def test_cpu_only_campaign_with_missing_metrics(tmp_path: Path, name: str) -> None:
-    """No GPU energy, no TTFT, estimated CPU/DRAM: node boundary, n/a domains, no crash."""
+    """No measured energy, no TTFT, estimated CPU/DRAM: estimated host boundary, labelled so."""
     summary = summary_of(tmp_path, [
         _result(f"tiny.pytorch.bs{bs}", "tiny", "pytorch", bs, cpu_cycles(bs), CPU_INFO) for bs in (1, 2, 4)
     ])
@@ -147,9 +152,10 @@ def test_cpu_only_campaign_with_missing_metrics(tmp_path: Path, name: str) -> No
     PLOTS[name](summary, png, svg)
     text = assert_figure_files(png, svg)
     if name in ("energy_vs_batch_size", "throughput_vs_energy"):
-        assert "Node energy per output token (J)" in text and "estimated" in text
+        assert "Host energy per output token (J)" in text
+        assert "estimated (CodeCarbon model)" in text
     if name == "energy_breakdown":
-        assert "gpu: n/a" in text and "estimated" in text
+        assert "gpu: n/a" in text and "estimated (CodeCarbon model)" in text
     if name == "latency":
         assert "TTFT not available" in text
 

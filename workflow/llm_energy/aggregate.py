@@ -111,6 +111,26 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _measured_gpu_names(data: Mapping[str, Any]) -> list[str]:
+    """Names of the GPUs whose energy the run measured (after binding to the job's GPUs).
+
+    Provenance lists every GPU the process could see, seven idle neighbours included on an 8-GPU
+    box without CUDA_VISIBLE_DEVICES; MFU/MBU must use the peaks of the GPUs the job used.
+    """
+    sources = (data.get("energy_sources") or {})
+    if not isinstance(sources, Mapping):
+        return []
+    nvml = next((s for s in sources.get("sources") or [] if isinstance(s, Mapping)
+                 and s.get("name") == "nvml" and s.get("available")), None)
+    devices = (nvml or {}).get("devices") or []
+    return [str(d["name"]) for d in devices if isinstance(d, Mapping) and d.get("name")]
+
+
+def _provenance_gpu_names(document: Mapping[str, Any]) -> list[str]:
+    gpus = (document.get("provenance") or {}).get("gpus") or []
+    return [str(g["name"]) for g in gpus if isinstance(g, Mapping) and g.get("name")]
+
+
 def _read_cycle(path: Path) -> _Cycle:
     document = read_json_artifact(path, "run_result")
     data = document["data"]
@@ -133,8 +153,7 @@ def _read_cycle(path: Path) -> _Cycle:
             log.debug("%s: metric %s is not numeric (%r), not aggregated", path, name, value)
     info = {str(k): str(v) for k, v in (data.get("metrics_info") or {}).items() if v is not None}
     validity = data.get("validity") or {}
-    gpus = (document.get("provenance") or {}).get("gpus") or []
-    gpu_names = [str(g["name"]) for g in gpus if isinstance(g, Mapping) and g.get("name")]
+    gpu_names = _measured_gpu_names(data) or _provenance_gpu_names(document)
     return _Cycle(
         path=path,
         cycle=cycle,

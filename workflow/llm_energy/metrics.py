@@ -4,7 +4,14 @@
   without anything after end-of-sequence (the EOS token itself counts: it was computed).
 - The measurement window runs from the first request submitted to the last token received.
 - Derived metrics use output tokens as denominator unless the name says otherwise; the energy boundary
-  (gpu, cpu, dram, or node = every available domain) is the first word of the name; units come last.
+  (gpu, cpu, dram, or node) is the first word of the name; units come last.
+- Measured totals stay measured: `<domain>_energy_j` (and its net, per-token, per-joule and power
+  metrics) holds a *measured* value only (NVML counter, RAPL); `node_energy_j` / `node_net_energy_j`
+  sum the measured domains only, named in `node_energy_domains`.
+- Estimates have their own columns: `cpu_estimated_energy_j` and `dram_estimated_energy_j` hold
+  CodeCarbon's model estimate where a domain was not measured, `host_estimated_energy_j` their sum
+  (cpu+dram, both estimated, named in `host_estimated_energy_domains`), each with
+  `..._per_output_token_j`. They are never added to a measured total.
 
 Latency, per request, as vLLM's serving benchmark defines it (`vllm bench serve`:
 vllm/benchmarks/lib/endpoint_request_func.py and serve.py), from the timestamps of its RequestRecord:
@@ -135,22 +142,36 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def energy_metrics(window: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float | None], dict[str, str]]:
-    """Per-domain gross/net energy and the node total of one energy window record.
+    """Per-domain gross/net energy, the measured node total and the estimates of one window record.
 
     Returns (numbers, info): info names each domain's source and method, or why it is unavailable, and
-    which domains the node total contains ("node" sums every available domain, so it is comparable only
-    between runs with the same node_energy_domains).
+    which domains the node total contains ("node" sums every *measured* domain, so it is comparable
+    only between runs with the same node_energy_domains). Estimated domains go to
+    `<domain>_estimated_energy_j` and `host_estimated_energy_j`, never into a measured column.
     """
     numbers: dict[str, float | None] = {}
     info: dict[str, str] = {}
     node_gross: list[float] = []
     node_net: list[float | None] = []
     node_domains: list[str] = []
-    methods: set[str] = set()
+    estimated: dict[str, float] = {}
     domains = window.get("domains", {})
     for domain in DOMAINS:
         record = domains.get(domain, {"available": False, "reason": "not measured"})
-        if record.get("available"):
+        if domain != "gpu":
+            numbers[f"{prefix}{domain}_estimated_energy_j"] = None
+        if record.get("available") and record.get("method") == "estimated" and domain != "gpu":
+            estimated[domain] = float(record["gross_j"])
+            numbers[f"{prefix}{domain}_estimated_energy_j"] = estimated[domain]
+            numbers[f"{prefix}{domain}_energy_j"] = None
+            numbers[f"{prefix}{domain}_net_energy_j"] = None
+            if not prefix:
+                info[f"{domain}_energy_source"] = record.get("source", "unknown")
+                info[f"{domain}_energy_method"] = "estimated"
+                info[f"{domain}_unavailable_reason"] = (
+                    "not measured; CodeCarbon's estimate is in "
+                    f"{domain}_estimated_energy_j")
+        elif record.get("available"):
             gross = float(record["gross_j"])
             net = record.get("net_j")
             numbers[f"{prefix}{domain}_energy_j"] = gross
@@ -161,7 +182,6 @@ def energy_metrics(window: Mapping[str, Any], prefix: str = "") -> tuple[dict[st
             node_gross.append(gross)
             node_net.append(net)
             node_domains.append(domain)
-            methods.add(record.get("method", "unknown"))
         else:
             numbers[f"{prefix}{domain}_energy_j"] = None
             numbers[f"{prefix}{domain}_net_energy_j"] = None
@@ -171,11 +191,14 @@ def energy_metrics(window: Mapping[str, Any], prefix: str = "") -> tuple[dict[st
     numbers[f"{prefix}node_net_energy_j"] = (
         sum(node_net) if node_net and all(v is not None for v in node_net) else None
     )
+    numbers[f"{prefix}host_estimated_energy_j"] = (
+        sum(estimated.values()) if estimated else None)
     if not prefix:
         info["node_energy_domains"] = "+".join(node_domains) if node_domains else "none"
-        info["node_energy_method"] = (
-            "none" if not methods else methods.pop() if len(methods) == 1 else "mixed"
-        )
+        info["node_energy_method"] = "measured" if node_domains else "none"
+        info["host_estimated_energy_domains"] = "+".join(estimated) if estimated else "none"
+        if estimated:
+            info["host_estimated_energy_method"] = "estimated (CodeCarbon model)"
     return numbers, info
 
 
@@ -206,11 +229,15 @@ def run_metrics(
         metrics[f"{boundary}_net_energy_per_output_token_j"] = _ratio(energy[f"{boundary}_net_energy_j"], output_tokens)
         metrics[f"{boundary}_output_tokens_per_j"] = _ratio(output_tokens, energy[f"{boundary}_energy_j"])
         metrics[f"{boundary}_mean_power_w"] = _ratio(energy[f"{boundary}_energy_j"], duration)
+    for estimate in ("cpu_estimated", "dram_estimated", "host_estimated"):
+        metrics[f"{estimate}_energy_per_output_token_j"] = _ratio(energy[f"{estimate}_energy_j"],
+                                                                  output_tokens)
     gpu = window.get("domains", {}).get("gpu", {})
     metrics["timeline_vs_counter_rel_diff"] = gpu.get("timeline_vs_counter_rel_diff") if gpu.get("available") else None
     for setup in setup_windows:
         setup_energy, _ = energy_metrics(setup, prefix=f"setup_{setup['name']}_")
-        metrics.update({k: v for k, v in setup_energy.items() if "net" not in k})
+        metrics.update({k: v for k, v in setup_energy.items()
+                        if "net" not in k and "estimated" not in k})
         metrics[f"setup_{setup['name']}_duration_s"] = float(setup["duration_s"])
     for boundary in ("gpu", "node"):
         values = [metrics.get(f"setup_{w['name']}_{boundary}_energy_j") for w in setup_windows]

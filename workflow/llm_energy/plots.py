@@ -7,8 +7,9 @@ summary (a figure that says "no successful experiments"), so a partial campaign 
 report.
 
 The energy *boundary* of a figure is "gpu" when any plotted experiment has GPU energy, else "node"
-(what the machine could measure: gpu+cpu+dram or cpu+dram). The y label names the boundary and
-whether the energy was measured or estimated, read from the metrics_info columns.
+(the measured domains: gpu+cpu+dram or cpu+dram), else "host_estimated" (CodeCarbon's CPU+DRAM
+model estimate, on a machine that measures nothing, e.g. CPU-only without RAPL). The y label names
+the boundary and whether the energy was measured or estimated.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly (no pyplot state), so
 plotting is thread-safe and independent of the user's MPLBACKEND.
@@ -66,7 +67,7 @@ RC_PARAMS = {
 class EnergyBoundary:
     """Which energy the figure shows, and how its y axis is labelled."""
 
-    name: str  # "gpu" or "node"
+    name: str  # "gpu", "node" or "host_estimated"
     column: str  # summary column with the mean energy per output token
     label: str  # axis label: boundary, unit, measured/estimated and source
 
@@ -133,8 +134,9 @@ def _method_word(methods: list[str]) -> str:
 
 
 def choose_boundary(ok: pd.DataFrame) -> EnergyBoundary | None:
-    """GPU energy where any experiment has it, else node energy; None where neither exists."""
-    for name in ("gpu", "node"):
+    """GPU energy where any experiment has it, else measured node energy, else CodeCarbon's
+    estimate; None where none exists."""
+    for name in ("gpu", "node", "host_estimated"):
         column = f"{name}_energy_per_output_token_j"
         values = _column(ok, column)
         if not values.notna().any():
@@ -145,6 +147,10 @@ def choose_boundary(ok: pd.DataFrame) -> EnergyBoundary | None:
         if name == "gpu":
             detail = f"{method}" + (f", {', '.join(sources)}" if sources else "")
             label = f"GPU energy per output token (J)\n[{detail}]"
+        elif name == "host_estimated":
+            domains = _strings(rows, "host_estimated_energy_domains")
+            label = ("Host energy per output token (J)\n[" + (", ".join(domains) + "; " if domains
+                     else "") + "estimated (CodeCarbon model)]")
         else:
             domains = _strings(rows, "node_energy_domains")
             detail = (", ".join(domains) + "; " if domains else "") + method
@@ -400,17 +406,24 @@ def _draw_throughput_vs_energy(summary: pd.DataFrame, title: str) -> Figure:
 
 
 def _domain_values(ok: pd.DataFrame, domain: str) -> np.ndarray:
-    """Energy per output token of one domain; ratio of means where the summary lacks the column."""
-    per_token = _column(ok, f"{domain}_energy_per_output_token_j")
-    fallback = _column(ok, f"{domain}_energy_j") / _column(ok, "output_tokens").where(lambda s: s > 0)
-    return per_token.fillna(fallback).to_numpy()
+    """Energy per output token of one domain: measured, else CodeCarbon's estimate (the
+    `_estimated_` columns); ratio of means where the summary lacks the per-token column."""
+    tokens = _column(ok, "output_tokens").where(lambda s: s > 0)
+    values = _column(ok, f"{domain}_energy_per_output_token_j").fillna(
+        _column(ok, f"{domain}_energy_j") / tokens)
+    if domain != "gpu":
+        values = values.fillna(_column(ok, f"{domain}_estimated_energy_per_output_token_j").fillna(
+            _column(ok, f"{domain}_estimated_energy_j") / tokens))
+    return values.to_numpy()
 
 
 def _estimated(ok: pd.DataFrame, domain: str) -> list[bool]:
+    """True where the domain's bar is an estimate (no measured value, or labelled estimated)."""
+    measured = _column(ok, f"{domain}_energy_per_output_token_j").fillna(_column(ok, f"{domain}_energy_j"))
     column = f"{domain}_energy_method"
-    if column not in ok.columns:
-        return [False] * len(ok)
-    return [isinstance(v, str) and "estimated" in v for v in ok[column]]
+    methods = ok[column] if column in ok.columns else [None] * len(ok)
+    return [bool(np.isnan(m)) or (isinstance(v, str) and "estimated" in v)
+            for m, v in zip(measured.to_numpy(), methods)]
 
 
 def plot_energy_breakdown(summary: pd.DataFrame | Path | str, png: Path | str, svg: Path | str) -> None:
@@ -465,7 +478,8 @@ def _draw_energy_breakdown(summary: pd.DataFrame, title: str) -> Figure:
         label = domain if available.all() else f"{domain} (n/a where marked)"
         legend_handles.append(Patch(facecolor=DOMAIN_COLORS[domain], label=label))
     if any_estimated:
-        legend_handles.append(Patch(facecolor="white", edgecolor="#333333", hatch="///", label="estimated"))
+        legend_handles.append(Patch(facecolor="white", edgecolor="#333333", hatch="///",
+                                     label="estimated (CodeCarbon model)"))
     top = float(bottom.max()) if n else 1.0
     # Domains missing everywhere are "n/a" in the legend; those missing only for some experiments
     # are marked on those bars, so a short bar is never mistaken for a small measurement.

@@ -48,6 +48,10 @@ class EnergySettings:
     align_counter_edges: bool = True
     counter_timeline_tolerance: float = 0.05
     min_counter_updates: int = 20
+    timeline: bool = True  # false: no sampler process (no power timeline, no cross-check)
+    # relative difference of a window's mean SM clock from the active-idle baseline's above which
+    # the window is flagged baseline_power_state_differs
+    baseline_clock_tolerance: float = 0.10
 
     @property
     def timeline_period_s(self) -> float:
@@ -120,6 +124,10 @@ class EnergySettings:
                 cfg, "counter_timeline_tolerance", defaults.counter_timeline_tolerance,
                 "energy.counter_timeline_tolerance", minimum=0.0, strict=True),
             min_counter_updates=min_updates,
+            timeline=_flag(cfg, "timeline", defaults.timeline),
+            baseline_clock_tolerance=_number(
+                cfg, "baseline_clock_tolerance", defaults.baseline_clock_tolerance,
+                "energy.baseline_clock_tolerance", minimum=0.0, strict=True),
         )
 
 

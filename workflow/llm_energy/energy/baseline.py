@@ -1,8 +1,16 @@
-"""Idle baseline: the power each domain draws with nothing running, kept as an artifact.
+"""Idle baselines: the power each domain draws while nothing runs.
 
-Measured over `energy.baseline.duration_s` with the same sources as the windows, saved atomically
-as artifact `idle_baseline`, and reused while it is younger than `energy.baseline.max_age_s` and
-was measured on the same host with the same GPUs. Net energy = gross - baseline_w x duration.
+Two kinds, both measured with the same sources as the windows:
+- *static idle*: before any CUDA context exists, over `energy.baseline.duration_s`; saved
+  atomically as artifact `idle_baseline` and reused while younger than `energy.baseline.max_age_s`
+  on the same host with the same GPUs. A GPU without a context idles in a deep power state (on an
+  H200 about 72 W at 900 MHz).
+- *active idle*: in the measured process after warm-up, model resident and CUDA context held (on
+  an H200 about 115 W at 1,980 MHz): the power state the windows run in. It carries the mean SM
+  clock over its span so that a window in another power state can be flagged
+  (`baseline_power_state_differs`). Net energy uses it where measured.
+Net energy = gross - baseline_w x duration. A GPU baseline keeps per-device power, so that a
+window of a subset of the GPUs (after `EnergySession.bind_to_process_gpus`) subtracts only theirs.
 """
 
 from __future__ import annotations
@@ -53,6 +61,14 @@ def baseline_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
     }
 
 
+def active_idle_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
+                            sm_clock_mhz_mean: float | None,
+                            sm_clock_reason: str | None) -> dict[str, Any]:
+    """The active-idle baseline of an idle window measured in the loaded state."""
+    return {**baseline_from_window(record, gpu_uuids), "kind": "active_idle",
+            "sm_clock_mhz_mean": sm_clock_mhz_mean, "sm_clock_reason": sm_clock_reason}
+
+
 def save_baseline(path: Path | str, data: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
     write_json_artifact(path, ARTIFACT, data, provenance)
 
@@ -80,8 +96,11 @@ def load_fresh_baseline(path: Path | str, max_age_s: float, gpu_uuids: Sequence[
 
 def baseline_power(baseline: Mapping[str, Any] | None, domain: str, source: str,
                    missing_reason: str = "no idle baseline was measured (call ensure_baseline)",
-                   ) -> tuple[float | None, str | None]:
-    """Idle power of `domain` if the baseline has it from the same source; else (None, why)."""
+                   gpu_uuids: Sequence[str] | None = None) -> tuple[float | None, str | None]:
+    """Idle power of `domain` if the baseline has it from the same source; else (None, why).
+
+    For the gpu domain with `gpu_uuids`, the sum of those devices' idle power only.
+    """
     if baseline is None:
         return None, missing_reason
     entry = baseline["domains"].get(domain)
@@ -91,4 +110,10 @@ def baseline_power(baseline: Mapping[str, Any] | None, domain: str, source: str,
     if entry["source"] != source:
         return None, (f"the idle baseline's {domain} power comes from {entry['source']}, "
                       f"the window's from {source}")
+    if domain == "gpu" and gpu_uuids is not None and entry.get("devices"):
+        by_uuid = {d["uuid"]: float(d["power_w"]) for d in entry["devices"]}
+        missing = [u for u in gpu_uuids if u not in by_uuid]
+        if missing:
+            return None, f"the idle baseline has no power for GPU {missing[0]}"
+        return sum(by_uuid[u] for u in gpu_uuids), None
     return float(entry["power_w"]), None

@@ -8,10 +8,15 @@ What this module uses of CodeCarbon, and why (read from codecarbon/emissions_tra
   the idle baseline, covers the whole machine, so gross - baseline x duration means the same for
   every source; pue stays 1.0 here because CodeCarbon multiplies its energies by it and the window
   records IT energy (PUE is applied to emissions only).
-- Intermediate totals without stopping the tracker: `tracker._measure_power_and_energy()` followed
-  by `tracker._total_cpu_energy` / `_total_ram_energy` / `_total_gpu_energy` (`Energy`, kWh). The
-  tracker's own scheduler calls the same method every `measure_power_secs` from a Timer thread, so
-  its `function` is wrapped with our lock: two concurrent measurements would add one interval twice.
+- No tracker thread while anything is measured: `start()` starts two `PeriodicScheduler` Timer
+  threads (`_scheduler` calls `_measure_power_and_energy` every `measure_power_secs`,
+  `_scheduler_monitor_power` samples CPU load every second). Both are stopped (and their Timer
+  threads joined) right after `start()`, once the 1-3 s hardware probe is done. The session then
+  reads the estimate only at window edges, outside the GPU counter's edges:
+  `tracker._measure_power_and_energy()` followed by `tracker._total_cpu_energy` /
+  `_total_ram_energy` / `_total_gpu_energy` (`Energy`, kWh). Without the monitor thread a read is
+  still exact for CodeCarbon's model: the CPU load meter and the power history measure from the
+  previous read, so the closing read covers exactly the span since the opening one.
 - `start()` is decorated with `@suppress(Exception)`, so a failure inside it is swallowed: success
   is checked through `tracker._start_time`.
 - Emissions: the tracker's emissions engine gives the grid's carbon intensity for the configured
@@ -93,15 +98,7 @@ class CodeCarbonSource:
             if getattr(self.tracker, "_start_time", None) is None:
                 raise RuntimeError("OfflineEmissionsTracker.start() did not start (its errors are "
                                    "suppressed; run with CODECARBON_LOG_LEVEL=debug to see them)")
-            scheduler = getattr(self.tracker, "_scheduler", None)
-            if scheduler is not None and hasattr(scheduler, "function"):
-                unlocked = scheduler.function
-
-                def locked_measure(*args: Any, **kwargs: Any) -> None:
-                    with self._lock:
-                        unlocked(*args, **kwargs)
-
-                scheduler.function = locked_measure
+            self._stop_tracker_threads()
         except Exception as exc:  # CodeCarbon failing must not fail the run
             self.tracker = None
             reason = f"CodeCarbon failed to start: {type(exc).__name__}: {exc}"
@@ -114,11 +111,23 @@ class CodeCarbonSource:
         self.status.details.update(self._hardware_facts(clock.now() - started))
         self._resolve_intensity()
 
+    def _stop_tracker_threads(self) -> None:
+        """Stop CodeCarbon's scheduler Timer threads; reads happen only at window edges."""
+        for name in ("_scheduler", "_scheduler_monitor_power"):
+            scheduler = getattr(self.tracker, name, None)
+            if scheduler is None:
+                continue
+            scheduler.stop()
+            timer = getattr(scheduler, "_timer", None)
+            if timer is not None and timer.is_alive():
+                timer.join(timeout=2.0)  # a running measurement finishes first
+
     def _hardware_facts(self, start_s: float) -> dict[str, Any]:
         conf = getattr(self.tracker, "_conf", {}) or {}
         return {
             "start_s": round(start_s, 3),
             "tracking_mode": "machine",
+            "reads": "at window edges only (tracker threads stopped after start)",
             "estimators": [str(h) for h in getattr(self.tracker, "_hardware", [])],
             "cpu_model": conf.get("cpu_model"),
             "codecarbon_version": conf.get("codecarbon_version"),

@@ -149,6 +149,13 @@ class NvmlEnergySource:
             ],
         }
 
+    def restrict(self, uuids: Sequence[str]) -> None:
+        """Read only these counters from now on (the GPUs the job turned out to use)."""
+        wanted = set(uuids)
+        self.counters = [c for c in self.counters if c.uuid in wanted]
+        if self.status.available:
+            self.status.details.update(self.describe_details())
+
     @property
     def period_s(self) -> float:
         return self.update_period_s or DEFAULT_UPDATE_PERIOD_S

@@ -3,9 +3,16 @@
 Zones: `intel-rapl:N` (or `amd-rapl:N`) named `package-N` are CPU packages, summed into the cpu
 domain; their subzones named `dram` are summed into the dram domain. `core`/`uncore` subzones are
 parts of a package (adding them would count twice) and `psys` covers the whole platform including
-the packages, so both are ignored. `energy_uj` wraps at `max_energy_range_uj`; reads keep a per-zone
-accumulator, and the sampler polls about once a second so that at most one wrap happens between
-two reads (a wrap takes minutes even at full load).
+the packages, so both are ignored.
+
+Wraps: `energy_uj` wraps at `max_energy_range_uj` (about 262 kJ, i.e. 20+ minutes even at 200 W per
+package). A window's energy is the sum of wrap-corrected steps along a chain of raw reads: the
+raw value read at the opening edge, the raw values the timeline sampler recorded about once a
+second *between* the edges (`RaplRaw` samples, written by the sampler process, so the measured
+process runs no polling thread), and the raw value read at the closing edge
+(`energy_between`). Each step spans at most ~1 s, far less than one wrap period, so a step that
+goes backwards wrapped exactly once. Without a sampler (`energy.timeline: false`) the chain is the
+two edges alone, which is exact for windows shorter than one wrap period.
 """
 
 from __future__ import annotations
@@ -30,6 +37,14 @@ PERMISSION_FIX = (
     "run as root or chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj "
     "/sys/class/powercap/intel-rapl:*:*/energy_uj (see README)"
 )
+
+
+@dataclass(frozen=True)
+class RaplRaw:
+    """Raw `energy_uj` of every zone at one instant (`llm_energy.clock.now()` time)."""
+
+    time_s: float
+    raw_uj: dict[str, int]  # zone path -> energy_uj
 
 
 @dataclass
@@ -154,6 +169,35 @@ class RaplReader:
                 "domains": totals,
                 "zones": {str(z.path): (z.name, z.domain, z.total_uj / 1e6) for z in self.zones},
             }
+
+    def read_raw(self) -> RaplRaw:
+        """Raw `energy_uj` of every zone (no accumulation): one edge or sampler read."""
+        raw = {str(z.path): int(self._read_text(z.path / "energy_uj").strip()) for z in self.zones}
+        return RaplRaw(time_s=clock.now(), raw_uj=raw)
+
+    def energy_between(self, start: RaplRaw, end: RaplRaw,
+                       between: list[RaplRaw] = ()) -> dict[str, Any]:
+        """Energy per domain and per zone (J) from `start` to `end`, wrap-corrected along the chain.
+
+        `between` may hold samples from any time: only those strictly between the two edges are
+        used (in time order), each one step of the chain.
+        """
+        chain = [start] + sorted((r for r in between if start.time_s < r.time_s < end.time_s),
+                                 key=lambda r: r.time_s) + [end]
+        domains: dict[str, float] = {}
+        zones: dict[str, tuple[str, str, float]] = {}
+        for zone in self.zones:
+            path = str(zone.path)
+            values = [r.raw_uj[path] for r in chain if path in r.raw_uj]
+            total_uj = 0
+            for previous, current in zip(values, values[1:]):
+                step = current - previous
+                if step < 0:  # wrapped past max_energy_range_uj (once: a step is ~1 s)
+                    step += zone.max_energy_range_uj
+                total_uj += step
+            domains[zone.domain] = domains.get(zone.domain, 0.0) + total_uj / 1e6
+            zones[path] = (zone.name, zone.domain, total_uj / 1e6)
+        return {"domains": domains, "zones": zones}
 
     def poll(self) -> None:
         """Read without using the result: keeps the wrap correction valid on long windows."""

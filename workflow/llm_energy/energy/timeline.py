@@ -1,8 +1,9 @@
-"""The sampled power timeline: one thread, one row per GPU per period, and its integral.
+"""The sampled power timeline: the sampling loop, one row per GPU per period, and its integral.
 
-The sampler reads cheap NVML values (power ~4 us, clocks, temperature, utilisation, clock-event
+The loop reads cheap NVML values (power ~4 us, clocks, temperature, utilisation, clock-event
 reasons, power limit) every `period_s`, and every ~1 s runs the slow tasks: one energy-counter read
-per GPU (~4 ms each on an H100), RAPL polling (wrap correction) and the GPU process list. All
+per GPU (~4 ms each on an H100), the raw RAPL counters and the GPU process list. It runs in the
+sampler process (sampler.py), never as a thread of the measured process outside unit tests. All
 timestamps are `llm_energy.clock.now()` values, comparable with request and window timestamps.
 """
 
@@ -80,12 +81,14 @@ class TimelineSampler:
 
     def __init__(self, sample: Callable[[bool], list[tuple]], store: TimelineStore,
                  period_s: float, slow_tasks: Sequence[Callable[[], None]] = (),
-                 slow_period_s: float = SLOW_PERIOD_S):
+                 slow_period_s: float = SLOW_PERIOD_S,
+                 on_error: Callable[[str], None] | None = None):
         self._sample = sample
         self._store = store
         self.period_s = period_s
         self.slow_period_s = slow_period_s
         self._slow_tasks = list(slow_tasks)
+        self._on_error = on_error
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ticks = 0
@@ -118,10 +121,12 @@ class TimelineSampler:
                 if slow:
                     for task in self._slow_tasks:
                         task()
-            except Exception:  # a failing read must not end the timeline; report the first
+            except Exception as exc:  # a failing read must not end the timeline; report the first
                 self.errors += 1
                 if self.errors == 1:
                     logger.exception("timeline sampler: a read failed (further failures counted)")
+                    if self._on_error is not None:
+                        self._on_error(f"{type(exc).__name__}: {exc}")
             if slow:
                 next_slow = now + self.slow_period_s
             self.ticks += 1

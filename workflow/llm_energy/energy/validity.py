@@ -38,13 +38,18 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
                           "also counts the other instances on that GPU",
     "counter_reset": "an NVML energy counter went backwards (driver reloaded): GPU energy invalid",
     "gpu_not_idle": "the GPU was busy while the idle baseline was measured",
+    "baseline_power_state_differs": "the window's mean SM clock differs from the active-idle "
+                                    "baseline's by more than energy.baseline_clock_tolerance: "
+                                    "the GPU ran in another power state than its baseline",
 }
 
 
 # Flags that describe how the GPU ran rather than how well it was measured. An H100 at full load sits
 # on its power cap, so power_throttled is the normal state of a heavy run, not a broken measurement;
 # these reach the summary but do not make a run invalid.
-OPERATING_CONDITION_FLAGS = frozenset({"power_throttled", "thermal_throttled", "hw_slowdown"})
+# baseline_power_state_differs is expected too: a loaded GPU at its power cap clocks lower than idle.
+OPERATING_CONDITION_FLAGS = frozenset({"power_throttled", "thermal_throttled", "hw_slowdown",
+                                       "baseline_power_state_differs"})
 
 
 def invalidating_flags(flags: Iterable[str]) -> list[str]:
