@@ -104,7 +104,7 @@ def test_json_round_trip_with_envelope(tmp_path: Path) -> None:
     assert on_disk == written
     assert list(on_disk) == ["schema", "schema_version", "provenance", "data"]
     assert on_disk["schema"] == "llm_energy/run_result"
-    assert on_disk["schema_version"] == SCHEMA_VERSIONS["run_result"] == 1
+    assert on_disk["schema_version"] == SCHEMA_VERSIONS["run_result"] == 2
     assert on_disk["provenance"] == PROVENANCE
     assert on_disk["data"] == data
     read = read_json_artifact(path, "run_result")
@@ -265,48 +265,48 @@ def test_read_non_integer_schema_version(tmp_path: Path) -> None:
 
 def test_read_older_version_without_migration(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "run.json"
-    write_json_artifact(path, "run_result", run_result_data(), PROVENANCE)  # version 1
-    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 2)
+    write_json_artifact(path, "run_result", run_result_data(), PROVENANCE)  # version 2 (current)
+    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 3)
     monkeypatch.setattr(artifacts, "MIGRATIONS", {})
     with pytest.raises(ArtifactError) as info:
         read_json_artifact(path, "run_result")
-    assert "schema_version 1" in str(info.value) and "cannot be migrated to 2" in str(info.value)
+    assert "schema_version 2" in str(info.value) and "cannot be migrated to 3" in str(info.value)
 
 
 def test_read_older_version_with_migrations(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "run.json"
     original = run_result_data()
-    write_json_artifact(path, "run_result", original, PROVENANCE)  # version 1
+    write_json_artifact(path, "run_result", original, PROVENANCE)  # version 2 (current)
     calls: list[int] = []
-
-    def v1_to_v2(data: dict) -> dict:
-        calls.append(1)
-        data = copy.deepcopy(data)
-        data["metrics"]["renamed_in_v2_j"] = data["metrics"].pop("gpu_energy_j")
-        return data
 
     def v2_to_v3(data: dict) -> dict:
         calls.append(2)
         data = copy.deepcopy(data)
-        data["metrics_info"]["migrated"] = "v3"
+        data["metrics"]["renamed_in_v3_j"] = data["metrics"].pop("gpu_energy_j")
         return data
 
-    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 3)
-    monkeypatch.setattr(artifacts, "MIGRATIONS", {("run_result", 1): v1_to_v2, ("run_result", 2): v2_to_v3})
+    def v3_to_v4(data: dict) -> dict:
+        calls.append(3)
+        data = copy.deepcopy(data)
+        data["metrics_info"]["migrated"] = "v4"
+        return data
+
+    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 4)
+    monkeypatch.setattr(artifacts, "MIGRATIONS", {("run_result", 2): v2_to_v3, ("run_result", 3): v3_to_v4})
     document = read_json_artifact(path, "run_result")
-    assert calls == [1, 2]  # applied in order, each once
-    assert document["schema_version"] == 3
-    assert document["data"]["metrics"] == {"output_tokens_per_s": 3.2, "renamed_in_v2_j": 100.0,
+    assert calls == [2, 3]  # applied in order, each once
+    assert document["schema_version"] == 4
+    assert document["data"]["metrics"] == {"output_tokens_per_s": 3.2, "renamed_in_v3_j": 100.0,
                                            "dram_energy_j": None}
-    assert document["data"]["metrics_info"] == {"node_energy_domains": "gpu+cpu", "migrated": "v3"}
+    assert document["data"]["metrics_info"] == {"node_energy_domains": "gpu+cpu", "migrated": "v4"}
     assert document["provenance"] == PROVENANCE
 
 
 def test_migrated_data_is_validated(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "run.json"
     write_json_artifact(path, "run_result", run_result_data(), PROVENANCE)
-    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 2)
-    monkeypatch.setattr(artifacts, "MIGRATIONS", {("run_result", 1): lambda d: {**d, "cycle": "one"}})
+    monkeypatch.setitem(SCHEMA_VERSIONS, "run_result", 3)
+    monkeypatch.setattr(artifacts, "MIGRATIONS", {("run_result", 2): lambda d: {**d, "cycle": "one"}})
     with pytest.raises(ArtifactError, match="cycle"):
         read_json_artifact(path, "run_result")
 

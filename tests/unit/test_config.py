@@ -61,7 +61,8 @@ def test_default_config_validates_and_expands_to_four_experiments() -> None:
         assert ID_PATTERN.match(eid), eid
         assert experiment.backend == "pytorch"
         assert experiment.dataset == "bundled"
-        assert experiment.warmup_requests == 2
+        assert experiment.warmup == {"min_batches": 2, "stable_batches": 2, "tolerance": 0.25, "max_s": 10}
+        assert experiment.min_window_s == 0.5 and experiment.cycle_isolation == "experiment"
         assert experiment.seed == 1234
         assert experiment.requests_per_cycle is None
         assert experiment.parameters == {
@@ -125,7 +126,10 @@ def _label(eid: str) -> str:
 @pytest.mark.parametrize(
     "change",
     [
-        pytest.param(lambda c: c["campaign"].update(warmup_requests=3), id="warmup_requests"),
+        pytest.param(lambda c: c["campaign"]["warmup"].update(tolerance=0.1), id="campaign.warmup"),
+        pytest.param(lambda c: c["campaign"].update(min_window_s=2), id="campaign.min_window_s"),
+        pytest.param(lambda c: c["campaign"].update(cycle_isolation="process"), id="campaign.cycle_isolation"),
+        pytest.param(lambda c: c["energy"].update(phase_split="timeline"), id="energy.phase_split"),
         pytest.param(lambda c: c["campaign"].update(seed=99), id="campaign.seed"),
         pytest.param(lambda c: c["campaign"].update(requests_per_cycle=5), id="requests_per_cycle"),
         pytest.param(lambda c: c["datasets"]["bundled"].update(sample_size=9), id="dataset.sample_size"),
@@ -178,8 +182,10 @@ def test_defaults_are_filled_and_input_untouched() -> None:
     snapshot = copy.deepcopy(raw)
     config = validate_config(raw)
     assert raw == snapshot  # validation works on a copy
-    assert config["campaign"] == {"name": "campaign", "cycles": 3, "warmup_requests": 4,
-                                  "requests_per_cycle": None, "seed": 1234}
+    assert config["campaign"] == {
+        "name": "campaign", "cycles": 3,
+        "warmup": {"min_batches": 3, "stable_batches": 3, "tolerance": 0.05, "max_s": 300},
+        "min_window_s": 10, "cycle_isolation": "experiment", "requests_per_cycle": None, "seed": 1234}
     assert config["grid"] == {
         "batch_size": [1], "dtype": ["float32"], "max_input_tokens": [512], "max_output_tokens": [64],
         "decoding": [{"mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],

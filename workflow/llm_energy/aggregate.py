@@ -98,6 +98,9 @@ class _Cycle:
     # Bytes of the matmul weights as the backend stored them (quantized ones included), where the
     # load report has them (pytorch backend): what one decode step reads at least.
     matmul_weight_bytes: float | None = None
+    # Passes over the measured request set in the window (campaign.min_window_s); the FLOPs estimate
+    # is for one pass.
+    repeats: int = 1
 
 
 def _is_number(value: Any) -> bool:
@@ -167,6 +170,7 @@ def _read_cycle(path: Path) -> _Cycle:
         valid=bool(validity.get("valid", True)),
         gpu_names=gpu_names,
         matmul_weight_bytes=_finite(((data.get("load") or {}).get("details") or {}).get("matmul_weight_bytes")),
+        repeats=int((data.get("tokens") or {}).get("repeats") or 1),
     )
 
 
@@ -289,8 +293,10 @@ def _decode_bytes_min(flops: Mapping[str, Any] | None, cycle: _Cycle) -> float |
     breakdown = flops.get("decode_bytes_breakdown") or {}
     steps = _finite(breakdown.get("decode_steps_min"))
     if cycle.matmul_weight_bytes is not None and steps is not None:
-        return cycle.matmul_weight_bytes * steps + (_finite(breakdown.get("kv_cache_bytes")) or 0.0)
-    return _finite(flops.get("decode_bytes_min"))
+        per_pass = cycle.matmul_weight_bytes * steps + (_finite(breakdown.get("kv_cache_bytes")) or 0.0)
+    else:
+        per_pass = _finite(flops.get("decode_bytes_min"))
+    return per_pass * cycle.repeats if per_pass is not None else None
 
 
 def _derive_flops_metrics(
@@ -299,8 +305,10 @@ def _derive_flops_metrics(
 ) -> dict[str, _DerivedSeries]:
     series = {name: _DerivedSeries() for name in FLOPS_DERIVED_METRICS}
     lookup = peak_figures_provider() if ok else None
-    total_flops = _finite(flops.get("total_flops")) if flops else None
+    per_pass_flops = _finite(flops.get("total_flops")) if flops else None
     for c in ok:
+        # The estimate covers one pass over the request set; the window ran c.repeats of them.
+        total_flops = per_pass_flops * c.repeats if per_pass_flops is not None else None
         decode_bytes = _decode_bytes_min(flops, c)
         window = _finite(c.metrics.get("window_duration_s"))
         if flops is None:

@@ -33,7 +33,8 @@ PARQUET_METADATA_KEY = b"llm_energy"
 SCHEMA_VERSIONS: dict[str, int] = {
     "dataset_manifest": 1,
     "model_manifest": 1,
-    "run_result": 1,
+    "run_result": 2,
+    "run_set": 1,
     "requests_table": 1,
     "timeline_table": 1,
     "flops_estimate": 1,
@@ -43,7 +44,10 @@ SCHEMA_VERSIONS: dict[str, int] = {
 }
 
 # (schema name, from version) -> function turning data of that version into data of version+1.
-MIGRATIONS: dict[tuple[str, int], Callable[[dict], dict]] = {}
+MIGRATIONS: dict[tuple[str, int], Callable[[dict], dict]] = {
+    # v2 added optional fields only (memory, engine_path, repeats, warm-up record, both baselines).
+    ("run_result", 1): lambda data: data,
+}
 
 
 @lru_cache(maxsize=None)

@@ -215,9 +215,11 @@ class Experiment:
     model_spec: dict[str, Any] = field(repr=False)
     dataset_spec: dict[str, Any] = field(repr=False)
     backend_settings: dict[str, Any] = field(repr=False)
-    warmup_requests: int | dict[str, int] = 0
+    warmup: dict[str, Any] = field(default_factory=dict)  # campaign.warmup, defaults filled
     requests_per_cycle: int | dict[str, int] | None = None
     seed: int = 0
+    min_window_s: float = 0.0
+    cycle_isolation: str = "experiment"
 
     def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
         """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""
@@ -289,15 +291,17 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             identity = {
                 "model": config["models"][model], "dataset": config["datasets"][dataset],
                 "backend": backend, "backend_settings": backend_settings, "parameters": parameters,
-                "warmup_requests": campaign["warmup_requests"],
+                "warmup": campaign["warmup"], "min_window_s": campaign["min_window_s"],
+                "cycle_isolation": campaign["cycle_isolation"], "phase_split": config["energy"]["phase_split"],
                 "requests_per_cycle": campaign["requests_per_cycle"], "seed": campaign["seed"],
             }
             eid = experiment_id(model, backend, dataset, parameters, identity)
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
                 model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
-                backend_settings=backend_settings, warmup_requests=campaign["warmup_requests"],
+                backend_settings=backend_settings, warmup=dict(campaign["warmup"]),
                 requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"],
+                min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
             )
     if not experiments and not config.get("figures_only"):
         raise ConfigError("exclude", "every experiment of the campaign is excluded", "Loosen the exclude rules.")

@@ -47,47 +47,105 @@ def baseline_cache_path(resources_dir: Path | str = "resources") -> Path:
     return Path(resources_dir) / "baseline" / f"{socket.gethostname()}.json"
 
 
-def run_inference_job(experiment_id: str, config: Mapping[str, Any], cycle: int, model_manifest: Path,
-                      dataset_dir: Path, result: Path, requests: Path, timeline: Path,
-                      baseline_path: Path | None = None) -> dict:
+def compile_cache_dir(resources_dir: Path | str = "resources") -> Path:
+    """torch.compile / Triton caches, per node (they depend on the GPU and the software): cycles and
+    reruns on this node reuse them instead of compiling again."""
+    return Path(resources_dir) / "compile-cache" / socket.gethostname()
+
+
+def experiment_run(experiment_id: str, config: Mapping[str, Any], model_manifest: Path, dataset_dir: Path,
+                   experiment_dir: Path, baseline_path: Path | None = None,
+                   compile_cache: Path | None = None):
+    """Everything measure.measure_experiment needs, from the job's arguments."""
     from llm_energy import datasets, measure, models
     from llm_energy.config import load_campaign
 
     campaign = load_campaign(config)
     exp = campaign.experiments[experiment_id]
-    energy_config = campaign.config["energy"]
-    model_dir = models.resolve_model_path(Path(model_manifest))
-    prompts = [p["prompt"] for p in datasets.load_prompts(Path(dataset_dir))]
     prov = provenance.collect(
         experiment=exp.id, config_sha256=campaign.sha256,
         inputs=[Path(model_manifest), Path(dataset_dir) / "manifest.json", Path(dataset_dir) / "prompts.jsonl"],
         extra={"job": measure.job_provenance()},
     )
-    paths = measure.RunPaths(result=Path(result), requests=Path(requests), timeline=Path(timeline))
-    return measure.run_cycle(exp, int(cycle), model_dir, prompts, dict(energy_config), paths, prov,
-                             baseline_path=Path(baseline_path) if baseline_path else None)
+    return measure.ExperimentRun(
+        experiment=exp, model_dir=models.resolve_model_path(Path(model_manifest)),
+        prompts=[p["prompt"] for p in datasets.load_prompts(Path(dataset_dir))],
+        energy_config=dict(campaign.config["energy"]), experiment_dir=Path(experiment_dir), provenance=prov,
+        baseline_path=Path(baseline_path) if baseline_path else None,
+        compile_cache_dir=Path(compile_cache) if compile_cache else None,
+    ), campaign
 
 
-def estimate_flops_job(experiment_id: str, model_manifest: Path, requests_path: Path, dtype: str, batch_size: int,
+def run_inference_job(experiment_id: str, config: Mapping[str, Any], model_manifest: Path, dataset_dir: Path,
+                      run_set: Path, baseline_path: Path | None = None, compile_cache: Path | None = None) -> dict:
+    """Measure every cycle of one experiment and write its run set (the list of its cycles).
+
+    The cycles' own artifacts (runs/{experiment}/cycle-{n}/) are written as each cycle completes and
+    are not outputs Snakemake deletes when a job dies: a rerun measures only the missing cycles.
+    """
+    from llm_energy import measure
+
+    run_set = Path(run_set)
+    arguments = {"experiment_id": experiment_id, "config": dict(config), "model_manifest": str(model_manifest),
+                 "dataset_dir": str(dataset_dir), "experiment_dir": str(run_set.parent),
+                 "baseline_path": str(baseline_path) if baseline_path else None,
+                 "compile_cache": str(compile_cache) if compile_cache else None}
+    run, campaign = experiment_run(**arguments)
+    cycles = list(range(1, campaign.cycles + 1))
+    if run.experiment.cycle_isolation == "process":
+        report = measure.measure_cycles_isolated(arguments, cycles)
+    else:
+        report = measure.measure_experiment(run, cycles)
+    entries = []
+    for cycle in cycles:
+        paths = measure.RunPaths.in_dir(measure.cycle_dir(run.experiment_dir, cycle))
+        document = artifacts.read_json_artifact(paths.result, "run_result")
+        entries.append({"cycle": cycle, "result": str(paths.result.relative_to(run_set.parent)),
+                        "status": document["data"]["status"]})
+    data = {"experiment_id": experiment_id, "cycle_isolation": run.experiment.cycle_isolation,
+            "cycles": entries, "measured_now": report["measured_cycles"], "timing": report["timing"]}
+    artifacts.write_json_artifact(run_set, "run_set", data, run.provenance)
+    return data
+
+
+def run_results_of(run_set: Path) -> list[Path]:
+    """The cycles' result.json files listed by a run set."""
+    document = artifacts.read_json_artifact(Path(run_set), "run_set")
+    return [Path(run_set).parent / entry["result"] for entry in document["data"]["cycles"]]
+
+
+def estimate_flops_job(experiment_id: str, model_manifest: Path, run_set: Path, dtype: str, batch_size: int,
                        out: Path, config_sha256: str) -> dict:
     from llm_energy import flops, models
 
+    results = run_results_of(Path(run_set))
+    # The token counts of the first cycle that completed (cycle 1 unless it failed).
+    statuses = [artifacts.read_json_artifact(p, "run_result")["data"]["status"] for p in results]
+    chosen = next((p for p, status in zip(results, statuses) if status == "ok"), results[0])
+    requests_path = chosen.parent / "requests.parquet"
     frame, _ = artifacts.read_table_artifact(requests_path, "requests_table")
+    if "repeat" in frame.columns:
+        # One pass over the measured request set: a window repeats it (campaign.min_window_s), and
+        # aggregation scales the estimate by each cycle's own number of repeats.
+        frame = frame[frame["repeat"] == 0]
     data = flops.estimate_experiment_flops(
         models.resolve_model_path(Path(model_manifest)), frame, dtype=dtype, batch_size=batch_size
     )
     prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256,
-                              inputs=[Path(model_manifest), Path(requests_path)], include_gpus=False)
+                              inputs=[Path(model_manifest), requests_path], include_gpus=False)
     artifacts.write_json_artifact(out, "flops_estimate", data, prov)
     return data
 
 
-def aggregate_job(experiment_id: str, run_results: Sequence[Path], flops_path: Path | None, out: Path,
+def aggregate_job(experiment_id: str, run_set: Path, flops_path: Path | None, out: Path,
                   config_sha256: str | None) -> dict:
     from llm_energy import aggregate
 
-    data = aggregate.aggregate_experiment([Path(p) for p in run_results], Path(flops_path) if flops_path else None)
-    inputs = [Path(p) for p in run_results] + ([Path(flops_path)] if flops_path else [])
+    run_results = run_results_of(Path(run_set))
+    data = aggregate.aggregate_experiment(run_results, Path(flops_path) if flops_path else None)
+    # Where the job's wall time went (load, compile, warm-up, baseline, windows, the rest).
+    data["time_accounting"] = artifacts.read_json_artifact(Path(run_set), "run_set")["data"]["timing"]
+    inputs = [Path(run_set), *run_results] + ([Path(flops_path)] if flops_path else [])
     prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256, inputs=inputs,
                               include_gpus=False)
     artifacts.write_json_artifact(out, "experiment_result", data, prov)

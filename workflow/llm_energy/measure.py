@@ -1,15 +1,30 @@
-"""The measurement harness: one run of one experiment (one cycle).
+"""The measurement harness: one experiment, its model loaded once, its cycles measured back to back.
 
-It owns the sequence  setup (model load) -> warm-up -> open window -> generate -> close window ->
-write artifacts, the clock and the energy session. Backends and energy sources are looked up by name;
-the harness knows neither's internals. Setup is measured (time and energy) but never inside the window.
+    load -> compile -> warm-up until converged -> active-idle baseline -> for each cycle:
+        window (the measured request set, repeated until campaign.min_window_s)
+        prefill-only window (energy.phase_split: differential)
+        write the cycle's artifacts
+
+Everything before the first window is *setup*: measured (time and energy) in its own windows and
+never inside a measured window. A cycle whose result.json already exists is not measured again, so a
+job killed in cycle 3 resumes at cycle 3. `campaign.cycle_isolation: process` measures each cycle in
+a fresh process instead (load-to-load variance studies): the same sequence, one cycle at a time.
+
+The harness must not move what it measures: between a window's edges it only calls the backend
+(batch by batch, with a clock read between batches); the power sampler runs in its own process and
+nothing else of ours runs in this one (see llm_energy.energy.session).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-from dataclasses import dataclass
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +32,8 @@ import pandas as pd
 
 from llm_energy import artifacts, clock, hardware, metrics
 from llm_energy.backends import create_backend
-from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
+from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
+from llm_energy.batching import make_batches
 from llm_energy.config import Experiment
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.energy.validity import invalidating_flags
@@ -25,12 +41,27 @@ from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
+# Warm-up is bounded even when batch times never settle (a noisy shared CPU): then the run is flagged.
+WARMUP_FLAG_NOT_CONVERGED = "warmup_not_converged"
+FLAG_RECOMPILED = "recompiled_in_window"
+
 
 @dataclass(frozen=True)
 class RunPaths:
+    """The three artifacts of one cycle; result.json is written last and marks the cycle complete."""
+
     result: Path
     requests: Path
     timeline: Path
+
+    @classmethod
+    def in_dir(cls, run_dir: Path) -> RunPaths:
+        return cls(result=run_dir / "result.json", requests=run_dir / "requests.parquet",
+                   timeline=run_dir / "timeline.parquet")
+
+
+def cycle_dir(experiment_dir: Path, cycle: int) -> Path:
+    return Path(experiment_dir) / f"cycle-{cycle}"
 
 
 def decoding_settings(experiment: Experiment, cycle: int) -> DecodingSettings:
@@ -43,11 +74,19 @@ def decoding_settings(experiment: Experiment, cycle: int) -> DecodingSettings:
     )
 
 
-def backend_settings(experiment: Experiment) -> dict[str, Any]:
+def prefill_only(decoding: DecodingSettings) -> DecodingSettings:
+    """The same requests with exactly one output token: the prefill pass of differential phases."""
+    return dataclasses.replace(decoding, max_output_tokens=1, output_length="fixed")
+
+
+def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None) -> dict[str, Any]:
     settings = dict(experiment.backend_settings)
     settings["trust_remote_code"] = experiment.model_spec.get("trust_remote_code", False)
     settings["batching"] = experiment.parameters["batching"]
     settings["token_budget"] = experiment.parameters["token_budget"]
+    settings["seed"] = experiment.seed
+    if compile_cache_dir is not None:
+        settings["compile_cache_dir"] = str(compile_cache_dir)
     return settings
 
 
@@ -57,9 +96,8 @@ def max_model_len(experiment: Experiment) -> int:
     return configured or needed
 
 
-def select_requests(requests: list[Request], experiment: Experiment) -> tuple[list[Request], list[Request]]:
-    """(warm-up requests, measured requests). Warm-up reuses the first prompts: it only has to run
-    the same kernels at the same shapes; the measured set is every prompt (or requests_per_cycle)."""
+def select_requests(requests: list[Request], experiment: Experiment) -> list[Request]:
+    """The measured request set: every prompt, or campaign.requests_per_cycle of them."""
     wanted = experiment.request_count(experiment.requests_per_cycle)
     if wanted is not None and wanted > len(requests):
         raise ConfigError(
@@ -67,21 +105,158 @@ def select_requests(requests: list[Request], experiment: Experiment) -> tuple[li
             f"asks for {wanted} requests but dataset '{experiment.dataset}' has {len(requests)} prompts",
             f"Lower it, or give datasets.{experiment.dataset} more prompts (sample_size / count).",
         )
-    measured = list(requests[:wanted]) if wanted else list(requests)
-    warmup = list(requests[: experiment.request_count(experiment.warmup_requests)])
-    return warmup, measured
+    return list(requests[:wanted]) if wanted else list(requests)
 
 
-def requests_frame(records: list[RequestRecord]) -> pd.DataFrame:
+def batches_of(requests: Sequence[Request], experiment: Experiment) -> list[list[Request]]:
+    """The measured set cut into the batches the window runs (the campaign's batching strategy)."""
+    p = experiment.parameters
+    return make_batches(requests, p["batch_size"], p["batching"], p["token_budget"], p["max_output_tokens"])
+
+
+def shape_of(batch: Sequence[Request]) -> tuple[int, int]:
+    """What a batch's kernels depend on: its size and its longest prompt."""
+    return len(batch), max(r.input_tokens for r in batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up
+
+
+@dataclass
+class WarmupResult:
+    batch_times_s: list[float] = field(default_factory=list)
+    batch_shapes: list[tuple[int, int]] = field(default_factory=list)
+    converged: bool = False
+    prefill_batches: int = 0
+
+    def describe(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"batches": len(self.batch_times_s), "batch_times_s": self.batch_times_s,
+                "batch_shapes": [list(s) for s in self.batch_shapes], "converged": self.converged,
+                "prefill_only_batches": self.prefill_batches, "settings": dict(settings)}
+
+
+def warmup_converged(times_s: Sequence[float], shapes: Sequence[tuple[int, int]], min_batches: int,
+                     stable_batches: int, tolerance: float) -> bool:
+    """At least `min_batches` batches, and the last `stable_batches` batches of the most common shape
+    agree within `tolerance` (max/min - 1): batches of another shape (a partial last batch) are not
+    compared with full ones."""
+    if len(times_s) < max(min_batches, stable_batches):
+        return False
+    counts: dict[tuple[int, int], int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    modal = max(counts, key=lambda s: (counts[s], s))
+    same = [t for t, s in zip(times_s, shapes) if s == modal][-stable_batches:]
+    if len(same) < stable_batches or min(same) <= 0:
+        return False
+    return max(same) / min(same) - 1.0 <= tolerance
+
+
+def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, decoding: DecodingSettings,
+            settings: dict[str, Any], prefill_decoding: DecodingSettings | None = None) -> WarmupResult:
+    """Run the measured batches round-robin until their times settle and every shape has run.
+
+    Every shape the window will see (the partial last batch too) runs at least once; with a
+    prefill-only pass ahead, each of its shapes runs once as well.
+    """
+    result = WarmupResult()
+    started = clock.now()
+    needed_shapes = {shape_of(b) for b in batches}
+    seen: set[tuple[int, int]] = set()
+    position = 0
+    while True:
+        batch = batches[position % len(batches)]
+        position += 1
+        t0 = clock.now()
+        backend.generate(batch, batch_size, decoding)
+        backend.synchronize()
+        result.batch_times_s.append(clock.now() - t0)
+        result.batch_shapes.append(shape_of(batch))
+        seen.add(shape_of(batch))
+        result.converged = warmup_converged(result.batch_times_s, result.batch_shapes, settings["min_batches"],
+                                            settings["stable_batches"], settings["tolerance"])
+        if result.converged and needed_shapes <= seen:
+            break
+        if clock.now() - started > settings["max_s"] and needed_shapes <= seen:
+            log.warning("warm-up did not converge within campaign.warmup.max_s=%s s (last batch times %s)",
+                        settings["max_s"], [round(t, 4) for t in result.batch_times_s[-5:]])
+            break
+    if prefill_decoding is not None:
+        shapes_done: set[tuple[int, int]] = set()
+        for batch in batches:
+            if shape_of(batch) in shapes_done:
+                continue
+            shapes_done.add(shape_of(batch))
+            backend.generate(batch, batch_size, prefill_decoding)
+            result.prefill_batches += 1
+        backend.synchronize()
+    log.info("warm-up: %d batches in %.1f s, converged: %s", len(result.batch_times_s), clock.now() - started,
+             result.converged)
+    return result
+
+
+def rewarm(backend: Backend, batches: list[list[Request]], batch_size: int, decoding: DecodingSettings) -> None:
+    """One batch right before a window, outside it: after an idle gap (a baseline, the previous
+    cycle's artifacts being written) the host and the GPU are out of their steady state, and the
+    window's first batch would pay for it."""
+    backend.generate(batches[0], batch_size, decoding)
+    backend.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+
+
+@dataclass
+class MeasuredWindow:
+    record: dict[str, Any]
+    requests: list[RequestRecord]
+    repeat_of_request: list[int]
+    repeats: int
+    compilations: tuple[int | None, int | None]
+    memory: dict[str, Any]
+
+
+def measure_window(session: EnergySession, backend: Backend, name: str, requests: list[Request], batch_size: int,
+                   decoding: DecodingSettings, min_window_s: float) -> MeasuredWindow:
+    """One measured window: the request set, repeated until the window lasts `min_window_s`.
+
+    Between the edges only the backend runs; the loop's own work is one clock read per repeat.
+    """
+    backend.reset_peak_memory()
+    compiled_before = backend.compilation_count()
+    handle = session.open_window(name)
+    started = clock.now()
+    runs: list[list[RequestRecord]] = []
+    while True:
+        runs.append(backend.generate(requests, batch_size, decoding))
+        if clock.now() - started >= min_window_s:
+            break
+    backend.synchronize()
+    record = session.close_window(handle)
+    compiled_after = backend.compilation_count()
+    memory = backend.memory_report()
+    records = [r for run in runs for r in run]
+    repeat_of_request = [i for i, run in enumerate(runs) for _ in run]
+    record["repeats"] = len(runs)
+    if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
+        record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_RECOMPILED})
+    return MeasuredWindow(record, records, repeat_of_request, len(runs), (compiled_before, compiled_after), memory)
+
+
+def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per request; latencies as llm_energy.metrics defines them. `itl_s` holds the request's
-    every ITL sample (one per chunk gap), so that aggregation can pool the samples over cycles."""
+    every ITL sample (one per chunk gap), so that aggregation can pool the samples over cycles;
+    `repeat` says which repetition of the request set (campaign.min_window_s) the row belongs to."""
     rows = []
-    for r in records:
+    for position, r in enumerate(records):
         itl = metrics.inter_token_latencies_s(r)
         tpot = metrics.time_per_output_token_s(r)
         chunk_times, chunk_tokens = r.arrivals()
         rows.append({
             "request_index": r.index,
+            "repeat": 0 if repeats is None else int(repeats[position]),
             "batch_index": -1 if r.batch_index is None else r.batch_index,
             "input_tokens": r.input_tokens,
             "output_tokens": r.output_tokens,
@@ -98,9 +273,9 @@ def requests_frame(records: list[RequestRecord]) -> pd.DataFrame:
             "itl_s": itl,
             "latency_source": r.latency_source,
         })
-    columns = ["request_index", "batch_index", "input_tokens", "output_tokens", "submitted_s", "first_token_s",
-               "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s", "chunk_times_s",
-               "chunk_tokens", "itl_s", "latency_source"]
+    columns = ["request_index", "repeat", "batch_index", "input_tokens", "output_tokens", "submitted_s",
+               "first_token_s", "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s",
+               "chunk_times_s", "chunk_tokens", "itl_s", "latency_source"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -109,102 +284,250 @@ def _prefill_spans(records: list[RequestRecord]) -> list[tuple[float, float]]:
     return [(r.submitted_s, r.first_token_s) for r in records if r.first_token_s is not None]
 
 
-def _failed_result(experiment: Experiment, cycle: int, error: str, setup: list[dict], energy_sources: dict,
-                   gpu_state: dict) -> dict:
+def differential_phases(full: MeasuredWindow, prefill: MeasuredWindow) -> dict[str, Any]:
+    """Prefill energy per input token from the prefill-only window; decode = full window - prefill.
+
+    The prefill-only window runs the same batches with one output token, so its GPU energy per input
+    token is what the full window spends on its prompts (and first tokens). What remains of the full
+    window is decode, divided by its decode tokens (every output token after each request's first).
+    """
+    gpu_full = full.record["domains"]["gpu"]
+    gpu_prefill = prefill.record["domains"]["gpu"]
+    if not gpu_full.get("available") or not gpu_prefill.get("available"):
+        reason = gpu_full.get("reason") or gpu_prefill.get("reason") or "not measured"
+        return {"available": False, "method": "differential",
+                "reason": f"differential phases need measured GPU energy in both windows ({reason})"}
+    prefill_input = sum(r.input_tokens for r in prefill.requests)
+    full_input = sum(r.input_tokens for r in full.requests)
+    decode_tokens = sum(max(r.output_tokens - 1, 0) for r in full.requests)
+    per_input_j = float(gpu_prefill["gross_j"]) / prefill_input if prefill_input else None
+    if per_input_j is None:
+        return {"available": False, "method": "differential", "reason": "the prefill window had no input tokens"}
+    prefill_j = per_input_j * full_input
+    decode_j = float(gpu_full["gross_j"]) - prefill_j
+    flags = ["prefill_exceeds_window"] if decode_j < 0 else []
     return {
-        "experiment_id": experiment.id, "cycle": cycle, "status": "failed", "error": error,
-        "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
-                       "parameters": experiment.parameters},
-        "load": None, "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
-        "window": None, "tokens": None, "metrics": {}, "metrics_info": {}, "phases": None,
-        "energy_sources": energy_sources, "gpu_state": gpu_state,
-        "validity": {"flags": ["failed"], "valid": False},
+        "available": True, "method": "differential",
+        "description": ("prefill: a prefill-only window (same batches, one output token, repeated to "
+                        "campaign.min_window_s) gives GPU energy per input token; decode: the full window's "
+                        "GPU energy minus that prefill energy, per decode token (output tokens after each "
+                        "request's first)"),
+        "prefill_j": prefill_j, "decode_j": decode_j,
+        "prefill_energy_per_input_token_j": per_input_j,
+        "decode_energy_per_decode_token_j": decode_j / decode_tokens if decode_tokens else None,
+        "decode_tokens": decode_tokens,
+        "prefill_window": {"duration_s": prefill.record["duration_s"], "repeats": prefill.repeats,
+                           "gross_j": float(gpu_prefill["gross_j"]), "input_tokens": prefill_input,
+                           "flags": prefill.record.get("flags", [])},
+        "flags": flags,
     }
 
 
-def run_cycle(
-    experiment: Experiment,
-    cycle: int,
-    model_dir: Path,
-    prompts: list[str],
-    energy_config: dict[str, Any],
-    paths: RunPaths,
-    provenance: dict[str, Any],
-    baseline_path: Path | None = None,
-) -> dict:
-    """Measure one cycle of `experiment` and write its three artifacts. Returns the run result data.
+# ---------------------------------------------------------------------------------------------
+# One experiment
 
-    Engine errors (BackendError: out of memory, unsupported model, engine missing) are recorded as a
-    failed run with the reason, so the campaign goes on; anything else is a bug and propagates.
-    """
+
+@dataclass
+class ExperimentRun:
+    """Everything one process needs to measure an experiment's cycles."""
+
+    experiment: Experiment
+    model_dir: Path
+    prompts: list[str]
+    energy_config: dict[str, Any]
+    experiment_dir: Path
+    provenance: dict[str, Any]
+    baseline_path: Path | None = None
+    compile_cache_dir: Path | None = None
+
+
+def cycle_complete(paths: RunPaths, experiment_id: str) -> bool:
+    """A cycle is complete when its result.json is a valid run result of this experiment."""
+    if not paths.result.is_file():
+        return False
+    try:
+        document = artifacts.read_json_artifact(paths.result, "run_result")
+    except Exception as exc:  # a damaged file is measured again, and said so
+        log.warning("%s is unreadable (%s): measuring that cycle again", paths.result, exc)
+        return False
+    return document["data"].get("experiment_id") == experiment_id
+
+
+class _Timing:
+    """Where the job's wall time went: setup phases, windows, and the rest (gaps)."""
+
+    def __init__(self) -> None:
+        self.started_s = clock.now()
+        self.started_unix_s = self.started_s + clock.wall_offset_s()
+        self.phases_s: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases_s[phase] = self.phases_s.get(phase, 0.0) + float(seconds)
+
+    def describe(self) -> dict[str, Any]:
+        total = clock.now() - self.started_s
+        accounted = sum(self.phases_s.values())
+        windows = self.phases_s.get("windows", 0.0)
+        return {"started_unix_s": self.started_unix_s, "total_s": total, "phases_s": dict(self.phases_s),
+                "other_s": max(total - accounted, 0.0), "windows_s": windows,
+                "share_in_windows": windows / total if total > 0 else None}
+
+
+def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, Any]:
+    """Measure `cycles` of one experiment in this process (load and warm up once). Returns the job's
+    time accounting and each cycle's status. Cycles already complete are skipped."""
+    experiment = run.experiment
+    p = experiment.parameters
+    todo = [c for c in cycles if not cycle_complete(RunPaths.in_dir(cycle_dir(run.experiment_dir, c)), experiment.id)]
+    timing = _Timing()
+    if not todo:
+        log.info("experiment %s: cycles %s already complete", experiment.id, list(cycles))
+        return {"timing": timing.describe(), "measured_cycles": []}
+    settings = EnergySettings.from_config(run.energy_config)
     devices = hardware.visible_gpus()
-    session = EnergySession(EnergySettings.from_config(energy_config), devices=devices, baseline_path=baseline_path)
-    decoding = decoding_settings(experiment, cycle)
-    setup_windows: list[dict] = []
-    backend = None
-    log.info("experiment %s cycle %d: %d prompts, GPUs used: %s", experiment.id, cycle, len(prompts),
-             [d.uuid for d in devices] or "none")
+    session = EnergySession(settings, devices=devices, baseline_path=run.baseline_path)
+    setup_windows: list[dict[str, Any]] = []
     gpu_state = {"start": hardware.describe_gpus(devices), "end": []}  # temperatures, clocks, limits
+    backend: Backend | None = None
+    log.info("experiment %s: cycles %s, %d prompts, GPUs visible: %s", experiment.id, todo, len(run.prompts),
+             [d.uuid for d in devices] or "none")
+
+    def setup_window(name: str, work: Callable[[], Any]) -> Any:
+        handle = session.open_window(name)
+        value = work()
+        if backend is not None:
+            backend.synchronize()
+        record = session.close_window(handle)
+        setup_windows.append(record)
+        timing.add(name, record["duration_s"])
+        return value
+
     session.start()
     try:
-        baseline = session.ensure_baseline()
-        log.info("idle baseline: %s", baseline)
+        t0 = clock.now()
+        static_baseline = session.ensure_baseline()
+        timing.add("baseline", clock.now() - t0)
         try:
-            handle = session.open_window("model_load")
-            backend = create_backend(experiment.backend, backend_settings(experiment))
-            load_report = backend.load(model_dir, experiment.parameters["dtype"], max_model_len(experiment),
-                                       experiment.parameters["batch_size"])
-            backend.synchronize()
-            setup_windows.append(session.close_window(handle))
-            requests = backend.tokenize(prompts, experiment.parameters["max_input_tokens"])
-            warmup, measured = select_requests(requests, experiment)
-            if warmup:
-                handle = session.open_window("warmup")
-                backend.generate(warmup, experiment.parameters["batch_size"], decoding)
-                backend.synchronize()
-                setup_windows.append(session.close_window(handle))
-            log.info("measuring %d requests", len(measured))
-            handle = session.open_window("inference")
-            records = backend.generate(measured, experiment.parameters["batch_size"], decoding)
-            backend.synchronize()
-            window = session.close_window(handle)
-            gpu_state["end"] = hardware.describe_gpus(devices)
+            backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir))
+            load_report = setup_window("model_load", lambda: backend.load(
+                run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]))
+            session.bind_to_process_gpus()  # only the GPUs holding this job's engine are measured
+            measured = select_requests(backend.tokenize(run.prompts, p["max_input_tokens"]), experiment)
+            batches = batches_of(measured, experiment)
+            first_decoding = decoding_settings(experiment, todo[0])
+            differential = settings.phase_split == "differential"
+            compile_facts = setup_window("compile", lambda: backend.compile(batches, first_decoding))
+            warmup = setup_window("warmup", lambda: warm_up(
+                backend, batches, p["batch_size"], first_decoding, experiment.warmup,
+                prefill_only(first_decoding) if differential else None))
+            t0 = clock.now()
+            active_baseline = _active_idle_baseline(session, settings)
+            timing.add("baseline", clock.now() - t0)
+            statuses = []
+            for cycle in todo:
+                result = _measure_cycle(run, cycle, measured, session, backend, devices, load_report,
+                                        compile_facts, warmup,
+                                        setup_windows, {"static_idle": static_baseline,
+                                                        "active_idle": active_baseline},
+                                        gpu_state, differential, timing)
+                statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
-            log.error("experiment %s cycle %d failed: %s", experiment.id, cycle, exc)
+            log.error("experiment %s failed: %s", experiment.id, exc)
             session.stop()
             gpu_state["end"] = hardware.describe_gpus(devices)
-            result = _failed_result(experiment, cycle, str(exc), setup_windows, session.describe(), gpu_state)
-            artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame([]), provenance)
-            artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), provenance)
-            artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
-            return result
+            statuses = []
+            for cycle in todo:
+                paths = RunPaths.in_dir(cycle_dir(run.experiment_dir, cycle))
+                if cycle_complete(paths, experiment.id):
+                    continue
+                _write_failed(run, cycle, str(exc), setup_windows, session, gpu_state, paths)
+                statuses.append({"cycle": cycle, "status": "failed"})
     finally:
         session.stop()
         if backend is not None:
             backend.close()
+    return {"timing": timing.describe(), "measured_cycles": statuses}
 
-    timeline = session.timeline_frame()
-    from llm_energy.energy.phases import split_prefill_decode
 
-    phases = split_prefill_decode(timeline, window, _prefill_spans(records))
-    run_metrics, info = metrics.run_metrics(records, window, setup_windows, phases)
-    first_submitted, last_finished = metrics.window_bounds(records)
-    flags = sorted(set(window.get("flags", [])))
+def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> dict[str, Any] | None:
+    """Idle power in the measured power state (model resident, CUDA context held, after warm-up);
+    net energy of the cycles uses it. energy.baseline.duration_s: 0 skips both baselines."""
+    duration_s = settings.baseline.duration_s
+    if duration_s == 0:
+        return None
+    record = session.measure_active_idle(duration_s)
+    session.use_baseline(record)
+    return record
+
+
+def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], session: EnergySession,
+                   backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
+                   compile_facts: dict[str, Any], warmup: WarmupResult, setup_windows: list[dict[str, Any]],
+                   baselines: dict[str, Any], gpu_state: dict[str, Any], differential: bool,
+                   timing: _Timing) -> dict[str, Any]:
+    experiment = run.experiment
+    p = experiment.parameters
+    paths = RunPaths.in_dir(cycle_dir(run.experiment_dir, cycle))
+    decoding = decoding_settings(experiment, cycle)
+    log.info("cycle %d: measuring %d requests, window at least %.1f s", cycle, len(measured),
+             experiment.min_window_s)
+    t0 = clock.now()
+    rewarm(backend, batches_of(measured, experiment), p["batch_size"], decoding)
+    timing.add("warmup", clock.now() - t0)
+    window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
+                            experiment.min_window_s)
+    timing.add("windows", window.record["duration_s"])
+    phases: dict[str, Any]
+    prefill = None
+    if differential:
+        prefill = measure_window(session, backend, "prefill_only", measured, p["batch_size"], prefill_only(decoding),
+                                 experiment.min_window_s)
+        timing.add("windows", prefill.record["duration_s"])
+        phases = differential_phases(window, prefill)
+    else:
+        phases = {"available": False, "method": "off", "reason": "energy.phase_split: off"}
+    split = EnergySettings.from_config(run.energy_config).phase_split
+    if split in ("timeline", "differential"):
+        from llm_energy.energy.phases import split_prefill_decode
+
+        timeline_split = split_prefill_decode(session.timeline_frame(), window.record,
+                                              _prefill_spans(window.requests))
+        if split == "timeline":
+            phases = {**timeline_split, "method_name": "timeline"}
+        else:
+            phases["timeline_estimate"] = timeline_split
+    gpu_state = {**gpu_state, "end": hardware.describe_gpus(devices)}
+
+    run_metrics, info = metrics.run_metrics(window.requests, window.record, setup_windows, phases)
+    for key, value in window.memory.items():
+        if isinstance(value, (int, float)) or value is None:
+            run_metrics[f"memory_{key}"] = value
+    info["engine_path"] = backend.engine_path
+    flags = set(window.record.get("flags", []))
+    if warmup.converged is False:
+        flags.add(WARMUP_FLAG_NOT_CONVERGED)
+    flags |= set(phases.get("flags", []))
+    flags = sorted(flags)
+    first_submitted, last_finished = metrics.window_bounds(window.requests)
     result = {
         "experiment_id": experiment.id,
         "cycle": cycle,
         "status": "ok",
         "error": None,
         "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
-                       "parameters": experiment.parameters},
+                       "parameters": experiment.parameters, "engine_path": backend.engine_path},
         "load": {"device": load_report.device, "dtype": load_report.dtype, "details": load_report.details},
         "setup": {"duration_s": sum(w["duration_s"] for w in setup_windows), "windows": setup_windows,
-                  "baseline": baseline},
-        "window": {**window, "start_unix_s": window["start_s"] + clock.wall_offset_s(),
-                   "first_request_submitted_s": first_submitted, "last_token_received_s": last_finished},
-        "tokens": {"requests": len(records), "input_tokens": int(run_metrics["input_tokens"]),
-                   "output_tokens": int(run_metrics["output_tokens"]),
-                   "warmup_requests": len(warmup)},
+                  "shared_by_cycles": True, "baseline": baselines, "compile": compile_facts,
+                  "warmup": warmup.describe(experiment.warmup)},
+        "window": {**window.record, "start_unix_s": window.record["start_s"] + clock.wall_offset_s(),
+                   "first_request_submitted_s": first_submitted, "last_token_received_s": last_finished,
+                   "min_window_s": experiment.min_window_s,
+                   "compilation_count": {"before": window.compilations[0], "after": window.compilations[1]}},
+        "memory": window.memory,
+        "tokens": {"requests": len(window.requests), "input_tokens": int(run_metrics["input_tokens"]),
+                   "output_tokens": int(run_metrics["output_tokens"]), "repeats": window.repeats,
+                   "distinct_requests": len(measured)},
         "metrics": run_metrics,
         "metrics_info": info,
         "phases": phases,
@@ -212,13 +535,73 @@ def run_cycle(
         "gpu_state": gpu_state,
         "validity": {"flags": flags, "valid": not invalidating_flags(flags)},
     }
-    artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame(records), provenance)
-    artifacts.write_table_artifact(paths.timeline, "timeline_table", timeline, provenance)
-    # The result is written last: its presence marks a complete run (Snakemake checks all three).
-    artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
-    log.info("done: %.1f output tokens/s, window %.2f s, flags %s",
-             run_metrics["output_tokens_per_s"] or 0, window["duration_s"], flags or "none")
+    _write_cycle(paths, result, window, session, run.provenance)
+    log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
+             run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")
     return result
+
+
+def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, session: EnergySession,
+                 provenance: dict[str, Any]) -> None:
+    paths.result.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_table_artifact(paths.requests, "requests_table",
+                                   requests_frame(window.requests, window.repeat_of_request), provenance)
+    artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), provenance)
+    # The result is written last: its presence marks a complete cycle.
+    artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
+
+
+def _write_failed(run: ExperimentRun, cycle: int, error: str, setup: list[dict], session: EnergySession,
+                  gpu_state: dict, paths: RunPaths) -> None:
+    experiment = run.experiment
+    result = {
+        "experiment_id": experiment.id, "cycle": cycle, "status": "failed", "error": error,
+        "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
+                       "parameters": experiment.parameters},
+        "load": None, "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
+        "window": None, "tokens": None, "metrics": {}, "metrics_info": {}, "phases": None,
+        "energy_sources": session.describe(), "gpu_state": gpu_state,
+        "validity": {"flags": ["failed"], "valid": False},
+    }
+    paths.result.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_table_artifact(paths.requests, "requests_table", requests_frame([]), run.provenance)
+    artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), run.provenance)
+    artifacts.write_json_artifact(paths.result, "run_result", result, run.provenance)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: every cycle in this process, or each in a fresh one
+
+
+def measure_cycles_isolated(run_args: dict[str, Any], cycles: Sequence[int]) -> dict[str, Any]:
+    """campaign.cycle_isolation: process: one fresh process per cycle (load, compile, warm-up and
+    baseline each time), for studies of load-to-load variance."""
+    timings = []
+    statuses = []
+    for cycle in cycles:
+        payload = json.dumps({**run_args, "cycles": [cycle]})
+        completed = subprocess.run([sys.executable, "-m", "llm_energy.measure_process"], input=payload, text=True,
+                                   capture_output=True, env=dict(os.environ))
+        sys.stderr.write(completed.stderr)
+        if completed.returncode != 0:
+            raise RuntimeError(f"the process measuring cycle {cycle} exited with {completed.returncode}: "
+                               f"{completed.stderr[-2000:]}")
+        report = json.loads(completed.stdout.strip().splitlines()[-1])
+        timings.append(report["timing"])
+        statuses.extend(report["measured_cycles"])
+    return {"timing": combine_timings(timings), "measured_cycles": statuses}
+
+
+def combine_timings(timings: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    phases: dict[str, float] = {}
+    for t in timings:
+        for name, seconds in t["phases_s"].items():
+            phases[name] = phases.get(name, 0.0) + seconds
+    total = sum(t["total_s"] for t in timings)
+    windows = phases.get("windows", 0.0)
+    return {"started_unix_s": min((t["started_unix_s"] for t in timings), default=None), "total_s": total,
+            "phases_s": phases, "other_s": sum(t["other_s"] for t in timings), "windows_s": windows,
+            "share_in_windows": windows / total if total > 0 else None, "processes": len(timings)}
 
 
 def job_provenance() -> dict[str, Any]:

@@ -247,8 +247,13 @@ def run_metrics(
     if phases and phases.get("available", True) and "prefill_j" in phases:
         metrics["prefill_gpu_energy_j"] = phases["prefill_j"]
         metrics["decode_gpu_energy_j"] = phases["decode_j"]
-        metrics["gpu_prefill_energy_per_input_token_j"] = _ratio(phases["prefill_j"], input_tokens)
-        metrics["gpu_decode_energy_per_output_token_j"] = _ratio(phases["decode_j"], output_tokens)
+        if phases.get("method") == "differential":
+            # Measured per token by the prefill-only window; decode per decode token (after the first).
+            metrics["gpu_prefill_energy_per_input_token_j"] = phases["prefill_energy_per_input_token_j"]
+            metrics["gpu_decode_energy_per_output_token_j"] = phases["decode_energy_per_decode_token_j"]
+        else:
+            metrics["gpu_prefill_energy_per_input_token_j"] = _ratio(phases["prefill_j"], input_tokens)
+            metrics["gpu_decode_energy_per_output_token_j"] = _ratio(phases["decode_j"], output_tokens)
         info["phase_split_method"] = str(phases.get("method", "unknown"))
     else:
         for key in ("prefill_gpu_energy_j", "decode_gpu_energy_j", "gpu_prefill_energy_per_input_token_j",

@@ -4,7 +4,9 @@ Columns, in order:
 - identity: experiment_id, model, backend, dataset, the experiment parameters (batch_size, dtype,
   max_input_tokens, max_output_tokens, decoding_mode, temperature, top_p, top_k, output_length,
   batching, token_budget), cycles_ok, cycles_failed, status, flags (";"-joined), gpu_name, then
-  gpu_count, errors, total_flops, decode_bytes_min;
+  gpu_count, errors, total_flops, decode_bytes_min; engine_path (pytorch: eager, static or fast) after dataset;
+- where the job's wall time went: job_wall_s, job_windows_s, job_share_in_windows and
+  job_{baseline,model_load,compile,warmup}_s (a campaign's share: sum of job_windows_s / sum of job_wall_s);
 - per metric (sorted by name): `<metric>` = mean over ok cycles, `<metric>_std`, `<metric>_ci95_low`,
   `<metric>_ci95_high`, `<metric>_cv`;
 - latency, pooled over every request of every ok cycle (llm_energy.aggregate, definitions in
@@ -49,6 +51,7 @@ IDENTITY_COLUMNS: dict[str, str] = {
     "model": "str",
     "backend": "str",
     "dataset": "str",
+    "engine_path": "str",
     **PARAMETER_COLUMNS,
     "cycles_ok": "int",
     "cycles_failed": "int",
@@ -62,6 +65,10 @@ EXTRA_COLUMNS: dict[str, str] = {
     "total_flops": "float",
     "decode_bytes_min": "float",
 }
+# Where the experiment's job spent its wall time (the run set's timing): total, inside measured
+# windows, their share, then each setup phase as job_<phase>_s.
+TIME_COLUMNS: dict[str, str] = {"job_wall_s": "float", "job_windows_s": "float", "job_share_in_windows": "float"}
+TIME_PHASES = ("baseline", "model_load", "compile", "warmup")
 # Statistic of `describe` -> column suffix ("" = the mean is the bare metric name).
 STAT_SUFFIXES: dict[str, str] = {
     "mean": "",
@@ -84,6 +91,7 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
         "model": experiment.get("model"),
         "backend": experiment.get("backend"),
         "dataset": experiment.get("dataset"),
+        "engine_path": experiment.get("engine_path"),
         **{name: parameters.get(name) for name in PARAMETER_COLUMNS},
         "cycles_ok": int(data.get("cycles_ok") or 0),
         "cycles_failed": len(failures),
@@ -94,8 +102,16 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
         "errors": "; ".join(f"cycle {f.get('cycle')}: {f.get('error')}" for f in failures) or None,
         "total_flops": flops.get("total_flops"),
         "decode_bytes_min": flops.get("decode_bytes_min"),
+        **_time_columns(data.get("time_accounting") or {}),
     }
     return identity, dict(data.get("metrics") or {}), dict(data.get("metrics_info") or {})
+
+
+def _time_columns(timing: Mapping[str, Any]) -> dict[str, Any]:
+    phases = timing.get("phases_s") or {}
+    return {"job_wall_s": timing.get("total_s"), "job_windows_s": timing.get("windows_s"),
+            "job_share_in_windows": timing.get("share_in_windows"),
+            **{f"job_{phase}_s": phases.get(phase) for phase in TIME_PHASES}}
 
 
 def _typed(values: list[Any], kind: str) -> pd.Series:
@@ -139,7 +155,8 @@ def build_summary(experiment_result_paths: Iterable[Path | str]) -> pd.DataFrame
         all_latency.append(dict(data.get("latency") or {}))
 
     columns: dict[str, pd.Series] = {}
-    for name, kind in {**IDENTITY_COLUMNS, **EXTRA_COLUMNS}.items():
+    time_columns = {**TIME_COLUMNS, **{f"job_{phase}_s": "float" for phase in TIME_PHASES}}
+    for name, kind in {**IDENTITY_COLUMNS, **EXTRA_COLUMNS, **time_columns}.items():
         columns[name] = _typed([row[name] for row in identities], kind)
 
     metric_names = sorted({name for metrics in all_metrics for name in metrics})

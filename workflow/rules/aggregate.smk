@@ -14,7 +14,7 @@ else:
 
     rule aggregate:
         input:
-            runs=expand(f"{RESULTS}/runs/{{{{experiment}}}}/cycle-{{cycle}}/result.json", cycle=CYCLES),
+            run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
             flops=f"{RESULTS}/flops/{{experiment}}.json",
         output:
             f"{RESULTS}/experiments/{{experiment}}.json",

@@ -48,7 +48,6 @@ config.clear()
 config.update(CAMPAIGN.config)
 CONFIG = CAMPAIGN.config
 EXPERIMENTS = CAMPAIGN.experiments
-CYCLES = list(range(1, CAMPAIGN.cycles + 1))
 RESULTS = CONFIG["results_dir"]
 FIGURES_ONLY = CONFIG["figures_only"]
 

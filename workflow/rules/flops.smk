@@ -5,7 +5,7 @@
 rule estimate_flops:
     input:
         model=lambda wc: ancient(f"resources/models/{experiment_of(wc).model}/manifest.json"),
-        requests=f"{RESULTS}/runs/{{experiment}}/cycle-1/requests.parquet",
+        run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
     output:
         f"{RESULTS}/flops/{{experiment}}.json",
     params:

@@ -1,6 +1,11 @@
-# run_inference: one measured cycle of one experiment. Never two at once on a GPU: each job takes the
-# `gpu` resource, which the profiles cap at the number of GPUs (1 on a CPU-only machine, so CPU
+# run_inference: every cycle of one experiment, the model loaded and warmed up once (or one fresh
+# process per cycle with campaign.cycle_isolation: process). Never two at once on a GPU: each job takes
+# the `gpu` resource, which the profiles cap at the number of GPUs (1 on a CPU-only machine, so CPU
 # measurements do not overlap either).
+# The output is the run set (the list of the experiment's cycles). Each cycle's artifacts,
+# runs/{experiment}/cycle-{n}/{result.json,requests.parquet,timeline.parquet}, are written as the
+# cycle completes and are deliberately not outputs: Snakemake deletes the outputs of a job that died,
+# and a rerun must keep the completed cycles and measure only the missing ones.
 
 BACKEND_ENVS = {"pytorch": "../../envs/pytorch.yaml", "vllm": "../../envs/vllm.yaml"}
 
@@ -11,9 +16,7 @@ rule run_inference:
         prompts=lambda wc: ancient(f"resources/datasets/{experiment_of(wc).dataset}/prompts.jsonl"),
         dataset=lambda wc: ancient(f"resources/datasets/{experiment_of(wc).dataset}/manifest.json"),
     output:
-        result=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/result.json",
-        requests=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/requests.parquet",
-        timeline=f"{RESULTS}/runs/{{experiment}}/cycle-{{cycle}}/timeline.parquet",
+        run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
     # No params: the job looks its experiment up by id in the campaign it receives, and the id already
     # hashes every parameter that changes the measurement. A finished measurement is never rerun
     # because unrelated campaign settings (energy reporting, other experiments) changed.
@@ -24,7 +27,7 @@ rule run_inference:
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/run_inference/{{experiment}}/cycle-{{cycle}}.log",
+        f"{RESULTS}/logs/run_inference/{{experiment}}.log",
     conda:
         lambda wc: BACKEND_ENVS[experiment_of(wc).backend]
     script:

@@ -5,7 +5,7 @@ with job_logging(snakemake.log[0]):
     estimate_flops_job(
         snakemake.wildcards.experiment,
         snakemake.input.model,
-        snakemake.input.requests,
+        snakemake.input.run_set,
         snakemake.params.dtype,
         snakemake.params.batch_size,
         snakemake.output[0],

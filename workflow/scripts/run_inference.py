@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from llm_energy.jobs import baseline_cache_path, run_inference_job
+from llm_energy.jobs import baseline_cache_path, compile_cache_dir, run_inference_job
 from llm_energy.logs import job_logging
 
 # The guard matters: vLLM's engine core runs in a spawned subprocess, which re-imports this script.
@@ -9,11 +9,9 @@ if __name__ == "__main__":
         run_inference_job(
             experiment_id=snakemake.wildcards.experiment,
             config=snakemake.config,
-            cycle=int(snakemake.wildcards.cycle),
             model_manifest=snakemake.input.model,
             dataset_dir=Path(snakemake.input.dataset).parent,
-            result=snakemake.output.result,
-            requests=snakemake.output.requests,
-            timeline=snakemake.output.timeline,
+            run_set=snakemake.output.run_set,
             baseline_path=baseline_cache_path(),
+            compile_cache=compile_cache_dir(),
         )

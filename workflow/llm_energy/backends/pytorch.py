@@ -317,6 +317,18 @@ class PytorchBackend(Backend):
         kwargs["return_dict_in_generate"] = True
         return kwargs
 
+    def reference_generate_call(self, batch: list[Request], decoding: DecodingSettings) -> tuple[Any, dict[str, Any]]:
+        """(inputs, kwargs) for transformers' own `generate` with this engine path's cache and compile
+        settings and nothing of ours: no streamer, no cache we own (generate builds and reuses its own
+        static cache), no per-request bookkeeping. The reference that workflow/benchmarks/
+        harness_overhead.py measures the harness against; `model.generate(**inputs, **kwargs)`."""
+        kwargs = self._generation_kwargs(decoding)
+        kwargs.pop("return_dict_in_generate")
+        if self.path.cache_implementation == "static":
+            kwargs["cache_implementation"] = "static"
+        ids, mask = self._pad_left(self._rows(batch, self.batch_size or len(batch)))
+        return {"input_ids": ids, "attention_mask": mask}, kwargs
+
     def _pad_left(self, batch: list[Request]):
         import torch
 
@@ -412,6 +424,8 @@ class PytorchBackend(Backend):
     def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
         import torch
         from tqdm import tqdm
+
+        tqdm.monitor_interval = 0  # no tqdm monitor thread in the measured process
 
         assert self.model is not None, "load() first"
         batches = self.plan_batches(requests, batch_size, decoding)

@@ -33,6 +33,9 @@ class BaselineSettings:
     max_age_s: float = 3600.0
 
 
+PHASE_SPLITS = ("differential", "timeline", "off")
+
+
 @dataclass(frozen=True)
 class EnergySettings:
     """The validated `energy` block of the campaign config."""
@@ -52,6 +55,8 @@ class EnergySettings:
     # relative difference of a window's mean SM clock from the active-idle baseline's above which
     # the window is flagged baseline_power_state_differs
     baseline_clock_tolerance: float = 0.10
+    # prefill/decode energy: "differential" (a prefill-only window), "timeline" (power share), "off"
+    phase_split: str = "differential"
 
     @property
     def timeline_period_s(self) -> float:
@@ -110,6 +115,10 @@ class EnergySettings:
         if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 0:
             raise ConfigError("energy.min_counter_updates", f"{min_updates!r} is not an integer >= 0",
                               "Use 20 (about 2 s of 100 ms counter updates, 5 % edge uncertainty).")
+        phase_split = cfg.get("phase_split", defaults.phase_split)
+        if phase_split not in PHASE_SPLITS:
+            raise ConfigError("energy.phase_split", f"{phase_split!r} is not a known method",
+                              f"Use one of: {', '.join(PHASE_SPLITS)}.")
         return cls(
             gpu=_flag(cfg, "gpu", defaults.gpu),
             rapl=_flag(cfg, "rapl", defaults.rapl),
@@ -128,6 +137,7 @@ class EnergySettings:
             baseline_clock_tolerance=_number(
                 cfg, "baseline_clock_tolerance", defaults.baseline_clock_tolerance,
                 "energy.baseline_clock_tolerance", minimum=0.0, strict=True),
+            phase_split=phase_split,
         )
 
 

@@ -1,0 +1,163 @@
+"""Write proof.json for a committed results tree: the measurement targets, read from its artifacts.
+
+Reads the tree's experiment results (results/experiments/*.json), run sets (runs/*/cycles.json, the
+jobs' time accounting), every cycle's windows (timeline vs counter) and the harness-overhead
+benchmark's JSON, and writes `<results-dir>/proof.json`:
+
+- gpu_name, git_commit (of the runs' provenance), versions (torch, transformers, vllm where used);
+- experiments: per experiment {experiment_id, backend, batch_size, pytorch_path ("eager"/"fast",
+  null for vllm), cycles, window_s_min, gpu_energy_per_output_token_j (mean over cycles) and its
+  _cv, output_tokens_per_s, mbu};
+- harness_overhead: per batch size and pytorch path, the full harness's throughput / transformers'
+  own generate, with its 95 % CI (every arm under harness_overhead_arms);
+- gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
+- timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
+- measured_copy_bandwidth_bytes_per_s and mbu_vs_measured_bandwidth at batch 1 (fast path);
+- targets: each target of the proof with the figure reached and whether it is met.
+
+    python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b \
+        --overhead results/examples/h200-llama1b/harness_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "workflow"))
+
+CV_TARGET = 0.02
+RATIO_TARGET = 0.98
+SHARE_TARGET = 0.70
+TIMELINE_TARGET = 0.03
+MBU_TARGET = 0.25
+
+
+def _mean(metric: dict | None) -> float | None:
+    return (metric or {}).get("mean")
+
+
+def experiment_rows(results_dir: Path) -> tuple[list[dict], dict[str, Any]]:
+    from llm_energy import artifacts
+
+    rows, facts = [], {}
+    for path in sorted((results_dir / "experiments").glob("*.json")):
+        document = artifacts.read_json_artifact(path, "experiment_result")
+        data = document["data"]
+        experiment = data.get("experiment") or {}
+        metrics = data.get("metrics") or {}
+        backend = experiment.get("backend")
+        energy = metrics.get("gpu_energy_per_output_token_j") or {}
+        rows.append({
+            "experiment_id": data["experiment_id"], "backend": backend,
+            "batch_size": experiment.get("parameters", {}).get("batch_size"),
+            "pytorch_path": experiment.get("engine_path") if backend == "pytorch" else None,
+            "cycles": data.get("cycles_ok"),
+            "window_s_min": (metrics.get("window_duration_s") or {}).get("min"),
+            "gpu_energy_per_output_token_j": energy.get("mean"),
+            "gpu_energy_per_output_token_cv": energy.get("cv"),
+            "output_tokens_per_s": _mean(metrics.get("output_tokens_per_s")),
+            "gpu_mean_power_w": _mean(metrics.get("gpu_mean_power_w")),
+            "mbu": _mean(metrics.get("mbu")), "flags": sorted(data.get("flags") or []),
+        })
+        software = (document.get("provenance") or {}).get("software") or {}
+        facts.setdefault("gpu_name", data.get("gpu_name"))
+        facts.setdefault("git_commit", ((document.get("provenance") or {}).get("code") or {}).get("git_commit"))
+        for name in ("torch", "transformers", "vllm"):
+            if software.get(name) and (name != "vllm" or backend == "vllm"):
+                facts.setdefault("versions", {})[name] = software[name]
+    return rows, facts
+
+
+def window_facts(results_dir: Path) -> dict[str, Any]:
+    """The campaign's share of job time inside windows, and the worst timeline-vs-counter gap."""
+    from llm_energy import artifacts
+
+    total_s = windows_s = 0.0
+    worst = None
+    for run_set in sorted((results_dir / "runs").glob("*/cycles.json")):
+        data = artifacts.read_json_artifact(run_set, "run_set")["data"]
+        total_s += data["timing"]["total_s"]
+        windows_s += data["timing"]["windows_s"]
+        for entry in data["cycles"]:
+            result = artifacts.read_json_artifact(run_set.parent / entry["result"], "run_result")["data"]
+            window = result.get("window")
+            if window:
+                diff = ((window.get("domains") or {}).get("gpu") or {}).get("timeline_vs_counter_rel_diff")
+                if diff is not None and (worst is None or abs(diff) > worst):
+                    worst = abs(diff)
+    return {"gpu_time_in_windows_share": windows_s / total_s if total_s else None,
+            "jobs_wall_s": total_s, "jobs_windows_s": windows_s,
+            "timeline_vs_counter_max_abs_rel_diff": worst}
+
+
+def build(results_dir: Path, overhead_path: Path | None) -> dict[str, Any]:
+    rows, facts = experiment_rows(results_dir)
+    proof: dict[str, Any] = {"gpu_name": facts.get("gpu_name"), "git_commit": facts.get("git_commit"),
+                             "versions": facts.get("versions", {}), "experiments": rows}
+    overhead = json.loads(overhead_path.read_text()) if overhead_path and overhead_path.is_file() else None
+    keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
+    proof["harness_overhead"] = [{k: r[k] for k in keys} for r in (overhead or {}).get("rows", []) if r["arm"] == "full"]
+    proof["harness_overhead_arms"] = [{k: r[k] for k in (*keys, "arm", "n", "bare_output_tokens_per_s",
+                                                          "arm_output_tokens_per_s")}
+                                      for r in (overhead or {}).get("rows", [])]
+    proof["harness_overhead_commit"] = (overhead or {}).get("git_commit")
+    proof.update(window_facts(results_dir))
+    bandwidth = (overhead or {}).get("measured_copy_bandwidth_bytes_per_s")
+    proof["measured_copy_bandwidth_bytes_per_s"] = bandwidth
+    fast_bs1 = [r for r in rows if r["pytorch_path"] == "fast" and r["batch_size"] == 1]
+    if fast_bs1 and bandwidth and fast_bs1[0]["mbu"] is not None:
+        from llm_energy.flops import peak_figures
+
+        peak = peak_figures(proof["gpu_name"], "bfloat16")
+        peak_bytes = (peak or {}).get("memory_bytes_per_s")
+        proof["mbu_bs1_fast_vs_measured_bandwidth"] = (fast_bs1[0]["mbu"] * peak_bytes / bandwidth
+                                                       if peak_bytes else None)
+    proof["targets"] = targets(proof)
+    return proof
+
+
+def targets(proof: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for r in proof["experiments"]:
+        if (r["pytorch_path"] == "fast" or r["backend"] == "vllm") and (r["batch_size"] or 0) >= 8:
+            cv = r["gpu_energy_per_output_token_cv"]
+            checks.append({"target": f"cv <= {CV_TARGET}", "experiment_id": r["experiment_id"], "value": cv,
+                           "met": cv is not None and cv <= CV_TARGET})
+    for r in proof["harness_overhead_arms"]:
+        checks.append({"target": f"{r['arm']} harness / bare >= {RATIO_TARGET}",
+                       "batch_size": r["batch_size"], "pytorch_path": r["pytorch_path"], "value": r["ratio"],
+                       "met": r["ratio"] is not None and r["ratio"] >= RATIO_TARGET})
+    share = proof["gpu_time_in_windows_share"]
+    checks.append({"target": f"gpu_time_in_windows_share >= {SHARE_TARGET}", "value": share,
+                   "met": share is not None and share >= SHARE_TARGET})
+    diff = proof["timeline_vs_counter_max_abs_rel_diff"]
+    checks.append({"target": f"timeline within {TIMELINE_TARGET} of the counter", "value": diff,
+                   "met": diff is not None and diff <= TIMELINE_TARGET})
+    mbu = proof.get("mbu_bs1_fast_vs_measured_bandwidth")
+    checks.append({"target": f"MBU at batch 1 (fast) >= {MBU_TARGET} of the measured copy bandwidth",
+                   "value": mbu, "met": mbu is not None and mbu >= MBU_TARGET})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", required=True, type=Path)
+    parser.add_argument("--overhead", type=Path, help="harness_overhead.py's --out JSON")
+    args = parser.parse_args(argv)
+    proof = build(args.results_dir, args.overhead)
+    (args.results_dir / "proof.json").write_text(json.dumps(proof, indent=2) + "\n")
+    for check in proof["targets"]:
+        value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
+        where = check.get("experiment_id") or " ".join(
+            f"{k}={check[k]}" for k in ("pytorch_path", "batch_size") if k in check)
+        print(f"{'met   ' if check['met'] else 'MISSED'} {check['target']:55} {value:>8} {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""How much the measurement harness slows what it measures: interleaved arms in one process.
+
+For every pytorch experiment of a campaign (each engine path and batch size), one process loads the
+model once, compiles and warms it up as the pipeline does, then runs interleaved windows of four arms,
+`--windows` rounds, the arms' order rotated every round:
+
+- bare:          transformers' own `generate` on the same padded batches with the same cache and
+                 compile settings (PytorchBackend.reference_generate_call): no streamer, no energy
+                 session, nothing of ours; tokens / wall time.
+- full:          the harness's measured window (llm_energy.measure.measure_window) with the energy
+                 session as the pipeline runs it: sampler process, CodeCarbon's estimate, counter edges.
+- no_sampler:    the same without the sampler process (energy.timeline: false).
+- no_codecarbon: the same without CodeCarbon (energy.codecarbon: false).
+
+A harness arm's throughput is the pipeline's own `output_tokens_per_s` of that window. Each round
+gives one ratio arm/bare (both measured within seconds of each other); the ratio's mean and 95 %
+CI (t over rounds) are printed per engine path, batch size and arm. Where the job's time went (load,
+compile, warm-up, windows, the rest) is printed too, and with `--copy-bandwidth` the GPU's
+device-to-device copy bandwidth measured in the same process (the MBU reference).
+
+    python workflow/benchmarks/harness_overhead.py --configfile config/campaigns/h200-llama1b.yaml \
+        --windows 5 --window-s 3 --out results/examples/h200-llama1b/harness_overhead.json
+
+The model and prompts are prepared under resources/ as the pipeline prepares them (and reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "workflow"))
+
+ARMS = ("bare", "full", "no_sampler", "no_codecarbon")
+HARNESS_ARMS = {"full": {}, "no_sampler": {"timeline": False}, "no_codecarbon": {"codecarbon": False}}
+
+
+def prepare_inputs(campaign, experiment, resources: Path) -> tuple[Path, list[str]]:
+    """The experiment's model folder and prompts, prepared as the pipeline does (reused when there)."""
+    from llm_energy import datasets, jobs, models
+
+    config = campaign.config
+    model_dir = resources / "models" / experiment.model
+    if not (model_dir / "manifest.json").is_file():
+        jobs.prepare_model_job(experiment.model, config["models"][experiment.model], model_dir, campaign.sha256)
+    spec = config["datasets"][experiment.dataset]
+    dataset_dir = resources / "datasets" / experiment.dataset
+    if not (dataset_dir / "manifest.json").is_file():
+        tokenizer = spec.get("tokenizer_model")
+        tokenizer_manifest = None
+        if tokenizer:
+            tokenizer_dir = resources / "models" / tokenizer
+            if not (tokenizer_dir / "manifest.json").is_file():
+                jobs.prepare_model_job(tokenizer, config["models"][tokenizer], tokenizer_dir, campaign.sha256)
+            tokenizer_manifest = tokenizer_dir / "manifest.json"
+        jobs.prepare_dataset_job(experiment.dataset, spec, dataset_dir, tokenizer_manifest, campaign.sha256)
+    prompts = [p["prompt"] for p in datasets.load_prompts(dataset_dir)]
+    return models.resolve_model_path(model_dir / "manifest.json"), prompts
+
+
+def bare_window(backend, calls: list[tuple[dict, dict]], output_tokens_per_pass: int, window_s: float) -> dict:
+    """transformers' generate over the prepared calls, repeated until `window_s`; tokens / seconds."""
+    import torch
+
+    model = backend.model
+    passes = 0
+    backend.synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        while True:
+            for inputs, kwargs in calls:
+                model.generate(**inputs, **kwargs)
+            passes += 1
+            backend.synchronize()
+            if time.perf_counter() - started >= window_s:
+                break
+    elapsed = time.perf_counter() - started
+    return {"output_tokens_per_s": passes * output_tokens_per_pass / elapsed, "duration_s": elapsed,
+            "repeats": passes}
+
+
+def harness_window(backend, energy_config: dict, overrides: dict, measured, batches, batch_size: int, decoding,
+                   window_s: float) -> dict:
+    """The pipeline's measured window, in an energy session started (and stopped) outside it; the
+    session's start leaves the GPU idle for a second, so one batch runs before the window (as the
+    pipeline does before each cycle's window, and as the bare arm does too)."""
+    from llm_energy import hardware, metrics
+    from llm_energy.energy import EnergySession, EnergySettings
+    from llm_energy.measure import measure_window, rewarm
+
+    settings = EnergySettings.from_config({**energy_config, **overrides,
+                                           "baseline": {"duration_s": 0, "max_age_s": 0}})
+    session = EnergySession(settings, devices=hardware.visible_gpus())
+    session.start()
+    try:
+        session.bind_to_process_gpus()
+        rewarm(backend, batches, batch_size, decoding)
+        window = measure_window(session, backend, "inference", measured, batch_size, decoding, window_s)
+    finally:
+        session.stop()
+    run_metrics, _ = metrics.run_metrics(window.requests, window.record, [], {})
+    return {"output_tokens_per_s": run_metrics["output_tokens_per_s"], "duration_s": window.record["duration_s"],
+            "repeats": window.repeats, "gpu_energy_per_output_token_j": run_metrics.get("gpu_energy_per_output_token_j"),
+            "flags": window.record.get("flags", [])}
+
+
+def measure_copy_bandwidth_bytes_per_s(size_bytes: int = 2**30, iterations: int = 50) -> float | None:
+    """Device-to-device copy bandwidth, counting read + write (2 x size per copy): the bandwidth an
+    MBU should be compared with on this GPU. None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    source = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(5):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000.0
+    return 2 * size_bytes * iterations / seconds
+
+
+def measure_experiment_overhead(campaign, experiment, resources: Path, windows: int, window_s: float,
+                                log: logging.Logger) -> tuple[list[dict], dict]:
+    from llm_energy import clock, statistics
+    from llm_energy.backends import create_backend
+    from llm_energy.measure import (backend_settings, batches_of, decoding_settings, max_model_len, rewarm,
+                                    select_requests, warm_up)
+
+    p = experiment.parameters
+    if p["output_length"] != "fixed":
+        raise SystemExit(f"{experiment.id}: the bare arm counts batch x max_output_tokens: needs output_length fixed")
+    timing: dict[str, float] = {}
+    t0 = clock.now()
+    model_dir, prompts = prepare_inputs(campaign, experiment, resources)
+    timing["prepare_s"] = clock.now() - t0
+    t0 = clock.now()
+    backend = create_backend("pytorch", backend_settings(experiment, resources / "compile-cache" / "benchmark"))
+    backend.load(model_dir, p["dtype"], max_model_len(experiment), p["batch_size"])
+    timing["load_s"] = clock.now() - t0
+    measured = select_requests(backend.tokenize(prompts, p["max_input_tokens"]), experiment)
+    batches = batches_of(measured, experiment)
+    decoding = decoding_settings(experiment, 1)
+    t0 = clock.now()
+    backend.compile(batches, decoding)
+    timing["compile_s"] = clock.now() - t0
+    t0 = clock.now()
+    warm_up(backend, batches, p["batch_size"], decoding, experiment.warmup)
+    calls = [backend.reference_generate_call(batch, decoding) for batch in batches]
+    output_tokens_per_pass = sum(len(b) for b in batches) * p["max_output_tokens"]
+    for _ in range(3):  # the bare arm's own static cache and compiled call, outside its windows
+        bare_window(backend, calls, output_tokens_per_pass, 0.0)
+    timing["warmup_s"] = clock.now() - t0
+    samples: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    t0 = clock.now()
+    window_total_s = 0.0
+    for round_index in range(windows):
+        order = ARMS[round_index % len(ARMS):] + ARMS[: round_index % len(ARMS)]
+        for arm in order:
+            if arm == "bare":
+                rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
+                sample = bare_window(backend, calls, output_tokens_per_pass, window_s)
+            else:
+                sample = harness_window(backend, campaign.config["energy"], HARNESS_ARMS[arm], measured,
+                                        batches, p["batch_size"], decoding, window_s)
+            window_total_s += sample["duration_s"]
+            samples[arm].append(sample)
+        log.info("round %d/%d: %s", round_index + 1, windows,
+                 {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in ARMS})
+    timing["windows_s"] = window_total_s
+    timing["other_s"] = clock.now() - t0 - window_total_s
+    path = backend.engine_path
+    backend.close()
+    rows = []
+    bare = [s["output_tokens_per_s"] for s in samples["bare"]]
+    for arm in HARNESS_ARMS:
+        ratios = [s["output_tokens_per_s"] / b for s, b in zip(samples[arm], bare)]
+        stats = statistics.describe(ratios)
+        rows.append({
+            "experiment_id": experiment.id, "batch_size": p["batch_size"], "pytorch_path": path, "arm": arm,
+            "ratio": stats["mean"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"], "n": stats["n"],
+            "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
+            "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
+            "arm_gpu_energy_per_output_token_j": statistics.describe(
+                s["gpu_energy_per_output_token_j"] for s in samples[arm])["mean"],
+            "ratios": ratios,
+        })
+    total = sum(timing.values())
+    timing["share_in_windows"] = timing["windows_s"] / total if total else None
+    return rows, timing
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configfile", required=True, type=Path)
+    parser.add_argument("--resources", type=Path, default=REPO_ROOT / "resources")
+    parser.add_argument("--windows", type=int, default=5, help="rounds of interleaved windows (>= 5)")
+    parser.add_argument("--window-s", type=float, default=3.0, help="each window lasts at least this long")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", help="only these batch sizes")
+    parser.add_argument("--experiments", nargs="*", help="only experiment ids containing one of these strings")
+    parser.add_argument("--copy-bandwidth", action="store_true", help="also measure device-to-device copy bandwidth")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("harness_overhead")
+    if args.windows < 2:
+        parser.error("--windows must be at least 2 for a confidence interval (the issue asks for 5)")
+
+    import torch
+    import transformers
+
+    from llm_energy.config import load_campaign_file
+
+    campaign = load_campaign_file(args.configfile)
+    chosen = [e for e in campaign.experiments.values() if e.backend == "pytorch"
+              and (not args.batch_sizes or e.parameters["batch_size"] in args.batch_sizes)
+              and (not args.experiments or any(s in e.id for s in args.experiments))]
+    if not chosen:
+        parser.error(f"{args.configfile}: no pytorch experiment matches")
+    bandwidth = measure_copy_bandwidth_bytes_per_s() if args.copy_bandwidth else None
+    rows, timings = [], []
+    for experiment in chosen:
+        log.info("experiment %s", experiment.id)
+        experiment_rows, timing = measure_experiment_overhead(campaign, experiment, args.resources, args.windows,
+                                                              args.window_s, log)
+        rows += experiment_rows
+        timings.append({"experiment_id": experiment.id, **timing})
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    print(f"\nharness throughput / transformers' own generate, {args.windows} interleaved windows of "
+          f">= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, commit {git_commit()}")
+    print(f"{'path':6} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10}")
+    for r in rows:
+        ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"
+        print(f"{r['pytorch_path']:6} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
+              f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f}")
+    print("\nwhere the time went (s): " + "; ".join(
+        f"{t['experiment_id'].split('.')[3]}: load {t['load_s']:.0f}, compile {t['compile_s']:.0f}, warm-up "
+        f"{t['warmup_s']:.0f}, windows {t['windows_s']:.0f}, other {t['other_s']:.0f} "
+        f"(share in windows {t['share_in_windows']:.2f})" for t in timings))
+    if bandwidth is not None:
+        print(f"device-to-device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        document = {"gpu_name": gpu, "git_commit": git_commit(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "windows": args.windows, "window_s": args.window_s,
+                    "measured_copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "time_accounting": timings}
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
