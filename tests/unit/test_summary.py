@@ -137,7 +137,7 @@ def test_empty_summary_has_the_identity_columns(tmp_path: Path) -> None:
     assert list(frame.columns[: len(IDENTITY_COLUMNS)]) == list(IDENTITY_COLUMNS)
     write_summary(frame, tmp_path / "s.csv", tmp_path / "s.parquet", {})
     assert read_summary(tmp_path / "s.parquet").empty
-    assert (tmp_path / "s.csv").read_text().startswith("experiment_id,model,backend,dataset,batch_size")
+    assert (tmp_path / "s.csv").read_text().startswith("experiment_id,model,backend,backend_variant,dataset,batch_size")
 
 
 def test_a_table_without_identity_columns_is_refused(tmp_path: Path) -> None:

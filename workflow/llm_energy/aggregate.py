@@ -3,7 +3,9 @@
 Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the experiment's
 `flops_estimate`. Output (the `data` of an `experiment_result` artifact):
 
-- identity: experiment_id, experiment (model, backend, dataset, parameters), gpu_name, gpu_count;
+- identity: experiment_id, experiment (model, backend, variant, dataset, parameters), gpu_name, gpu_count;
+- load: the load report of the first ok cycle (device, dtype, details: quantization, weight bytes), the
+  same weights for every cycle; null when no cycle succeeded;
 - cycles: cycles_ok (count), cycles_ok_list, cycles_failed [{cycle, error}], cycles_invalid
   [{cycle, flags}] (cycles that ran but whose validity check failed: kept in the statistics, listed);
 - metrics: every numeric metric of the ok cycles, each summarised by `statistics.describe`, plus
@@ -98,6 +100,7 @@ class _Cycle:
     # Bytes of the matmul weights as the backend stored them (quantized ones included), where the
     # load report has them (pytorch backend): what one decode step reads at least.
     matmul_weight_bytes: float | None = None
+    load: dict[str, Any] | None = None  # the run_result's load report
 
 
 def _is_number(value: Any) -> bool:
@@ -148,6 +151,7 @@ def _read_cycle(path: Path) -> _Cycle:
         valid=bool(validity.get("valid", True)),
         gpu_names=gpu_names,
         matmul_weight_bytes=_finite(((data.get("load") or {}).get("details") or {}).get("matmul_weight_bytes")),
+        load=data.get("load"),
     )
 
 
@@ -449,6 +453,7 @@ def aggregate_experiment(
         "experiment_id": experiment_id,
         "status": "ok" if ok else "failed",
         "experiment": experiment,
+        "load": reference.load if ok else None,
         "gpu_name": ", ".join(dict.fromkeys(gpu_names)) if gpu_names else None,
         "gpu_count": len(gpu_names),
         "cycles_ok": len(ok),

@@ -113,7 +113,8 @@ def _failed_result(experiment: Experiment, cycle: int, error: str, setup: list[d
                    gpu_state: dict) -> dict:
     return {
         "experiment_id": experiment.id, "cycle": cycle, "status": "failed", "error": error,
-        "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
+        "experiment": {"model": experiment.model, "backend": experiment.backend, "variant": experiment.variant,
+                       "dataset": experiment.dataset,
                        "parameters": experiment.parameters},
         "load": None, "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
         "window": None, "tokens": None, "metrics": {}, "metrics_info": {}, "phases": None,
@@ -195,7 +196,8 @@ def run_cycle(
         "cycle": cycle,
         "status": "ok",
         "error": None,
-        "experiment": {"model": experiment.model, "backend": experiment.backend, "dataset": experiment.dataset,
+        "experiment": {"model": experiment.model, "backend": experiment.backend, "variant": experiment.variant,
+                       "dataset": experiment.dataset,
                        "parameters": experiment.parameters},
         "load": {"device": load_report.device, "dtype": load_report.dtype, "details": load_report.details},
         "setup": {"duration_s": sum(w["duration_s"] for w in setup_windows), "windows": setup_windows,

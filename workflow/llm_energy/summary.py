@@ -1,10 +1,12 @@
 """The tidy summary table: one row per experiment, written as Parquet (artifact) and CSV.
 
 Columns, in order:
-- identity: experiment_id, model, backend, dataset, the experiment parameters (batch_size, dtype,
+- identity: experiment_id, model, backend, backend_variant (the backend_settings.<backend>.variants name,
+  null without variants), dataset, the experiment parameters (batch_size, dtype,
   max_input_tokens, max_output_tokens, decoding_mode, temperature, top_p, top_k, output_length,
   batching, token_budget), cycles_ok, cycles_failed, status, flags (";"-joined), gpu_name, then
-  gpu_count, errors, total_flops, decode_bytes_min;
+  gpu_count, errors, total_flops, decode_bytes_min, quantization and weight_bytes (of the load report:
+  the weights as stored, quantized ones at their real size; null where the backend does not report them);
 - per metric (sorted by name): `<metric>` = mean over ok cycles, `<metric>_std`, `<metric>_ci95_low`,
   `<metric>_ci95_high`, `<metric>_cv`;
 - latency, pooled over every request of every ok cycle (llm_energy.aggregate, definitions in
@@ -12,7 +14,8 @@ Columns, in order:
   `<name>_p99_s` (seconds; null below the samples a percentile needs, the reason in the info columns)
   and `<name>_n` (samples); one value per experiment, so no _std/_ci95 columns;
 - the metrics_info strings (sources, methods, unavailable reasons), one column per key.
-Rows are sorted by model, backend, dataset, batch_size (then experiment_id, for a stable order).
+Rows are sorted by model, backend, backend_variant, dataset, batch_size (then experiment_id, for a
+stable order).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ IDENTITY_COLUMNS: dict[str, str] = {
     "experiment_id": "str",
     "model": "str",
     "backend": "str",
+    "backend_variant": "str",
     "dataset": "str",
     **PARAMETER_COLUMNS,
     "cycles_ok": "int",
@@ -61,6 +65,8 @@ EXTRA_COLUMNS: dict[str, str] = {
     "errors": "str",
     "total_flops": "float",
     "decode_bytes_min": "float",
+    "quantization": "str",
+    "weight_bytes": "int",
 }
 # Statistic of `describe` -> column suffix ("" = the mean is the bare metric name).
 STAT_SUFFIXES: dict[str, str] = {
@@ -70,7 +76,7 @@ STAT_SUFFIXES: dict[str, str] = {
     "ci95_high": "_ci95_high",
     "cv": "_cv",
 }
-SORT_COLUMNS = ["model", "backend", "dataset", "batch_size", "experiment_id"]
+SORT_COLUMNS = ["model", "backend", "backend_variant", "dataset", "batch_size", "experiment_id"]
 
 
 def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict[str, str]]:
@@ -79,10 +85,12 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
     parameters = experiment.get("parameters") or {}
     failures = data.get("cycles_failed") or []
     flops = data.get("flops") or {}
+    load_details = (data.get("load") or {}).get("details") or {}
     identity: dict[str, Any] = {
         "experiment_id": data["experiment_id"],
         "model": experiment.get("model"),
         "backend": experiment.get("backend"),
+        "backend_variant": experiment.get("variant"),
         "dataset": experiment.get("dataset"),
         **{name: parameters.get(name) for name in PARAMETER_COLUMNS},
         "cycles_ok": int(data.get("cycles_ok") or 0),
@@ -94,6 +102,8 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
         "errors": "; ".join(f"cycle {f.get('cycle')}: {f.get('error')}" for f in failures) or None,
         "total_flops": flops.get("total_flops"),
         "decode_bytes_min": flops.get("decode_bytes_min"),
+        "quantization": load_details.get("quantization"),
+        "weight_bytes": load_details.get("weight_bytes"),
     }
     return identity, dict(data.get("metrics") or {}), dict(data.get("metrics_info") or {})
 

@@ -33,7 +33,8 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
 
 def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
     """Stop before any job runs when a selected backend, or a setting of it (quantization), cannot
-    run in this environment."""
+    run in this environment: the backend's settings, and those of each of its variants."""
+    from llm_energy.config import backend_variants
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
@@ -47,6 +48,12 @@ def require_installed(names: list[str], backend_settings: dict | None = None) ->
         from llm_energy.backends import quantization
 
         pytorch = (backend_settings or {}).get("pytorch") or {}
-        reason = quantization.unsupported_reason(pytorch.get("quantization"), pytorch.get("device", "auto"))
-        if reason:
-            raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
+        for variant, settings in backend_variants(pytorch).items():
+            reason = quantization.unsupported_reason(settings.get("quantization"), settings.get("device", "auto"))
+            if reason:
+                # Name the key where the method was set: the variant's own, or the shared one it inherits.
+                overrides = (pytorch.get("variants") or {}).get(variant) or {}
+                key = (f"backend_settings.pytorch.variants.{variant}.quantization" if "quantization" in overrides
+                       else quantization.SETTING_KEY)
+                where = f" (variant '{variant}')" if variant is not None else ""
+                raise ConfigError(key, reason + where, "Install what is named, or choose another method.")
