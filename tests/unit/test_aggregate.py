@@ -344,3 +344,19 @@ def test_latency_without_a_requests_table_is_null_with_the_reason(tmp_path: Path
     assert result["latency"]["ttft_n"] == 0 and result["latency"]["ttft_p50_s"] is None
     reason = result["metrics_info"]["ttft_unavailable_reason"]
     assert reason.startswith("not pooled: cycle 2: ") and "artifact not found" in reason
+
+
+def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: Path) -> None:
+    runs = []
+    for cycle in (1, 2):
+        data = run_result_data(cycle, gpu_metrics(2.0, 200.0), GPU_INFO)
+        data["experiment"]["variant"] = "int8"
+        data["load"] = {"device": "cpu", "dtype": "float32",
+                        "details": {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}}
+        runs.append(write_run(tmp_path, data, [GPU]))
+    result = aggregate_experiment(runs, None)
+    assert result["experiment"]["variant"] == "int8"
+    assert result["load"]["details"] == {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}
+    artifacts.write_json_artifact(tmp_path / "e.json", "experiment_result", result, {})  # schema-valid
+    failed = [write_run(tmp_path / "f", run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])]
+    assert aggregate_experiment(failed, None)["load"] is None
