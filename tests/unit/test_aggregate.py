@@ -364,3 +364,19 @@ def test_mfu_uses_one_gpu_peak_when_the_run_measured_one_gpu_of_eight(tmp_path: 
     for metric in ("mfu", "mbu"):
         assert bound_result["metrics"][metric]["mean"] == pytest.approx(
             8 * unbound_result["metrics"][metric]["mean"])
+
+
+def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: Path) -> None:
+    runs = []
+    for cycle in (1, 2):
+        data = run_result_data(cycle, gpu_metrics(2.0, 200.0), GPU_INFO)
+        data["experiment"]["variant"] = "int8"
+        data["load"] = {"device": "cpu", "dtype": "float32",
+                        "details": {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}}
+        runs.append(write_run(tmp_path, data, [GPU]))
+    result = aggregate_experiment(runs, None)
+    assert result["experiment"]["variant"] == "int8"
+    assert result["load"]["details"] == {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}
+    artifacts.write_json_artifact(tmp_path / "e.json", "experiment_result", result, {})  # schema-valid
+    failed = [write_run(tmp_path / "f", run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])]
+    assert aggregate_experiment(failed, None)["load"] is None

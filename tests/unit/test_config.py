@@ -13,6 +13,7 @@ import yaml
 
 from llm_energy.config import (
     Campaign,
+    backend_variants,
     expand_experiments,
     load_campaign,
     load_campaign_file,
@@ -23,7 +24,8 @@ from llm_energy.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 CAMPAIGN_FILES = sorted((REPO_ROOT / "config" / "campaigns").glob("*.yaml"))
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+\.[0-9a-f]{8}$")
+# model.backend[-variant].dataset.label.hash8
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+(-[a-z0-9_]+)?\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+\.[0-9a-f]{8}$")
 
 
 def default_raw() -> dict[str, Any]:
@@ -491,3 +493,153 @@ def test_command_line_strings_are_read_as_booleans_where_the_schema_wants_one() 
     raw["figures_only"] = "maybe"
     error = raises_config_error(raw)
     assert error.key == "figures_only"
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend variants
+
+
+def variants_raw() -> dict[str, Any]:
+    raw = minimal_raw()
+    raw["grid"] = {"batch_size": [1, 4]}
+    raw["backend_settings"] = {"pytorch": {"device": "cpu", "num_threads": 2, "variants": {
+        "none": {}, "int8": {"quantization": "torchao_int8_weight_only"},
+        "eager_int8": {"quantization": "torchao_int8_weight_only", "attn_implementation": "eager"}}}}
+    return raw
+
+
+def test_each_variant_is_its_own_experiment_with_the_merged_settings() -> None:
+    experiments = list(load_campaign(variants_raw()).experiments.values())
+    # one per (variant, batch size), in the campaign's order of variants
+    assert [(e.variant, e.parameters["batch_size"]) for e in experiments] == [
+        ("none", 1), ("none", 4), ("int8", 1), ("int8", 4), ("eager_int8", 1), ("eager_int8", 4)]
+    settings = {e.variant: e.backend_settings for e in experiments}
+    assert all("variants" not in s for s in settings.values())
+    # shared keys apply to every variant; a variant's keys replace them; the rest keep their defaults
+    assert {s["device"] for s in settings.values()} == {"cpu"} and {s["num_threads"] for s in settings.values()} == {2}
+    assert settings["none"]["quantization"] == "none" and settings["none"]["attn_implementation"] == "sdpa"
+    assert settings["int8"]["quantization"] == "torchao_int8_weight_only"
+    assert settings["int8"]["attn_implementation"] == "sdpa"
+    assert settings["eager_int8"]["attn_implementation"] == "eager"
+
+
+def test_a_variant_overrides_a_shared_key_without_touching_the_other_variants() -> None:
+    raw = variants_raw()
+    raw["backend_settings"]["pytorch"]["quantization"] = "fp8"  # shared: every variant that does not set it
+    settings = {e.variant: e.backend_settings for e in load_campaign(raw).experiments.values()}
+    assert settings["none"]["quantization"] == "fp8"
+    assert settings["int8"]["quantization"] == "torchao_int8_weight_only"
+
+
+def test_variant_ids_read_backend_dash_variant_and_split_back() -> None:
+    experiments = load_campaign(variants_raw()).experiments
+    for eid, experiment in experiments.items():
+        assert ID_PATTERN.match(eid), eid
+        model, backend_part, dataset, _label_and_hash = eid.split(".", 3)
+        assert (model, dataset) == ("m", "d")
+        assert backend_part.split("-", 1) == ["pytorch", experiment.variant]
+    assert {_label(i).split(".", 3)[3] for i in experiments} == {"bs1-float32-in512-out64-greedy",
+                                                                 "bs4-float32-in512-out64-greedy"}
+
+
+def test_variant_name_and_settings_are_in_the_hash() -> None:
+    ids = {(e.variant, e.parameters["batch_size"]): e.id for e in load_campaign(variants_raw()).experiments.values()}
+    # Same settings under another name: another experiment (its name is in its identity).
+    raw = variants_raw()
+    variants = raw["backend_settings"]["pytorch"]["variants"]
+    variants["int8_again"] = dict(variants["int8"])
+    renamed = {(e.variant, e.parameters["batch_size"]): e.id for e in load_campaign(raw).experiments.values()}
+    assert _hash(renamed[("int8_again", 1)]) != _hash(ids[("int8", 1)])
+    assert renamed[("int8", 1)] == ids[("int8", 1)]  # adding a variant changes no other id
+    # A changed variant setting changes only that variant's hash.
+    variants["none"]["num_threads"] = 1
+    changed = {(e.variant, e.parameters["batch_size"]): e.id for e in load_campaign(raw).experiments.values()}
+    assert _label(changed[("none", 1)]) == _label(ids[("none", 1)])
+    assert _hash(changed[("none", 1)]) != _hash(ids[("none", 1)])
+    assert changed[("int8", 1)] == ids[("int8", 1)]
+
+
+def test_a_backend_without_variants_keeps_its_ids_and_has_variant_none() -> None:
+    raw = minimal_raw()
+    raw["backends"] = ["pytorch", "vllm"]
+    before = load_campaign(raw).experiments
+    raw["backend_settings"] = {"pytorch": {"variants": {"a": {}, "b": {"device": "cpu"}}}}
+    after = load_campaign(raw).experiments.values()
+    vllm = [e for e in after if e.backend == "vllm"]
+    assert [e.variant for e in vllm] == [None] and vllm[0].id in before
+    assert ".vllm." in vllm[0].id
+    assert sorted(e.variant for e in after if e.backend == "pytorch") == ["a", "b"]
+
+
+def test_backend_variants_merges_over_the_shared_settings() -> None:
+    assert backend_variants({"device": "cpu"}) == {None: {"device": "cpu"}}
+    assert backend_variants(None) == {None: {}}
+    assert backend_variants({"device": "cpu", "quantization": "none", "variants": {"q": {"quantization": "fp8"}}}) == {
+        "q": {"device": "cpu", "quantization": "fp8"}}
+
+
+def test_exclude_by_variant() -> None:
+    raw = variants_raw()
+    raw["exclude"] = [{"variant": "eager_int8", "batch_size": 4}, {"variant": "none", "batch_size": 1}]
+    remaining = {(e.variant, e.parameters["batch_size"]) for e in load_campaign(raw).experiments.values()}
+    assert remaining == {("none", 4), ("int8", 1), ("int8", 4), ("eager_int8", 1)}
+
+
+def test_exclude_naming_no_variant_is_refused() -> None:
+    raw = variants_raw()
+    raw["exclude"] = [{"variant": "int4"}]
+    error = raises_config_error(raw)
+    assert error.key == "exclude[0].variant" and "eager_int8, int8, none" in str(error)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        pytest.param({"quantisation": "fp8"}, "backend_settings.pytorch.variants.bad.quantisation",
+                     "did you mean 'quantization'", id="typo"),
+        pytest.param({"quantization": "int3"}, "backend_settings.pytorch.variants.bad.quantization",
+                     '"torchao_int8_weight_only"', id="enum"),
+        pytest.param({"num_threads": "two"}, "backend_settings.pytorch.variants.bad.num_threads",
+                     "must be of type", id="type"),
+        pytest.param({"variants": {"x": {}}}, "backend_settings.pytorch.variants.bad.variants",
+                     "cannot have variants", id="nested"),
+    ],
+)
+def test_a_variant_is_validated_by_its_backends_settings_schema(overrides, key: str, words: str) -> None:
+    raw = variants_raw()
+    raw["backend_settings"]["pytorch"]["variants"]["bad"] = overrides
+    error = raises_config_error(raw)
+    assert error.key == key and words in str(error), str(error)
+
+
+def test_vllm_variants_use_the_vllm_settings_schema() -> None:
+    raw = minimal_raw()
+    raw["backends"] = ["vllm"]
+    raw["backend_settings"] = {"vllm": {"variants": {"eager": {"enforce_eager": True}, "big": {"max_num_seqs": 64}}}}
+    settings = {e.variant: e.backend_settings for e in load_campaign(raw).experiments.values()}
+    assert settings["eager"]["enforce_eager"] is True and settings["eager"]["max_num_seqs"] is None
+    assert settings["big"]["enforce_eager"] is False and settings["big"]["max_num_seqs"] == 64
+    raw["backend_settings"]["vllm"]["variants"]["eager"] = {"device": "cpu"}  # a pytorch key
+    assert raises_config_error(raw).key == "backend_settings.vllm.variants.eager.device"
+
+
+@pytest.mark.parametrize("name", ["Int8", "int-8", "int.8"])
+def test_variant_names_are_lowercase_letters_digits_and_underscores(name: str) -> None:
+    raw = variants_raw()
+    raw["backend_settings"]["pytorch"]["variants"][name] = {}
+    error = raises_config_error(raw)
+    assert error.key == f"backend_settings.pytorch.variants.{name}" and "^[a-z0-9_]+$" in str(error)
+
+
+def test_empty_variants_mapping_is_refused() -> None:
+    raw = minimal_raw()
+    raw["backend_settings"] = {"pytorch": {"variants": {}}}
+    assert raises_config_error(raw).key == "backend_settings.pytorch.variants"
+
+
+def test_validated_config_keeps_variant_overrides_as_written() -> None:
+    config = load_campaign(variants_raw()).config
+    variants = config["backend_settings"]["pytorch"]["variants"]
+    assert list(variants) == ["none", "int8", "eager_int8"]
+    assert variants["int8"] == {"quantization": "torchao_int8_weight_only"}  # no defaults filled in
+    assert config["backend_settings"]["pytorch"]["attn_implementation"] == "sdpa"

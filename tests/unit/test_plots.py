@@ -201,3 +201,20 @@ def test_validity_flags_are_named_on_every_figure(tmp_path: Path, campaign: pd.D
     PLOTS[name](flagged, png, svg)
     text = assert_figure_files(png, svg)
     assert "Validity flags" in text and "short_window" in text
+
+
+def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -> None:
+    results = []
+    for variant, factor in (("none", 1.0), ("int8", 0.5)):
+        for bs in (1, 4):
+            data = _result(f"m.pytorch-{variant}.bs{bs}", "llama-1b", "pytorch", bs, gpu_cycles(bs, factor), GPU_INFO)
+            data["experiment"]["variant"] = variant
+            results.append(data)
+    results.append(_result("m.vllm.bs1", "llama-1b", "vllm", 1, gpu_cycles(1, 0.4), GPU_INFO))
+    summary = summary_of(tmp_path, results)
+    for name in PLOTS:
+        PLOTS[name](summary, tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
+        text = (tmp_path / f"{name}.svg").read_text()
+        assert "pytorch-none" in text and "pytorch-int8" in text, name
+        assert "vllm-" not in text, name  # a backend without variants keeps its plain name
+    assert summary["backend"].tolist().count("pytorch") == 4  # the summary itself is left as it is

@@ -63,3 +63,42 @@ def test_cuda_only_methods_are_refused_on_cpu_before_load(tiny_llama):
     assert reason and "CUDA" in reason
     with pytest.raises(ConfigError, match="backend_settings.pytorch.quantization"):
         _load(tiny_llama, "bnb_4bit")
+
+
+def _campaign_settings(pytorch_settings: dict) -> dict:
+    """backend_settings as common.smk passes them: validated, variants as written."""
+    from llm_energy.config import load_campaign
+
+    raw = {"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}}, "backends": ["pytorch"],
+           "backend_settings": {"pytorch": pytorch_settings}}
+    return load_campaign(raw).config["backend_settings"]
+
+
+def test_prejob_check_refuses_a_variant_that_cannot_run_here_naming_its_key():
+    settings = _campaign_settings({"device": "cpu", "variants": {"none": {}, "nf4": {"quantization": "bnb_4bit"}}})
+    with pytest.raises(ConfigError) as error:
+        require_installed(["pytorch"], settings)
+    assert error.value.key == "backend_settings.pytorch.variants.nf4.quantization"
+    assert "variant 'nf4'" in str(error.value)
+
+
+def test_prejob_check_names_the_shared_key_when_a_variant_inherits_the_method():
+    # The variant changes only the device; the method that cannot run on CPU is the shared one.
+    settings = _campaign_settings({"quantization": "torchao_int4_weight_only",
+                                   "variants": {"on_cpu": {"device": "cpu"}}})
+    with pytest.raises(ConfigError) as error:
+        require_installed(["pytorch"], settings)
+    assert error.value.key == quantization.SETTING_KEY and "variant 'on_cpu'" in str(error.value)
+
+
+def test_prejob_check_passes_variants_that_run_here(monkeypatch):
+    checked = []
+    real = quantization.unsupported_reason
+    monkeypatch.setattr(quantization, "unsupported_reason",
+                        lambda method, device=None: checked.append((method, device)) or real(method, device))
+    runnable = [m for m, spec in quantization.METHODS.items()
+                if spec.runs_on_cpu and importlib.util.find_spec(spec.package) is not None]
+    settings = _campaign_settings({"device": "cpu",
+                                   "variants": {"none": {}, **{m: {"quantization": m} for m in runnable}}})
+    require_installed(["pytorch"], settings)
+    assert checked == [("none", "cpu"), *((m, "cpu") for m in runnable)]  # every variant was checked

@@ -137,7 +137,8 @@ def test_empty_summary_has_the_identity_columns(tmp_path: Path) -> None:
     assert list(frame.columns[: len(IDENTITY_COLUMNS)]) == list(IDENTITY_COLUMNS)
     write_summary(frame, tmp_path / "s.csv", tmp_path / "s.parquet", {})
     assert read_summary(tmp_path / "s.parquet").empty
-    assert (tmp_path / "s.csv").read_text().startswith("experiment_id,model,backend,dataset,engine_path,batch_size")
+    assert (tmp_path / "s.csv").read_text().startswith(
+        "experiment_id,model,backend,backend_variant,dataset,engine_path,batch_size")
 
 
 def test_a_table_without_identity_columns_is_refused(tmp_path: Path) -> None:
@@ -170,3 +171,27 @@ def test_pooled_latency_columns_with_units_and_n(tmp_path: Path) -> None:
     assert frame.loc[0, "ttft_p99_s"] == pytest.approx(0.1) and frame["ttft_p99_s"].dtype == np.float64
     assert frame.loc[0, "e2e_p50_s"] == pytest.approx(1.5) and np.isnan(frame.loc[0, "e2e_p90_s"])
     assert np.isnan(frame.loc[1, "ttft_p50_s"])
+
+
+def test_backend_variant_quantization_and_weight_bytes_columns(tmp_path: Path) -> None:
+    paths = []
+    for variant, method, weight_bytes in (("none", "none", 15803648), ("int8", "torchao_int8_weight_only", 7151744)):
+        data = experiment_result_data(f"m.pytorch-{variant}.bs1", "m", 1, {"output_tokens_per_s": [10.0]})
+        data["experiment"]["variant"] = variant
+        data["load"] = {"device": "cpu", "dtype": "float32",
+                        "details": {"quantization": method, "weight_bytes": weight_bytes}}
+        paths.append(write_experiment(tmp_path, data))
+    paths.append(write_experiment(tmp_path, experiment_result_data("m.pytorch.bs1", "m", 1, {"output_tokens_per_s": [9.0]})))
+    frame = build_summary(paths)
+    columns = list(frame.columns)
+    assert columns.index("backend_variant") == columns.index("backend") + 1
+    rows = frame.set_index("experiment_id")
+    assert rows.loc["m.pytorch-int8.bs1", "backend_variant"] == "int8"
+    assert rows.loc["m.pytorch-int8.bs1", "quantization"] == "torchao_int8_weight_only"
+    assert rows.loc["m.pytorch-int8.bs1", "weight_bytes"] == 7151744
+    assert rows.loc["m.pytorch-none.bs1", "weight_bytes"] == 15803648
+    # an experiment without variant or load report (older results, vLLM): null, not a made-up value
+    assert rows.loc["m.pytorch.bs1", ["backend_variant", "quantization"]].isna().all()
+    assert pd.isna(rows.loc["m.pytorch.bs1", "weight_bytes"])
+    write_summary(frame, tmp_path / "s.csv", tmp_path / "s.parquet", {})
+    assert read_summary(tmp_path / "s.parquet")["backend_variant"].tolist() == frame["backend_variant"].tolist()

@@ -8,6 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -42,6 +46,19 @@ def run_snakemake(workdir: Path, *args: str, timeout_s: float = 900, label: str 
     if label:
         MEASURED_TIMES_S[label] = time.perf_counter() - start
     return completed
+
+
+def run_campaign(workdir: Path, config: dict, label: str) -> pd.DataFrame:
+    """Write `config` as the campaign file of `workdir`, run it with the real snakemake on 2 cores,
+    and return its summary.csv."""
+    import pandas as pd
+    import yaml
+
+    campaign = workdir / "campaign.yaml"
+    campaign.write_text(yaml.safe_dump(config))
+    completed = run_snakemake(workdir, "--cores", "2", "--configfile", str(campaign), label=label)
+    assert completed.returncode == 0, describe(completed)
+    return pd.read_csv(workdir / "results" / "summary.csv")
 
 
 def describe(completed: subprocess.CompletedProcess) -> str:

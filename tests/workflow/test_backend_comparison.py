@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 
-import pandas as pd
 import pytest
 import yaml
 
 from llm_energy import artifacts
-from tests.workflow.helpers import REPO_ROOT, copy_workflow, describe, run_snakemake
+from tests.workflow.helpers import REPO_ROOT, copy_workflow, run_campaign
 
 pytestmark = pytest.mark.workflow
 
@@ -25,12 +24,7 @@ def comparison(tmp_path_factory):
     # with the engine's reason while every other experiment goes on.
     config["models"]["tiny-llama-too-long"] = {"source": "builtin", "architecture": "llama", "seed": 0,
                                                "max_model_len": 100000}
-    campaign = workdir / "campaign.yaml"
-    campaign.write_text(yaml.safe_dump(config))
-    completed = run_snakemake(workdir, "--cores", "2", "--configfile", str(campaign),
-                              label="backend comparison (pytorch + vllm, 4 experiments)")
-    assert completed.returncode == 0, describe(completed)
-    return workdir, pd.read_csv(workdir / "results" / "summary.csv")
+    return workdir, run_campaign(workdir, config, "backend comparison (pytorch + vllm, 4 experiments)")
 
 
 def test_both_backends_report_the_same_token_counts(comparison):

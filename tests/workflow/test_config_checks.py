@@ -37,6 +37,12 @@ BROKEN = {
     "unknown backend": ({"backends": ["tensorflow"]}, "backends[0]"),
     "missing models": ({"models": None}, "models"),
     "hub model without revision": ({"models": {"m": {"source": "hub", "id": "org/model"}}}, "models.m.revision"),
+    "unknown key in a backend variant": ({"backend_settings": {"pytorch": {"variants": {"int8": {"quantisation": "fp8"}}}}},
+                                         "backend_settings.pytorch.variants.int8.quantisation"),
+    # bitsandbytes 4-bit cannot generate on CPU: refused before any job, the variant's key named
+    "backend variant that cannot run here": (
+        {"backend_settings": {"pytorch": {"device": "cpu", "variants": {"none": {}, "nf4": {"quantization": "bnb_4bit"}}}}},
+        "backend_settings.pytorch.variants.nf4.quantization"),
 }
 
 

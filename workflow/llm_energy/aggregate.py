@@ -3,7 +3,9 @@
 Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the experiment's
 `flops_estimate`. Output (the `data` of an `experiment_result` artifact):
 
-- identity: experiment_id, experiment (model, backend, dataset, parameters), gpu_name, gpu_count;
+- identity: experiment_id, experiment (model, backend, variant, dataset, parameters), gpu_name, gpu_count;
+- load: the load report of the first ok cycle (device, dtype, details: quantization, weight bytes), the
+  same weights for every cycle; null when no cycle succeeded;
 - cycles: cycles_ok (count), cycles_ok_list, cycles_failed [{cycle, error}], cycles_invalid
   [{cycle, flags}] (cycles that ran but whose validity check failed: kept in the statistics, listed);
 - metrics: every numeric metric of the ok cycles, each summarised by `statistics.describe`, plus
@@ -101,6 +103,7 @@ class _Cycle:
     # Passes over the measured request set in the window (campaign.min_window_s); the FLOPs estimate
     # is for one pass.
     repeats: int = 1
+    load: dict[str, Any] | None = None  # the run_result's load report
 
 
 def _is_number(value: Any) -> bool:
@@ -171,6 +174,7 @@ def _read_cycle(path: Path) -> _Cycle:
         gpu_names=gpu_names,
         matmul_weight_bytes=_finite(((data.get("load") or {}).get("details") or {}).get("matmul_weight_bytes")),
         repeats=int((data.get("tokens") or {}).get("repeats") or 1),
+        load=data.get("load"),
     )
 
 
@@ -476,6 +480,7 @@ def aggregate_experiment(
         "experiment_id": experiment_id,
         "status": "ok" if ok else "failed",
         "experiment": experiment,
+        "load": reference.load if ok else None,
         "gpu_name": ", ".join(dict.fromkeys(gpu_names)) if gpu_names else None,
         "gpu_count": len(gpu_names),
         "cycles_ok": len(ok),

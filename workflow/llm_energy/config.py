@@ -4,6 +4,10 @@ A campaign names models, datasets, backends and a parameter grid. `load_campaign
 workflow/schemas/config.schema.json (filling defaults, rejecting unknown keys) and expands it at parse
 time into experiments with stable, readable ids. Every problem a user can cause raises ConfigError
 naming the key and the fix, before any job runs.
+
+A backend may have variants (`backend_settings.<backend>.variants.<name>`: settings overrides), so one
+campaign compares several settings of the same backend: each variant is its own experiment, with the
+backend's other settings and the variant's keys over them (`backend_variants`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,14 @@ def _dotted(path) -> str:
     return text or "(top level)"
 
 
+def _resolve_ref(schema: Mapping, ref: str) -> Any:
+    """The subschema a local `$ref` ("#/$defs/model", "#/properties/backend_settings/properties/vllm") names."""
+    node: Any = schema
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
 def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
     """The keys a mapping at `instance_path` may hold (for 'did you mean' hints)."""
     node: Any = schema
@@ -75,7 +87,7 @@ def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
         else:
             return []
         if "$ref" in node:
-            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+            node = _resolve_ref(schema, node["$ref"])
     keys = set(node.get("properties", {}))
     for branch in node.get("allOf", []):
         keys |= set(branch.get("then", {}).get("properties", {}))
@@ -102,6 +114,13 @@ def _error_to_config_error(error: jsonschema.ValidationError, schema: dict) -> C
     if error.validator == "enum":
         options = ", ".join(json.dumps(v) for v in error.validator_value)
         return ConfigError(key, f"{json.dumps(error.instance)} is not allowed", f"Use one of: {options}.")
+    if error.validator == "pattern":
+        if "propertyNames" in error.schema_path:  # a name chosen by the user (a model, a variant)
+            return ConfigError(_dotted(path + [str(error.instance)]),
+                               f"the name does not match the pattern {error.validator_value}",
+                               "Rename it with the characters the pattern allows.")
+        return ConfigError(key, f"{json.dumps(error.instance)} does not match the pattern {error.validator_value}",
+                           "Change it to match the pattern.")
     if error.validator == "type":
         expected = error.validator_value
         return ConfigError(
@@ -134,6 +153,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict:
         raise ConfigError("(top level)", "the config is not a mapping", "Write the config as YAML keys.")
     config = copy.deepcopy(coerce_command_line_values(raw))
     schema = config_schema()
+    variant_overrides = _variant_overrides(config)
     validator = _validator_filling_defaults()(schema)
     errors = list(validator.iter_errors(config))
     if errors:
@@ -143,12 +163,38 @@ def validate_config(raw: Mapping[str, Any]) -> dict:
         if nested:
             best = jsonschema.exceptions.best_match(nested)
         raise _error_to_config_error(best, schema)
+    # A variant is validated with its backend's settings schema, which filled that schema's defaults
+    # into it: put back what the user wrote, so a variant overrides only the keys it names.
+    for backend, overrides in variant_overrides.items():
+        config["backend_settings"][backend]["variants"] = overrides
     _check_semantics(config)
     canonical = _canonical(config)
     # The campaign's own order of models and datasets is kept: it orders experiments and tables.
     for section in ("models", "datasets"):
         canonical[section] = {name: canonical[section][name] for name in config[section]}
+    for backend, overrides in variant_overrides.items():  # and so is the order of each backend's variants
+        settings = canonical["backend_settings"][backend]
+        settings["variants"] = {name: settings["variants"][name] for name in overrides}
     return canonical
+
+
+def _variant_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
+    """backend -> a copy of its `variants` as written (before defaults are filled in)."""
+    settings = config.get("backend_settings")
+    if not isinstance(settings, Mapping):
+        return {}
+    return {backend: copy.deepcopy(value["variants"]) for backend, value in settings.items()
+            if isinstance(value, Mapping) and "variants" in value}
+
+
+def backend_variants(settings: Mapping[str, Any] | None) -> dict[str | None, dict[str, Any]]:
+    """variant name -> the settings that variant runs with: the backend's settings without `variants`,
+    with the variant's keys replacing theirs. {None: settings} for a backend without variants."""
+    base = {k: v for k, v in (settings or {}).items() if k != "variants"}
+    variants = (settings or {}).get("variants")
+    if not variants:
+        return {None: base}
+    return {name: {**base, **copy.deepcopy(dict(overrides))} for name, overrides in variants.items()}
 
 
 def _canonical(value: Any) -> Any:
@@ -192,11 +238,22 @@ def _check_semantics(config: dict) -> None:
             "grid.token_budget", "batching 'token_budget' needs a token budget",
             "Give grid.token_budget a list of integers, e.g. [4096].",
         )
-    known = {"model", "backend", "dataset", *GRID_KEYS}
+    variant_names = set()
+    for backend, settings in config["backend_settings"].items():
+        for name, overrides in (settings.get("variants") or {}).items():
+            variant_names.add(name)
+            if "variants" in overrides:
+                raise ConfigError(f"backend_settings.{backend}.variants.{name}.variants",
+                                  "a variant cannot have variants of its own",
+                                  f"Give each variant its own name under backend_settings.{backend}.variants.")
+    known = {"model", "backend", "variant", "dataset", *GRID_KEYS}
     for index, rule in enumerate(config["exclude"]):
         for key in rule:
             if key not in known:
                 raise ConfigError(f"exclude[{index}].{key}", "unknown key", f"Use keys among: {', '.join(sorted(known))}.")
+        if rule.get("variant") is not None and rule["variant"] not in variant_names:
+            raise ConfigError(f"exclude[{index}].variant", f"'{rule['variant']}' is not a variant of any backend",
+                              f"Use one of: {', '.join(sorted(variant_names)) or '(no backend has variants)'}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +277,7 @@ class Experiment:
     seed: int = 0
     min_window_s: float = 0.0
     cycle_isolation: str = "experiment"
+    variant: str | None = None  # backend_settings.<backend>.variants name; None: the backend has none
 
     def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
         """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""
@@ -236,9 +294,12 @@ def _decoding_label(decoding: Mapping[str, Any]) -> str:
     return label + (f"-k{decoding['top_k']}" if decoding["top_k"] else "")
 
 
-def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[str, Any], identity: Any) -> str:
-    """`model.backend.dataset.bs8-float32-in512-out64-greedy.<hash8>`; the hash covers everything
-    that changes the measurement, so a changed parameter never reuses an old folder."""
+def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[str, Any], identity: Any,
+                  variant: str | None = None) -> str:
+    """`model.backend.dataset.bs8-float32-in512-out64-greedy.<hash8>`, the backend part reading
+    `backend-variant` (pytorch-int8) for a variant: neither a backend nor a variant name holds '-' or
+    '.', so the part splits back at its first '-'. The hash covers everything that changes the
+    measurement, so a changed parameter never reuses an old folder."""
     p = parameters
     label = f"bs{p['batch_size']}-{p['dtype']}-in{p['max_input_tokens']}-out{p['max_output_tokens']}"
     label += "-" + _decoding_label({"mode": p["decoding_mode"], "temperature": p["temperature"],
@@ -247,7 +308,8 @@ def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[st
         label += f"-{p['output_length']}"
     if p["batching"] != "fixed":
         label += f"-{p['batching']}" + (f"{p['token_budget']}" if p["batching"] == "token_budget" else "")
-    return f"{model}.{backend}.{dataset}.{label}.{sha256_json(identity)[:8]}"
+    backend_part = backend if variant is None else f"{backend}-{variant}"
+    return f"{model}.{backend_part}.{dataset}.{label}.{sha256_json(identity)[:8]}"
 
 
 def _matches(rule_value: Any, value: Any) -> bool:
@@ -269,7 +331,8 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     experiments: dict[str, Experiment] = {}
     values = [grid[k] for k in GRID_KEYS]
     for model, backend, dataset in itertools.product(config["models"], config["backends"], config["datasets"]):
-        for combo in itertools.product(*values):
+        for (variant, backend_settings), combo in itertools.product(
+                backend_variants(config["backend_settings"].get(backend)).items(), itertools.product(*values)):
             point = dict(zip(GRID_KEYS, combo))
             if point["batching"] != "token_budget":
                 if point["token_budget"] is not None and point["token_budget"] != grid["token_budget"][0]:
@@ -277,7 +340,8 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 point["token_budget"] = None
             elif point["token_budget"] is None:
                 continue
-            if _excluded(config["exclude"], {"model": model, "backend": backend, "dataset": dataset, **point}):
+            if _excluded(config["exclude"], {"model": model, "backend": backend, "variant": variant,
+                                             "dataset": dataset, **point}):
                 continue
             decoding = point.pop("decoding")
             parameters = {
@@ -287,7 +351,6 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 "top_p": decoding["top_p"] if decoding["mode"] == "sampling" else 1.0,
                 "top_k": decoding["top_k"] if decoding["mode"] == "sampling" else 0,
             }
-            backend_settings = dict(config["backend_settings"].get(backend, {}))
             identity = {
                 "model": config["models"][model], "dataset": config["datasets"][dataset],
                 "backend": backend, "backend_settings": backend_settings, "parameters": parameters,
@@ -295,12 +358,14 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 "cycle_isolation": campaign["cycle_isolation"], "phase_split": config["energy"]["phase_split"],
                 "requests_per_cycle": campaign["requests_per_cycle"], "seed": campaign["seed"],
             }
-            eid = experiment_id(model, backend, dataset, parameters, identity)
+            if variant is not None:  # only then: the ids of campaigns without variants stay as they were
+                identity["variant"] = variant
+            eid = experiment_id(model, backend, dataset, parameters, identity, variant)
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
                 model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
-                backend_settings=backend_settings, warmup=dict(campaign["warmup"]),
-                requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"],
+                backend_settings=dict(backend_settings), warmup=dict(campaign["warmup"]),
+                requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"], variant=variant,
                 min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
             )
     if not experiments and not config.get("figures_only"):

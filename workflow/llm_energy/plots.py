@@ -74,10 +74,22 @@ class EnergyBoundary:
 
 def _load(summary: pd.DataFrame | Path | str) -> pd.DataFrame:
     if isinstance(summary, pd.DataFrame):
-        return summary
+        return _backend_with_variant(summary)
     from llm_energy.summary import read_summary
 
-    return read_summary(summary)
+    return _backend_with_variant(read_summary(summary))
+
+
+def _backend_with_variant(summary: pd.DataFrame) -> pd.DataFrame:
+    """Where a row has a backend variant, its backend reads `backend-variant` (pytorch-int8, as in the
+    experiment id), so every figure tells a backend's variants apart where it labels backends."""
+    if "backend_variant" not in summary.columns or not summary["backend_variant"].notna().any():
+        return summary
+    labelled = summary.copy()
+    has = labelled["backend_variant"].notna()
+    labelled.loc[has, "backend"] = (labelled.loc[has, "backend"].astype(str) + "-"
+                                    + labelled.loc[has, "backend_variant"].astype(str))
+    return labelled
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:

@@ -1,10 +1,13 @@
 """The tidy summary table: one row per experiment, written as Parquet (artifact) and CSV.
 
 Columns, in order:
-- identity: experiment_id, model, backend, dataset, the experiment parameters (batch_size, dtype,
+- identity: experiment_id, model, backend, backend_variant (the backend_settings.<backend>.variants name,
+  null without variants), dataset, the experiment parameters (batch_size, dtype,
   max_input_tokens, max_output_tokens, decoding_mode, temperature, top_p, top_k, output_length,
   batching, token_budget), cycles_ok, cycles_failed, status, flags (";"-joined), gpu_name, then
-  gpu_count, errors, total_flops, decode_bytes_min; engine_path (pytorch: eager, static or fast) after dataset;
+  gpu_count, errors, total_flops, decode_bytes_min, quantization and weight_bytes (of the load report:
+  the weights as stored, quantized ones at their real size; null where the backend does not report them);
+  engine_path (pytorch: eager, static or fast) after dataset;
 - where the job's wall time went: job_wall_s, job_windows_s, job_share_in_windows and
   job_{baseline,model_load,compile,warmup}_s (a campaign's share: sum of job_windows_s / sum of job_wall_s);
 - per metric (sorted by name): `<metric>` = mean over ok cycles, `<metric>_std`, `<metric>_ci95_low`,
@@ -14,7 +17,8 @@ Columns, in order:
   `<name>_p99_s` (seconds; null below the samples a percentile needs, the reason in the info columns)
   and `<name>_n` (samples); one value per experiment, so no _std/_ci95 columns;
 - the metrics_info strings (sources, methods, unavailable reasons), one column per key.
-Rows are sorted by model, backend, dataset, batch_size (then experiment_id, for a stable order).
+Rows are sorted by model, backend, backend_variant, dataset, batch_size (then experiment_id, for a
+stable order).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ IDENTITY_COLUMNS: dict[str, str] = {
     "experiment_id": "str",
     "model": "str",
     "backend": "str",
+    "backend_variant": "str",
     "dataset": "str",
     "engine_path": "str",
     **PARAMETER_COLUMNS,
@@ -64,6 +69,8 @@ EXTRA_COLUMNS: dict[str, str] = {
     "errors": "str",
     "total_flops": "float",
     "decode_bytes_min": "float",
+    "quantization": "str",
+    "weight_bytes": "int",
 }
 # Where the experiment's job spent its wall time (the run set's timing): total, inside measured
 # windows, their share, then each setup phase as job_<phase>_s.
@@ -77,7 +84,7 @@ STAT_SUFFIXES: dict[str, str] = {
     "ci95_high": "_ci95_high",
     "cv": "_cv",
 }
-SORT_COLUMNS = ["model", "backend", "dataset", "batch_size", "experiment_id"]
+SORT_COLUMNS = ["model", "backend", "backend_variant", "dataset", "batch_size", "experiment_id"]
 
 
 def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict[str, str]]:
@@ -86,10 +93,12 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
     parameters = experiment.get("parameters") or {}
     failures = data.get("cycles_failed") or []
     flops = data.get("flops") or {}
+    load_details = (data.get("load") or {}).get("details") or {}
     identity: dict[str, Any] = {
         "experiment_id": data["experiment_id"],
         "model": experiment.get("model"),
         "backend": experiment.get("backend"),
+        "backend_variant": experiment.get("variant"),
         "dataset": experiment.get("dataset"),
         "engine_path": experiment.get("engine_path"),
         **{name: parameters.get(name) for name in PARAMETER_COLUMNS},
@@ -102,6 +111,8 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
         "errors": "; ".join(f"cycle {f.get('cycle')}: {f.get('error')}" for f in failures) or None,
         "total_flops": flops.get("total_flops"),
         "decode_bytes_min": flops.get("decode_bytes_min"),
+        "quantization": load_details.get("quantization"),
+        "weight_bytes": load_details.get("weight_bytes"),
         **_time_columns(data.get("time_accounting") or {}),
     }
     return identity, dict(data.get("metrics") or {}), dict(data.get("metrics_info") or {})

@@ -33,7 +33,8 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
 
 def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
     """Stop before any job runs when a selected backend, or one of its settings (backend_settings.<name>),
-    cannot run in this environment."""
+    cannot run in this environment: the backend's settings, and those of each of its variants."""
+    from llm_energy.config import backend_variants
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
@@ -44,4 +45,15 @@ def require_installed(names: list[str], backend_settings: dict | None = None) ->
                 f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
-        cls.check_settings(dict((backend_settings or {}).get(name) or {}))
+        configured = (backend_settings or {}).get(name) or {}
+        for variant, settings in backend_variants(configured).items():
+            try:
+                cls.check_settings(dict(settings))
+            except ConfigError as exc:
+                if variant is None:
+                    raise
+                # Name the key where the setting was made: the variant's own, or the shared one it inherits.
+                leaf = exc.key.rsplit(".", 1)[-1]
+                overrides = (configured.get("variants") or {}).get(variant) or {}
+                key = f"backend_settings.{name}.variants.{variant}.{leaf}" if leaf in overrides else exc.key
+                raise ConfigError(key, f"{exc.problem} (variant '{variant}')", exc.fix) from None
