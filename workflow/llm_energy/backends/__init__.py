@@ -31,13 +31,18 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
     return cls(settings)
 
 
-def require_installed(names: list[str], backend_settings: dict | None = None) -> None:
+def require_installed(names: list[str], backend_settings: dict | None = None,
+                      used: set[str] | None = None) -> None:
     """Stop before any job runs when a selected backend, or one of its settings (backend_settings.<name>),
-    cannot run in this environment: the backend's settings, and those of each of its variants."""
+    cannot run in this environment: the backend's settings, and those of each of its variants.
+    `used`: the backends that have experiments (a backend every experiment of which is excluded runs
+    nothing, so it need not be installed); None: every name."""
     from llm_energy.config import backend_variants
     from llm_energy.errors import ConfigError
 
     for index, name in enumerate(names):
+        if used is not None and name not in used:
+            continue
         cls = backend_class(name)
         reason = cls.unavailable_reason()
         if reason:
