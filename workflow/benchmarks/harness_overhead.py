@@ -203,6 +203,13 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
     return rows, timing
 
 
+def write_json(path: Path, document: dict) -> None:
+    from llm_energy.artifacts import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -239,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error(f"{args.configfile}: no pytorch experiment matches")
     bandwidth = measure_copy_bandwidth_bytes_per_s() if args.copy_bandwidth else None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     rows, timings = [], []
     for experiment in chosen:
         log.info("experiment %s", experiment.id)
@@ -246,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               args.window_s, log)
         rows += experiment_rows
         timings.append({"experiment_id": experiment.id, **timing})
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        if args.out:  # after every experiment: a run cut short keeps what it measured
+            write_json(args.out, {"gpu_name": gpu, "git_commit": git_commit(), "torch": torch.__version__,
+                                  "transformers": transformers.__version__, "windows": args.windows,
+                                  "window_s": args.window_s, "measured_copy_bandwidth_bytes_per_s": bandwidth,
+                                  "rows": rows, "time_accounting": timings})
     print(f"\nharness throughput / transformers' own generate, {args.windows} interleaved windows of "
           f">= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, commit {git_commit()}")
@@ -261,12 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         f"(share in windows {t['share_in_windows']:.2f})" for t in timings))
     if bandwidth is not None:
         print(f"device-to-device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        document = {"gpu_name": gpu, "git_commit": git_commit(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "windows": args.windows, "window_s": args.window_s,
-                    "measured_copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "time_accounting": timings}
-        args.out.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 
