@@ -249,12 +249,17 @@ def _add_notes(figure: Figure, notes: Sequence[str]) -> None:
     """Notes (skipped experiments, missing metrics) at the bottom, outside the axes."""
     if not notes:
         return
-    text = "\n".join(notes)
+    import textwrap
+
+    # Wrapped here, not by matplotlib, so that the reserved margin counts the lines really drawn
+    # (about 19 characters of 7 pt text per inch of figure width).
+    width_chars = int(figure.get_figwidth() * 19)
+    text = "\n".join(textwrap.fill(note, width_chars, break_long_words=True) for note in notes)
     lines = text.count("\n") + 1
     height_in = figure.get_figheight()
-    bottom = min(0.4, (0.06 + 0.14 * lines) / height_in)
+    bottom = min(0.45, (0.06 + 0.12 * lines) / height_in)
     figure.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))
-    figure.text(0.01, 0.01, text, ha="left", va="bottom", fontsize=7, color="#444444", wrap=True)
+    figure.text(0.01, 0.01, text, ha="left", va="bottom", fontsize=7, color="#444444")
 
 
 def _message_figure(message: str, notes: Sequence[str], title: str) -> Figure:
