@@ -1,0 +1,169 @@
+"""The harness's own logic (llm_energy.measure): warm-up to convergence, windows repeated to
+min_window_s, the recompilation flag, and the differential prefill/decode arithmetic.
+
+The backend is a fake (its generate sleeps and returns records): these test our loop, not an engine;
+the real engines run through the same functions in the workflow tests.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_energy import clock
+from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
+from llm_energy.energy import EnergySession, EnergySettings
+from llm_energy.measure import (
+    FLAG_RECOMPILED, MeasuredWindow, differential_phases, measure_window, warm_up, warmup_converged,
+)
+
+DECODING = DecodingSettings(max_output_tokens=4)
+WARMUP = {"min_batches": 3, "stable_batches": 3, "tolerance": 0.2, "max_s": 30}
+
+
+class SleepingBackend(Backend):
+    """generate() sleeps `batch_s` (or the next of `batch_times_s`) per batch of `batch_size`."""
+
+    name = "sleeping"
+
+    def __init__(self, batch_times_s: list[float] | None = None, batch_s: float = 0.01,
+                 compiles_on_generate: bool = False):
+        super().__init__({})
+        self.batch_times_s = list(batch_times_s or [])
+        self.batch_s = batch_s
+        self.calls: list[tuple[int, int]] = []  # (rows, max_output_tokens) per generate call
+        self.compilations = 0
+        self.compiles_on_generate = compiles_on_generate
+
+    def load(self, model_dir: Path, dtype: str, max_model_len: int, batch_size: int) -> LoadReport:
+        return LoadReport(device="cpu", dtype=dtype)
+
+    def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
+        return [Request(i, tuple(range(len(p)))) for i, p in enumerate(prompts)]
+
+    def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
+        records = []
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start:start + batch_size]
+            self.calls.append((len(batch), decoding.max_output_tokens))
+            submitted = clock.now()
+            time.sleep(self.batch_times_s.pop(0) if self.batch_times_s else self.batch_s)
+            if self.compiles_on_generate:
+                self.compilations += 1
+            done = clock.now()
+            records += [RequestRecord(index=r.index, input_tokens=r.input_tokens,
+                                      output_tokens=decoding.max_output_tokens, submitted_s=submitted,
+                                      finished_s=done, first_token_s=submitted + (done - submitted) / 4)
+                        for r in batch]
+        return records
+
+    def compilation_count(self) -> int | None:
+        return self.compilations
+
+
+def requests(count: int, length: int = 5) -> list[Request]:
+    return [Request(i, tuple(range(length))) for i in range(count)]
+
+
+@pytest.fixture
+def session(tmp_path: Path):
+    settings = EnergySettings.from_config({"codecarbon": False, "rapl": False, "gpu": False,
+                                           "baseline": {"duration_s": 0}})
+    with EnergySession(settings, devices=[], powercap_root=tmp_path / "none") as energy:
+        yield energy
+
+
+# -- warm-up -------------------------------------------------------------------------------------
+
+
+def test_warmup_needs_min_batches_and_stable_times_of_the_common_shape() -> None:
+    full, partial = (4, 5), (2, 5)
+    assert not warmup_converged([1.0, 1.0], [full, full], 3, 2, 0.05)  # fewer than min_batches
+    assert warmup_converged([3.0, 1.0, 1.02], [full, full, full], 3, 2, 0.05)
+    assert not warmup_converged([3.0, 1.0, 1.2], [full, full, full], 3, 2, 0.05)
+    # The partial batch's shorter time is not compared with the full batches' times.
+    assert warmup_converged([1.0, 0.4, 1.01, 0.41], [full, partial, full, partial], 3, 2, 0.05)
+
+
+def test_warm_up_runs_until_converged_and_covers_every_shape() -> None:
+    backend = SleepingBackend(batch_times_s=[0.08, 0.05, 0.02, 0.02, 0.02, 0.02, 0.02])
+    batches = [requests(4)[:4], requests(6)[4:6]]  # a full batch and the partial last one
+    result = warm_up(backend, batches, 4, DECODING, WARMUP, prefill_decoding=DecodingSettings(max_output_tokens=1))
+    assert result.converged
+    assert len(result.batch_times_s) >= 3 and len(result.batch_times_s) == len(result.batch_shapes)
+    assert {(4, 5), (2, 5)} <= set(result.batch_shapes)
+    # The prefill-only pass runs each shape once, with one output token.
+    assert result.prefill_batches == 2 and backend.calls[-2:] == [(4, 1), (2, 1)]
+    assert result.describe(WARMUP)["batch_times_s"] == result.batch_times_s
+
+
+def test_warm_up_that_never_settles_stops_at_max_s_unconverged() -> None:
+    times = [0.01, 0.03] * 50  # alternating: never within 20 %
+    backend = SleepingBackend(batch_times_s=times)
+    result = warm_up(backend, [requests(2)], 2, DECODING, {**WARMUP, "max_s": 0.3})
+    assert not result.converged and len(result.batch_times_s) < len(times)
+
+
+# -- windows -------------------------------------------------------------------------------------
+
+
+def test_a_window_repeats_the_request_set_until_min_window_s(session) -> None:
+    backend = SleepingBackend(batch_s=0.03)
+    measured = requests(4)
+    window = measure_window(session, backend, "inference", measured, 2, DECODING, min_window_s=0.25)
+    assert window.record["duration_s"] >= 0.25
+    assert window.repeats == window.record["repeats"] >= 4  # 0.06 s per pass
+    assert len(window.requests) == 4 * window.repeats
+    assert window.repeat_of_request == [r for r in range(window.repeats) for _ in range(4)]
+    assert FLAG_RECOMPILED not in window.record["flags"]
+
+
+def test_zero_min_window_s_is_one_pass(session) -> None:
+    window = measure_window(session, SleepingBackend(), "inference", requests(3), 2, DECODING, min_window_s=0)
+    assert window.repeats == 1 and len(window.requests) == 3
+
+
+def test_a_compilation_inside_the_window_flags_the_run(session) -> None:
+    backend = SleepingBackend(compiles_on_generate=True)
+    window = measure_window(session, backend, "inference", requests(2), 2, DECODING, min_window_s=0)
+    assert FLAG_RECOMPILED in window.record["flags"]
+    assert window.compilations[1] > window.compilations[0]
+
+
+# -- differential prefill / decode -----------------------------------------------------------------
+
+
+def fake_window(gross_j: float | None, records: list[RequestRecord], repeats: int = 1) -> MeasuredWindow:
+    gpu = {"available": True, "gross_j": gross_j} if gross_j is not None else {
+        "available": False, "reason": "no NVIDIA driver"}
+    record = {"domains": {"gpu": gpu}, "duration_s": 1.0, "flags": []}
+    return MeasuredWindow(record, records, [0] * len(records), repeats, (None, None), {})
+
+
+def records_of(count: int, input_tokens: int, output_tokens: int) -> list[RequestRecord]:
+    return [RequestRecord(index=i, input_tokens=input_tokens, output_tokens=output_tokens, submitted_s=0.0,
+                          finished_s=1.0) for i in range(count)]
+
+
+def test_prefill_per_input_token_from_the_prefill_window_and_decode_is_the_rest() -> None:
+    full = fake_window(100.0, records_of(4, 10, 8))  # 40 input tokens, 4 x 7 decode tokens
+    prefill = fake_window(30.0, records_of(12, 10, 1), repeats=3)  # 120 input tokens: 0.25 J each
+    phases = differential_phases(full, prefill)
+    assert phases["available"] and phases["method"] == "differential"
+    assert phases["prefill_energy_per_input_token_j"] == pytest.approx(0.25)
+    assert phases["prefill_j"] == pytest.approx(10.0) and phases["decode_j"] == pytest.approx(90.0)
+    assert phases["decode_tokens"] == 28
+    assert phases["decode_energy_per_decode_token_j"] == pytest.approx(90.0 / 28)
+    assert phases["flags"] == []
+
+
+def test_a_prefill_costing_more_than_the_window_is_flagged() -> None:
+    phases = differential_phases(fake_window(5.0, records_of(2, 10, 4)), fake_window(30.0, records_of(2, 10, 1)))
+    assert phases["decode_j"] < 0 and phases["flags"] == ["prefill_exceeds_window"]
+
+
+def test_without_measured_gpu_energy_the_split_is_unavailable_with_the_reason() -> None:
+    phases = differential_phases(fake_window(None, records_of(2, 10, 4)), fake_window(None, records_of(2, 10, 1)))
+    assert phases["available"] is False and "no NVIDIA driver" in phases["reason"]
