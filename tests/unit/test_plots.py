@@ -218,3 +218,16 @@ def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -
         assert "pytorch-none" in text and "pytorch-int8" in text, name
         assert "vllm-" not in text, name  # a backend without variants keeps its plain name
     assert summary["backend"].tolist().count("pytorch") == 4  # the summary itself is left as it is
+
+
+def test_pytorch_engine_paths_are_labelled_where_no_variant_names_them(tmp_path: Path) -> None:
+    results = []
+    for path, factor in (("eager", 1.0), ("fast", 0.3)):
+        for bs in (1, 4):
+            data = _result(f"m.pytorch.{path}.bs{bs}", "llama-1b", "pytorch", bs, gpu_cycles(bs, factor), GPU_INFO)
+            data["experiment"]["engine_path"] = path
+            results.append(data)
+    summary = summary_of(tmp_path, results)
+    PLOTS["energy_vs_batch_size"](summary, tmp_path / "e.png", tmp_path / "e.svg")
+    text = (tmp_path / "e.svg").read_text()
+    assert "pytorch (eager)" in text and "pytorch (fast)" in text

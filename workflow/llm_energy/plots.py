@@ -82,13 +82,21 @@ def _load(summary: pd.DataFrame | Path | str) -> pd.DataFrame:
 
 def _backend_with_variant(summary: pd.DataFrame) -> pd.DataFrame:
     """Where a row has a backend variant, its backend reads `backend-variant` (pytorch-int8, as in the
-    experiment id), so every figure tells a backend's variants apart where it labels backends."""
-    if "backend_variant" not in summary.columns or not summary["backend_variant"].notna().any():
-        return summary
+    experiment id), so every figure tells a backend's variants apart where it labels backends; where
+    the engine path is known and not already the variant's name, it follows in parentheses
+    (`pytorch (eager)`, `pytorch-int8 (fast)`), so eager and fast pytorch are never one series."""
     labelled = summary.copy()
-    has = labelled["backend_variant"].notna()
-    labelled.loc[has, "backend"] = (labelled.loc[has, "backend"].astype(str) + "-"
-                                    + labelled.loc[has, "backend_variant"].astype(str))
+    if "backend_variant" in labelled.columns:
+        has = labelled["backend_variant"].notna()
+        labelled.loc[has, "backend"] = (labelled.loc[has, "backend"].astype(str) + "-"
+                                        + labelled.loc[has, "backend_variant"].astype(str))
+    if "engine_path" in labelled.columns:
+        variant = labelled["backend_variant"] if "backend_variant" in labelled.columns else None
+        shown = labelled["engine_path"].notna()
+        if variant is not None:
+            shown &= labelled["engine_path"].astype(str) != variant.astype(str)
+        labelled.loc[shown, "backend"] = (labelled.loc[shown, "backend"].astype(str) + " ("
+                                          + labelled.loc[shown, "engine_path"].astype(str) + ")")
     return labelled
 
 
