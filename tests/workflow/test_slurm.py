@@ -249,7 +249,7 @@ def test_campaign_runs_on_slurm_and_failures_are_isolated(cluster, tmp_path):
 
     proc = run_snakemake(workdir, str(failure_file.relative_to(workdir)), label="SLURM failure campaign (3 jobs)")
     assert proc.returncode != 0, describe(proc)
-    failed_log = workdir / "results" / "logs" / "run_inference" / broken_id / "cycle-1.log"
+    failed_log = workdir / "results" / "logs" / "run_inference" / f"{broken_id}.log"  # one job per experiment
     assert failed_log.is_file()
     # The failing job and its log are named in the console, with the log's content (show-failed-logs).
     assert "Error in rule run_inference" in proc.stderr
