@@ -203,13 +203,19 @@ def test_validity_flags_are_named_on_every_figure(tmp_path: Path, campaign: pd.D
     assert "Validity flags" in text and "short_window" in text
 
 
-def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -> None:
+def pytorch_series(field: str, names_and_factors: tuple[tuple[str, float], ...]) -> list[dict]:
+    """Pytorch results at batch 1 and 4, one series per name, the name set as experiment[field]."""
     results = []
-    for variant, factor in (("none", 1.0), ("int8", 0.5)):
+    for name, factor in names_and_factors:
         for bs in (1, 4):
-            data = _result(f"m.pytorch-{variant}.bs{bs}", "llama-1b", "pytorch", bs, gpu_cycles(bs, factor), GPU_INFO)
-            data["experiment"]["variant"] = variant
+            data = _result(f"m.pytorch-{name}.bs{bs}", "llama-1b", "pytorch", bs, gpu_cycles(bs, factor), GPU_INFO)
+            data["experiment"][field] = name
             results.append(data)
+    return results
+
+
+def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -> None:
+    results = pytorch_series("variant", (("none", 1.0), ("int8", 0.5)))
     results.append(_result("m.vllm.bs1", "llama-1b", "vllm", 1, gpu_cycles(1, 0.4), GPU_INFO))
     summary = summary_of(tmp_path, results)
     for name in PLOTS:
@@ -221,13 +227,7 @@ def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -
 
 
 def test_pytorch_engine_paths_are_labelled_where_no_variant_names_them(tmp_path: Path) -> None:
-    results = []
-    for path, factor in (("eager", 1.0), ("fast", 0.3)):
-        for bs in (1, 4):
-            data = _result(f"m.pytorch.{path}.bs{bs}", "llama-1b", "pytorch", bs, gpu_cycles(bs, factor), GPU_INFO)
-            data["experiment"]["engine_path"] = path
-            results.append(data)
-    summary = summary_of(tmp_path, results)
+    summary = summary_of(tmp_path, pytorch_series("engine_path", (("eager", 1.0), ("fast", 0.3))))
     PLOTS["energy_vs_batch_size"](summary, tmp_path / "e.png", tmp_path / "e.svg")
     text = (tmp_path / "e.svg").read_text()
     assert "pytorch (eager)" in text and "pytorch (fast)" in text

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -210,14 +209,6 @@ def write_json(path: Path, document: dict) -> None:
     atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configfile", required=True, type=Path)
@@ -238,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from llm_energy.config import load_campaign_file
+    from llm_energy.provenance import git_commit
 
     campaign = load_campaign_file(args.configfile)
     chosen = [e for e in campaign.experiments.values() if e.backend == "pytorch"

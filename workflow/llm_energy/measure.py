@@ -415,21 +415,20 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             measured = select_requests(backend.tokenize(run.prompts, p["max_input_tokens"]), experiment)
             batches = batches_of(measured, experiment)
             first_decoding = decoding_settings(experiment, todo[0])
-            differential = settings.phase_split == "differential"
             compile_facts = setup_window("compile", lambda: backend.compile(batches, first_decoding))
             warmup = setup_window("warmup", lambda: warm_up(
                 backend, batches, p["batch_size"], first_decoding, experiment.warmup,
-                prefill_only(first_decoding) if differential else None))
+                prefill_only(first_decoding) if settings.phase_split == "differential" else None))
             t0 = clock.now()
             active_baseline = _active_idle_baseline(session, settings)
             timing.add("baseline", clock.now() - t0)
             statuses = []
             for cycle in todo:
-                result = _measure_cycle(run, cycle, measured, session, backend, devices, load_report,
+                result = _measure_cycle(run, cycle, measured, batches, session, backend, devices, load_report,
                                         compile_facts, warmup,
                                         setup_windows, {"static_idle": static_baseline,
                                                         "active_idle": active_baseline},
-                                        gpu_state, differential, timing)
+                                        gpu_state, settings.phase_split, timing)
                 statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
             log.error("experiment %s failed: %s", experiment.id, exc)
@@ -460,10 +459,10 @@ def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> d
     return record
 
 
-def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], session: EnergySession,
-                   backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
+def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batches: list[list[Request]],
+                   session: EnergySession, backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
                    compile_facts: dict[str, Any], warmup: WarmupResult, setup_windows: list[dict[str, Any]],
-                   baselines: dict[str, Any], gpu_state: dict[str, Any], differential: bool,
+                   baselines: dict[str, Any], gpu_state: dict[str, Any], phase_split: str,
                    timing: _Timing) -> dict[str, Any]:
     experiment = run.experiment
     p = experiment.parameters
@@ -472,27 +471,27 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], sess
     log.info("cycle %d: measuring %d requests, window at least %.1f s", cycle, len(measured),
              experiment.min_window_s)
     t0 = clock.now()
-    rewarm(backend, batches_of(measured, experiment), p["batch_size"], decoding)
+    rewarm(backend, batches, p["batch_size"], decoding)
     timing.add("warmup", clock.now() - t0)
     window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
                             experiment.min_window_s)
     timing.add("windows", window.record["duration_s"])
     phases: dict[str, Any]
     prefill = None
-    if differential:
+    if phase_split == "differential":
         prefill = measure_window(session, backend, "prefill_only", measured, p["batch_size"], prefill_only(decoding),
                                  experiment.min_window_s)
         timing.add("windows", prefill.record["duration_s"])
         phases = differential_phases(window, prefill)
     else:
         phases = {"available": False, "method": "off", "reason": "energy.phase_split: off"}
-    split = EnergySettings.from_config(run.energy_config).phase_split
-    if split in ("timeline", "differential"):
+    # Collected once, after both windows: the timeline split and the cycle's timeline.parquet.
+    timeline = session.timeline_frame()
+    if phase_split in ("timeline", "differential"):
         from llm_energy.energy.phases import split_prefill_decode
 
-        timeline_split = split_prefill_decode(session.timeline_frame(), window.record,
-                                              _prefill_spans(window.requests))
-        if split == "timeline":
+        timeline_split = split_prefill_decode(timeline, window.record, _prefill_spans(window.requests))
+        if phase_split == "timeline":
             phases = {**timeline_split, "method_name": "timeline"}
         else:
             phases["timeline_estimate"] = timeline_split
@@ -536,18 +535,18 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], sess
         "gpu_state": gpu_state,
         "validity": {"flags": flags, "valid": not invalidating_flags(flags)},
     }
-    _write_cycle(paths, result, window, session, run.provenance)
+    _write_cycle(paths, result, window, timeline, run.provenance)
     log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
              run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")
     return result
 
 
-def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, session: EnergySession,
+def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, timeline: pd.DataFrame,
                  provenance: dict[str, Any]) -> None:
     paths.result.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_table_artifact(paths.requests, "requests_table",
                                    requests_frame(window.requests, window.repeat_of_request), provenance)
-    artifacts.write_table_artifact(paths.timeline, "timeline_table", session.timeline_frame(), provenance)
+    artifacts.write_table_artifact(paths.timeline, "timeline_table", timeline, provenance)
     # The result is written last: its presence marks a complete cycle.
     artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
 
