@@ -16,7 +16,8 @@ from llm_energy import clock
 from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.measure import (
-    FLAG_RECOMPILED, MeasuredWindow, differential_phases, measure_window, warm_up, warmup_converged,
+    FLAG_RECOMPILED, REWARM_AFTER_IDLE_S, MeasuredWindow, differential_phases, measure_window, needs_rewarm, warm_up,
+    warmup_converged,
 )
 
 DECODING = DecodingSettings(max_output_tokens=4)
@@ -167,3 +168,9 @@ def test_a_prefill_costing_more_than_the_window_is_flagged() -> None:
 def test_without_measured_gpu_energy_the_split_is_unavailable_with_the_reason() -> None:
     phases = differential_phases(fake_window(None, records_of(2, 10, 4)), fake_window(None, records_of(2, 10, 1)))
     assert phases["available"] is False and "no NVIDIA driver" in phases["reason"]
+
+
+def test_a_cycle_rewarms_after_the_baseline_or_an_idle_gap_but_not_back_to_back() -> None:
+    assert needs_rewarm(None, 100.0)  # the experiment's first cycle follows the active-idle baseline
+    assert not needs_rewarm(100.0, 100.0 + 0.2)  # the previous window closed moments ago
+    assert needs_rewarm(100.0, 100.0 + REWARM_AFTER_IDLE_S + 0.1)

@@ -196,12 +196,23 @@ def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, dec
     return result
 
 
+# A GPU that has been idle this long has started to drop its clocks (an H200 idles down within
+# about a second): the next window would pay for ramping them up again.
+REWARM_AFTER_IDLE_S = 1.0
+
+
 def rewarm(backend: Backend, batches: list[list[Request]], batch_size: int, decoding: DecodingSettings) -> None:
-    """One batch right before a window, outside it: after an idle gap (a baseline, the previous
-    cycle's artifacts being written) the host and the GPU are out of their steady state, and the
-    window's first batch would pay for it."""
+    """One batch right before a window, outside it: after an idle gap (a baseline, a long pause)
+    the host and the GPU are out of their steady state, and the window's first batch would pay for it."""
     backend.generate(batches[0], batch_size, decoding)
     backend.synchronize()
+
+
+def needs_rewarm(busy_until_s: float | None, now_s: float) -> bool:
+    """Back-to-back cycles (the previous window closed moments ago, only its artifacts were written
+    since) are still in the steady state: a rewarm batch there would only cost GPU time outside the
+    windows. After the active-idle baseline, or any longer gap, one batch runs first."""
+    return busy_until_s is None or now_s - busy_until_s > REWARM_AFTER_IDLE_S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,12 +434,12 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             active_baseline = _active_idle_baseline(session, settings)
             timing.add("baseline", clock.now() - t0)
             statuses = []
+            busy_until_s = None  # the baseline just ran: the first cycle rewarms
             for cycle in todo:
-                result = _measure_cycle(run, cycle, measured, batches, session, backend, devices, load_report,
-                                        compile_facts, warmup,
-                                        setup_windows, {"static_idle": static_baseline,
-                                                        "active_idle": active_baseline},
-                                        gpu_state, settings.phase_split, timing)
+                result, busy_until_s = _measure_cycle(
+                    run, cycle, measured, batches, session, backend, devices, load_report, compile_facts, warmup,
+                    setup_windows, {"static_idle": static_baseline, "active_idle": active_baseline},
+                    gpu_state, settings.phase_split, timing, busy_until_s)
                 statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
             log.error("experiment %s failed: %s", experiment.id, exc)
@@ -463,7 +474,9 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
                    session: EnergySession, backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
                    compile_facts: dict[str, Any], warmup: WarmupResult, setup_windows: list[dict[str, Any]],
                    baselines: dict[str, Any], gpu_state: dict[str, Any], phase_split: str,
-                   timing: _Timing) -> dict[str, Any]:
+                   timing: _Timing, busy_until_s: float | None) -> tuple[dict[str, Any], float]:
+    """Measure one cycle and write its artifacts. Returns the result and when the GPU last worked
+    (the end of the cycle's last window), which decides whether the next cycle rewarms."""
     experiment = run.experiment
     p = experiment.parameters
     paths = RunPaths.in_dir(cycle_dir(run.experiment_dir, cycle))
@@ -471,8 +484,11 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     log.info("cycle %d: measuring %d requests, window at least %.1f s", cycle, len(measured),
              experiment.min_window_s)
     t0 = clock.now()
-    rewarm(backend, batches, p["batch_size"], decoding)
-    timing.add("warmup", clock.now() - t0)
+    idle_before_s = None if busy_until_s is None else t0 - busy_until_s
+    rewarmed = needs_rewarm(busy_until_s, t0)
+    if rewarmed:
+        rewarm(backend, batches, p["batch_size"], decoding)
+        timing.add("warmup", clock.now() - t0)
     window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
                             experiment.min_window_s)
     timing.add("windows", window.record["duration_s"])
@@ -483,7 +499,9 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
                                  experiment.min_window_s)
         timing.add("windows", prefill.record["duration_s"])
         phases = differential_phases(window, prefill)
-    else:
+    last = prefill or window
+    busy_until_s = last.record["end_s"]
+    if phase_split != "differential":
         phases = {"available": False, "method": "off", "reason": "energy.phase_split: off"}
     # Collected once, after both windows: the timeline split and the cycle's timeline.parquet.
     timeline = session.timeline_frame()
@@ -522,7 +540,7 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
                   "warmup": warmup.describe(experiment.warmup)},
         "window": {**window.record, "start_unix_s": window.record["start_s"] + clock.wall_offset_s(),
                    "first_request_submitted_s": first_submitted, "last_token_received_s": last_finished,
-                   "min_window_s": experiment.min_window_s,
+                   "min_window_s": experiment.min_window_s, "rewarmed": rewarmed, "idle_before_s": idle_before_s,
                    "compilation_count": {"before": window.compilations[0], "after": window.compilations[1]}},
         "memory": window.memory,
         "tokens": {"requests": len(window.requests), "input_tokens": int(run_metrics["input_tokens"]),
@@ -538,7 +556,7 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     _write_cycle(paths, result, window, timeline, run.provenance)
     log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
              run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")
-    return result
+    return result, busy_until_s
 
 
 def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, timeline: pd.DataFrame,
