@@ -143,3 +143,14 @@ def test_git_commit_of_a_tree_without_git_comes_from_the_environment(monkeypatch
         assert provenance.git_commit() is None
     finally:
         provenance.git_commit.cache_clear()
+
+
+def test_git_commit_from_the_environment_wins_over_a_stale_checkout(monkeypatch):
+    from llm_energy import provenance
+
+    monkeypatch.setenv("LLM_ENERGY_GIT_COMMIT", "7094582")
+    provenance.git_commit.cache_clear()
+    try:
+        assert provenance.git_commit() == "7094582"  # this checkout has a .git, the variable still wins
+    finally:
+        provenance.git_commit.cache_clear()

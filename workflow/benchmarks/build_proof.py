@@ -9,14 +9,15 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
   null for vllm), cycles, window_s_min, gpu_energy_per_output_token_j (mean over cycles) and its
   _cv, output_tokens_per_s, mbu};
 - harness_overhead: per batch size and pytorch path, the full harness's throughput / transformers'
-  own generate, with its 95 % CI (every arm under harness_overhead_arms);
+  own generate, with its 95 % CI and the commit of the benchmark run it came from (every arm under
+  harness_overhead_arms; several benchmark JSON files may be given, say one per engine path);
 - gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
 - timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
 - measured_copy_bandwidth_bytes_per_s and mbu_vs_measured_bandwidth at batch 1 (fast path);
 - targets: each target of the proof with the figure reached and whether it is met.
 
     python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b \
-        --overhead results/examples/h200-llama1b/harness_overhead.json
+        --overhead results/examples/h200-llama1b/harness_overhead_*.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -102,20 +104,32 @@ def window_facts(results_dir: Path) -> dict[str, Any]:
             "timeline_vs_counter_max_abs_rel_diff": worst}
 
 
-def build(results_dir: Path, overhead_path: Path | None, git_commit: str | None = None) -> dict[str, Any]:
+def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
+    """harness_overhead.py outputs, possibly from several runs (say one per engine path): their rows,
+    each tagged with the commit of the run it came from, and the first copy bandwidth measured."""
+    rows: list[dict[str, Any]] = []
+    bandwidth = None
+    for path in paths:
+        run = json.loads(path.read_text())
+        rows += [{**r, "git_commit": run.get("git_commit"), "source": path.name} for r in run.get("rows", [])]
+        bandwidth = bandwidth or run.get("measured_copy_bandwidth_bytes_per_s")
+    return {"rows": rows, "measured_copy_bandwidth_bytes_per_s": bandwidth}
+
+
+def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: str | None = None) -> dict[str, Any]:
     rows, facts = experiment_rows(results_dir)
     proof: dict[str, Any] = {"gpu_name": facts.get("gpu_name"), "git_commit": git_commit or facts.get("git_commit"),
                              "git_commit_in_artifacts": facts.get("git_commit"),
                              "versions": facts.get("versions", {}), "experiments": rows}
-    overhead = json.loads(overhead_path.read_text()) if overhead_path and overhead_path.is_file() else None
+    overhead = load_overhead(overhead_paths)
     keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
-    proof["harness_overhead"] = [{k: r[k] for k in keys} for r in (overhead or {}).get("rows", []) if r["arm"] == "full"]
+    proof["harness_overhead"] = [{k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"]
+                                 if r["arm"] == "full"]
     proof["harness_overhead_arms"] = [{k: r[k] for k in (*keys, "arm", "n", "bare_output_tokens_per_s",
-                                                          "arm_output_tokens_per_s")}
-                                      for r in (overhead or {}).get("rows", [])]
-    proof["harness_overhead_commit"] = (overhead or {}).get("git_commit")
+                                                          "arm_output_tokens_per_s", "git_commit", "source")}
+                                      for r in overhead["rows"]]
     proof.update(window_facts(results_dir))
-    bandwidth = (overhead or {}).get("measured_copy_bandwidth_bytes_per_s")
+    bandwidth = overhead["measured_copy_bandwidth_bytes_per_s"]
     proof["measured_copy_bandwidth_bytes_per_s"] = bandwidth
     fast_bs1 = [r for r in rows if r["pytorch_path"] == "fast" and r["batch_size"] == 1]
     if fast_bs1 and bandwidth and fast_bs1[0]["mbu"] is not None:
@@ -159,7 +173,8 @@ def targets(proof: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", required=True, type=Path)
-    parser.add_argument("--overhead", type=Path, help="harness_overhead.py's --out JSON")
+    parser.add_argument("--overhead", type=Path, nargs="*", default=[],
+                        help="harness_overhead.py's --out JSON files (one per run; rows keep their run's commit)")
     parser.add_argument("--git-commit", help="the commit whose tree ran, where the artifacts' own is wrong (a "
                                              "copy of the tree whose .git was stale; LLM_ENERGY_GIT_COMMIT avoids it)")
     args = parser.parse_args(argv)

@@ -41,8 +41,12 @@ def software_versions() -> dict[str, str | None]:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The checkout's commit (+ "-dirty"); in a copied tree without .git (a container, a GPU node
-    that got an rsync'd copy), whatever LLM_ENERGY_GIT_COMMIT says, else None."""
+    """LLM_ENERGY_GIT_COMMIT where set, else the checkout's commit (+ "-dirty"), else None.
+
+    The variable wins: a tree copied to a GPU node may carry a stale .git (its HEAD an older
+    commit, its files newer), and git would then name the wrong commit with a "-dirty" suffix."""
+    if os.environ.get("LLM_ENERGY_GIT_COMMIT"):
+        return os.environ["LLM_ENERGY_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
@@ -55,7 +59,7 @@ def git_commit() -> str | None:
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("LLM_ENERGY_GIT_COMMIT") or None
+        return None
 
 
 def host_facts() -> dict[str, Any]:

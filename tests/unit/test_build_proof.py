@@ -1,0 +1,54 @@
+"""build_proof's own arithmetic: several harness-overhead runs merged with their commits, and the
+targets' met/conclusive verdicts (the H200 tree's proof.json is built by it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("build_proof", REPO_ROOT / "workflow" / "benchmarks" / "build_proof.py")
+build_proof = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build_proof)
+
+
+def _row(path: str, batch: int, arm: str, ratio: float, low: float, high: float) -> dict:
+    return {"batch_size": batch, "pytorch_path": path, "arm": arm, "ratio": ratio, "ci95_low": low,
+            "ci95_high": high, "n": 5, "bare_output_tokens_per_s": 100.0, "arm_output_tokens_per_s": 100.0 * ratio}
+
+
+def test_overhead_runs_merge_with_each_rows_commit_and_the_first_bandwidth(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"git_commit": "aaa", "measured_copy_bandwidth_bytes_per_s": None,
+                                                 "rows": [_row("eager", 8, "full", 0.95, 0.76, 1.14)]}))
+    (tmp_path / "b.json").write_text(json.dumps({"git_commit": "bbb", "measured_copy_bandwidth_bytes_per_s": 4.2e12,
+                                                 "rows": [_row("fast", 1, "full", 1.0, 0.87, 1.13)]}))
+    merged = build_proof.load_overhead([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [(r["pytorch_path"], r["git_commit"], r["source"]) for r in merged["rows"]] == [
+        ("eager", "aaa", "a.json"), ("fast", "bbb", "b.json")]
+    assert merged["measured_copy_bandwidth_bytes_per_s"] == 4.2e12
+
+
+def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
+    proof = {
+        "experiments": [
+            {"experiment_id": "fast-bs8", "backend": "pytorch", "pytorch_path": "fast", "batch_size": 8,
+             "gpu_energy_per_output_token_cv": 0.017},
+            {"experiment_id": "vllm-bs32", "backend": "vllm", "pytorch_path": None, "batch_size": 32,
+             "gpu_energy_per_output_token_cv": 0.25},
+            {"experiment_id": "eager-bs8", "backend": "pytorch", "pytorch_path": "eager", "batch_size": 8,
+             "gpu_energy_per_output_token_cv": 0.14},  # reported as measured, no target
+            {"experiment_id": "fast-bs1", "backend": "pytorch", "pytorch_path": "fast", "batch_size": 1,
+             "gpu_energy_per_output_token_cv": 0.05},  # batch 1: no target
+        ],
+        "harness_overhead_arms": [_row("fast", 8, "full", 1.03, 0.94, 1.13), _row("fast", 128, "full", 0.97, 0.96, 0.975)],
+        "gpu_time_in_windows_share": 0.48, "timeline_vs_counter_max_abs_rel_diff": 0.02,
+        "mbu_bs1_fast_vs_measured_bandwidth": None,
+    }
+    checks = build_proof.targets(proof)
+    cv = {c["experiment_id"]: c["met"] for c in checks if "experiment_id" in c}
+    assert cv == {"fast-bs8": True, "vllm-bs32": False}
+    ratio = {c["batch_size"]: (c["met"], c["conclusive"]) for c in checks if "batch_size" in c}
+    assert ratio == {8: (True, False), 128: (False, True)}
+    rest = {c["target"].split()[0]: c["met"] for c in checks if "experiment_id" not in c and "batch_size" not in c}
+    assert rest == {"gpu_time_in_windows_share": False, "timeline": True, "MBU": False}
