@@ -174,3 +174,27 @@ def test_a_cycle_rewarms_after_the_baseline_or_an_idle_gap_but_not_back_to_back(
     assert needs_rewarm(None, 100.0)  # the experiment's first cycle follows the active-idle baseline
     assert not needs_rewarm(100.0, 100.0 + 0.2)  # the previous window closed moments ago
     assert needs_rewarm(100.0, 100.0 + REWARM_AFTER_IDLE_S + 0.1)
+
+
+def test_a_window_starts_on_a_collected_frozen_heap_and_records_collections_inside_it(session) -> None:
+    import gc
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self  # cyclic garbage: only the collector frees it
+
+    class AllocatingBackend(SleepingBackend):
+        def generate(self, requests, batch_size, decoding):
+            for _ in range(5000):  # enough new container objects to trigger generation-0 collections
+                Cycle()
+            return super().generate(requests, batch_size, decoding)
+
+    gc.unfreeze()
+    try:
+        alive_before = [Cycle() for _ in range(100)]
+        window = measure_window(session, AllocatingBackend(), "inference", requests(4), 2, DECODING, 0.0)
+        assert gc.get_freeze_count() >= len(alive_before)  # frozen before the window opened
+        generations = window.record["gc_collections"]
+        assert len(generations) == 3 and generations[0] > 0  # the window's own allocations were collected
+    finally:
+        gc.unfreeze()

@@ -12,12 +12,17 @@ a fresh process instead (load-to-load variance studies): the same sequence, one 
 
 The harness must not move what it measures: between a window's edges it only calls the backend
 (batch by batch, with a clock read between batches); the power sampler runs in its own process and
-nothing else of ours runs in this one (see llm_energy.energy.session).
+nothing else of ours runs in this one (see llm_energy.energy.session). Python's garbage collector is
+the one thing of ours that can still run inside a window: its full collections scan every live object,
+and the harness accumulates objects (records, frames) that a bare loop never holds. So each window
+starts on a collected heap with everything alive frozen out of the collector's scans (what vLLM's and
+SGLang's servers do after their warm-up), and the collections that still ran inside it are recorded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -219,6 +224,19 @@ def needs_rewarm(busy_until_s: float | None, now_s: float) -> bool:
 # Windows
 
 
+def settle_heap() -> None:
+    """Collect now, outside the window, and freeze what survives: objects alive before a window (the
+    model, the engine, earlier cycles' bookkeeping) are then never scanned by a collection inside it.
+    Frozen objects are still freed by reference counting; only cyclic garbage among them stays."""
+    gc.collect()
+    gc.freeze()
+
+
+def gc_collections() -> list[int]:
+    """Collections run so far, per generation (0, 1, 2)."""
+    return [generation["collections"] for generation in gc.get_stats()]
+
+
 @dataclass
 class MeasuredWindow:
     record: dict[str, Any]
@@ -237,6 +255,8 @@ def measure_window(session: EnergySession, backend: Backend, name: str, requests
     """
     backend.reset_peak_memory()
     compiled_before = backend.compilation_count()
+    settle_heap()
+    gc_before = gc_collections()
     handle = session.open_window(name)
     started = clock.now()
     runs: list[list[RequestRecord]] = []
@@ -246,6 +266,7 @@ def measure_window(session: EnergySession, backend: Backend, name: str, requests
             break
     backend.synchronize()
     record = session.close_window(handle)
+    record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
     compiled_after = backend.compilation_count()
     memory = backend.memory_report()
     records = [r for run in runs for r in run]
