@@ -351,3 +351,19 @@ def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(model_dir, fixe
     finally:
         pytorch.close()
     assert [r.output_tokens for r in torch_records] == expected
+
+
+@needs_vllm
+def test_streaming_serves_open_loop_arrivals_at_their_due_times(streaming, offline) -> None:
+    from llm_energy.load import LoadSpec, Schedule
+
+    requests = streaming.tokenize(PROMPTS, 64)
+    schedule = Schedule.open_loop(len(requests), LoadSpec(request_rate=20.0, arrival="gamma", burstiness=0.5), seed=2)
+    records = streaming.serve(requests, greedy("fixed", 6), schedule)
+    start = min(r.due_s for r in records)
+    for record, offset in zip(records, schedule.offsets_s):
+        assert record.due_s - start == pytest.approx(offset, abs=1e-6)
+        assert 0 <= record.queue_s < 0.05 and record.output_tokens == 6
+    offline_backend, _ = offline
+    with pytest.raises(BackendError, match="streaming: true"):
+        offline_backend.serve(requests, greedy("fixed", 6), schedule)
