@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_energy import models
+from tests.decoding import greedy
 from llm_energy.backends import create_backend
-from llm_energy.backends.base import DecodingSettings
 from llm_energy.backends.openai_server import OpenAIServerBackend
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.metrics import inter_token_latencies_s, time_per_output_token_s
@@ -34,24 +33,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def greedy(output_length: str = "fixed", max_output_tokens: int = 12) -> DecodingSettings:
-    return DecodingSettings(mode="greedy", output_length=output_length, max_output_tokens=max_output_tokens)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama) -> Path:
-    return models.resolve_model_path(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def served(model_dir, tmp_path_factory, monkeypatch_module):
+def served(tiny_llama_weights, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch_module.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     backend = create_backend("openai_server", {
         "model_name": "tiny", "server": {"command": VLLM_SERVE, "port": free_port(), "log": str(log_path),
                                           "ready_timeout_s": 400}})
-    report = backend.load(model_dir, "float32", MAX_MODEL_LEN, 4)
+    report = backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 4)
     yield backend, report, log_path
     backend.close()
 
@@ -81,10 +71,10 @@ def test_a_launched_vllm_server_streams_exact_lengths_with_the_servers_own_token
 
 
 @needs_vllm
-def test_the_server_generates_the_same_greedy_tokens_as_the_pytorch_backend(served, model_dir) -> None:
+def test_the_server_generates_the_same_greedy_tokens_as_the_pytorch_backend(served, tiny_llama_weights) -> None:
     backend, _, _ = served
     pytorch = create_backend("pytorch", {"device": "cpu"})
-    pytorch.load(model_dir, "float32", MAX_MODEL_LEN, 4)
+    pytorch.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 4)
     try:
         requests = pytorch.tokenize(PROMPTS[:2], max_input_tokens=64)
         expected = [r.output_token_ids for r in pytorch.generate(requests, 2, greedy(max_output_tokens=8))]
@@ -112,24 +102,24 @@ def test_exactly_one_of_command_and_url_is_required() -> None:
         OpenAIServerBackend.check_settings({"server": {"url": "localhost:8000"}})
 
 
-def test_a_server_that_exits_before_ready_fails_with_its_code_and_log_tail(tmp_path, model_dir) -> None:
+def test_a_server_that_exits_before_ready_fails_with_its_code_and_log_tail(tmp_path, tiny_llama_weights) -> None:
     backend = OpenAIServerBackend({"server": {
         "command": [sys.executable, "-c", "print('cannot load the model'); raise SystemExit(3)"],
         "port": free_port(), "log": str(tmp_path / "server.log")}})
     with pytest.raises(BackendError, match=r"exited with code 3[\s\S]*cannot load the model"):
-        backend.load(model_dir, "float32", MAX_MODEL_LEN, 2)
+        backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
 
 
-def test_a_server_that_never_becomes_ready_is_stopped_after_the_timeout(tmp_path, model_dir) -> None:
+def test_a_server_that_never_becomes_ready_is_stopped_after_the_timeout(tmp_path, tiny_llama_weights) -> None:
     backend = OpenAIServerBackend({"server": {
         "command": [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(120)"],
         "port": free_port(), "log": str(tmp_path / "server.log"), "ready_timeout_s": 2}})
     with pytest.raises(BackendError, match=r"ready_timeout_s=2 s[\s\S]*loading forever"):
-        backend.load(model_dir, "float32", MAX_MODEL_LEN, 2)
+        backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
     assert backend.process.exited() is not None  # stopped, not left running
 
 
-def test_a_port_already_in_use_is_refused_before_launching(tmp_path, model_dir) -> None:
+def test_a_port_already_in_use_is_refused_before_launching(tmp_path, tiny_llama_weights) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -137,14 +127,14 @@ def test_a_port_already_in_use_is_refused_before_launching(tmp_path, model_dir) 
         backend = OpenAIServerBackend({"server": {"command": "never-run {port}", "port": port,
                                                   "log": str(tmp_path / "server.log")}})
         with pytest.raises(BackendError, match=f"server.port: port {port} is already in use"):
-            backend.load(model_dir, "float32", MAX_MODEL_LEN, 2)
+            backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
     assert backend.process is None
 
 
-def test_an_attached_url_that_does_not_answer_names_the_setting(model_dir) -> None:
+def test_an_attached_url_that_does_not_answer_names_the_setting(tiny_llama_weights) -> None:
     backend = OpenAIServerBackend({"server": {"url": f"http://127.0.0.1:{free_port()}"}})
     with pytest.raises(BackendError, match="server.url: .* does not answer"):
-        backend.load(model_dir, "float32", MAX_MODEL_LEN, 2)
+        backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
 
 
 @needs_vllm
@@ -160,3 +150,9 @@ def test_open_loop_arrivals_are_submitted_at_their_due_times(served) -> None:
         assert record.due_s - start == pytest.approx(offset, abs=1e-6)
         assert 0 <= record.queue_s < 0.05  # no concurrency cap: submitted when due
         assert record.output_tokens == 8
+
+
+def test_an_unknown_placeholder_in_the_command_names_the_key_and_the_known_ones() -> None:
+    backend = OpenAIServerBackend({"server": {"command": "serve {model} --port {port}"}})
+    with pytest.raises(ConfigError, match=r"server.command.*unknown placeholder 'model'.*\{model_dir\}"):
+        backend.command(Path("/m"), "float32", 256)
