@@ -56,3 +56,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured workflow times")
         for label, seconds in MEASURED_TIMES_S.items():
             terminalreporter.write_line(f"{label}: {seconds:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_weights(tiny_llama) -> Path:
+    """The tiny Llama's weights folder, as engines load it."""
+    from llm_energy import models
+
+    return models.resolve_model_path(tiny_llama)

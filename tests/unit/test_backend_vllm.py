@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.decoding import greedy
 from llm_energy import clock, models
 from llm_energy.backends import create_backend
 from llm_energy.backends import vllm as vllm_backend
@@ -42,27 +43,18 @@ BATCH_SIZE = 4
 CPU_SETTINGS = {"enforce_eager": True}  # no torch.compile on CPU tests: starts in seconds
 
 
-def greedy(output_length: str = "fixed", max_output_tokens: int = 12) -> DecodingSettings:
-    return DecodingSettings(mode="greedy", output_length=output_length, max_output_tokens=max_output_tokens)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama) -> Path:
-    return models.resolve_model_path(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir):
+def offline(tiny_llama_weights):
     backend = VllmBackend(dict(CPU_SETTINGS))
-    report = backend.load(model_dir, "float32", MAX_MODEL_LEN, BATCH_SIZE)
+    report = backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, BATCH_SIZE)
     yield backend, report
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def streaming(model_dir):
+def streaming(tiny_llama_weights):
     backend = VllmBackend({**CPU_SETTINGS, "streaming": True})
-    backend.load(model_dir, "float32", MAX_MODEL_LEN, BATCH_SIZE)
+    backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, BATCH_SIZE)
     yield backend
     backend.close()
 
@@ -170,11 +162,11 @@ def test_load_report(offline):
 
 
 @needs_vllm
-def test_tokenize_matches_the_hf_tokenizer(offline, model_dir):
+def test_tokenize_matches_the_hf_tokenizer(offline, tiny_llama_weights):
     from transformers import AutoTokenizer
 
     backend, _ = offline
-    reference = AutoTokenizer.from_pretrained(model_dir)(PROMPTS, add_special_tokens=True)["input_ids"]
+    reference = AutoTokenizer.from_pretrained(tiny_llama_weights)(PROMPTS, add_special_tokens=True)["input_ids"]
     requests = backend.tokenize(PROMPTS, 8)
     assert [r.index for r in requests] == list(range(len(PROMPTS)))
     assert [list(r.prompt_token_ids) for r in requests] == [ids[:8] for ids in reference]
@@ -264,17 +256,17 @@ def test_streaming_eos_mode(streaming):
 
 
 @needs_vllm
-def test_max_model_len_beyond_the_model_raises_backend_error(model_dir):
+def test_max_model_len_beyond_the_model_raises_backend_error(tiny_llama_weights):
     backend = VllmBackend(dict(CPU_SETTINGS))
     with pytest.raises(BackendError, match=r"max_model_len \(100000\) is greater than"):
-        backend.load(model_dir, "float32", 100_000, 1)
+        backend.load(tiny_llama_weights, "float32", 100_000, 1)
     backend.close()
 
 
 @needs_vllm
-def test_broken_model_config_raises_backend_error(model_dir, tmp_path):
+def test_broken_model_config_raises_backend_error(tiny_llama_weights, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(model_dir, broken)
+    shutil.copytree(tiny_llama_weights, broken)
     (broken / "config.json").write_text("{ this is not json")
     with pytest.raises(BackendError, match="config.json' is not a valid JSON file"):
         VllmBackend(dict(CPU_SETTINGS)).load(broken, "float32", 64, 1)
@@ -283,18 +275,18 @@ def test_broken_model_config_raises_backend_error(model_dir, tmp_path):
 # -- against the pytorch backend ---------------------------------------------------------------
 
 
-def _pytorch_backend(model_dir: Path):
+def _pytorch_backend(tiny_llama_weights: Path):
     from llm_energy.backends.pytorch import PytorchBackend
 
     backend = PytorchBackend({"device": "cpu", "batching": "fixed", "token_budget": None})
-    backend.load(model_dir, "float32", MAX_MODEL_LEN, BATCH_SIZE)
+    backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, BATCH_SIZE)
     return backend
 
 
 @needs_vllm
-def test_same_counts_and_tokens_as_pytorch_fixed_length(model_dir, fixed_run):
+def test_same_counts_and_tokens_as_pytorch_fixed_length(tiny_llama_weights, fixed_run):
     requests, vllm_records, _, _ = fixed_run
-    pytorch = _pytorch_backend(model_dir)
+    pytorch = _pytorch_backend(tiny_llama_weights)
     try:
         assert [r.prompt_token_ids for r in pytorch.tokenize(PROMPTS, 16)] == [r.prompt_token_ids for r in requests]
         torch_records = pytorch.generate(requests, BATCH_SIZE, greedy("fixed", 12))
@@ -306,12 +298,12 @@ def test_same_counts_and_tokens_as_pytorch_fixed_length(model_dir, fixed_run):
     assert [r.output_token_ids for r in torch_records] == [r.output_token_ids for r in vllm_records]
 
 
-def _with_eos(model_dir: Path, out: Path, eos_id: int) -> Path:
+def _with_eos(tiny_llama_weights: Path, out: Path, eos_id: int) -> Path:
     """A copy of the model whose end-of-sequence token is `eos_id` (tokenizer, config, generation config)."""
-    shutil.copytree(model_dir, out)
+    shutil.copytree(tiny_llama_weights, out)
     from transformers import AutoTokenizer
 
-    eos_text = AutoTokenizer.from_pretrained(model_dir).convert_ids_to_tokens(eos_id)
+    eos_text = AutoTokenizer.from_pretrained(tiny_llama_weights).convert_ids_to_tokens(eos_id)
     for name, key, value in (("tokenizer_config.json", "eos_token", eos_text),
                              ("config.json", "eos_token_id", eos_id),
                              ("generation_config.json", "eos_token_id", eos_id)):
@@ -322,7 +314,7 @@ def _with_eos(model_dir: Path, out: Path, eos_id: int) -> Path:
 
 
 @needs_vllm
-def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(model_dir, fixed_run, tmp_path):
+def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(tiny_llama_weights, fixed_run, tmp_path):
     """Make a token that greedy decoding emits early the EOS: generation must stop right after it
     (EOS counted), in vLLM and in the pytorch backend alike."""
     requests, fixed_records, _, _ = fixed_run
@@ -330,7 +322,7 @@ def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(model_dir, fixe
     chosen, position = next((record, p) for record in fixed_records for p in range(1, record.output_tokens)
                             if record.output_token_ids[p] not in record.output_token_ids[:p])
     eos_id = chosen.output_token_ids[position]
-    eos_dir = _with_eos(model_dir, tmp_path / "eos-model", eos_id)
+    eos_dir = _with_eos(tiny_llama_weights, tmp_path / "eos-model", eos_id)
     expected = [r.output_token_ids.index(eos_id) + 1 if eos_id in r.output_token_ids else 12
                 for r in fixed_records]
 
@@ -351,3 +343,19 @@ def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(model_dir, fixe
     finally:
         pytorch.close()
     assert [r.output_tokens for r in torch_records] == expected
+
+
+@needs_vllm
+def test_streaming_serves_open_loop_arrivals_at_their_due_times(streaming, offline) -> None:
+    from llm_energy.load import LoadSpec, Schedule
+
+    requests = streaming.tokenize(PROMPTS, 64)
+    schedule = Schedule.open_loop(len(requests), LoadSpec(request_rate=20.0, arrival="gamma", burstiness=0.5), seed=2)
+    records = streaming.serve(requests, greedy("fixed", 6), schedule)
+    start = min(r.due_s for r in records)
+    for record, offset in zip(records, schedule.offsets_s):
+        assert record.due_s - start == pytest.approx(offset, abs=1e-6)
+        assert 0 <= record.queue_s < 0.05 and record.output_tokens == 6
+    offline_backend, _ = offline
+    with pytest.raises(BackendError, match="streaming: true"):
+        offline_backend.serve(requests, greedy("fixed", 6), schedule)

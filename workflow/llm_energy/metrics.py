@@ -130,6 +130,25 @@ def latency_metrics(records: Sequence[RequestRecord]) -> tuple[dict[str, float |
     return flat, info
 
 
+def goodput(records: Sequence[RequestRecord], window_s: float | None, ttft_s: float | None,
+            tpot_s: float | None) -> dict[str, float | int | None]:
+    """Request throughput and goodput under latency objectives, as vLLM's serving benchmark defines
+    them: goodput = requests meeting every objective that is set (TTFT <= ttft_s and TPOT <= tpot_s)
+    per second of the window. A request without a TPOT (one output token) meets the TPOT objective;
+    one whose first token was not observed cannot meet a TTFT objective."""
+    met = 0
+    for r in records:
+        ttft = r.ttft_s
+        tpot = time_per_output_token_s(r)
+        ok_ttft = ttft_s is None or (ttft is not None and ttft <= ttft_s)
+        ok_tpot = tpot_s is None or tpot is None or tpot <= tpot_s
+        met += ok_ttft and ok_tpot
+    rate = window_s if window_s and window_s > 0 else None
+    return {"request_throughput_per_s": len(records) / rate if rate else None,
+            "goodput_requests_per_s": met / rate if rate else None,
+            "slo_met_requests": met, "slo_met_share": met / len(records) if records else None}
+
+
 def window_bounds(records: Sequence[RequestRecord]) -> tuple[float, float]:
     """First request submitted to last token received."""
     return min(r.submitted_s for r in records), max(r.finished_s for r in records)

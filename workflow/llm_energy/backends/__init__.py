@@ -12,6 +12,7 @@ from llm_energy.errors import BackendError
 BACKENDS: dict[str, str] = {
     "pytorch": "llm_energy.backends.pytorch:PytorchBackend",
     "vllm": "llm_energy.backends.vllm:VllmBackend",
+    "openai_server": "llm_energy.backends.openai_server:OpenAIServerBackend",
 }
 
 

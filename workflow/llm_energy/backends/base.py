@@ -79,6 +79,7 @@ class RequestRecord:
     latency_source: str = "host_clock"  # where the timestamps came from
     chunk_times_s: list[float] | None = None  # arrival time of every streamed chunk (>= 1 token each)
     chunk_tokens: list[int] | None = None  # tokens carried by each chunk of chunk_times_s
+    due_s: float | None = None  # under a load schedule: when the request arrived (was due to be submitted)
 
     def __post_init__(self) -> None:
         if self.chunk_times_s is not None:
@@ -105,6 +106,11 @@ class RequestRecord:
     @property
     def e2e_s(self) -> float:
         return self.last_token_s - self.submitted_s
+
+    @property
+    def queue_s(self) -> float | None:
+        """How long the request waited between its arrival and its submission (a concurrency cap)."""
+        return None if self.due_s is None else self.submitted_s - self.due_s
 
     @property
     def ttft_s(self) -> float | None:
@@ -155,6 +161,19 @@ class Backend(ABC):
         self, requests: list[Request], batch_size: int, decoding: DecodingSettings
     ) -> list[RequestRecord]:
         """Generate for all requests (batched as the backend and `batch_size` allow)."""
+
+    # -- load: requests submitted at arrival times (llm_energy.load) --
+
+    # Whether serve() honours a schedule of arrival times (online engines and servers do; static
+    # batches cannot). A campaign with a request rate for a backend without it is refused before any job.
+    supports_schedule: bool = False
+
+    def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Any) -> list[RequestRecord]:
+        """Submit each request at its due time (`schedule`: an llm_energy.load.Schedule), without waiting
+        for earlier ones; each record's `due_s` is its arrival time."""
+        from llm_energy.errors import BackendError
+
+        raise BackendError(f"backend '{self.name}' cannot submit requests at arrival times (static batches)")
 
     # -- optional hooks the harness calls; the defaults suit an engine with nothing to report --
 

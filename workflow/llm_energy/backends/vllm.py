@@ -49,6 +49,7 @@ from llm_energy.backends.base import (
     Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.errors import BackendError, ConfigError
+from llm_energy.load import Schedule, run_on_schedule
 
 log = logging.getLogger(__name__)
 
@@ -453,12 +454,26 @@ class VllmBackend(Backend):
             ))
         return records
 
-    def _generate_streaming(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
+    supports_schedule = True
+
+    def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule) -> list[RequestRecord]:
+        """Open-loop arrivals through AsyncLLM (backend_settings.vllm.streaming: true)."""
+        if self._async_engine is None:
+            raise BackendError("vLLM serves arrival times through AsyncLLM only: set backend_settings.vllm."
+                               "streaming: true")
+        self._check_lengths(requests, decoding)
+        return sorted(self._generate_streaming(requests, decoding, schedule), key=lambda r: r.index)
+
+    def _generate_streaming(self, requests: list[Request], decoding: DecodingSettings,
+                            schedule: Schedule | None = None) -> list[RequestRecord]:
         assert self._loop is not None
         call = next(self._request_ids)
         engine = self._async_engine
+        arrivals = schedule is not None
+        # Offline load: everything at once, the engine's scheduler batches up to max_num_seqs.
+        schedule = schedule or Schedule((0.0,) * len(requests))
 
-        async def one(request: Request) -> RequestRecord:
+        async def one(request: Request, due_s: float) -> RequestRecord:
             from vllm.inputs import TokensPrompt
 
             params = self.sampling_params(decoding, request, streaming=True)
@@ -485,10 +500,11 @@ class VllmBackend(Backend):
                 first_token_s=chunk_times[0] if chunk_times else None,
                 chunk_times_s=chunk_times, chunk_tokens=chunk_tokens,
                 output_token_ids=token_ids, batch_index=None, latency_source="vllm_stream_arrival_at_caller",
+                due_s=due_s if arrivals else None,
             )
 
         async def run_all() -> list[RequestRecord]:
-            return list(await asyncio.gather(*(one(r) for r in requests)))
+            return await run_on_schedule(requests, schedule, one)
 
         records = self._loop.run_until_complete(run_all())
         self.last_generate_info = {"streaming": True}

@@ -1,0 +1,116 @@
+"""Energy of a part of a window: the steady state of a run under load, and each request's share.
+
+The GPU counter is read at the window's edges only, so the energy of a span inside the window is the
+counter's gross energy times the span's share of the power timeline's integral over the window (the
+counter sets the total, the timeline how it is spread), the same rule as the timeline prefill/decode
+split (llm_energy.energy.phases). Per request, energy is *attributed*, never measured, two ways:
+- by tokens: the window's energy times the request's share of the window's output tokens;
+- by time overlap: each moment's energy is shared equally by the requests in flight at that moment
+  (in flight: from its submission to its own last token), summed over the request's lifetime.
+Energy in moments when no request is in flight (gaps of an open-loop run) belongs to no request: it is
+reported as `unattributed_j` beside the per-request figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_energy.backends.base import RequestRecord
+from llm_energy.energy.timeline import integrate_power
+from llm_energy.load import SteadyState, in_flight_steps, tokens_between
+
+METHOD = "nvml counter over the window, spread over time by the power timeline"
+ATTRIBUTION_METHODS = {
+    "attributed_gpu_energy_by_tokens_j": "window GPU energy x the request's share of output tokens",
+    "attributed_gpu_energy_by_time_j": "GPU energy of each moment shared equally by the requests in flight",
+}
+
+
+class _Spreader:
+    """The window's counter energy, spread over time by the timeline of its GPUs."""
+
+    def __init__(self, timeline: pd.DataFrame, window_record: Mapping[str, Any]):
+        gpu = window_record.get("domains", {}).get("gpu", {})
+        self.reason: str | None = None
+        self.start_s, self.end_s = float(window_record["start_s"]), float(window_record["end_s"])
+        self.gross_j = gpu.get("gross_j")
+        self.curves = []
+        if not gpu.get("available") or self.gross_j is None:
+            self.reason = f"no GPU energy in this window ({gpu.get('reason', 'not measured')})"
+            return
+        if timeline is None or len(timeline) == 0:
+            self.reason = "no power timeline (no GPU samples in this run)"
+            return
+        total = 0.0
+        for device in gpu["devices"]:
+            rows = timeline[timeline["device_uuid"] == device["uuid"]]
+            curve = (rows["time_s"].to_numpy(), rows["power_w"].to_numpy())
+            energy = integrate_power(*curve, self.start_s, self.end_s, max_edge_gap_s=math.inf).energy_j
+            if energy is None:
+                self.reason = f"the power timeline of GPU {device['index']} does not cover the window"
+                return
+            self.curves.append(curve)
+            total += energy
+        if total <= 0:
+            self.reason = "the power timeline integrates to zero in this window"
+        self.timeline_total_j = total
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+    def energy_j(self, start_s: float, end_s: float) -> float:
+        start_s, end_s = max(start_s, self.start_s), min(end_s, self.end_s)
+        if end_s <= start_s:
+            return 0.0
+        part = sum(integrate_power(t, p, start_s, end_s, max_edge_gap_s=math.inf).energy_j or 0.0
+                   for t, p in self.curves)
+        return float(self.gross_j) * part / self.timeline_total_j
+
+
+def steady_state_energy(timeline: pd.DataFrame, window_record: Mapping[str, Any],
+                        steady: SteadyState | None, records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """GPU energy, output tokens and J per output token of the steady state, with its bounds and flags."""
+    if steady is None:
+        return {"available": False, "reason": "no requests in the window"}
+    spreader = _Spreader(timeline, window_record)
+    if not spreader.available:
+        return {"available": False, "reason": spreader.reason, **steady.describe()}
+    energy = spreader.energy_j(steady.start_s, steady.end_s)
+    tokens = tokens_between(records, steady.start_s, steady.end_s)
+    return {"available": True, "method": METHOD, **steady.describe(), "gpu_energy_j": energy,
+            "output_tokens": tokens, "gpu_energy_per_output_token_j": energy / tokens if tokens else None}
+
+
+def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
+                     window_record: Mapping[str, Any]) -> dict[str, Any]:
+    """Per request (in `records` order) its attributed GPU energy, by tokens and by time overlap."""
+    spreader = _Spreader(timeline, window_record)
+    if not spreader.available or not records:
+        return {"available": False, "reason": spreader.reason or "no requests in the window"}
+    output_tokens = np.array([r.output_tokens for r in records], dtype=float)
+    by_tokens = (float(spreader.gross_j) * output_tokens / output_tokens.sum()).tolist() \
+        if output_tokens.sum() else [None] * len(records)
+    times, _ = in_flight_steps(records)
+    edges = np.unique(np.clip(np.concatenate(([spreader.start_s], times, [spreader.end_s])),
+                              spreader.start_s, spreader.end_s))
+    starts = np.array([r.submitted_s for r in records])
+    ends = np.array([r.last_token_s for r in records])
+    by_time = np.zeros(len(records))
+    unattributed = 0.0
+    for a, b in zip(edges[:-1], edges[1:]):
+        energy = spreader.energy_j(a, b)
+        middle = (a + b) / 2
+        active = (starts <= middle) & (ends > middle)
+        if active.any():
+            by_time[active] += energy / active.sum()
+        else:
+            unattributed += energy
+    return {"available": True, "method": METHOD, "methods": ATTRIBUTION_METHODS,
+            "attributed_gpu_energy_by_tokens_j": by_tokens,
+            "attributed_gpu_energy_by_time_j": by_time.tolist(), "unattributed_j": unattributed}
