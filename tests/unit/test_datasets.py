@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from llm_energy import datasets as ds
+from llm_energy.datasets.lengths import bundled_words
 from llm_energy.artifacts import SCHEMA_DIR, read_json_artifact
 from llm_energy.errors import ArtifactError, ConfigError, SourceUnavailableError
 
@@ -191,7 +192,7 @@ def test_synthetic_tiny_lengths_are_exact(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    builder = ds.ExactLengthPromptBuilder(tokenizer, ds._bundled_words())
+    builder = ds.ExactLengthPromptBuilder(tokenizer, bundled_words())
     for target in (1, 2, 3, 5, 17):
         for start in (0, 101, 2000):
             text = builder.build(target, start)
