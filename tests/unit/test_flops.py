@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from llm_energy import artifacts, flops
+from llm_energy.flops import counted
 from llm_energy.errors import ArtifactError, ConfigError
 from llm_energy.flops import ArchitectureSpec
 
@@ -172,7 +173,7 @@ def test_fake_mode_counts_like_real_weights(family, request):
 def test_decode_step_formula_against_real_kv_cache(family, request):
     model_dir = request.getfixturevalue(MODEL_DIRS[family])
     spec = ArchitectureSpec.from_hf_config(flops.load_model_config(model_dir))
-    model = flops._build_model(model_dir, "weights", "eager")[0]
+    model = counted.build_model(model_dir, "weights", "eager")[0]
     past_len, batch = 13, 2
     ids = torch.randint(0, spec.vocab_size, (batch, past_len))
     with torch.no_grad():
@@ -188,7 +189,7 @@ def test_decode_step_formula_against_real_kv_cache(family, request):
 def test_analytic_request_equals_flop_counter_over_hf_generate(llama_dir):
     """The whole per-request model (prefill with last-position logits + decode steps) against
     what transformers' generate really executes, counted end to end."""
-    model = flops._build_model(llama_dir, "weights", "eager")[0]
+    model = counted.build_model(llama_dir, "weights", "eager")[0]
     input_tokens, output_tokens = 12, 6
     ids = torch.randint(3, 512, (1, input_tokens))
     measured = _count(lambda: model.generate(

@@ -72,7 +72,7 @@ def _default_peak_figures() -> PeakFiguresFunction | None:
     """`llm_energy.flops.peak_figures`, or None where that module is not available."""
     try:
         from llm_energy.flops import peak_figures
-    except ImportError as exc:  # flops.py is optional for the analysis end
+    except ImportError as exc:  # llm_energy.flops is optional for the analysis end
         log.warning("llm_energy.flops.peak_figures unavailable (%s): MFU and MBU will be null", exc)
         return None
     return peak_figures
