@@ -14,7 +14,7 @@ from llm_energy import models
 from llm_energy.backends import BACKENDS, backend_class, create_backend
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.backends.pytorch import PytorchBackend
-from llm_energy.batching import make_batches
+from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError
 
 MAX_INPUT_TOKENS = 16

@@ -33,7 +33,7 @@ import pandas as pd
 from llm_energy import artifacts, clock, hardware, metrics
 from llm_energy.backends import create_backend
 from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
-from llm_energy.batching import make_batches
+from llm_energy.backends.batching import make_batches
 from llm_energy.config import Experiment
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.energy.validity import invalidating_flags

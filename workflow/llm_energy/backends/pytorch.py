@@ -30,7 +30,7 @@ from llm_energy.backends import quantization
 from llm_energy.backends.base import (
     Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
-from llm_energy.batching import make_batches
+from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)

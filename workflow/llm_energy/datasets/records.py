@@ -32,7 +32,6 @@ class LoadedSource:
     source_path: Path | None = None
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Spec access: the config schema validated the entry already, but prepare_dataset is also a public
 # function, so every value a user can get wrong is checked again with a message naming its key.
