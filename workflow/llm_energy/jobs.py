@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import artifacts, provenance
+from llm_energy.figures import plot_function_name
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,8 @@ def summarize_job(experiment_results: Sequence[Path], csv_path: Path, parquet_pa
     log.info("summary: %d experiments -> %s", len(frame), csv_path)
 
 
-PLOTS = {
-    "energy_vs_batch_size": "plot_energy_vs_batch_size",
-    "throughput_vs_energy": "plot_throughput_vs_energy",
-    "energy_breakdown": "plot_energy_breakdown",
-    "latency": "plot_latency",
-}
-
-
 def plot_job(figure: str, summary_parquet: Path, png: Path, svg: Path) -> None:
     from llm_energy import plots
 
     frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
-    getattr(plots, PLOTS[figure])(frame, Path(png), Path(svg))
+    getattr(plots, plot_function_name(figure))(frame, Path(png), Path(svg))

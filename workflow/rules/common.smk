@@ -5,6 +5,7 @@ import yaml
 
 from llm_energy.config import load_campaign
 from llm_energy.errors import ConfigError
+from llm_energy.figures import FIGURE_NAMES
 
 
 def _campaign_config(given):
@@ -54,7 +55,6 @@ FIGURES_ONLY = CONFIG["figures_only"]
 
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
-FIGURE_NAMES = ["energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"]
 FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURE_NAMES, ext=["png", "svg"])
 
 wildcard_constraints:
