@@ -24,7 +24,11 @@ import jsonschema
 
 from llm_energy.errors import ArtifactError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# Installed (wheel): the schemas ship as llm_energy/schemas/; in the source tree (and an editable
+# install) they are workflow/schemas/, beside the package folder. pyproject.toml maps one to the other.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMA_DIR = (_PACKAGE_DIR / "schemas" if (_PACKAGE_DIR / "schemas").is_dir()
+              else _PACKAGE_DIR.parent / "schemas")
 SCHEMA_PREFIX = "llm_energy/"
 PARQUET_METADATA_KEY = b"llm_energy"
 
