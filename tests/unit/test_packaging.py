@@ -1,6 +1,7 @@
 """A non-editable install carries everything the package reads at run time: the JSON Schemas and
 the bundled prompts. Built as a real wheel, installed into a folder, imported from elsewhere."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,8 +22,15 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 def test_a_wheel_validates_configs_and_artifacts_outside_the_source_tree(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info into the folder it builds.
+    source = tmp_path / "source"
+    for part in ("pyproject.toml", "README.md"):
+        (source / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, source / part)
+    for part in ("workflow/llm_energy", "workflow/schemas"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, cwd=tmp_path)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("llm_energy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     schemas = sorted(p.name for p in (ROOT / "workflow" / "schemas").glob("*.schema.json"))
@@ -33,7 +41,7 @@ def test_a_wheel_validates_configs_and_artifacts_outside_the_source_tree(tmp_pat
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                     str(wheel)], check=True)
     probe = (
-        "import llm_energy.artifacts as a, llm_energy.config as c, llm_energy.datasets as d\n"
+        "import llm_energy.artifacts as a, llm_energy.config_schema as c, llm_energy.datasets as d\n"
         f"assert a.SCHEMA_DIR == __import__('pathlib').Path({str(target)!r}).resolve() / 'llm_energy' / 'schemas', a.SCHEMA_DIR\n"
         "assert c.CONFIG_SCHEMA_PATH.is_file() and d.BUNDLED_PROMPTS_PATH.is_file()\n"
         "try:\n"

@@ -1,0 +1,86 @@
+"""The config schema and the typed specs built from it cannot drift apart: every property of a spec's
+schema node is a field of the spec with the schema's default and a description, and every field is
+a property. Defaults live in the schema only."""
+
+import dataclasses
+import typing
+
+import pytest
+
+# The modules that define specs; importing them registers their specs in SPEC_NODES.
+import llm_energy.backends.pytorch  # noqa: F401
+import llm_energy.backends.vllm  # noqa: F401
+import llm_energy.energy  # noqa: F401
+from llm_energy.config_schema import schema_node
+from llm_energy.errors import ConfigError
+from llm_energy.specs import SPEC_NODES, schema_spec, section_spec
+
+SPECS = sorted(SPEC_NODES, key=lambda cls: cls.__name__)
+
+
+def test_the_expected_specs_are_registered():
+    names = {cls.__name__ for cls in SPECS}
+    assert {"EnergySettings", "BaselineSettings", "VllmSettings", "PytorchSettings"} <= names
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda cls: cls.__name__)
+def test_fields_are_exactly_the_schema_properties(spec):
+    pointer, not_fields = SPEC_NODES[spec]
+    properties = set(schema_node(pointer)["properties"]) - not_fields
+    fields = {f.name for f in dataclasses.fields(spec)}
+    assert fields - properties == set(), f"{spec.__name__} fields missing from the schema at {pointer}"
+    assert properties - fields == set(), f"schema properties at {pointer} missing from {spec.__name__}"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda cls: cls.__name__)
+def test_every_property_has_a_default_and_a_description_in_the_schema(spec):
+    pointer, not_fields = SPEC_NODES[spec]
+    for name, node in schema_node(pointer)["properties"].items():
+        if name in not_fields:
+            continue
+        assert "default" in node, f"{pointer}/properties/{name} has no default"
+        assert node.get("description"), f"{pointer}/properties/{name} has no description"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda cls: cls.__name__)
+def test_defaults_live_in_the_schema_only(spec):
+    pointer, _ = SPEC_NODES[spec]
+    for field in dataclasses.fields(spec):
+        assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, (
+            f"{spec.__name__}.{field.name} has a default of its own; put it in the schema at {pointer}")
+    built = section_spec(spec, {})
+    hints = typing.get_type_hints(spec)
+    for name, node in schema_node(pointer)["properties"].items():
+        if name in SPEC_NODES[spec][1]:
+            continue
+        value = getattr(built, name)
+        if dataclasses.is_dataclass(hints[name]):
+            value = dataclasses.asdict(value)
+        assert value == node["default"] or (node["default"] == {} and dataclasses.is_dataclass(hints[name])), name
+
+
+def test_a_spec_that_drifts_from_its_node_fails_to_build():
+    @schema_spec("#/properties/energy/properties/baseline")
+    @dataclasses.dataclass(frozen=True)
+    class Drifted:
+        duration_s: float
+        window_s: float  # no such property
+
+    with pytest.raises(KeyError, match="Drifted.window_s"):
+        section_spec(Drifted, {})
+    del SPEC_NODES[Drifted]
+
+
+def test_section_errors_name_the_key_from_the_config_root():
+    from llm_energy.energy import EnergySettings
+
+    with pytest.raises(ConfigError) as info:
+        EnergySettings.from_config({"baseline": {"max_age_s": -1}})
+    assert info.value.key == "energy.baseline.max_age_s" and ">= 0" in info.value.fix
+
+
+def test_ints_become_floats_where_the_spec_says_float():
+    from llm_energy.energy import EnergySettings
+
+    settings = EnergySettings.from_config({"pue": 1, "baseline": {"duration_s": 5}})
+    assert type(settings.pue) is float and type(settings.baseline.duration_s) is float
