@@ -41,8 +41,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "run_set": 1,
     "requests_table": 1,
     "timeline_table": 1,
-    "flops_estimate": 1,
-    "experiment_result": 1,
+    "flops_model": 1,
+    "experiment_result": 2,
     "summary_table": 1,
     "idle_baseline": 1,
 }
@@ -51,6 +51,10 @@ SCHEMA_VERSIONS: dict[str, int] = {
 MIGRATIONS: dict[tuple[str, int], Callable[[dict], dict]] = {
     # v2 added optional fields only (memory, engine_path, repeats, warm-up record, both baselines).
     ("run_result", 1): lambda data: data,
+    # v2: FLOPs per cycle, from the model's cost model applied to each cycle's own requests; v1 had
+    # cycle 1's total only, which is what its flops.total_flops still says.
+    ("experiment_result", 1): lambda data: (
+        data if data.get("flops") is None else {**data, "flops": {**data["flops"], "cycles": None}}),
 }
 
 

@@ -62,6 +62,7 @@ wildcard_constraints:
     cycle=r"\d+",
     model=r"[A-Za-z0-9_-]+",
     dataset=r"[A-Za-z0-9_-]+",
+    dtype=r"[a-z0-9_]+",
     figure="|".join(FIGURE_NAMES),
 
 
@@ -78,3 +79,8 @@ def tokenizer_manifest(wildcards):
     if spec["source"] == "synthetic":
         return [ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")]
     return []
+
+
+def flops_model_of(experiment):
+    """The FLOPs cost model of an experiment's model at its dtype (one per model and dtype)."""
+    return f"resources/models/{experiment.model}/flops-{experiment.parameters['dtype']}.json"

@@ -1,6 +1,6 @@
 """FLOPs and bytes moved by LLM inference, their cross-checks, and GPU peak figures for MFU/MBU.
 
-Three ways to count, best first (the `method` of a `flops_estimate` artifact):
+Three ways to count, best first (the `method` of a `flops_model` artifact):
 
 - ``analytic``: closed-form counts from the architecture (`ArchitectureSpec`), for the model types
   whose layer structure is written out below (llama, mistral, qwen2, qwen3, gpt2). Cross-checked
@@ -26,9 +26,9 @@ What is counted (the same for all three, so that the numbers compose):
 - Useful FLOPs: padding tokens are excluded, because the requests table holds unpadded counts.
 
 One module per concept: `analytic` (cost model, architecture, closed-form counts), `counted`
-(FlopCounterMode, calflops, the fitted cost model, cross-check records), `stage` (the experiment's
-estimate), `peaks` (GPU peak figures, MFU, MBU). The names other stages and the tests use are
-re-exported here.
+(FlopCounterMode, calflops, the fitted cost model, cross-check records), `stage` (the cost model
+per model and dtype, and its application to a cycle's requests), `peaks` (GPU peak figures, MFU,
+MBU). The names other stages and the tests use are re-exported here.
 """
 
 from llm_energy.flops.analytic import (
@@ -51,11 +51,12 @@ from llm_energy.flops.counted import (
     measured_forward_flops,
 )
 from llm_energy.flops.peaks import PEAK_FIGURES, mbu, mfu, peak_figures
-from llm_energy.flops.stage import estimate_experiment_flops
+from llm_energy.flops.stage import cycle_flops, estimate_model_flops
 
 __all__ = [
     "DTYPE_BYTES", "PEAK_FIGURES", "SUPPORTED_MODEL_TYPES", "ArchitectureSpec", "CostModel",
     "analytic_decode_step_flops", "analytic_flops", "analytic_forward_flops", "bytes_per_param",
-    "calflops_forward_flops", "estimate_experiment_flops", "fit_cost_model", "load_model_config", "mbu",
-    "measured_decode_step_flops", "measured_forward_flops", "mfu", "parameter_estimate_flops", "peak_figures",
+    "calflops_forward_flops", "cycle_flops", "estimate_model_flops", "fit_cost_model", "load_model_config",
+    "mbu", "measured_decode_step_flops", "measured_forward_flops", "mfu", "parameter_estimate_flops",
+    "peak_figures",
 ]

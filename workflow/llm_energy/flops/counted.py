@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 # Models up to this many parameters are cross-checked with their real weights on the CPU (float32);
 # larger ones with the same code on fake tensors (shapes only, no memory, no weights read).
 DEFAULT_MAX_WEIGHTS_CROSS_CHECK_PARAMS = 200_000_000
-# Cross-check forwards use at most this many prompt tokens (the counts are exact at any length).
-DEFAULT_MAX_CROSS_CHECK_SEQ_LEN = 128
+# The batch and prompt length of the cross-check forwards. The counts are exact at any shape (the
+# formulas are polynomials in batch and length); a batch of 2 exercises batching, and 32 tokens keep
+# a CPU forward cheap and fit every model's context.
+CROSS_CHECK_SHAPE = (2, 32)
 
 CrossCheckMode = Literal["weights", "fake"]
 
@@ -235,7 +237,8 @@ def _kv_elements_per_token(cache: Any, batch: int, seq_len: int) -> int | None:
 
 
 def fit_cost_model(
-    model_dir: Path | str, *, mode: CrossCheckMode = "fake", attn_implementation: str = "eager",
+    model_dir: Path | str, parameter_count: int, *, mode: CrossCheckMode = "fake",
+    attn_implementation: str = "eager",
     seq_lens: tuple[int, int, int] = (8, 16, 24),
 ) -> tuple[CostModel, list[dict[str, Any]]]:
     """Fit a CostModel to FlopCounterMode counts of real forwards of the model's own code.
@@ -244,7 +247,8 @@ def fit_cost_model(
     over the s x s square) plus c*s for the lm_head, whose share FlopCounterMode reports per module.
     Two lengths give a and b exactly; a third length and a real decode step must then match exactly,
     or the model is not of this form (sliding windows, mixture of experts) and ValueError is raised.
-    Returns the model and the validation points (cross_check records).
+    `parameter_count` is the model manifest's: a decode step reads all of it but the gathered rows of
+    an untied input embedding. Returns the model and the validation points (cross_check records).
     """
     model_dir = Path(model_dir)
     model, fake_mode = build_model(model_dir, mode, attn_implementation)
@@ -280,7 +284,6 @@ def fit_cost_model(
             "the attention cost is not quadratic in length"
         )
 
-    n_params = sum(int(p.numel()) for p in model.parameters())
     input_embeddings = model.get_input_embeddings()
     gathered = 0
     if input_embeddings is not None and output_embeddings is not None and (
@@ -289,7 +292,7 @@ def fit_cost_model(
         gathered = int(input_embeddings.weight.numel())
     cost = CostModel(
         linear_flops_per_token=int(a), logits_flops_per_position=int(c),
-        attention_flops_per_query_key=int(b), decode_weight_params=n_params - gathered,
+        attention_flops_per_query_key=int(b), decode_weight_params=int(parameter_count) - gathered,
         kv_elements_per_token=cache_elements,
     )
     kv_len = s2 + 1
@@ -313,19 +316,13 @@ def _cross_check_record(
             "relative_error": relative_error}
 
 
-def _cross_check_shape(pairs: list[tuple[int, int]], max_seq_len: int) -> tuple[int, int]:
-    """A batch and prompt length like the experiment's, capped so a CPU forward stays cheap."""
-    lengths = sorted(i for i, _ in pairs) or [max_seq_len]
-    median = lengths[len(lengths) // 2]
-    return min(2, max(len(pairs), 1)), max(2, min(median, max_seq_len))
-
-
-def _analytic_cross_checks(
-    model_dir: Path, arch: ArchitectureSpec, pairs: list[tuple[int, int]], mode: CrossCheckMode,
-    use_calflops: bool, max_seq_len: int, notes: list[str],
+def analytic_cross_checks(
+    model_dir: Path, arch: ArchitectureSpec, shape: tuple[int, int], mode: CrossCheckMode,
+    use_calflops: bool, notes: list[str],
 ) -> list[dict[str, Any]]:
-    """Analytic counts of one prefill forward and one decode step against the model's real code."""
-    batch, seq_len = _cross_check_shape(pairs, max_seq_len)
+    """Analytic counts of one prefill forward of `shape` (batch, prompt tokens) and one decode step
+    after it against the model's real code."""
+    batch, seq_len = shape
     checks: list[dict[str, Any]] = []
     # Match what a plain forward computes: no KV cache, logits for all positions, eager attention.
     forward = analytic_forward_flops(arch, batch, seq_len, logits="all")

@@ -1,9 +1,18 @@
-"""The FLOPs estimate of an experiment (the estimate_flops rule): choose the cost model, apply it to
-the measured requests, cross-check it, write the method and its confidence."""
+"""FLOPs per model and dtype, and their application to the requests each cycle measured.
+
+`estimate_model_flops` (the estimate_flops rule) needs only the model: it chooses the cost model
+(analytic from the architecture, else fitted to FlopCounterMode counts of the model's own code,
+else 2 x parameters), cross-checks it once on the real model (FlopCounterMode, calflops) and returns
+the data of a `flops_model` artifact. It needs no measurement, so it runs beside the GPU jobs, once
+for every experiment of the model at that dtype. `cycle_flops` applies that cost model to one
+cycle's requests table (llm_energy.aggregate calls it for every cycle), so `output_length: eos` and
+sampling get each cycle's own FLOPs and a failed cycle takes only its own FLOPs with it. The
+parameter count is the model manifest's.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -19,18 +28,15 @@ from llm_energy.flops.analytic import (
     request_costs,
 )
 from llm_energy.flops.counted import (
-    CrossCheckMode,
-    DEFAULT_MAX_CROSS_CHECK_SEQ_LEN,
+    CROSS_CHECK_SHAPE,
     DEFAULT_MAX_WEIGHTS_CROSS_CHECK_PARAMS,
-    _analytic_cross_checks,
-    build_model,
+    CrossCheckMode,
+    analytic_cross_checks,
     fit_cost_model,
     load_model_config,
 )
 
-
 logger = logging.getLogger(__name__)
-
 
 # A relative difference at or below this between analytic and FlopCounterMode counts makes the
 # analytic estimate "high" confidence.
@@ -38,33 +44,7 @@ HIGH_CONFIDENCE_RELATIVE_ERROR = 0.02
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter count (for the last-resort estimate)
-
-
-def count_parameters(model_dir: Path | str) -> int | None:
-    """Parameters of a model folder: from safetensors headers (no weights read), else the config."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        total = 0
-        for path in files:
-            with open(path, "rb") as handle:
-                header_len = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(header_len))
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    total += math.prod(entry["shape"])
-        return total
-    try:
-        model, _ = build_model(model_dir, "fake", "eager")
-    except Exception as exc:  # any failure means: unknown; the caller reports it
-        logger.warning("cannot count the parameters of %s: %s", model_dir, exc)
-        return None
-    return sum(int(p.numel()) for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# Experiment-level estimate (the estimate_flops rule)
+# Per model and dtype (the estimate_flops rule)
 
 
 def _validated_requests(requests: Any, notes: list[str]) -> list[tuple[int, int]]:
@@ -93,17 +73,29 @@ def _decode_steps_min(requests: Any, batch_size: int) -> tuple[int, str]:
 
     With static batches (requests table's batch_index >= 0) a batch decodes until its longest
     request is done: the steps are known. Where the engine schedules requests itself
-    (batch_index -1, e.g. vLLM), at most `batch_size` sequences share a step.
+    (batch_index -1, e.g. vLLM), at most `batch_size` sequences share a step. A window that repeats
+    the request set (column `repeat`) runs the passes one after the other: their steps add up.
     """
     frame = requests.dropna(subset=["input_tokens", "output_tokens"])
-    steps = (frame["output_tokens"].astype("int64") - 1).clip(lower=0)
     if len(frame) == 0:
         return 0, "no requests"
-    if "batch_index" in frame.columns and bool((frame["batch_index"] >= 0).all()):
-        per_batch = steps.groupby(frame["batch_index"].to_numpy()).max()
-        return int(per_batch.sum()), f"{len(per_batch)} static batches, each until its longest request"
-    total = int(steps.sum())
-    return max(int(steps.max()), math.ceil(total / batch_size)), f"at most {batch_size} sequences per step"
+    frame = frame.assign(steps=(frame["output_tokens"].astype("int64") - 1).clip(lower=0))
+    passes = frame.groupby(frame["repeat"].to_numpy()) if "repeat" in frame.columns else [(0, frame)]
+    static = "batch_index" in frame.columns and bool((frame["batch_index"] >= 0).all())
+    total_steps, batches, n_passes = 0, 0, 0
+    for _, one_pass in passes:
+        n_passes += 1
+        if static:
+            per_batch = one_pass["steps"].groupby(one_pass["batch_index"].to_numpy()).max()
+            total_steps += int(per_batch.sum())
+            batches += len(per_batch)
+        else:
+            steps = one_pass["steps"]
+            total_steps += max(int(steps.max()), math.ceil(int(steps.sum()) / batch_size))
+    over = f" over {n_passes} passes" if n_passes > 1 else ""
+    if static:
+        return total_steps, f"{batches} static batches{over}, each until its longest request"
+    return total_steps, f"at most {batch_size} sequences per step{over}"
 
 
 _COUNTING_NOTES = (
@@ -127,7 +119,8 @@ class _CostChoice:
 
 
 def _choose_cost_model(
-    model_dir: Path, weights_ok: bool, cross_checks: list[dict[str, Any]], notes: list[str]
+    model_dir: Path, weights_ok: bool, parameter_count: int, cross_checks: list[dict[str, Any]],
+    notes: list[str],
 ) -> _CostChoice:
     """analytic if the architecture is written out, else a FlopCounterMode fit, else nothing."""
     choice = _CostChoice()
@@ -148,7 +141,7 @@ def _choose_cost_model(
     # and the model is small enough for a CPU forward.
     for fit_mode in ("fake", "weights") if weights_ok else ("fake",):
         try:
-            choice.cost, fit_checks = fit_cost_model(model_dir, mode=fit_mode)
+            choice.cost, fit_checks = fit_cost_model(model_dir, parameter_count, mode=fit_mode)
         except Exception as exc:  # data-dependent code, MoE routing, ...: next mode or 2*N*T
             notes.append(f"FlopCounterMode fit ({fit_mode}) failed ({type(exc).__name__}: {exc}).")
             continue
@@ -162,43 +155,91 @@ def _choose_cost_model(
     return choice
 
 
-def estimate_experiment_flops(
+def estimate_model_flops(
     model_dir: Path | str,
-    requests: Any,
     *,
+    model: str,
     dtype: str,
+    parameter_count: int,
     cross_check: bool = True,
-    batch_size: int = 1,
     cross_check_mode: Literal["auto", "weights", "fake"] = "auto",
     use_calflops: bool = True,
     max_weights_cross_check_params: int = DEFAULT_MAX_WEIGHTS_CROSS_CHECK_PARAMS,
-    max_cross_check_seq_len: int = DEFAULT_MAX_CROSS_CHECK_SEQ_LEN,
 ) -> dict[str, Any]:
-    """FLOPs of every request of a run, summed, with cross-checks: data of artifact `flops_estimate`.
+    """The cost model of one model at one dtype, with its cross-checks: data of artifact `flops_model`.
 
-    `requests` is the run's requests table (columns input_tokens, output_tokens; one row per
-    request; an optional batch_index column, >= 0 for static batches, tells which requests were
-    decoded together). `dtype` sets the bytes per weight and KV element. `batch_size` is the most
-    sequences the engine decoded together where it scheduled requests itself (batch_index -1);
-    both only bound how often the weights must be read (decode_bytes_min), never the FLOPs. Cross-checks run on the real weights (CPU, float32) for
-    models up to `max_weights_cross_check_params` parameters and on fake tensors above that
+    `model` is the campaign's name for it (models.<name>); `parameter_count` is the model manifest's (every parameter, a tied lm_head once). `dtype` sets the
+    bytes per weight and KV element. Cross-checks run on the real weights (CPU, float32) for models up
+    to `max_weights_cross_check_params` parameters and on fake tensors above that
     (`cross_check_mode` forces one); calflops runs only with real weights.
     """
     model_dir = Path(model_dir)
     bpp = bytes_per_param(dtype)
-    if batch_size < 1:
-        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}", "set a positive batch size")
-    notes = ["Useful FLOPs: padding tokens are excluded (token counts come from the requests table)."]
-    pairs = _validated_requests(requests, notes)
-    n_params = count_parameters(model_dir)
+    if isinstance(parameter_count, bool) or not isinstance(parameter_count, int) or parameter_count < 1:
+        raise ArtifactError(f"{model_dir}: parameter_count {parameter_count!r} is not a positive integer; "
+                            "it comes from the model manifest: run the download_model rule again")
+    notes: list[str] = []
     if cross_check_mode == "auto":
-        weights_ok = n_params is not None and n_params <= max_weights_cross_check_params
-        mode: CrossCheckMode = "weights" if weights_ok else "fake"
+        mode: CrossCheckMode = "weights" if parameter_count <= max_weights_cross_check_params else "fake"
     else:
         mode = cross_check_mode
     cross_checks: list[dict[str, Any]] = []
-    choice = _choose_cost_model(model_dir, mode == "weights", cross_checks, notes)
+    choice = _choose_cost_model(model_dir, mode == "weights", parameter_count, cross_checks, notes)
+    arch = choice.architecture
+    if choice.cost is not None:
+        notes.extend(_COUNTING_NOTES)
+    else:
+        notes.append(
+            f"Parameter estimate 2 x N x T with N = {parameter_count} (all parameters, embeddings included) "
+            "and T = prompt tokens + decode steps; attention over the context is not counted."
+        )
+    if arch is not None and arch.parameter_count() != parameter_count:
+        # The architecture as read here misses (or adds) parameters the manifest counted: the formula
+        # may then miss matmuls too.
+        notes.append(f"The architecture's own parameter count ({arch.parameter_count()}) differs from the "
+                     f"manifest's ({parameter_count}).")
+    confidence = choice.confidence
+    if choice.method == "analytic":
+        if cross_check:
+            cross_checks.extend(analytic_cross_checks(model_dir, arch, CROSS_CHECK_SHAPE, mode, use_calflops,
+                                                      notes))
+            counter = [c["relative_error"] for c in cross_checks if c["tool"] == "flop_counter"]
+            if counter and all(e is not None and abs(e) <= HIGH_CONFIDENCE_RELATIVE_ERROR for e in counter):
+                confidence = "high"
+        else:
+            notes.append("No cross-check was run: confidence stays medium.")
+    return {
+        "model": model,
+        "method": choice.method,
+        "confidence": confidence,
+        "dtype": str(dtype),
+        "bytes_per_param": bpp,
+        "parameter_count": parameter_count,
+        "cost_model": dataclasses.asdict(choice.cost) if choice.cost is not None else None,
+        "cross_checks": cross_checks,
+        "architecture": arch.to_dict() if arch is not None else None,
+        "notes": notes,
+    }
 
+
+# ---------------------------------------------------------------------------------------------
+# Per cycle (llm_energy.aggregate)
+
+
+def cycle_flops(model_flops: dict[str, Any], requests: Any, batch_size: int) -> dict[str, Any]:
+    """FLOPs and minimal decode bytes of the requests of one cycle, from the model's `flops_model` data.
+
+    `requests` is the cycle's requests table: one row per request and pass over the request set
+    (columns input_tokens, output_tokens; optional repeat and batch_index, >= 0 for static batches,
+    which tell which requests were decoded together). `batch_size` is the most sequences the engine
+    decoded together where it scheduled requests itself (batch_index -1); both only bound how often
+    the weights must be read (decode_bytes_min), never the FLOPs.
+    """
+    if batch_size < 1:
+        raise ConfigError("grid.batch_size", f"must be >= 1, got {batch_size}", "set a positive batch size")
+    notes = ["Useful FLOPs: padding tokens are excluded (token counts come from the requests table)."]
+    pairs = _validated_requests(requests, notes)
+    bpp = float(model_flops["bytes_per_param"])
     n = len(pairs)
     prefill_tokens = sum(i for i, _ in pairs)
     output_tokens = sum(o for _, o in pairs)
@@ -206,27 +247,19 @@ def estimate_experiment_flops(
     decode_steps_min, steps_basis = _decode_steps_min(requests, batch_size)
 
     kv_bytes: float | None = None
-    if choice.cost is not None:
-        notes.extend(_COUNTING_NOTES)
-        per_request = [request_costs(choice.cost, i, o, bytes_per_param=bpp) for i, o in pairs]
+    if model_flops["cost_model"] is not None:
+        cost = CostModel(**model_flops["cost_model"])
+        per_request = [request_costs(cost, i, o, bytes_per_param=bpp) for i, o in pairs]
         prefill_flops = sum(r["prefill_flops"] for r in per_request)
         decode_flops = sum(r["decode_flops"] for r in per_request)
-        weight_params = choice.cost.decode_weight_params
-        if choice.cost.kv_elements_per_token is not None:
+        weight_params = cost.decode_weight_params
+        if cost.kv_elements_per_token is not None:
             kv_bytes = float(sum(r["decode_kv_bytes_min"] for r in per_request))
     else:
-        if n_params is None:
-            raise ArtifactError(
-                f"{model_dir}: cannot estimate FLOPs: the architecture is unknown and the parameter "
-                "count cannot be read (no *.safetensors and no buildable config); re-download the model"
-            )
+        n_params = int(model_flops["parameter_count"])
         prefill_flops = parameter_estimate_flops(n_params, prefill_tokens)
         decode_flops = parameter_estimate_flops(n_params, decode_tokens)
         weight_params = n_params
-        notes.append(
-            f"Parameter estimate 2 x N x T with N = {n_params} (all parameters, embeddings included) "
-            "and T = prompt tokens + decode steps; attention over the context is not counted."
-        )
     if kv_bytes is None:
         notes.append("KV-cache size per token unknown: decode_bytes_min counts weights only.")
     weight_bytes = float(weight_params) * bpp * decode_steps_min
@@ -235,34 +268,16 @@ def estimate_experiment_flops(
         f"({steps_basis}), plus each request's cached K and V read at every step of it; "
         "a lower bound on bytes moved, so MBU computed from it is a lower bound too."
     )
-
-    window_exceeded = False
-    arch = choice.architecture
-    if arch is not None and arch.sliding_window is not None:
-        longest = max((i + o for i, o in pairs), default=0)
-        if longest > arch.sliding_window:
-            window_exceeded = True
-            notes.append(
-                f"Requests reach {longest} tokens, beyond the sliding window of {arch.sliding_window}: "
-                "attention counted over the full context (an upper bound)."
-            )
-
-    confidence = choice.confidence
-    if choice.method == "analytic":
-        if cross_check and pairs:
-            cross_checks.extend(_analytic_cross_checks(
-                model_dir, arch, pairs, mode, use_calflops, max_cross_check_seq_len, notes))
-            counter = [c["relative_error"] for c in cross_checks if c["tool"] == "flop_counter"]
-            if counter and all(
-                e is not None and abs(e) <= HIGH_CONFIDENCE_RELATIVE_ERROR for e in counter
-            ) and not window_exceeded:
-                confidence = "high"
-        else:
-            notes.append("No cross-check was run: confidence stays medium.")
-
+    confidence = model_flops["confidence"]
+    sliding_window = (model_flops.get("architecture") or {}).get("sliding_window")
+    longest = max((i + o for i, o in pairs), default=0)
+    if sliding_window is not None and longest > sliding_window:
+        confidence = "medium" if confidence == "high" else confidence
+        notes.append(f"Requests reach {longest} tokens, beyond the sliding window of {sliding_window}: "
+                     "attention counted over the full context (an upper bound).")
     total = prefill_flops + decode_flops
     return {
-        "method": choice.method,
+        "method": model_flops["method"],
         "confidence": confidence,
         "total_flops": total,
         "prefill_flops": prefill_flops,
@@ -276,10 +291,5 @@ def estimate_experiment_flops(
             "decode_steps_min": decode_steps_min, "batch_size": int(batch_size),
             "decode_weight_params": int(weight_params),
         },
-        "dtype": str(dtype),
-        "bytes_per_param": bpp,
-        "parameter_count": n_params,
-        "cross_checks": cross_checks,
-        "architecture": arch.to_dict() if arch is not None else None,
         "notes": notes,
     }
