@@ -84,3 +84,45 @@ def test_ints_become_floats_where_the_spec_says_float():
 
     settings = EnergySettings.from_config({"pue": 1, "baseline": {"duration_s": 5}})
     assert type(settings.pue) is float and type(settings.baseline.duration_s) is float
+
+
+# -- models.<name>: one spec class per source, against the source's branch of $defs/model --------
+
+
+@pytest.mark.parametrize("source", ["builtin", "hub", "local"])
+def test_model_specs_match_their_source_branch(source):
+    from llm_energy.models.specs import SPEC_CLASSES, source_branch
+
+    branch = source_branch(source)["properties"]
+    # source selects the branch; max_model_len is the harness's (measure.max_model_len), not the model's.
+    properties = set(branch) - {"source", "max_model_len"}
+    fields = {f.name for f in dataclasses.fields(SPEC_CLASSES[source])}
+    assert fields == properties
+    for name in properties:
+        node = branch[name]
+        if node is True:  # a key of the common part of $defs/model
+            node = schema_node("#/$defs/model")["properties"][name]
+        assert node.get("description"), f"{source}.{name} has no description"
+        required = name in source_branch(source).get("required", [])
+        assert required or "default" in node or "x-default" in node, f"{source}.{name} has no default"
+    for field in dataclasses.fields(SPEC_CLASSES[source]):
+        assert field.default is dataclasses.MISSING, f"{SPEC_CLASSES[source].__name__}.{field.name}"
+
+
+def test_builtin_defaults_come_from_the_schema():
+    from llm_energy.models import parse_spec
+
+    llama, gpt2 = parse_spec("l", {"source": "builtin"}), parse_spec("g", {"source": "builtin", "architecture": "gpt2"})
+    assert (llama.hidden_size, llama.num_kv_heads, llama.intermediate_size) == (256, 2, 688)
+    assert (gpt2.num_kv_heads, gpt2.intermediate_size) == (None, 1024)
+
+
+def test_model_errors_name_the_key_and_the_fix():
+    from llm_energy.models import parse_spec
+
+    with pytest.raises(ConfigError) as info:
+        parse_spec("h", {"source": "hub", "id": "org/model"})
+    assert info.value.key == "models.h.revision" and "Pin a commit sha" in info.value.fix
+    with pytest.raises(ConfigError) as info:
+        parse_spec("b", {"source": "builtin", "hiden_size": 64})
+    assert info.value.key == "models.b.hiden_size" and "did you mean 'hidden_size'" in info.value.fix

@@ -145,12 +145,14 @@ def schema_node(pointer: str) -> dict:
     return _resolve_ref(config_schema(), pointer)
 
 
-def validate_section(pointer: str, values: Mapping[str, Any] | None) -> dict:
+def validate_section(pointer: str, values: Mapping[str, Any] | None, prefix: tuple[str, ...] | None = None) -> dict:
     """A copy of one config section (the mapping at `pointer`, e.g. "#/properties/energy"), validated
     against its schema node with the defaults filled in. Errors name the key from the config's root,
-    as whole-config validation does (energy.pue, backend_settings.vllm.streaming)."""
+    as whole-config validation does (energy.pue, backend_settings.vllm.streaming); `prefix` says where
+    the section sits where the pointer does not (a `$defs` node: ("models", name))."""
     schema = config_schema()
-    prefix = tuple(part for part in pointer.removeprefix("#/").split("/")[1::2])
+    if prefix is None:
+        prefix = tuple(part for part in pointer.removeprefix("#/").split("/")[1::2])
     instance = copy.deepcopy(dict(values or {}))
     # evolve keeps the root's reference resolver, so $refs inside the node still resolve.
     validator = validator_filling_defaults()(schema).evolve(schema=schema_node(pointer))
