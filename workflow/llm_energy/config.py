@@ -109,16 +109,6 @@ def _check_semantics(config: dict) -> None:
                 f"names model '{spec['tokenizer_model']}', which is not in 'models'",
                 f"Use one of: {', '.join(models)}.",
             )
-        dist = spec.get("input_tokens") if spec["source"] == "synthetic" else None
-        if dist is not None:
-            needed = {"fixed": ["value"], "uniform": ["min", "max"], "normal": ["mean", "std"],
-                      "lognormal": ["mean", "sigma"]}[dist["distribution"]]
-            for key in needed:
-                if key not in dist:
-                    raise ConfigError(
-                        f"datasets.{name}.input_tokens.{key}",
-                        f"is required for distribution '{dist['distribution']}'", f"Add '{key}'.",
-                    )
     for index, backend in enumerate(config["backends"]):
         if backend not in BACKENDS:
             raise ConfigError(

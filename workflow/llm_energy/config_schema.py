@@ -145,7 +145,7 @@ def schema_node(pointer: str) -> dict:
     return _resolve_ref(config_schema(), pointer)
 
 
-def validate_section(pointer: str, values: Mapping[str, Any] | None, prefix: tuple[str, ...] | None = None) -> dict:
+def validate_section(pointer: str, values: Any, prefix: tuple[str, ...] | None = None) -> dict:
     """A copy of one config section (the mapping at `pointer`, e.g. "#/properties/energy"), validated
     against its schema node with the defaults filled in. Errors name the key from the config's root,
     as whole-config validation does (energy.pue, backend_settings.vllm.streaming); `prefix` says where
@@ -153,7 +153,8 @@ def validate_section(pointer: str, values: Mapping[str, Any] | None, prefix: tup
     schema = config_schema()
     if prefix is None:
         prefix = tuple(part for part in pointer.removeprefix("#/").split("/")[1::2])
-    instance = copy.deepcopy(dict(values or {}))
+    # A mapping is copied (defaults are filled into the copy); anything else is the schema's to reject.
+    instance = copy.deepcopy(dict(values) if isinstance(values, Mapping) else values if values is not None else {})
     # evolve keeps the root's reference resolver, so $refs inside the node still resolve.
     validator = validator_filling_defaults()(schema).evolve(schema=schema_node(pointer))
     raise_first_error(validator, instance, schema, prefix)

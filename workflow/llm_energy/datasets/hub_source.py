@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import hub
-from llm_energy.datasets.records import LoadedSource, _key, _required
+from llm_energy.datasets.records import LoadedSource, _key
 from llm_energy.datasets.sources import _records_from_rows
 from llm_energy.errors import ConfigError, SourceUnavailableError
 
@@ -106,8 +106,7 @@ class HubTarget:
 
 def resolve_hub_target(name: str, spec: Mapping[str, Any]) -> HubTarget:
     """Resolve `id` (alias or repo id) and the null keys of a hub spec."""
-    dataset_id = _required(spec, name, "id", f"set it to an alias ({sorted(HUB_ALIASES)}) or a repo "
-                                              "id such as 'openai/gsm8k'")
+    dataset_id = spec["id"]
     alias = HUB_ALIASES.get(str(dataset_id).lower())
     if alias is None and str(dataset_id).count("/") != 1:
         raise ConfigError(_key(name, "id"), f"{dataset_id!r} is neither a known alias nor a repo id",

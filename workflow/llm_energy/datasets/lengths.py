@@ -9,12 +9,14 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from llm_energy.datasets.records import LoadedSource, PromptRecord, _key, _required
+from llm_energy.config_schema import validate_section
+from llm_energy.datasets.records import LoadedSource, PromptRecord, _key
 from llm_energy.datasets.sources import BUNDLED_PROMPTS_PATH
 from llm_energy.errors import ConfigError
 
 
 TOKEN_LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
+INPUT_TOKENS_SCHEMA = "#/$defs/input_tokens"
 
 
 def _uniform_int(rng: random.Random, low: int, high: int) -> int:
@@ -27,7 +29,8 @@ def _uniform_int(rng: random.Random, low: int, high: int) -> int:
 def draw_token_lengths(
     input_tokens: Mapping[str, Any], count: int, rng: random.Random, key: str
 ) -> list[int]:
-    """Draw `count` prompt lengths (tokens, >= 1) from the `input_tokens` distribution.
+    """Draw `count` prompt lengths (tokens, >= 1) from the `input_tokens` distribution, the mapping
+    at config key `key` (its shape is the config schema's `$defs/input_tokens`, checked here):
 
     - fixed: `value`;
     - uniform: integers in [`min`, `max`], both included;
@@ -37,54 +40,27 @@ def draw_token_lengths(
     Truncation is exact (inverse CDF over the truncated range), not clipping: no spikes at the bounds.
     `min` defaults to 1 and `max` to no limit for normal and lognormal.
     """
-    if not isinstance(input_tokens, Mapping):
-        raise ConfigError(key, f"must be a mapping with a 'distribution', got {input_tokens!r}",
-                          "e.g. {distribution: fixed, value: 128}")
-    distribution = input_tokens.get("distribution")
-
-    def number(item: str, default: float | None = None, positive: bool = False) -> float:
-        value = input_tokens.get(item, default)
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-                or (positive and value == 0)):
-            raise ConfigError(f"{key}.{item}", f"must be a {'positive' if positive else 'non-negative'} number "
-                                               f"for distribution '{distribution}', got {value!r}",
-                              f"set {key}.{item}")
-        return float(value)
-
-    def integer(item: str, default: int | None = None) -> int:
-        value = input_tokens.get(item, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}.{item}", f"must be an integer >= 1, got {value!r}",
-                              "token lengths are whole numbers of at least 1")
-        return value
-
+    values = validate_section(INPUT_TOKENS_SCHEMA, input_tokens, prefix=tuple(key.split(".")))
+    distribution = values["distribution"]
     if distribution == "fixed":
-        return [integer("value")] * count
-    if distribution not in TOKEN_LENGTH_DISTRIBUTIONS:
-        raise ConfigError(f"{key}.distribution", f"unknown distribution {distribution!r}",
-                          f"use one of {list(TOKEN_LENGTH_DISTRIBUTIONS)}")
-    if distribution == "uniform":
-        low, high = integer("min"), integer("max")
-    else:
-        low = integer("min", 1)
-        high = integer("max") if input_tokens.get("max") is not None else None
+        return [values["value"]] * count
+    low, high = values.get("min", 1), values.get("max")
     if high is not None and high < low:
         raise ConfigError(f"{key}.max", f"max ({high}) is below min ({low})", "swap or fix the bounds")
     if distribution == "uniform":
         return [_uniform_int(rng, low, high) for _ in range(count)]
 
-    spread_item = "std" if distribution == "normal" else "sigma"
-    if number(spread_item) == 0:  # degenerate: every prompt gets the mean, kept inside the bounds
-        mean = number("mean", positive=distribution == "lognormal")
+    spread = float(values["std" if distribution == "normal" else "sigma"])
+    mean = float(values["mean"])
+    if spread == 0:  # degenerate: every prompt gets the mean, kept inside the bounds
         return [min(max(round(mean), low), high if high is not None else round(mean))] * count
     if distribution == "normal":
-        normal = statistics.NormalDist(number("mean"), number("std", positive=True))
+        normal = statistics.NormalDist(mean, spread)
         to_length: Callable[[float], float] = lambda x: x  # noqa: E731
         from_length: Callable[[float], float] = lambda x: x  # noqa: E731
     else:
-        mean, sigma = number("mean", positive=True), number("sigma", positive=True)
         # E[X] = exp(mu + sigma^2 / 2) for a lognormal X, so mu follows from the wanted mean.
-        normal = statistics.NormalDist(math.log(mean) - sigma**2 / 2, sigma)
+        normal = statistics.NormalDist(math.log(mean) - spread**2 / 2, spread)
         to_length = math.exp
         from_length = lambda x: math.log(x) if x > 0 else -math.inf  # noqa: E731
 
@@ -183,13 +159,9 @@ def _load_synthetic(name: str, spec: Mapping[str, Any], tokenizer: Any) -> Loade
                  "but prepare_dataset got no tokenizer_dir",
             "pass the tokenizer (folder of the model the prompts are meant for) as tokenizer_dir",
         )
-    count = spec.get("count")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(_key(name, "count"), f"must be an integer >= 1, got {count!r}",
-                          "set how many synthetic prompts to build")
-    rng = random.Random(int(spec.get("seed") or 0))
-    lengths = draw_token_lengths(_required(spec, name, "input_tokens", "e.g. {distribution: fixed, "
-                                           "value: 128}"), count, rng, key)
+    count = spec["count"]
+    rng = random.Random(int(spec["seed"]))
+    lengths = draw_token_lengths(spec["input_tokens"], count, rng, key)
     builder = ExactLengthPromptBuilder(tokenizer, bundled_words())
     records = []
     from tqdm import tqdm

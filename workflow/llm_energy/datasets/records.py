@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_energy.errors import ConfigError
+from llm_energy.config_schema import validate_section
 
 
 @dataclass(frozen=True)
@@ -33,26 +33,16 @@ class LoadedSource:
 
 
 # ---------------------------------------------------------------------------------------------
-# Spec access: the config schema validated the entry already, but prepare_dataset is also a public
-# function, so every value a user can get wrong is checked again with a message naming its key.
+# Spec access: prepare_dataset validates the entry against the config schema ($defs/dataset) first,
+# so the loaders read keys whose shape is known and check only what needs the data itself.
+
+DATASET_SCHEMA = "#/$defs/dataset"
 
 
 def _key(name: str, *parts: str) -> str:
     return ".".join(("datasets", name, *parts))
 
 
-def _optional_int(spec: Mapping[str, Any], name: str, item: str, minimum: int) -> int | None:
-    value = spec.get(item)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(_key(name, item), f"must be an integer >= {minimum} or null, got {value!r}",
-                          f"set it to a whole number of at least {minimum}, or null for no limit")
-    return value
-
-
-def _required(spec: Mapping[str, Any], name: str, item: str, hint: str) -> Any:
-    value = spec.get(item)
-    if value is None:
-        raise ConfigError(_key(name, item), "is missing", hint)
-    return value
+def validated_spec(name: str, spec: Any) -> dict[str, Any]:
+    """The entry `datasets.<name>` checked against the config schema, its defaults filled in."""
+    return validate_section(DATASET_SCHEMA, spec, prefix=("datasets", name))

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llm_energy.artifacts import sha256_json
-from llm_energy.datasets.records import PromptRecord, _key, _optional_int
+from llm_energy.datasets.records import PromptRecord, _key
 from llm_energy.errors import ConfigError
 
 
@@ -25,9 +25,7 @@ def select_records(
     name: str, spec: Mapping[str, Any], records: Sequence[PromptRecord]
 ) -> tuple[list[PromptRecord], dict[str, int]]:
     """Drop empty prompts, apply the char filters, shuffle, sample. Returns (records, dropped counts)."""
-    min_chars = _optional_int(spec, name, "min_chars", 0)
-    max_chars = _optional_int(spec, name, "max_chars", 0)
-    sample_size = _optional_int(spec, name, "sample_size", 1)
+    min_chars, max_chars, sample_size = spec.get("min_chars"), spec.get("max_chars"), spec.get("sample_size")
     if min_chars is not None and max_chars is not None and max_chars < min_chars:
         raise ConfigError(_key(name, "max_chars"), f"max_chars ({max_chars}) is below min_chars "
                           f"({min_chars})", "fix the bounds")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_energy.datasets.records import LoadedSource, PromptRecord, _key, _required
+from llm_energy.datasets.records import LoadedSource, PromptRecord, _key
 from llm_energy.errors import ConfigError
 
 
@@ -198,7 +198,7 @@ _FILE_READERS: dict[str, Callable[[Path, str], tuple[list[tuple[str, dict]], lis
 
 
 def _load_file(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSource:
-    path = Path(_required(spec, name, "path", "set it to the prompts file (.txt, .jsonl, .csv, .parquet)"))
+    path = Path(spec["path"])
     if not path.is_file():
         raise ConfigError(_key(name, "path"), f"file {path} does not exist (resolved to {path.resolve()})",
                           "fix the path; relative paths are relative to the working directory")
@@ -209,9 +209,6 @@ def _load_file(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSour
             raise ConfigError(_key(name, "format"),
                               f"cannot tell the format of {path} from its extension '{path.suffix}'",
                               f"set format to one of {list(FILE_FORMATS)}")
-    elif file_format not in FILE_FORMATS:
-        raise ConfigError(_key(name, "format"), f"unknown format {file_format!r}",
-                          f"use one of {list(FILE_FORMATS)} or null to use the extension")
     requested = spec.get("prompt_column")
     if file_format == "txt" and requested is not None:
         logger.warning("datasets.%s: prompt_column=%r is ignored for .txt files (one prompt per line)",
@@ -239,9 +236,6 @@ def _load_bundled(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedS
     categories = spec.get("categories")
     available = sorted({row["category"] for row in rows})
     if categories is not None:
-        if isinstance(categories, str) or not isinstance(categories, Sequence):
-            raise ConfigError(_key(name, "categories"), f"must be a list or null, got {categories!r}",
-                              f"list some of {available}")
         unknown = sorted(set(categories) - set(available))
         if unknown:
             raise ConfigError(_key(name, "categories"), f"unknown categories {unknown}",

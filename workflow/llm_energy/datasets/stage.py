@@ -19,10 +19,10 @@ from llm_energy.artifacts import (
 )
 from llm_energy.datasets.hub_source import _load_hub
 from llm_energy.datasets.lengths import _load_synthetic
-from llm_energy.datasets.records import LoadedSource, PromptRecord, _key
+from llm_energy.datasets.records import LoadedSource, PromptRecord, validated_spec
 from llm_energy.datasets.selection import length_stats, select_records
 from llm_energy.datasets.sources import _load_bundled, _load_file
-from llm_energy.errors import ArtifactError, ConfigError
+from llm_energy.errors import ArtifactError
 
 
 logger = logging.getLogger(__name__)
@@ -81,9 +81,8 @@ def prepare_dataset(
     """Load the data set `datasets.<name>` described by `spec`, select its prompts and write
     `out_dir/prompts.jsonl` and `out_dir/manifest.json`. Returns the manifest data."""
     out_dir = Path(out_dir)
-    source = spec.get("source")
-    if source not in _LOADERS:
-        raise ConfigError(_key(name, "source"), f"unknown source {source!r}", f"use one of {list(SOURCES)}")
+    spec = validated_spec(name, spec)
+    source = spec["source"]
     tokenizer = load_tokenizer(Path(tokenizer_dir)) if tokenizer_dir is not None else None
 
     logger.info("datasets.%s: loading %s source", name, source)
