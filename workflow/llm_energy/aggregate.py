@@ -1,7 +1,8 @@
 """Combine the measurement cycles of one experiment into an `experiment_result`.
 
 Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the `flops_model`
-of the experiment's model at its dtype (a cost model, applied here to each ok cycle's own requests). Output (the `data` of an `experiment_result` artifact):
+of the experiment's model at its dtype (a cost model, applied here to each ok cycle's own requests).
+Output (the `data` of an `experiment_result` artifact):
 
 - identity: experiment_id, experiment (model, backend, variant, dataset, parameters), gpu_name, gpu_count;
 - load: the load report of the first ok cycle (device, dtype, details: quantization, weight bytes), the
@@ -237,8 +238,9 @@ def _flops_section(model_flops: Mapping[str, Any],
         "confidence": min((r["confidence"] for _, r in counted), key=_CONFIDENCE_ORDER.index),
         "total_flops": sum(passes) / len(passes),
         "decode_bytes_min": sum(bytes_per_pass) / len(bytes_per_pass),
-        "cycles": [{"cycle": c.cycle, "window_flops": r["total_flops"], "decode_bytes_min": r["decode_bytes_min"],
-                    "requests": r["tokens"]["requests"], "confidence": r["confidence"]} for c, r in counted],
+        "cycles": [{"cycle": c.cycle, "window_flops": r["total_flops"],
+                    "decode_bytes_min": r["decode_bytes_min"], "requests": r["tokens"]["requests"],
+                    "confidence": r["confidence"]} for c, r in counted],
     }
 
 

@@ -145,7 +145,8 @@ def _check_semantics(config: dict) -> None:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One fully resolved point of the campaign."""
+    """One fully resolved point of the campaign. Every field comes from the validated config (the
+    schema's defaults filled in), so none has a default of its own."""
 
     id: str
     model: str
@@ -155,12 +156,12 @@ class Experiment:
     model_spec: dict[str, Any] = field(repr=False)
     dataset_spec: dict[str, Any] = field(repr=False)
     backend_settings: dict[str, Any] = field(repr=False)
-    warmup: dict[str, Any] = field(default_factory=dict)  # campaign.warmup, defaults filled
-    requests_per_cycle: int | dict[str, int] | None = None
-    seed: int = 0
-    min_window_s: float = 0.0
-    cycle_isolation: str = "experiment"
-    variant: str | None = None  # backend_settings.<backend>.variants name; None: the backend has none
+    warmup: dict[str, Any]  # campaign.warmup
+    requests_per_cycle: int | dict[str, int] | None
+    seed: int
+    min_window_s: float
+    cycle_isolation: str
+    variant: str | None  # backend_settings.<backend>.variants name; None: the backend has none
 
     def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
         """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""

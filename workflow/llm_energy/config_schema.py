@@ -29,6 +29,7 @@ def config_schema() -> dict:
     return json.loads(CONFIG_SCHEMA_PATH.read_text())
 
 
+@lru_cache(maxsize=1)
 def validator_filling_defaults():
     """A Draft 2020-12 validator that also writes each property's `default` into the instance."""
     base = jsonschema.Draft202012Validator
@@ -82,7 +83,8 @@ def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
     return sorted(keys)
 
 
-def error_to_config_error(error: jsonschema.ValidationError, schema: dict, prefix: tuple = ()) -> ConfigError:
+def error_to_config_error(error: jsonschema.ValidationError, schema: dict,
+                          prefix: tuple = ()) -> ConfigError:
     """The ConfigError of one schema error; `prefix` is where the validated instance sits in the config."""
     path = [*prefix, *error.absolute_path]
     key = _dotted(path)
@@ -115,8 +117,9 @@ def error_to_config_error(error: jsonschema.ValidationError, schema: dict, prefi
         return ConfigError(key, f"{json.dumps(error.instance)} does not match the pattern {error.validator_value}",
                            node.get("x-fix", "Change it to match the pattern."))
     if error.validator in _BOUNDS:
-        return ConfigError(key, f"{json.dumps(error.instance)} is {_BOUNDS[error.validator]} {error.validator_value}",
-                           node.get("x-fix", f"Use a value {_FIX_BOUNDS[error.validator]} {error.validator_value}."))
+        bound = error.validator_value
+        return ConfigError(key, f"{json.dumps(error.instance)} is {_BOUNDS[error.validator]} {bound}",
+                           node.get("x-fix", f"Use a value {_FIX_BOUNDS[error.validator]} {bound}."))
     if error.validator == "type":
         expected = error.validator_value
         return ConfigError(
@@ -154,7 +157,9 @@ def validate_section(pointer: str, values: Any, prefix: tuple[str, ...] | None =
     if prefix is None:
         prefix = tuple(part for part in pointer.removeprefix("#/").split("/")[1::2])
     # A mapping is copied (defaults are filled into the copy); anything else is the schema's to reject.
-    instance = copy.deepcopy(dict(values) if isinstance(values, Mapping) else values if values is not None else {})
+    if values is None:
+        values = {}
+    instance = copy.deepcopy(dict(values) if isinstance(values, Mapping) else values)
     # evolve keeps the root's reference resolver, so $refs inside the node still resolve.
     validator = validator_filling_defaults()(schema).evolve(schema=schema_node(pointer))
     raise_first_error(validator, instance, schema, prefix)

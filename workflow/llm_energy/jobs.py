@@ -120,8 +120,8 @@ def estimate_flops_job(model: str, model_manifest: Path, dtype: str, out: Path, 
     from llm_energy import flops, models
 
     manifest = models.read_model_manifest(Path(model_manifest))
-    data = flops.estimate_model_flops(models.resolve_model_path(Path(model_manifest)), model=model, dtype=dtype,
-                                      parameter_count=manifest["parameter_count"])
+    data = flops.estimate_model_flops(models.resolve_model_path(Path(model_manifest)), model=model,
+                                      dtype=dtype, parameter_count=manifest["parameter_count"])
     prov = provenance.collect(config_sha256=config_sha256, inputs=[Path(model_manifest)], include_gpus=False)
     artifacts.write_json_artifact(out, "flops_model", data, prov)
     return data

@@ -81,7 +81,7 @@ def prefill_only(decoding: DecodingSettings) -> DecodingSettings:
 
 def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None) -> dict[str, Any]:
     settings = dict(experiment.backend_settings)
-    settings["trust_remote_code"] = experiment.model_spec.get("trust_remote_code", False)
+    settings["trust_remote_code"] = experiment.model_spec["trust_remote_code"]
     settings["batching"] = experiment.parameters["batching"]
     settings["token_budget"] = experiment.parameters["token_budget"]
     settings["seed"] = experiment.seed
@@ -91,7 +91,7 @@ def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = No
 
 
 def max_model_len(experiment: Experiment) -> int:
-    configured = experiment.model_spec.get("max_model_len")
+    configured = experiment.model_spec["max_model_len"]
     needed = experiment.parameters["max_input_tokens"] + experiment.parameters["max_output_tokens"]
     return configured or needed
 

@@ -249,8 +249,8 @@ class PytorchBackend(Backend):
             # accelerate places the weights straight onto the device(s): no detour through host
             # memory (that detour made a 1 B bf16 load take ~20 s on an H100 machine).
             kwargs["device_map"] = self.config.device_map or self.device
-            # checked by check_settings
-            kwargs["quantization_config"] = quantization.quantization_config(self.config.quantization, kwargs["dtype"])
+            method = self.config.quantization  # checked by check_settings
+            kwargs["quantization_config"] = quantization.quantization_config(method, kwargs["dtype"])
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
             self.model.eval()
         except torch.cuda.OutOfMemoryError as exc:
@@ -267,7 +267,7 @@ class PytorchBackend(Backend):
                 "attn_implementation": kwargs["attn_implementation"],
                 "device_map": str(getattr(self.model, "hf_device_map", None) or self.device),
                 "torch_threads": torch.get_num_threads(),
-                **quantization.load_details(self.config.quantization, self.model),
+                **quantization.load_details(method, self.model),
                 **self._configure_engine(max_model_len, batch_size),
             },
         )

@@ -168,10 +168,11 @@ def estimate_model_flops(
 ) -> dict[str, Any]:
     """The cost model of one model at one dtype, with its cross-checks: data of artifact `flops_model`.
 
-    `model` is the campaign's name for it (models.<name>); `parameter_count` is the model manifest's (every parameter, a tied lm_head once). `dtype` sets the
-    bytes per weight and KV element. Cross-checks run on the real weights (CPU, float32) for models up
-    to `max_weights_cross_check_params` parameters and on fake tensors above that
-    (`cross_check_mode` forces one); calflops runs only with real weights.
+    `model` is the campaign's name for it (models.<name>); `parameter_count` is the model manifest's
+    (every parameter, a tied lm_head once). `dtype` sets the bytes per weight and KV element.
+    Cross-checks run on the real weights (CPU, float32) for models up to
+    `max_weights_cross_check_params` parameters and on fake tensors above that (`cross_check_mode`
+    forces one); calflops runs only with real weights.
     """
     model_dir = Path(model_dir)
     bpp = bytes_per_param(dtype)
