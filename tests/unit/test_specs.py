@@ -126,3 +126,13 @@ def test_model_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError) as info:
         parse_spec("b", {"source": "builtin", "hiden_size": 64})
     assert info.value.key == "models.b.hiden_size" and "did you mean 'hidden_size'" in info.value.fix
+
+
+def test_grid_keys_and_exclude_keys_are_the_schemas():
+    # The expansion walks GRID_KEYS in this order (it orders the experiments); an exclude rule may name
+    # any of them besides model, backend, variant and dataset.
+    from llm_energy.config import GRID_KEYS
+
+    assert GRID_KEYS == tuple(schema_node("#/properties/grid")["properties"])
+    exclude_keys = set(schema_node("#/properties/exclude")["items"]["properties"])
+    assert exclude_keys == {"model", "backend", "variant", "dataset", *GRID_KEYS}
