@@ -11,7 +11,7 @@ import pytest
 import llm_energy.backends.pytorch  # noqa: F401
 import llm_energy.backends.vllm  # noqa: F401
 import llm_energy.energy  # noqa: F401
-from llm_energy.config_schema import schema_node
+from llm_energy.config_schema import config_schema, schema_node
 from llm_energy.errors import ConfigError
 from llm_energy.specs import SPEC_NODES, schema_spec, section_spec
 
@@ -136,3 +136,27 @@ def test_grid_keys_and_exclude_keys_are_the_schemas():
     assert GRID_KEYS == tuple(schema_node("#/properties/grid")["properties"])
     exclude_keys = set(schema_node("#/properties/exclude")["items"]["properties"])
     assert exclude_keys == {"model", "backend", "variant", "dataset", *GRID_KEYS}
+
+
+def test_every_key_of_the_config_schema_is_described():
+    """The schema is the file users read to learn the config: no key without a description. A key a
+    branch only refines (lognormal's mean > 0) is described where it is declared."""
+    missing = []
+
+    def walk(node, path, declared=frozenset()):
+        if not isinstance(node, dict):
+            return
+        properties = node.get("properties") or {}
+        for key, sub in properties.items():
+            if isinstance(sub, dict) and not sub.get("description") and key not in declared:
+                missing.append(f"{path}.{key}")
+            walk(sub, f"{path}.{key}")
+        for branch in node.get("allOf", []):
+            walk(branch.get("then"), path, frozenset(properties))
+        for key in ("items", "additionalProperties"):
+            walk(node.get(key), f"{path}[]" if key == "items" else f"{path}.*")
+        for key, sub in (node.get("$defs") or {}).items():
+            walk(sub, f"$defs.{key}")
+
+    walk(config_schema(), "")
+    assert missing == []
