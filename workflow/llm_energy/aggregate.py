@@ -57,7 +57,8 @@ ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others
 
 MFU_METHOD = (
     "achieved_flops_per_s / (gpu_count x peak dense flops_per_s of the GPU at the run dtype); "
-    "achieved_flops_per_s = total_flops / window_duration_s"
+    "achieved_flops_per_s = the FLOPs of every request of the cycle's window (the model's cost model "
+    "over its requests table) / window_duration_s"
 )
 MBU_METHOD = (
     "lower bound: decode_bytes_min / window_duration_s / (gpu_count x peak memory_bytes_per_s); "
@@ -102,8 +103,8 @@ class _Cycle:
     # Bytes of the matmul weights as the backend stored them (quantized ones included), where the
     # load report has them (pytorch backend): what one decode step reads at least.
     matmul_weight_bytes: float | None = None
-    # Passes over the measured request set in the window (campaign.min_window_s); the FLOPs estimate
-    # is for one pass.
+    # Passes over the measured request set in the window (campaign.min_window_s); experiment_result's
+    # flops.total_flops is for one pass.
     repeats: int = 1
     load: dict[str, Any] | None = None  # the run_result's load report
 
