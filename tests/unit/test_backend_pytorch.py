@@ -97,7 +97,7 @@ def test_load_report_values(tiny_llama: Path) -> None:
         assert (report.device, report.dtype) == ("cpu", "bfloat16")
         assert next(backend.model.parameters()).dtype == torch.bfloat16
         assert report.details["attn_implementation"] == "eager"
-        assert report.details["parameters"] == sum(p.numel() for p in backend.model.parameters()) > 0
+        assert "parameters" not in report.details  # the model manifest's count is the one
         assert report.details["device_map"] == "cpu"
     finally:
         backend.close()

@@ -258,12 +258,12 @@ class PytorchBackend(Backend):
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load model from {model_dir}: {exc}") from exc
         self.synchronize()
-        parameters = sum(p.numel() for p in self.model.parameters())
+        # No parameter count here: the model manifest's is the one (a loaded quantized model packs
+        # several weights per element, so counting its tensors would disagree with it).
         return LoadReport(
             device=self.device,
             dtype=dtype,
             details={
-                "parameters": parameters,
                 "attn_implementation": kwargs["attn_implementation"],
                 "device_map": str(getattr(self.model, "hf_device_map", None) or self.device),
                 "torch_threads": torch.get_num_threads(),
