@@ -9,6 +9,7 @@ import pytest
 
 # The modules that define specs; importing them registers their specs in SPEC_NODES.
 import llm_energy.backends.pytorch  # noqa: F401
+import llm_energy.config  # noqa: F401
 import llm_energy.backends.vllm  # noqa: F401
 import llm_energy.energy  # noqa: F401
 from llm_energy.config_schema import config_schema, schema_node
@@ -20,7 +21,7 @@ SPECS = sorted(SPEC_NODES, key=lambda cls: cls.__name__)
 
 def test_the_expected_specs_are_registered():
     names = {cls.__name__ for cls in SPECS}
-    assert {"EnergySettings", "BaselineSettings", "VllmSettings", "PytorchSettings"} <= names
+    assert {"EnergySettings", "BaselineSettings", "VllmSettings", "PytorchSettings", "WarmupSpec"} <= names
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda cls: cls.__name__)

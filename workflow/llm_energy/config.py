@@ -24,6 +24,7 @@ from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS
 from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
+from llm_energy.specs import build_spec, schema_spec, section_spec
 
 GRID_KEYS = (
     "batch_size", "dtype", "max_input_tokens", "max_output_tokens", "decoding", "output_length",
@@ -139,6 +140,21 @@ def _check_semantics(config: dict) -> None:
 # Expansion
 
 
+@schema_spec("#/properties/campaign/properties/warmup")
+@dataclass(frozen=True)
+class WarmupSpec:
+    """campaign.warmup, typed; types, defaults and meanings are the config schema's."""
+
+    min_batches: int
+    stable_batches: int
+    tolerance: float
+    max_s: float
+
+    @classmethod
+    def of(cls, settings: WarmupSpec | Mapping[str, Any]) -> WarmupSpec:
+        return settings if isinstance(settings, cls) else section_spec(cls, settings)
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One fully resolved point of the campaign. Every field comes from the validated config (the
@@ -152,7 +168,7 @@ class Experiment:
     model_spec: dict[str, Any] = field(repr=False)
     dataset_spec: dict[str, Any] = field(repr=False)
     backend_settings: dict[str, Any] = field(repr=False)
-    warmup: dict[str, Any]  # campaign.warmup
+    warmup: WarmupSpec
     requests_per_cycle: int | dict[str, int] | None
     seed: int
     min_window_s: float
@@ -210,6 +226,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     campaign = config["campaign"]
     experiments: dict[str, Experiment] = {}
     values = [grid[k] for k in GRID_KEYS]
+    warmup = build_spec(WarmupSpec, campaign["warmup"])  # validated with the campaign already
     for model, backend, dataset in itertools.product(config["models"], config["backends"], config["datasets"]):
         for (variant, backend_settings), combo in itertools.product(
                 backend_variants(config["backend_settings"].get(backend)).items(), itertools.product(*values)):
@@ -244,7 +261,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
                 model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
-                backend_settings=dict(backend_settings), warmup=dict(campaign["warmup"]),
+                backend_settings=dict(backend_settings), warmup=warmup,
                 requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"], variant=variant,
                 min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
             )
