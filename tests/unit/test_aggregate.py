@@ -81,23 +81,29 @@ GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "me
             "cpu_unavailable_reason": "no RAPL"}
 
 
-def write_flops(directory: Path, total_flops: float = 4.0e12, decode_bytes_min: float = 2.0e11) -> Path:
-    path = directory / "flops" / f"{EXPERIMENT_ID}.json"
-    # Shaped like llm_energy.flops writes it (the flops_estimate schema requires every key).
-    data = {
-        "method": "analytic", "confidence": "high", "total_flops": total_flops,
-        "prefill_flops": total_flops / 4, "decode_flops": total_flops * 3 / 4,
-        "per_request_mean_flops": total_flops / 8,
-        "tokens": {"requests": 8, "input_tokens": 1024, "output_tokens": 512, "prefill_tokens": 1024,
-                   "decode_tokens": 504},
-        "decode_bytes_min": decode_bytes_min,
-        "decode_bytes_breakdown": {"weight_bytes": decode_bytes_min, "kv_cache_bytes": None,
-                                   "decode_steps_min": 63, "batch_size": 8, "decode_weight_params": 1000},
-        "dtype": "bf16", "bytes_per_param": 2, "parameter_count": 1000, "cross_checks": [],
-        "architecture": None, "notes": [],
-    }
+# The FLOPs cost model of write_flops and the requests it writes beside each cycle: 8 requests of 100
+# prompt and 26 output tokens cost 8 x (100 + 25) x 4e9 = 4e12 FLOPs (no logits or attention term),
+# and read the 4e9 weights (2 bytes each) at 25 decode steps at least: 2e11 bytes.
+FLOPS_INPUT_TOKENS, FLOPS_OUTPUT_TOKENS = 100, 26
+COST_MODEL = {"linear_flops_per_token": 4_000_000_000, "logits_flops_per_position": 0,
+              "attention_flops_per_query_key": 0, "decode_weight_params": 4_000_000_000,
+              "kv_elements_per_token": None}
 
-    artifacts.write_json_artifact(path, "flops_estimate", data, {"experiment": EXPERIMENT_ID})
+
+def write_flops(directory: Path, runs: list[Path], confidence: str = "high") -> Path:
+    """A flops_model artifact, and a requests table beside every run result of `runs` lacking one."""
+    from llm_energy.backends.base import RequestRecord
+
+    for run in runs:
+        if not (run.parent / "requests.parquet").exists():
+            write_requests(run, [RequestRecord(index=i, input_tokens=FLOPS_INPUT_TOKENS,
+                                               output_tokens=FLOPS_OUTPUT_TOKENS, submitted_s=0.0,
+                                               finished_s=1.0, first_token_s=0.1) for i in range(8)])
+    path = directory / "models" / "tiny-llama" / "flops-bf16.json"
+    data = {"model": "tiny-llama", "method": "analytic", "confidence": confidence, "dtype": "bf16",
+            "bytes_per_param": 2.0, "parameter_count": 4_000_000_000, "cost_model": dict(COST_MODEL),
+            "cross_checks": [], "architecture": None, "notes": []}
+    artifacts.write_json_artifact(path, "flops_model", data, {"experiment": None})
     return path
 
 
@@ -114,7 +120,7 @@ def three_cycles(tmp_path: Path) -> list[Path]:
 
 
 def test_three_cycles_with_flops(tmp_path: Path, three_cycles: list[Path], fake_peaks: list) -> None:
-    flops_path = write_flops(tmp_path)
+    flops_path = write_flops(tmp_path, three_cycles[:2])
     result = aggregate_experiment(three_cycles, flops_path)
 
     assert result["experiment_id"] == EXPERIMENT_ID
@@ -150,8 +156,10 @@ def test_three_cycles_with_flops(tmp_path: Path, three_cycles: list[Path], fake_
     assert info["gpu_peak_figures"] == f"1 x {GPU} at bf16: 9.89e+14 FLOP/s, 3.35e+12 B/s"
     assert not any(key.endswith("_unavailable_reason") and key.startswith(("mfu", "mbu", "gpu_flops"))
                    for key in info)
-    assert result["flops"] == {"method": "analytic", "confidence": "high", "total_flops": 4.0e12,
-                               "decode_bytes_min": 2.0e11}
+    assert result["flops"] == {
+        "method": "analytic", "confidence": "high", "total_flops": 4.0e12, "decode_bytes_min": 2.0e11,
+        "cycles": [{"cycle": c, "window_flops": 4.0e12, "decode_bytes_min": 2.0e11, "requests": 8,
+                    "confidence": "high"} for c in (1, 2)]}
 
     # the result is a valid experiment_result artifact and reads back unchanged
     out = tmp_path / "experiments" / f"{EXPERIMENT_ID}.json"
@@ -172,7 +180,7 @@ def test_without_flops_estimate(tmp_path: Path, three_cycles: list[Path]) -> Non
     assert result["metrics"]["gpu_energy_per_output_token_j"]["n"] == 2
 
     no_path = aggregate_experiment(three_cycles, None)
-    assert "no FLOPs estimate" in no_path["metrics_info"]["flops_unavailable_reason"]
+    assert "no FLOPs cost model" in no_path["metrics_info"]["flops_unavailable_reason"]
 
 
 def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
@@ -182,7 +190,7 @@ def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
     info = {"cpu_energy_source": "codecarbon_estimate", "cpu_energy_method": "estimated",
             "gpu_unavailable_reason": "no NVIDIA GPU"}
     paths = [write_run(tmp_path, run_result_data(c, metrics, info), gpus=[]) for c in (1, 2)]
-    result = aggregate_experiment(paths, write_flops(tmp_path))
+    result = aggregate_experiment(paths, write_flops(tmp_path, paths))
     m, i = result["metrics"], result["metrics_info"]
     assert result["gpu_name"] is None and result["gpu_count"] == 0
     assert m["node_flops_per_j"]["mean"] == pytest.approx(4.0e12 / 60.0)
@@ -201,7 +209,7 @@ def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
 def test_unknown_gpu_and_missing_peak_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), ["Mystery GPU"])
              for c in (1, 2)]
-    flops = write_flops(tmp_path)
+    flops = write_flops(tmp_path, paths)
     result = aggregate_experiment(paths, flops)
     assert result["metrics"]["mfu"]["mean"] is None
     assert "no peak figures for Mystery GPU at bf16" in result["metrics_info"]["mfu_unavailable_reason"]
@@ -215,7 +223,7 @@ def test_unknown_gpu_and_missing_peak_table(tmp_path: Path, monkeypatch: pytest.
 def test_two_gpus_double_the_peak(tmp_path: Path) -> None:
     paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU, GPU])
              for c in (1, 2)]
-    result = aggregate_experiment(paths, write_flops(tmp_path))
+    result = aggregate_experiment(paths, write_flops(tmp_path, paths))
     assert result["gpu_count"] == 2
     assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / (2 * PEAK_FLOPS_PER_S))
 
@@ -259,7 +267,7 @@ def test_real_peak_figures_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     peaks = peak_figures(GPU, "bf16")
     paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU]) for c in (1, 2)]
-    result = aggregate_experiment(paths, write_flops(tmp_path))
+    result = aggregate_experiment(paths, write_flops(tmp_path, paths))
     assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / peaks["flops_per_s"])
     assert result["metrics"]["mbu"]["mean"] == pytest.approx(1.0e11 / peaks["memory_bytes_per_s"])
     assert "H100 SXM" in result["metrics_info"]["gpu_peak_figures"]
@@ -272,9 +280,9 @@ def test_mbu_counts_the_stored_quantized_weight_bytes(tmp_path: Path, fake_peaks
     quantized["load"] = {"device": "cuda", "dtype": "bfloat16",
                          "details": {"quantization": "torchao_int8_weight_only", "matmul_weight_bytes": 1000.0}}
     plain = run_result_data(2, gpu_metrics(2.0, 200.0), GPU_INFO)
-    result = aggregate_experiment([write_run(tmp_path, quantized, [GPU]), write_run(tmp_path, plain, [GPU])],
-                                  write_flops(tmp_path))
-    mbu_values = [1000.0 * 63 / 2.0 / PEAK_BYTES_PER_S, 2.0e11 / 2.0 / PEAK_BYTES_PER_S]
+    runs = [write_run(tmp_path, quantized, [GPU]), write_run(tmp_path, plain, [GPU])]
+    result = aggregate_experiment(runs, write_flops(tmp_path, runs))
+    mbu_values = [1000.0 * 25 / 2.0 / PEAK_BYTES_PER_S, 2.0e11 / 2.0 / PEAK_BYTES_PER_S]
     assert result["metrics"]["mbu"] == describe(mbu_values)
     assert "matmul_weight_bytes" in result["metrics_info"]["mbu_method"]
 
@@ -349,7 +357,6 @@ def test_latency_without_a_requests_table_is_null_with_the_reason(tmp_path: Path
 def test_mfu_uses_one_gpu_peak_when_the_run_measured_one_gpu_of_eight(tmp_path: Path) -> None:
     """An 8-GPU box without CUDA_VISIBLE_DEVICES: provenance lists 8 GPUs, the energy session bound
     the run to GPU 3 (energy_sources); MFU/MBU divide by one GPU's peak, not eight."""
-    flops_path = write_flops(tmp_path)
     one, eight = [], []
     for cycle, window_s in ((1, 2.0), (2, 2.5)):
         data = run_result_data(cycle, gpu_metrics(window_s, 200.0), GPU_INFO)
@@ -358,6 +365,7 @@ def test_mfu_uses_one_gpu_peak_when_the_run_measured_one_gpu_of_eight(tmp_path: 
             {"name": "nvml", "available": True,
              "devices": [{"index": 3, "uuid": "GPU-3", "name": GPU}]}]}}
         one.append(write_run(tmp_path / "bound", bound, [GPU] * 8))
+    flops_path = write_flops(tmp_path, one + eight)
     bound_result = aggregate_experiment(one, flops_path)
     unbound_result = aggregate_experiment(eight, flops_path)
     assert bound_result["gpu_count"] == 1 and unbound_result["gpu_count"] == 8
@@ -380,3 +388,75 @@ def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: P
     artifacts.write_json_artifact(tmp_path / "e.json", "experiment_result", result, {})  # schema-valid
     failed = [write_run(tmp_path / "f", run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])]
     assert aggregate_experiment(failed, None)["load"] is None
+
+
+# -- FLOPs per cycle, from the model's cost model ---------------------------------------------
+
+
+def _records(output_tokens: list[int], batch_index: int = -1) -> list:
+    from llm_energy.backends.base import RequestRecord
+
+    return [RequestRecord(index=i, input_tokens=FLOPS_INPUT_TOKENS, output_tokens=o, submitted_s=0.0,
+                          finished_s=1.0, first_token_s=0.1, batch_index=batch_index)
+            for i, o in enumerate(output_tokens)]
+
+
+def test_each_cycle_gets_the_flops_of_its_own_requests(tmp_path: Path, fake_peaks: list) -> None:
+    """output_length: eos (or sampling): the cycles generate different lengths, so different FLOPs."""
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU]) for c in (1, 2)]
+    write_requests(paths[0], _records([26] * 8))  # 8 x 125 tokens
+    write_requests(paths[1], _records([6] * 8))  # 8 x 105 tokens
+    result = aggregate_experiment(paths, write_flops(tmp_path, paths))
+    per_token = COST_MODEL["linear_flops_per_token"]
+    windows = [8 * 125 * per_token, 8 * 105 * per_token]
+    assert [c["window_flops"] for c in result["flops"]["cycles"]] == windows
+    assert result["flops"]["total_flops"] == sum(windows) / 2
+    assert result["metrics"]["gpu_flops_per_j"] == describe([w / 200.0 for w in windows])
+    assert result["metrics"]["mfu"] == describe([w / 2.0 / PEAK_FLOPS_PER_S for w in windows])
+
+
+def test_a_failed_first_cycle_keeps_mfu_for_the_others(tmp_path: Path) -> None:
+    failed = write_run(tmp_path, run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])
+    ok = write_run(tmp_path, run_result_data(2, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU])
+    result = aggregate_experiment([failed, ok], write_flops(tmp_path, [ok]))
+    assert result["metrics"]["mfu"]["n"] == 1
+    assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / PEAK_FLOPS_PER_S)
+    assert [c["cycle"] for c in result["flops"]["cycles"]] == [2]
+
+
+def test_a_cycle_without_its_requests_table_has_no_flops_but_the_others_do(tmp_path: Path) -> None:
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU]) for c in (1, 2)]
+    flops_path = write_flops(tmp_path, paths)
+    (paths[0].parent / "requests.parquet").unlink()
+    result = aggregate_experiment(paths, flops_path)
+    assert result["metrics"]["mfu"]["n"] == 1 and result["metrics"]["mfu"]["n_missing"] == 1
+    assert "artifact not found" in result["metrics_info"]["mfu_unavailable_reason"]
+    assert "(cycles 1)" in result["metrics_info"]["mfu_unavailable_reason"]
+
+
+def test_a_repeated_window_counts_every_pass(tmp_path: Path) -> None:
+    """min_window_s repeats the request set: the window's FLOPs cover every pass, total_flops one."""
+    from llm_energy.measure import requests_frame
+
+    data = run_result_data(1, gpu_metrics(2.0, 200.0), GPU_INFO)
+    data["tokens"] = {"requests": 16, "input_tokens": 1600, "output_tokens": 416, "repeats": 2}
+    path = write_run(tmp_path, data, [GPU])
+    records = _records([26] * 8) + _records([26] * 8)
+    artifacts.write_table_artifact(path.parent / "requests.parquet", "requests_table",
+                                   requests_frame(records, repeats=[0] * 8 + [1] * 8), {"experiment": EXPERIMENT_ID})
+    result = aggregate_experiment([path], write_flops(tmp_path, [path]))
+    assert result["flops"]["cycles"][0]["window_flops"] == 2 * 4.0e12
+    assert result["flops"]["total_flops"] == 4.0e12
+    assert result["metrics"]["achieved_flops_per_s"]["mean"] == pytest.approx(2 * 4.0e12 / 2.0)
+
+
+def test_an_experiment_result_of_version_1_is_migrated(tmp_path: Path) -> None:
+    import json as json_module
+
+    path = tmp_path / "old.json"
+    document = {"schema": "llm_energy/experiment_result", "schema_version": 1, "provenance": {},
+                "data": {"flops": {"method": "analytic", "confidence": "high", "total_flops": 1.0}}}
+    path.write_text(json_module.dumps(document))
+    migrated = artifacts.migrate("experiment_result", 1, document["data"], str(path))
+    assert migrated["flops"]["cycles"] is None
+    assert artifacts.migrate("experiment_result", 1, {"flops": None}, str(path)) == {"flops": None}

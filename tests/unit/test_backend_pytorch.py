@@ -14,7 +14,7 @@ from llm_energy import models
 from llm_energy.backends import BACKENDS, backend_class, create_backend
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.backends.pytorch import PytorchBackend
-from llm_energy.batching import make_batches
+from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError
 
 MAX_INPUT_TOKENS = 16
@@ -97,7 +97,7 @@ def test_load_report_values(tiny_llama: Path) -> None:
         assert (report.device, report.dtype) == ("cpu", "bfloat16")
         assert next(backend.model.parameters()).dtype == torch.bfloat16
         assert report.details["attn_implementation"] == "eager"
-        assert report.details["parameters"] == sum(p.numel() for p in backend.model.parameters()) > 0
+        assert "parameters" not in report.details  # the model manifest's count is the one
         assert report.details["device_map"] == "cpu"
     finally:
         backend.close()

@@ -40,7 +40,8 @@ PROMPTS = [
 ]
 MAX_MODEL_LEN = 256
 BATCH_SIZE = 4
-CPU_SETTINGS = {"enforce_eager": True}  # no torch.compile on CPU tests: starts in seconds
+# enforce_eager: no torch.compile on CPU tests, starts in seconds; the seed is the harness's to pass.
+CPU_SETTINGS = {"enforce_eager": True, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,12 @@ def test_engine_kwargs_defaults_and_validation(tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    kwargs = VllmBackend({}).engine_kwargs(tmp_path, "bfloat16", 512, 8, fields)
+    kwargs = VllmBackend({"seed": 0}).engine_kwargs(tmp_path, "bfloat16", 512, 8, fields)
     assert kwargs["max_num_seqs"] == 8  # null -> the campaign batch size
     assert kwargs["enable_prefix_caching"] is False and kwargs["disable_log_stats"] is False
     assert "enable_chunked_prefill" not in kwargs and "quantization" not in kwargs  # engine defaults
-    assert VllmBackend({"max_num_seqs": 3}).engine_kwargs(tmp_path, "float32", 512, 8, fields)["max_num_seqs"] == 3
-    passed = VllmBackend({"extra_engine_args": {"block_size": 16}}).engine_kwargs(tmp_path, "float32", 64, 1, fields)
+    assert VllmBackend({"max_num_seqs": 3, "seed": 0}).engine_kwargs(tmp_path, "float32", 512, 8, fields)["max_num_seqs"] == 3
+    passed = VllmBackend({"extra_engine_args": {"block_size": 16}, "seed": 0}).engine_kwargs(tmp_path, "float32", 64, 1, fields)
     assert passed["block_size"] == 16
 
     cases = [
@@ -120,11 +121,38 @@ def test_engine_kwargs_defaults_and_validation(tmp_path):
     ]
     for settings, where in cases:
         with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
-            VllmBackend(settings).engine_kwargs(tmp_path, "float32", 64, 1, fields)
+            VllmBackend({**settings, "seed": 0}).engine_kwargs(tmp_path, "float32", 64, 1, fields)
     with pytest.raises(ConfigError, match="grid.dtype"):
-        VllmBackend({}).engine_kwargs(tmp_path, "int8", 64, 1, fields)
+        VllmBackend({"seed": 0}).engine_kwargs(tmp_path, "int8", 64, 1, fields)
     with pytest.raises(ConfigError, match="cpu_kv_cache_space_gib"):
         VllmBackend({"cpu_kv_cache_space_gib": 0.5})._prepare_cpu_environment()
+
+
+def test_the_engine_seed_is_the_experiments_seed(tmp_path):
+    # The harness builds the backend's settings; the engine must get campaign.seed, not a default.
+    from llm_energy.config import load_campaign
+    from llm_energy.measure import backend_settings
+
+    campaign = load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
+                              "backends": ["vllm"], "campaign": {"seed": 777}})
+    (experiment,) = campaign.experiments.values()
+    backend = VllmBackend(backend_settings(experiment))
+    kwargs = backend.engine_kwargs(tmp_path, "float32", 64, 1, engine_fields=set())
+    assert kwargs["seed"] == 777
+    assert backend.config.gpu_memory_utilization == 0.9  # the schema's default, typed
+
+
+def test_an_engine_without_the_experiments_seed_is_refused(tmp_path):
+    with pytest.raises(BackendError, match=r"seed.*measure.backend_settings"):
+        VllmBackend({}).engine_kwargs(tmp_path, "float32", 64, 1, engine_fields=set())
+
+
+def test_settings_are_checked_by_the_config_schema():
+    with pytest.raises(ConfigError) as info:
+        VllmBackend({"cpu_kv_cache_space_gib": 0.5, "seed": 0})
+    assert info.value.key == "backend_settings.vllm.cpu_kv_cache_space_gib"
+    with pytest.raises(ConfigError, match="did you mean 'streaming'"):
+        VllmBackend({"streming": True})
 
 
 @needs_vllm

@@ -1,11 +1,11 @@
-"""Unit tests of llm_energy.batching: exact batch compositions of each strategy."""
+"""Unit tests of llm_energy.backends.batching: exact batch compositions of each strategy."""
 
 from __future__ import annotations
 
 import pytest
 
 from llm_energy.backends.base import Request
-from llm_energy.batching import STRATEGIES, make_batches, padded_tokens
+from llm_energy.backends.batching import STRATEGIES, make_batches, padded_tokens
 
 
 def requests_of(lengths: list[int]) -> list[Request]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_default_config_validates_and_expands_to_four_experiments() -> None:
         assert ID_PATTERN.match(eid), eid
         assert experiment.backend == "pytorch"
         assert experiment.dataset == "bundled"
-        assert experiment.warmup == {"min_batches": 2, "stable_batches": 2, "tolerance": 0.25, "max_s": 10}
+        assert dataclasses.asdict(experiment.warmup) == {"min_batches": 2, "stable_batches": 2, "tolerance": 0.25,
+                                                         "max_s": 10}
         assert experiment.min_window_s == 0.5 and experiment.cycle_isolation == "experiment"
         assert experiment.seed == 1234
         assert experiment.requests_per_cycle is None

@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from llm_energy import datasets as ds
+from llm_energy.datasets.lengths import bundled_words
 from llm_energy.artifacts import SCHEMA_DIR, read_json_artifact
 from llm_energy.errors import ArtifactError, ConfigError, SourceUnavailableError
 
@@ -161,7 +162,7 @@ def token_counts(tokenizer_dir: Path, prompts: list[str]) -> list[int]:
 
 
 def test_synthetic_fixed_lengths_are_exact(tmp_path, tokenizer_dir):
-    spec = {"source": "synthetic", "count": 12, "seed": 1,
+    spec = {"source": "synthetic", "count": 12, "seed": 1, "tokenizer_model": "tiny",
             "input_tokens": {"distribution": "fixed", "value": 64}}
     manifest = prepare("syn", spec, tmp_path, tokenizer_dir=tokenizer_dir)
     lines = read_lines(tmp_path / "prompts.jsonl")
@@ -174,7 +175,7 @@ def test_synthetic_fixed_lengths_are_exact(tmp_path, tokenizer_dir):
 
 
 def test_synthetic_distribution_exact_and_deterministic(tmp_path, tokenizer_dir):
-    spec = {"source": "synthetic", "count": 40, "seed": 5,
+    spec = {"source": "synthetic", "count": 40, "seed": 5, "tokenizer_model": "tiny",
             "input_tokens": {"distribution": "uniform", "min": 1, "max": 700}}
     first = prepare("syn", spec, tmp_path / "a", tokenizer_dir=tokenizer_dir)
     lines = read_lines(tmp_path / "a" / "prompts.jsonl")
@@ -191,7 +192,7 @@ def test_synthetic_tiny_lengths_are_exact(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    builder = ds.ExactLengthPromptBuilder(tokenizer, ds._bundled_words())
+    builder = ds.ExactLengthPromptBuilder(tokenizer, bundled_words())
     for target in (1, 2, 3, 5, 17):
         for start in (0, 101, 2000):
             text = builder.build(target, start)
@@ -199,7 +200,8 @@ def test_synthetic_tiny_lengths_are_exact(tokenizer_dir):
 
 
 def test_synthetic_needs_a_tokenizer(tmp_path):
-    spec = {"source": "synthetic", "count": 2, "input_tokens": {"distribution": "fixed", "value": 8}}
+    spec = {"source": "synthetic", "count": 2, "tokenizer_model": "tiny",
+            "input_tokens": {"distribution": "fixed", "value": 8}}
     with pytest.raises(ConfigError, match=r"datasets\.syn\.input_tokens.*tokenizer"):
         prepare("syn", spec, tmp_path)
 
@@ -230,6 +232,12 @@ def test_draw_token_lengths_bounds_and_means():
         ds.draw_token_lengths({"distribution": "zipf"}, 1, random.Random(), key)
     with pytest.raises(ConfigError, match=r"input_tokens\.value"):
         ds.draw_token_lengths({"distribution": "fixed", "value": 0}, 1, random.Random(), key)
+    # The shape is the config schema's: the same key and fix as in a campaign.
+    with pytest.raises(ConfigError) as info:
+        ds.draw_token_lengths({"distribution": "lognormal", "mean": 0, "sigma": 1}, 1, random.Random(), key)
+    assert info.value.key == "datasets.s.input_tokens.mean" and "> 0" in info.value.fix
+    with pytest.raises(ConfigError, match=r"datasets\.s\.input_tokens.*type object"):
+        ds.draw_token_lengths("fixed", 1, random.Random(), key)
 
 
 def test_token_length_stats_for_bundled_with_tokenizer(tmp_path, tokenizer_dir):

@@ -243,6 +243,9 @@ def test_gpu_disabled_by_config(fake_box, tmp_path):
     ({"baseline": {"duration_s": -1}}, "energy.baseline.duration_s"),
     ({"rapl": "yes"}, "energy.rapl"),
     ({"sampling": 1}, "energy.sampling"),
+    # One behaviour with the config schema: upper-case codes only, at least one counter update.
+    ({"country_iso_code": "deu"}, "energy.country_iso_code"),
+    ({"min_counter_updates": 0}, "energy.min_counter_updates"),
 ])
 def test_settings_errors_name_the_key(cfg, key):
     with pytest.raises(ConfigError) as error:
@@ -251,7 +254,7 @@ def test_settings_errors_name_the_key(cfg, key):
 
 
 def test_settings_defaults_and_values():
-    settings = EnergySettings.from_config({"country_iso_code": "deu", "pue": 1.2,
+    settings = EnergySettings.from_config({"country_iso_code": "DEU", "pue": 1.2,
                                            "baseline": {"duration_s": 5}})
     assert settings.country_iso_code == "DEU" and settings.pue == 1.2
     assert settings.baseline.duration_s == 5.0 and settings.baseline.max_age_s == 3600.0

@@ -9,6 +9,7 @@ dispatched by torch as a broadcast multiply, which FlopCounterMode does not coun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ from transformers import (
 
 from llm_energy import artifacts, flops
 from llm_energy.errors import ArtifactError, ConfigError
-from llm_energy.flops import ArchitectureSpec
+from llm_energy.flops import ArchitectureSpec, counted
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -172,7 +173,7 @@ def test_fake_mode_counts_like_real_weights(family, request):
 def test_decode_step_formula_against_real_kv_cache(family, request):
     model_dir = request.getfixturevalue(MODEL_DIRS[family])
     spec = ArchitectureSpec.from_hf_config(flops.load_model_config(model_dir))
-    model = flops._build_model(model_dir, "weights", "eager")[0]
+    model = counted.build_model(model_dir, "weights", "eager")[0]
     past_len, batch = 13, 2
     ids = torch.randint(0, spec.vocab_size, (batch, past_len))
     with torch.no_grad():
@@ -188,7 +189,7 @@ def test_decode_step_formula_against_real_kv_cache(family, request):
 def test_analytic_request_equals_flop_counter_over_hf_generate(llama_dir):
     """The whole per-request model (prefill with last-position logits + decode steps) against
     what transformers' generate really executes, counted end to end."""
-    model = flops._build_model(llama_dir, "weights", "eager")[0]
+    model = counted.build_model(llama_dir, "weights", "eager")[0]
     input_tokens, output_tokens = 12, 6
     ids = torch.randint(3, 512, (1, input_tokens))
     measured = _count(lambda: model.generate(
@@ -231,13 +232,13 @@ def test_parameter_estimate_is_two_n_t():
 
 
 def test_calflops_agrees_within_one_percent(llama_dir):
-    """Through the experiment estimate, as the pipeline runs it (calflops in its own subprocess)."""
-    data = flops.estimate_experiment_flops(llama_dir, REQUESTS, dtype="bf16")
+    """Through the model estimate, as the pipeline runs it (calflops in its own subprocess)."""
+    data = flops.estimate_model_flops(llama_dir, model="llama", dtype="bf16", parameter_count=_n_params(llama_dir))
     (check,) = [c for c in data["cross_checks"] if c["tool"] == "calflops"]
     assert check["measured_flops"] is not None, data["notes"]
     # calflops also counts element-wise ops (norms, activations), so it reads slightly higher.
     assert 0 < -check["relative_error"] < 0.01
-    assert (check["batch"], check["seq_len"]) == (2, 21)  # median prompt length of REQUESTS
+    assert (check["batch"], check["seq_len"]) == counted.CROSS_CHECK_SHAPE
     assert data["confidence"] == "high"
 
 
@@ -247,67 +248,86 @@ def test_calflops_failure_returns_reason(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Experiment-level estimate
+# The cost model per model and dtype, applied per cycle
 
 
 REQUESTS = pd.DataFrame({"input_tokens": [12, 30, 7, 21], "output_tokens": [8, 1, 16, 5]})
 
 
+def _n_params(model_dir: Path) -> int:
+    """The parameter count a model manifest records for the folder (models.count_parameters)."""
+    from llm_energy import models
+
+    return models.count_parameters(flops.load_model_config(model_dir), model_dir).total
+
+
+def _model_flops(model_dir: Path, dtype: str, **options) -> dict:
+    return flops.estimate_model_flops(model_dir, model=model_dir.name, dtype=dtype,
+                                      parameter_count=_n_params(model_dir), **options)
+
+
 def _provenance() -> dict:
-    return {"experiment": "test", "config_sha256": None, "inputs": {}}
+    return {"experiment": None, "config_sha256": None, "inputs": {}}
 
 
-def test_estimate_experiment_analytic_with_cross_checks(llama_dir, tmp_path):
-    data = flops.estimate_experiment_flops(llama_dir, REQUESTS, dtype="float32", batch_size=2,
-                                           use_calflops=False)
+def test_model_estimate_with_cross_checks_applied_to_a_cycle(llama_dir, tmp_path):
+    model = _model_flops(llama_dir, "float32", use_calflops=False)
     spec = ArchitectureSpec.from_hf_config(flops.load_model_config(llama_dir))
-    per_request = [flops.analytic_flops(spec, i, o, bytes_per_param=4)
-                   for i, o in REQUESTS.itertuples(index=False)]
-    assert data["method"] == "analytic" and data["confidence"] == "high"
-    assert data["total_flops"] == sum(r["total_flops"] for r in per_request)
-    assert data["per_request_mean_flops"] == data["total_flops"] / 4
-    assert data["tokens"] == {"requests": 4, "input_tokens": 70, "output_tokens": 30,
-                              "prefill_tokens": 70, "decode_tokens": 26}
-    # batch 2: at least max(15, ceil(26 / 2)) = 15 weight reads
-    assert data["decode_bytes_breakdown"]["decode_steps_min"] == 15
-    kv = sum(r["decode_kv_bytes_min"] for r in per_request)
-    assert data["decode_bytes_min"] == 15 * (spec.parameter_count() - 512 * 256) * 4 + kv
-    checks = {(c["tool"], c["phase"]): c for c in data["cross_checks"]}
+    assert model["method"] == "analytic" and model["confidence"] == "high"
+    assert model["cost_model"] == dataclasses.asdict(spec.cost_model())
+    assert model["parameter_count"] == spec.parameter_count()  # the manifest's count, here equal
+    checks = {(c["tool"], c["phase"]): c for c in model["cross_checks"]}
     assert checks["flop_counter", "prefill"]["relative_error"] == 0.0
     assert checks["flop_counter", "decode"]["relative_error"] == 0.0
     assert checks["flop_counter", "prefill"]["mode"] == "weights"
-    assert any("padding" in note for note in data["notes"])
-    path = tmp_path / "flops.json"
-    document = artifacts.write_json_artifact(path, "flops_estimate", data, _provenance())
-    assert artifacts.read_json_artifact(path, "flops_estimate")["data"] == document["data"]
+    path = tmp_path / "flops-float32.json"
+    document = artifacts.write_json_artifact(path, "flops_model", model, _provenance())
+    assert artifacts.read_json_artifact(path, "flops_model")["data"] == document["data"]
+
+    cycle = flops.cycle_flops(model, REQUESTS, batch_size=2)
+    per_request = [flops.analytic_flops(spec, i, o, bytes_per_param=4)
+                   for i, o in REQUESTS.itertuples(index=False)]
+    assert cycle["method"] == "analytic" and cycle["confidence"] == "high"
+    assert cycle["total_flops"] == sum(r["total_flops"] for r in per_request)
+    assert cycle["per_request_mean_flops"] == cycle["total_flops"] / 4
+    assert cycle["tokens"] == {"requests": 4, "input_tokens": 70, "output_tokens": 30,
+                               "prefill_tokens": 70, "decode_tokens": 26}
+    # batch 2: at least max(15, ceil(26 / 2)) = 15 weight reads
+    assert cycle["decode_bytes_breakdown"]["decode_steps_min"] == 15
+    kv = sum(r["decode_kv_bytes_min"] for r in per_request)
+    assert cycle["decode_bytes_min"] == 15 * (spec.parameter_count() - 512 * 256) * 4 + kv
+    assert any("padding" in note for note in cycle["notes"])
 
 
-def test_decode_steps_from_static_batches(gpt2_dir):
+def test_decode_steps_from_static_batches_and_repeated_passes(gpt2_dir):
+    model = _model_flops(gpt2_dir, "fp16", cross_check=False)
     static = REQUESTS.assign(batch_index=[0, 0, 1, 1])
-    data = flops.estimate_experiment_flops(gpt2_dir, static, dtype="fp16", cross_check=False)
     # steps per request 7, 0, 15, 4: batch 0 runs 7 steps, batch 1 runs 15
-    assert data["decode_bytes_breakdown"]["decode_steps_min"] == 22
+    assert flops.cycle_flops(model, static, 1)["decode_bytes_breakdown"]["decode_steps_min"] == 22
     engine = REQUESTS.assign(batch_index=-1)
-    data = flops.estimate_experiment_flops(gpt2_dir, engine, dtype="fp16", cross_check=False,
-                                           batch_size=4)
+    data = flops.cycle_flops(model, engine, batch_size=4)
     assert data["decode_bytes_breakdown"]["decode_steps_min"] == 15  # longest request bounds it
-    assert data["total_flops"] == flops.estimate_experiment_flops(
-        gpt2_dir, REQUESTS, dtype="fp16", cross_check=False)["total_flops"]
+    assert data["total_flops"] == flops.cycle_flops(model, REQUESTS, 1)["total_flops"]
+    # Two passes of a repeated window run one after the other: their steps and FLOPs add up.
+    twice = pd.concat([static.assign(repeat=0), static.assign(repeat=1)], ignore_index=True)
+    repeated = flops.cycle_flops(model, twice, 1)
+    assert repeated["decode_bytes_breakdown"]["decode_steps_min"] == 44
+    assert repeated["total_flops"] == 2 * flops.cycle_flops(model, static, 1)["total_flops"]
 
 
-def test_estimate_experiment_fake_mode_and_no_cross_check(gpt2_dir):
-    fake = flops.estimate_experiment_flops(gpt2_dir, REQUESTS, dtype="bf16", cross_check_mode="fake")
+def test_model_estimate_fake_mode_and_no_cross_check(gpt2_dir):
+    fake = _model_flops(gpt2_dir, "bf16", cross_check_mode="fake")
     assert fake["confidence"] == "high"
     assert {c["mode"] for c in fake["cross_checks"]} == {"fake"}
     assert any("calflops cross-check skipped" in note for note in fake["notes"])
-    plain = flops.estimate_experiment_flops(gpt2_dir, REQUESTS, dtype="bf16", cross_check=False)
+    plain = _model_flops(gpt2_dir, "bf16", cross_check=False)
     assert plain["confidence"] == "medium" and plain["cross_checks"] == []
-    assert plain["total_flops"] == fake["total_flops"]
-    artifacts.validate_data("flops_estimate", plain)
+    assert plain["cost_model"] == fake["cost_model"]
+    artifacts.validate_data("flops_model", plain)
 
 
 def test_fitted_cost_model_equals_analytic(llama_dir):
-    cost, checks = flops.fit_cost_model(llama_dir, mode="fake")
+    cost, checks = flops.fit_cost_model(llama_dir, _n_params(llama_dir), mode="fake")
     spec = ArchitectureSpec.from_hf_config(flops.load_model_config(llama_dir))
     assert cost == spec.cost_model()
     assert all(c["relative_error"] == 0.0 for c in checks)
@@ -319,7 +339,7 @@ def test_unknown_to_formula_uses_flop_counter_fit(tmp_path, offline_env):
                        vocab_size=300, word_embed_proj_dim=128, max_position_embeddings=128)
     model = OPTForCausalLM(config)
     model_dir = _save(model, tmp_path / "tiny-opt")
-    data = flops.estimate_experiment_flops(model_dir, REQUESTS, dtype="fp16")
+    data = _model_flops(model_dir, "fp16")
     assert data["method"] == "flop_counter" and data["confidence"] == "medium"
     assert data["architecture"] is None
     # The fit against a generate() of one request, counted end to end.
@@ -329,10 +349,9 @@ def test_unknown_to_formula_uses_flop_counter_fit(tmp_path, offline_env):
     measured = _count(lambda: model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
         do_sample=False, pad_token_id=1))
-    single = flops.estimate_experiment_flops(
-        model_dir, pd.DataFrame({"input_tokens": [12], "output_tokens": [8]}), dtype="fp16")
+    single = flops.cycle_flops(data, pd.DataFrame({"input_tokens": [12], "output_tokens": [8]}), 1)
     assert single["total_flops"] == measured
-    artifacts.validate_data("flops_estimate", data)
+    artifacts.validate_data("flops_model", data)
 
 
 def test_unknown_architecture_falls_back_to_parameter_estimate(llama_dir, tmp_path):
@@ -342,44 +361,51 @@ def test_unknown_architecture_falls_back_to_parameter_estimate(llama_dir, tmp_pa
     config["model_type"] = "mystery-lm"
     config["architectures"] = ["MysteryForCausalLM"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    data = flops.estimate_experiment_flops(model_dir, REQUESTS, dtype="bfloat16")
     n_params = ArchitectureSpec.from_hf_config(llama_config()).parameter_count()
+    data = flops.estimate_model_flops(model_dir, model="mystery", dtype="bfloat16", parameter_count=n_params)
     assert data["method"] == "parameter_estimate" and data["confidence"] == "low"
-    assert data["parameter_count"] == n_params
-    assert data["total_flops"] == 2 * n_params * (70 + 26)
-    assert data["decode_bytes_breakdown"]["kv_cache_bytes"] is None
+    assert data["parameter_count"] == n_params and data["cost_model"] is None
+    artifacts.validate_data("flops_model", data)
+    cycle = flops.cycle_flops(data, REQUESTS, 1)
+    assert cycle["total_flops"] == 2 * n_params * (70 + 26)
+    assert cycle["decode_bytes_breakdown"]["kv_cache_bytes"] is None
     # Weights only (bf16), read once per decode step: batch 1 needs all 26 steps.
-    assert data["decode_bytes_min"] == n_params * 2 * 26
-    artifacts.validate_data("flops_estimate", data)
+    assert cycle["decode_bytes_min"] == n_params * 2 * 26
 
 
-def test_sliding_window_exceeded_lowers_confidence(tmp_path, offline_env):
+def test_sliding_window_exceeded_lowers_the_cycles_confidence(tmp_path, offline_env):
     torch.manual_seed(0)
     config = MistralConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                            num_hidden_layers=2, intermediate_size=256, vocab_size=300,
                            sliding_window=16)
     model_dir = _save(MistralForCausalLM(config), tmp_path / "tiny-mistral")
-    data = flops.estimate_experiment_flops(model_dir, REQUESTS, dtype="fp32", use_calflops=False)
-    assert data["method"] == "analytic" and data["confidence"] == "medium"
+    model = _model_flops(model_dir, "fp32", use_calflops=False)
+    assert model["method"] == "analytic"
+    short = flops.cycle_flops(model, pd.DataFrame({"input_tokens": [4], "output_tokens": [3]}), 1)
+    assert short["confidence"] == model["confidence"]
+    data = flops.cycle_flops(model, REQUESTS, 1)
+    assert data["confidence"] == "medium"
     assert any("sliding window of 16" in note for note in data["notes"])
 
 
 def test_bad_inputs_name_what_to_fix(llama_dir):
     with pytest.raises(ConfigError, match="dtype"):
-        flops.estimate_experiment_flops(llama_dir, REQUESTS, dtype="float13")
+        flops.estimate_model_flops(llama_dir, model="m", dtype="float13", parameter_count=1)
+    with pytest.raises(ArtifactError, match="parameter_count.*download_model"):
+        flops.estimate_model_flops(llama_dir, model="m", dtype="fp32", parameter_count=None)
+    model = _model_flops(llama_dir, "fp32", cross_check=False)
     with pytest.raises(ArtifactError, match="output_tokens"):
-        flops.estimate_experiment_flops(llama_dir, REQUESTS[["input_tokens"]], dtype="fp32")
+        flops.cycle_flops(model, REQUESTS[["input_tokens"]], 1)
     with pytest.raises(ArtifactError, match="input_tokens < 1"):
-        flops.estimate_experiment_flops(
-            llama_dir, pd.DataFrame({"input_tokens": [0], "output_tokens": [3]}), dtype="fp32")
+        flops.cycle_flops(model, pd.DataFrame({"input_tokens": [0], "output_tokens": [3]}), 1)
 
 
 def test_schema_rejects_unknown_top_level_key(gpt2_dir):
-    data = flops.estimate_experiment_flops(gpt2_dir, REQUESTS, dtype="fp32", cross_check=False)
+    data = _model_flops(gpt2_dir, "fp32", cross_check=False)
     with pytest.raises(ArtifactError, match="Additional properties"):
-        artifacts.validate_data("flops_estimate", {**data, "mfu": 0.5})
+        artifacts.validate_data("flops_model", {**data, "mfu": 0.5})
     with pytest.raises(ArtifactError, match="method"):
-        artifacts.validate_data("flops_estimate", {**data, "method": "guess"})
+        artifacts.validate_data("flops_model", {**data, "method": "guess"})
 
 
 # ---------------------------------------------------------------------------------------------

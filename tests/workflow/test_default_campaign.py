@@ -62,10 +62,18 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
             assert [w["name"] for w in data["setup"]["windows"]] == ["model_load", "compile", "warmup"]
             assert data["gpu_state"] == {"start": [], "end": []}  # no GPU used
             assert document["provenance"]["code"]["package_version"]
-        flops = artifacts.read_json_artifact(workdir / "results" / "flops" / f"{eid}.json", "flops_estimate")
-        assert flops["data"]["total_flops"] > 0
+        experiment = campaign.experiments[eid]
+        model_flops = artifacts.read_json_artifact(
+            workdir / "resources" / "models" / experiment.model / f"flops-{experiment.parameters['dtype']}.json",
+            "flops_model")
+        assert model_flops["data"]["method"] == "analytic" and model_flops["data"]["confidence"] == "high"
         aggregated = artifacts.read_json_artifact(workdir / "results" / "experiments" / f"{eid}.json", "experiment_result")
         assert aggregated["data"]["cycles_ok"] == campaign.cycles
+        # Every cycle's FLOPs come from its own requests (all its passes over the request set).
+        flops_cycles = aggregated["data"]["flops"]["cycles"]
+        assert [c["cycle"] for c in flops_cycles] == list(range(1, campaign.cycles + 1))
+        assert all(c["window_flops"] > 0 for c in flops_cycles)
+        assert aggregated["data"]["metrics"]["achieved_flops_per_s"]["n"] == campaign.cycles
         run_set = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycles.json", "run_set")["data"]
         assert [c["cycle"] for c in run_set["cycles"]] == list(range(1, campaign.cycles + 1))
         timing = run_set["timing"]

@@ -1,7 +1,8 @@
 """Combine the measurement cycles of one experiment into an `experiment_result`.
 
-Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the experiment's
-`flops_estimate`. Output (the `data` of an `experiment_result` artifact):
+Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally, the `flops_model`
+of the experiment's model at its dtype (a cost model, applied here to each ok cycle's own requests).
+Output (the `data` of an `experiment_result` artifact):
 
 - identity: experiment_id, experiment (model, backend, variant, dataset, parameters), gpu_name, gpu_count;
 - load: the load report of the first ok cycle (device, dtype, details: quantization, weight bytes), the
@@ -15,8 +16,9 @@ Input: the `run_result` artifacts of every cycle (ok or failed) and, optionally,
 - metrics_info: the strings of the cycles (sources, methods); where cycles disagree the value reads
   "mixed: a, b"; a derived metric that cannot be computed has `<metric>_unavailable_reason`;
 - flags: the validity flags of all cycles with how many cycles raised each;
-- flops: method, confidence, total_flops, decode_bytes_min of the FLOPs estimate (null + reason when
-  there is none);
+- flops: method and confidence of the cost model (the lowest over the cycles), total_flops and
+  decode_bytes_min of one pass over the request set (mean over the ok cycles), and per cycle the
+  FLOPs and decode bytes of its whole window (null + reason when there is no cost model);
 - latency: TTFT, ITL, TPOT and e2e distributions pooled over every request (every row of the
   requests.parquet beside each ok cycle's result.json, repeats included), not averaged per-cycle
   percentiles: `<name>_mean_s`, `<name>_p50_s`, `<name>_p90_s`, `<name>_p99_s`, `<name>_n` (definitions
@@ -40,7 +42,7 @@ from typing import Any
 from llm_energy import metrics as metric_definitions
 from llm_energy.artifacts import read_json_artifact, read_table_artifact
 from llm_energy.errors import ArtifactError
-from llm_energy.flops import mbu, mfu
+from llm_energy.flops import cycle_flops, mbu, mfu
 from llm_energy.statistics import describe
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others
 
 MFU_METHOD = (
     "achieved_flops_per_s / (gpu_count x peak dense flops_per_s of the GPU at the run dtype); "
-    "achieved_flops_per_s = total_flops / window_duration_s"
+    "achieved_flops_per_s = the FLOPs of every request of the cycle's window (the model's cost model "
+    "over its requests table) / window_duration_s"
 )
 MBU_METHOD = (
     "lower bound: decode_bytes_min / window_duration_s / (gpu_count x peak memory_bytes_per_s); "
@@ -72,7 +75,7 @@ def _default_peak_figures() -> PeakFiguresFunction | None:
     """`llm_energy.flops.peak_figures`, or None where that module is not available."""
     try:
         from llm_energy.flops import peak_figures
-    except ImportError as exc:  # flops.py is optional for the analysis end
+    except ImportError as exc:  # llm_energy.flops is optional for the analysis end
         log.warning("llm_energy.flops.peak_figures unavailable (%s): MFU and MBU will be null", exc)
         return None
     return peak_figures
@@ -100,8 +103,8 @@ class _Cycle:
     # Bytes of the matmul weights as the backend stored them (quantized ones included), where the
     # load report has them (pytorch backend): what one decode step reads at least.
     matmul_weight_bytes: float | None = None
-    # Passes over the measured request set in the window (campaign.min_window_s); the FLOPs estimate
-    # is for one pass.
+    # Passes over the measured request set in the window (campaign.min_window_s); experiment_result's
+    # flops.total_flops is for one pass.
     repeats: int = 1
     load: dict[str, Any] | None = None  # the run_result's load report
 
@@ -194,18 +197,52 @@ def _merge_info(cycles: Sequence[_Cycle]) -> dict[str, str]:
     return merged
 
 
-def _read_flops(flops_path: Path | None) -> tuple[dict[str, Any] | None, str | None]:
-    """(flops data, None) or (None, reason it is unavailable)."""
+def _read_flops_model(flops_path: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(flops_model data, None) or (None, reason it is unavailable)."""
     if flops_path is None:
-        return None, "no FLOPs estimate was given for this experiment"
+        return None, "no FLOPs cost model was given for this experiment"
     flops_path = Path(flops_path)
     if not flops_path.is_file():
-        return None, f"FLOPs estimate {flops_path} does not exist"
-    data = read_json_artifact(flops_path, "flops_estimate")["data"]
-    total = _finite(data.get("total_flops"))
-    if total is None or total <= 0:
-        return None, f"FLOPs estimate {flops_path} has no positive total_flops"
-    return data, None
+        return None, f"FLOPs cost model {flops_path} does not exist"
+    return read_json_artifact(flops_path, "flops_model")["data"], None
+
+
+def _cycle_flops(model_flops: Mapping[str, Any], cycle: _Cycle,
+                 batch_size: int) -> tuple[dict[str, Any] | None, str | None]:
+    """The FLOPs of one cycle's window: the cost model over every row of its requests table (each
+    pass of a repeated window, with its own output lengths). (record, None) or (None, reason)."""
+    path = cycle.path.parent / REQUESTS_TABLE
+    try:
+        frame, _ = read_table_artifact(path, "requests_table")
+        record = cycle_flops(dict(model_flops), frame, batch_size)
+    except ArtifactError as exc:
+        return None, str(exc)
+    if not record["total_flops"] > 0:
+        return None, f"{path} has no FLOPs ({record['tokens']['requests']} requests)"
+    return record, None
+
+
+_CONFIDENCE_ORDER = ("low", "medium", "high")
+
+
+def _flops_section(model_flops: Mapping[str, Any],
+                   per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None]]) -> dict[str, Any] | None:
+    """experiment_result.flops: the cost model's method, the lowest confidence of the cycles, one pass
+    over the request set (mean over the cycles that have FLOPs) and every cycle's window."""
+    counted = [(c, r) for c, r in per_cycle if r is not None]
+    if not counted:
+        return None
+    passes = [r["total_flops"] / c.repeats for c, r in counted]
+    bytes_per_pass = [r["decode_bytes_min"] / c.repeats for c, r in counted]
+    return {
+        "method": model_flops.get("method"),
+        "confidence": min((r["confidence"] for _, r in counted), key=_CONFIDENCE_ORDER.index),
+        "total_flops": sum(passes) / len(passes),
+        "decode_bytes_min": sum(bytes_per_pass) / len(bytes_per_pass),
+        "cycles": [{"cycle": c.cycle, "window_flops": r["total_flops"],
+                    "decode_bytes_min": r["decode_bytes_min"], "requests": r["tokens"]["requests"],
+                    "confidence": r["confidence"]} for c, r in counted],
+    }
 
 
 @dataclass
@@ -288,37 +325,33 @@ def _describe_peaks(peaks: Mapping[str, Any], gpu_name: str, gpu_count: int, dty
     return text + (f" ({peaks['source']})" if peaks.get("source") else "")
 
 
-def _decode_bytes_min(flops: Mapping[str, Any] | None, cycle: _Cycle) -> float | None:
-    """Minimum bytes moved while decoding: the run's stored matmul weight bytes (quantization
-    counted) x decode steps + KV cache, where the run recorded them; else the FLOPs estimate's
-    figure (weight parameters x bytes of the dtype), for artifacts without matmul_weight_bytes."""
-    if not flops:
-        return None
-    breakdown = flops.get("decode_bytes_breakdown") or {}
+def _decode_bytes_min(record: Mapping[str, Any], cycle: _Cycle) -> float | None:
+    """Minimum bytes moved while decoding in the cycle's window: the run's stored matmul weight bytes
+    (quantization counted) x decode steps + KV cache, where the run recorded them; else the cost
+    model's figure (weight parameters x bytes of the dtype)."""
+    breakdown = record.get("decode_bytes_breakdown") or {}
     steps = _finite(breakdown.get("decode_steps_min"))
     if cycle.matmul_weight_bytes is not None and steps is not None:
-        per_pass = cycle.matmul_weight_bytes * steps + (_finite(breakdown.get("kv_cache_bytes")) or 0.0)
-    else:
-        per_pass = _finite(flops.get("decode_bytes_min"))
-    return per_pass * cycle.repeats if per_pass is not None else None
+        return cycle.matmul_weight_bytes * steps + (_finite(breakdown.get("kv_cache_bytes")) or 0.0)
+    return _finite(record.get("decode_bytes_min"))
 
 
 def _derive_flops_metrics(
-    ok: Sequence[_Cycle], flops: Mapping[str, Any] | None, flops_reason: str | None, dtype: str,
+    per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None, str | None]], dtype: str,
     peak_descriptions: list[str],
 ) -> dict[str, _DerivedSeries]:
+    """gpu_flops_per_j, node_flops_per_j, achieved_flops_per_s, MFU and MBU of every ok cycle, each
+    from that cycle's own FLOPs (None with the reason where a cycle has none)."""
     series = {name: _DerivedSeries() for name in FLOPS_DERIVED_METRICS}
-    lookup = peak_figures_provider() if ok else None
-    per_pass_flops = _finite(flops.get("total_flops")) if flops else None
-    for c in ok:
-        # The estimate covers one pass over the request set; the window ran c.repeats of them.
-        total_flops = per_pass_flops * c.repeats if per_pass_flops is not None else None
-        decode_bytes = _decode_bytes_min(flops, c)
-        window = _finite(c.metrics.get("window_duration_s"))
-        if flops is None:
+    lookup = peak_figures_provider() if per_cycle else None
+    for c, record, reason in per_cycle:
+        if record is None:
             for s in series.values():
-                s.add(c.cycle, None, flops_reason)
+                s.add(c.cycle, None, reason)
             continue
+        total_flops = _finite(record["total_flops"])
+        decode_bytes = _decode_bytes_min(record, c)
+        window = _finite(c.metrics.get("window_duration_s"))
         gpu_energy = _finite(c.metrics.get("gpu_energy_j"))
         node_energy = _finite(c.metrics.get("node_energy_j"))
         series["gpu_flops_per_j"].add(
@@ -348,7 +381,7 @@ def _derive_flops_metrics(
                 f"no peak flops_per_s for {c.gpu_names[0]} at {dtype}",
             )
         if decode_bytes is None:
-            series["mbu"].add(c.cycle, None, "FLOPs estimate has no decode_bytes_min")
+            series["mbu"].add(c.cycle, None, "no decode_bytes_min for the cycle")
         elif window is None:
             series["mbu"].add(c.cycle, None, "window_duration_s unavailable")
         elif peak_reason:
@@ -450,11 +483,19 @@ def aggregate_experiment(
     latency, latency_info = _pooled_latency(ok)
     info.update(latency_info)
 
-    flops, flops_reason = _read_flops(Path(flops_path) if flops_path is not None else None)
+    model_flops, flops_reason = _read_flops_model(Path(flops_path) if flops_path is not None else None)
+    batch_size = int((experiment.get("parameters") or {}).get("batch_size") or 1)
+    per_cycle: list[tuple[_Cycle, dict[str, Any] | None, str | None]] = []
+    for c in ok:
+        record, reason = _cycle_flops(model_flops, c, batch_size) if model_flops else (None, flops_reason)
+        per_cycle.append((c, record, reason))
+    flops = _flops_section(model_flops, [(c, r) for c, r, _ in per_cycle]) if model_flops else None
+    if model_flops is not None and flops is None:
+        flops_reason = "; ".join(dict.fromkeys(r for _, _, r in per_cycle if r)) or "no ok cycle"
     if ok:
         derived = _derive_per_token_energy(ok)
         peak_descriptions: list[str] = []
-        derived.update(_derive_flops_metrics(ok, flops, flops_reason, dtype, peak_descriptions))
+        derived.update(_derive_flops_metrics(per_cycle, dtype, peak_descriptions))
         if peak_descriptions:
             info["gpu_peak_figures"] = "; ".join(peak_descriptions)
         for name, series in derived.items():
@@ -490,16 +531,7 @@ def aggregate_experiment(
         "metrics": metrics,
         "metrics_info": info,
         "flags": dict(sorted(flag_counts.items())),
-        "flops": (
-            {
-                "method": flops.get("method"),
-                "confidence": flops.get("confidence"),
-                "total_flops": _finite(flops.get("total_flops")),
-                "decode_bytes_min": _finite(flops.get("decode_bytes_min")),
-            }
-            if flops is not None
-            else None
-        ),
+        "flops": flops,
         "latency": latency,
         "run_results": [str(c.path) for c in cycles],
     }

@@ -24,7 +24,11 @@ import jsonschema
 
 from llm_energy.errors import ArtifactError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# Installed (wheel): the schemas ship as llm_energy/schemas/; in the source tree (and an editable
+# install) they are workflow/schemas/, beside the package folder. pyproject.toml maps one to the other.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMA_DIR = (_PACKAGE_DIR / "schemas" if (_PACKAGE_DIR / "schemas").is_dir()
+              else _PACKAGE_DIR.parent / "schemas")
 SCHEMA_PREFIX = "llm_energy/"
 PARQUET_METADATA_KEY = b"llm_energy"
 
@@ -37,8 +41,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "run_set": 1,
     "requests_table": 1,
     "timeline_table": 1,
-    "flops_estimate": 1,
-    "experiment_result": 1,
+    "flops_model": 1,
+    "experiment_result": 2,
     "summary_table": 1,
     "idle_baseline": 1,
 }
@@ -47,6 +51,10 @@ SCHEMA_VERSIONS: dict[str, int] = {
 MIGRATIONS: dict[tuple[str, int], Callable[[dict], dict]] = {
     # v2 added optional fields only (memory, engine_path, repeats, warm-up record, both baselines).
     ("run_result", 1): lambda data: data,
+    # v2: FLOPs per cycle, from the model's cost model applied to each cycle's own requests; v1 had
+    # cycle 1's total only, which is what its flops.total_flops still says.
+    ("experiment_result", 1): lambda data: (
+        data if data.get("flops") is None else {**data, "flops": {**data["flops"], "cycles": None}}),
 }
 
 

@@ -13,121 +13,23 @@ backend's other settings and the variant's keys over them (`backend_variants`).
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
-import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 
-from llm_energy.artifacts import SCHEMA_DIR, sha256_json
+from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS
+from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
+from llm_energy.specs import build_spec, schema_spec, section_spec
 
-CONFIG_SCHEMA_PATH = SCHEMA_DIR / "config.schema.json"
 GRID_KEYS = (
     "batch_size", "dtype", "max_input_tokens", "max_output_tokens", "decoding", "output_length",
     "batching", "token_budget",
 )
-
-
-@lru_cache(maxsize=1)
-def config_schema() -> dict:
-    return json.loads(CONFIG_SCHEMA_PATH.read_text())
-
-
-def _validator_filling_defaults():
-    """A Draft 2020-12 validator that also writes each property's `default` into the instance."""
-    base = jsonschema.Draft202012Validator
-    validate_properties = base.VALIDATORS["properties"]
-
-    def properties_with_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if isinstance(subschema, dict) and "default" in subschema and name not in instance:
-                    instance[name] = copy.deepcopy(subschema["default"])
-        yield from validate_properties(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(base, {"properties": properties_with_defaults})
-
-
-def _dotted(path) -> str:
-    """['grid', 'batch_size', 0] -> 'grid.batch_size[0]'"""
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-def _resolve_ref(schema: Mapping, ref: str) -> Any:
-    """The subschema a local `$ref` ("#/$defs/model", "#/properties/backend_settings/properties/vllm") names."""
-    node: Any = schema
-    for part in ref.removeprefix("#/").split("/"):
-        node = node[part]
-    return node
-
-
-def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
-    """The keys a mapping at `instance_path` may hold (for 'did you mean' hints)."""
-    node: Any = schema
-    for part in instance_path:
-        if not isinstance(node, Mapping):
-            return []
-        if isinstance(part, int):
-            node = node.get("items", {})
-        elif part in node.get("properties", {}):
-            node = node["properties"][part]
-        elif isinstance(node.get("additionalProperties"), Mapping):
-            node = node["additionalProperties"]
-        else:
-            return []
-        if "$ref" in node:
-            node = _resolve_ref(schema, node["$ref"])
-    keys = set(node.get("properties", {}))
-    for branch in node.get("allOf", []):
-        keys |= set(branch.get("then", {}).get("properties", {}))
-    return sorted(keys)
-
-
-def _error_to_config_error(error: jsonschema.ValidationError, schema: dict) -> ConfigError:
-    path = list(error.absolute_path)
-    key = _dotted(path)
-    if error.validator == "additionalProperties":
-        unexpected = re.findall(r"'([^']+)'", error.message.split("(")[-1])
-        bad = unexpected[0] if unexpected else "?"
-        allowed = _allowed_keys(schema, path)
-        close = difflib.get_close_matches(bad, allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return ConfigError(
-            _dotted(path + [bad]), "unknown key",
-            f"{hint}Remove it or use one of: {', '.join(allowed)}.",
-        )
-    if error.validator == "required":
-        missing = re.findall(r"'([^']+)'", error.message)
-        name = missing[0] if missing else "?"
-        return ConfigError(_dotted(path + [name]), "is required but missing", f"Add '{name}' under '{key}'.")
-    if error.validator == "enum":
-        options = ", ".join(json.dumps(v) for v in error.validator_value)
-        return ConfigError(key, f"{json.dumps(error.instance)} is not allowed", f"Use one of: {options}.")
-    if error.validator == "pattern":
-        if "propertyNames" in error.schema_path:  # a name chosen by the user (a model, a variant)
-            return ConfigError(_dotted(path + [str(error.instance)]),
-                               f"the name does not match the pattern {error.validator_value}",
-                               "Rename it with the characters the pattern allows.")
-        return ConfigError(key, f"{json.dumps(error.instance)} does not match the pattern {error.validator_value}",
-                           "Change it to match the pattern.")
-    if error.validator == "type":
-        expected = error.validator_value
-        return ConfigError(
-            key, f"has type {type(error.instance).__name__} ({json.dumps(error.instance)})",
-            f"It must be of type {expected}.",
-        )
-    return ConfigError(key, error.message, "See workflow/schemas/config.schema.json for what it accepts.")
 
 
 def coerce_command_line_values(config: Mapping[str, Any]) -> dict:
@@ -154,15 +56,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict:
     config = copy.deepcopy(coerce_command_line_values(raw))
     schema = config_schema()
     variant_overrides = _variant_overrides(config)
-    validator = _validator_filling_defaults()(schema)
-    errors = list(validator.iter_errors(config))
-    if errors:
-        # The deepest, most specific error is the most useful one to show.
-        best = max(errors, key=lambda e: (len(e.absolute_path), e.validator != "if"))
-        nested = list(best.context or [])
-        if nested:
-            best = jsonschema.exceptions.best_match(nested)
-        raise _error_to_config_error(best, schema)
+    raise_first_error(validator_filling_defaults()(schema), config, schema)
     # A variant is validated with its backend's settings schema, which filled that schema's defaults
     # into it: put back what the user wrote, so a variant overrides only the keys it names.
     for backend, overrides in variant_overrides.items():
@@ -216,16 +110,6 @@ def _check_semantics(config: dict) -> None:
                 f"names model '{spec['tokenizer_model']}', which is not in 'models'",
                 f"Use one of: {', '.join(models)}.",
             )
-        dist = spec.get("input_tokens") if spec["source"] == "synthetic" else None
-        if dist is not None:
-            needed = {"fixed": ["value"], "uniform": ["min", "max"], "normal": ["mean", "std"],
-                      "lognormal": ["mean", "sigma"]}[dist["distribution"]]
-            for key in needed:
-                if key not in dist:
-                    raise ConfigError(
-                        f"datasets.{name}.input_tokens.{key}",
-                        f"is required for distribution '{dist['distribution']}'", f"Add '{key}'.",
-                    )
     for index, backend in enumerate(config["backends"]):
         if backend not in BACKENDS:
             raise ConfigError(
@@ -246,11 +130,7 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"backend_settings.{backend}.variants.{name}.variants",
                                   "a variant cannot have variants of its own",
                                   f"Give each variant its own name under backend_settings.{backend}.variants.")
-    known = {"model", "backend", "variant", "dataset", *GRID_KEYS}
-    for index, rule in enumerate(config["exclude"]):
-        for key in rule:
-            if key not in known:
-                raise ConfigError(f"exclude[{index}].{key}", "unknown key", f"Use keys among: {', '.join(sorted(known))}.")
+    for index, rule in enumerate(config["exclude"]):  # its keys are the schema's to check
         if rule.get("variant") is not None and rule["variant"] not in variant_names:
             raise ConfigError(f"exclude[{index}].variant", f"'{rule['variant']}' is not a variant of any backend",
                               f"Use one of: {', '.join(sorted(variant_names)) or '(no backend has variants)'}.")
@@ -260,9 +140,25 @@ def _check_semantics(config: dict) -> None:
 # Expansion
 
 
+@schema_spec("#/properties/campaign/properties/warmup")
+@dataclass(frozen=True)
+class WarmupSpec:
+    """campaign.warmup, typed; types, defaults and meanings are the config schema's."""
+
+    min_batches: int
+    stable_batches: int
+    tolerance: float
+    max_s: float
+
+    @classmethod
+    def of(cls, settings: WarmupSpec | Mapping[str, Any]) -> WarmupSpec:
+        return settings if isinstance(settings, cls) else section_spec(cls, settings)
+
+
 @dataclass(frozen=True)
 class Experiment:
-    """One fully resolved point of the campaign."""
+    """One fully resolved point of the campaign. Every field comes from the validated config (the
+    schema's defaults filled in), so none has a default of its own."""
 
     id: str
     model: str
@@ -272,12 +168,12 @@ class Experiment:
     model_spec: dict[str, Any] = field(repr=False)
     dataset_spec: dict[str, Any] = field(repr=False)
     backend_settings: dict[str, Any] = field(repr=False)
-    warmup: dict[str, Any] = field(default_factory=dict)  # campaign.warmup, defaults filled
-    requests_per_cycle: int | dict[str, int] | None = None
-    seed: int = 0
-    min_window_s: float = 0.0
-    cycle_isolation: str = "experiment"
-    variant: str | None = None  # backend_settings.<backend>.variants name; None: the backend has none
+    warmup: WarmupSpec
+    requests_per_cycle: int | dict[str, int] | None
+    seed: int
+    min_window_s: float
+    cycle_isolation: str
+    variant: str | None  # backend_settings.<backend>.variants name; None: the backend has none
 
     def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
         """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""
@@ -330,6 +226,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     campaign = config["campaign"]
     experiments: dict[str, Experiment] = {}
     values = [grid[k] for k in GRID_KEYS]
+    warmup = build_spec(WarmupSpec, campaign["warmup"])  # validated with the campaign already
     for model, backend, dataset in itertools.product(config["models"], config["backends"], config["datasets"]):
         for (variant, backend_settings), combo in itertools.product(
                 backend_variants(config["backend_settings"].get(backend)).items(), itertools.product(*values)):
@@ -364,7 +261,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
                 model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
-                backend_settings=dict(backend_settings), warmup=dict(campaign["warmup"]),
+                backend_settings=dict(backend_settings), warmup=warmup,
                 requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"], variant=variant,
                 min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import artifacts, provenance
+from llm_energy.figures import plot_function_name
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +115,15 @@ def run_results_of(run_set: Path) -> list[Path]:
     return [Path(run_set).parent / entry["result"] for entry in document["data"]["cycles"]]
 
 
-def estimate_flops_job(experiment_id: str, model_manifest: Path, run_set: Path, dtype: str, batch_size: int,
-                       out: Path, config_sha256: str) -> dict:
+def estimate_flops_job(model: str, model_manifest: Path, dtype: str, out: Path, config_sha256: str) -> dict:
+    """The cost model of `model` at `dtype`, cross-checked once on the real model: no measurement needed."""
     from llm_energy import flops, models
 
-    results = run_results_of(Path(run_set))
-    # The token counts of the first cycle that completed (cycle 1 unless it failed).
-    statuses = [artifacts.read_json_artifact(p, "run_result")["data"]["status"] for p in results]
-    chosen = next((p for p, status in zip(results, statuses) if status == "ok"), results[0])
-    requests_path = chosen.parent / "requests.parquet"
-    frame, _ = artifacts.read_table_artifact(requests_path, "requests_table")
-    if "repeat" in frame.columns:
-        # One pass over the measured request set: a window repeats it (campaign.min_window_s), and
-        # aggregation scales the estimate by each cycle's own number of repeats.
-        frame = frame[frame["repeat"] == 0]
-    data = flops.estimate_experiment_flops(
-        models.resolve_model_path(Path(model_manifest)), frame, dtype=dtype, batch_size=batch_size
-    )
-    prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256,
-                              inputs=[Path(model_manifest), requests_path], include_gpus=False)
-    artifacts.write_json_artifact(out, "flops_estimate", data, prov)
+    manifest = models.read_model_manifest(Path(model_manifest))
+    data = flops.estimate_model_flops(models.resolve_model_path(Path(model_manifest)), model=model,
+                                      dtype=dtype, parameter_count=manifest["parameter_count"])
+    prov = provenance.collect(config_sha256=config_sha256, inputs=[Path(model_manifest)], include_gpus=False)
+    artifacts.write_json_artifact(out, "flops_model", data, prov)
     return data
 
 
@@ -163,16 +153,8 @@ def summarize_job(experiment_results: Sequence[Path], csv_path: Path, parquet_pa
     log.info("summary: %d experiments -> %s", len(frame), csv_path)
 
 
-PLOTS = {
-    "energy_vs_batch_size": "plot_energy_vs_batch_size",
-    "throughput_vs_energy": "plot_throughput_vs_energy",
-    "energy_breakdown": "plot_energy_breakdown",
-    "latency": "plot_latency",
-}
-
-
 def plot_job(figure: str, summary_parquet: Path, png: Path, svg: Path) -> None:
     from llm_energy import plots
 
     frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
-    getattr(plots, PLOTS[figure])(frame, Path(png), Path(svg))
+    getattr(plots, plot_function_name(figure))(frame, Path(png), Path(svg))

@@ -28,7 +28,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ import pandas as pd
 from llm_energy import artifacts, clock, hardware, metrics
 from llm_energy.backends import create_backend
 from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
-from llm_energy.batching import make_batches
-from llm_energy.config import Experiment
+from llm_energy.backends.batching import make_batches
+from llm_energy.config import Experiment, WarmupSpec
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.energy.validity import invalidating_flags
 from llm_energy.errors import BackendError, ConfigError
@@ -86,7 +86,7 @@ def prefill_only(decoding: DecodingSettings) -> DecodingSettings:
 
 def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None) -> dict[str, Any]:
     settings = dict(experiment.backend_settings)
-    settings["trust_remote_code"] = experiment.model_spec.get("trust_remote_code", False)
+    settings["trust_remote_code"] = experiment.model_spec["trust_remote_code"]
     settings["batching"] = experiment.parameters["batching"]
     settings["token_budget"] = experiment.parameters["token_budget"]
     settings["seed"] = experiment.seed
@@ -96,7 +96,7 @@ def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = No
 
 
 def max_model_len(experiment: Experiment) -> int:
-    configured = experiment.model_spec.get("max_model_len")
+    configured = experiment.model_spec["max_model_len"]
     needed = experiment.parameters["max_input_tokens"] + experiment.parameters["max_output_tokens"]
     return configured or needed
 
@@ -135,10 +135,11 @@ class WarmupResult:
     converged: bool = False
     prefill_batches: int = 0
 
-    def describe(self, settings: dict[str, Any]) -> dict[str, Any]:
+    def describe(self, settings: WarmupSpec | Mapping[str, Any]) -> dict[str, Any]:
         return {"batches": len(self.batch_times_s), "batch_times_s": self.batch_times_s,
                 "batch_shapes": [list(s) for s in self.batch_shapes], "converged": self.converged,
-                "prefill_only_batches": self.prefill_batches, "settings": dict(settings)}
+                "prefill_only_batches": self.prefill_batches,
+                "settings": dataclasses.asdict(WarmupSpec.of(settings))}
 
 
 def warmup_converged(times_s: Sequence[float], shapes: Sequence[tuple[int, int]], min_batches: int,
@@ -159,12 +160,15 @@ def warmup_converged(times_s: Sequence[float], shapes: Sequence[tuple[int, int]]
 
 
 def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, decoding: DecodingSettings,
-            settings: dict[str, Any], prefill_decoding: DecodingSettings | None = None) -> WarmupResult:
-    """Run the measured batches round-robin until their times settle and every shape has run.
+            settings: WarmupSpec | Mapping[str, Any],
+            prefill_decoding: DecodingSettings | None = None) -> WarmupResult:
+    """Run the measured batches round-robin until their times settle and every shape has run
+    (`settings`: campaign.warmup).
 
     Every shape the window will see (the partial last batch too) runs at least once; with a
     prefill-only pass ahead, each of its shapes runs once as well.
     """
+    settings = WarmupSpec.of(settings)
     result = WarmupResult()
     started = clock.now()
     needed_shapes = {shape_of(b) for b in batches}
@@ -179,13 +183,13 @@ def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, dec
         result.batch_times_s.append(clock.now() - t0)
         result.batch_shapes.append(shape_of(batch))
         seen.add(shape_of(batch))
-        result.converged = warmup_converged(result.batch_times_s, result.batch_shapes, settings["min_batches"],
-                                            settings["stable_batches"], settings["tolerance"])
+        result.converged = warmup_converged(result.batch_times_s, result.batch_shapes, settings.min_batches,
+                                            settings.stable_batches, settings.tolerance)
         if result.converged and needed_shapes <= seen:
             break
-        if clock.now() - started > settings["max_s"] and needed_shapes <= seen:
+        if clock.now() - started > settings.max_s and needed_shapes <= seen:
             log.warning("warm-up did not converge within campaign.warmup.max_s=%s s (last batch times %s)",
-                        settings["max_s"], [round(t, 4) for t in result.batch_times_s[-5:]])
+                        settings.max_s, [round(t, 4) for t in result.batch_times_s[-5:]])
             break
     if prefill_decoding is not None:
         shapes_done: set[tuple[int, int]] = set()

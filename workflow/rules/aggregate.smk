@@ -15,7 +15,7 @@ else:
     rule aggregate:
         input:
             run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
-            flops=f"{RESULTS}/flops/{{experiment}}.json",
+            flops=lambda wc: flops_model_of(experiment_of(wc)),
         output:
             f"{RESULTS}/experiments/{{experiment}}.json",
         log:

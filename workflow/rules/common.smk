@@ -5,6 +5,7 @@ import yaml
 
 from llm_energy.config import load_campaign
 from llm_energy.errors import ConfigError
+from llm_energy.figures import FIGURE_NAMES
 
 
 def _campaign_config(given):
@@ -54,7 +55,6 @@ FIGURES_ONLY = CONFIG["figures_only"]
 
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
-FIGURE_NAMES = ["energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"]
 FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURE_NAMES, ext=["png", "svg"])
 
 wildcard_constraints:
@@ -62,6 +62,7 @@ wildcard_constraints:
     cycle=r"\d+",
     model=r"[A-Za-z0-9_-]+",
     dataset=r"[A-Za-z0-9_-]+",
+    dtype=r"[a-z0-9_]+",
     figure="|".join(FIGURE_NAMES),
 
 
@@ -78,3 +79,8 @@ def tokenizer_manifest(wildcards):
     if spec["source"] == "synthetic":
         return [ancient(f"resources/models/{spec['tokenizer_model']}/manifest.json")]
     return []
+
+
+def flops_model_of(experiment):
+    """The FLOPs cost model of an experiment's model at its dtype (one per model and dtype)."""
+    return f"resources/models/{experiment.model}/flops-{experiment.parameters['dtype']}.json"

@@ -1,18 +1,15 @@
-# estimate_flops: analytic FLOPs for the requests actually measured (cycle 1's token counts),
-# cross-checked on the real model.
+# estimate_flops: the FLOPs cost model of one model at one dtype, cross-checked once on the real model.
+# It needs no measurement, so it runs beside the GPU jobs; aggregate applies it to each cycle's own
+# requests.
 
 
 rule estimate_flops:
     input:
-        model=lambda wc: ancient(f"resources/models/{experiment_of(wc).model}/manifest.json"),
-        run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
+        model="resources/models/{model}/manifest.json",
     output:
-        f"{RESULTS}/flops/{{experiment}}.json",
-    params:
-        dtype=lambda wc: experiment_of(wc).parameters["dtype"],
-        batch_size=lambda wc: experiment_of(wc).parameters["batch_size"],
+        "resources/models/{model}/flops-{dtype}.json",
     log:
-        f"{RESULTS}/logs/estimate_flops/{{experiment}}.log",
+        "resources/logs/estimate_flops/{model}-{dtype}.log",
     conda:
         "../../envs/pytorch.yaml"
     script:

@@ -126,6 +126,12 @@ class LoadReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+# Keys the harness adds to a backend's configured settings (llm_energy.measure.backend_settings): the
+# experiment's seed and batching and the model's trust_remote_code, which live elsewhere in the config,
+# and the compile cache folder of the run. Everything else is backend_settings.<backend> as configured.
+HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir")
+
+
 class Backend(ABC):
     """Base class of inference backends. Register implementations in llm_energy.backends."""
 

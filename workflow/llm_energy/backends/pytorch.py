@@ -21,6 +21,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from typing import Any
 from llm_energy import clock
 from llm_energy.backends import quantization
 from llm_energy.backends.base import (
-    Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
-from llm_energy.batching import make_batches
+from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
+from llm_energy.specs import schema_spec, section_spec
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,28 @@ TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat1
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SETTINGS_KEY = "backend_settings.pytorch"
+
+
+@schema_spec("#/properties/backend_settings/properties/pytorch", not_fields=("variants",))
+@dataclass(frozen=True)
+class PytorchSettings:
+    """backend_settings.pytorch, typed; types, defaults and meanings are the config schema's."""
+
+    device: str
+    device_map: str | None
+    quantization: str
+    attn_implementation: str
+    cache_implementation: str
+    compile: str | bool
+    compile_backend: str
+    num_threads: int | None
+
+    @classmethod
+    def of(cls, settings: PytorchSettings | Mapping[str, Any] | None) -> PytorchSettings:
+        """The typed settings of a backend's settings mapping (the harness's own keys left out)."""
+        if isinstance(settings, cls):
+            return settings
+        return section_spec(cls, {k: v for k, v in (settings or {}).items() if k not in HARNESS_SETTINGS})
 
 
 @dataclass(frozen=True)
@@ -60,37 +84,36 @@ class EnginePath:
         return "eager"
 
 
-def resolve_engine_path(settings: dict[str, Any], device: str) -> EnginePath:
+def resolve_engine_path(settings: PytorchSettings | Mapping[str, Any], device: str) -> EnginePath:
     """"auto" means the fast path on CUDA and eager dynamic elsewhere; an explicit compile mode implies
     the static cache (transformers compiles only over a static cache)."""
-    compile_setting = settings.get("compile", "auto")
-    if compile_setting == "auto":
+    config = PytorchSettings.of(settings)
+    if config.compile == "auto":
         compile_mode = "reduce-overhead" if device == "cuda" else None
     else:
-        compile_mode = compile_setting or None
-    cache = settings.get("cache_implementation") or "auto"
+        compile_mode = config.compile or None
+    cache = config.cache_implementation
     if cache == "auto":
         cache = "static" if device == "cuda" or compile_mode else "dynamic"
-    return EnginePath(cache, compile_mode, settings.get("compile_backend") or "inductor")
+    return EnginePath(cache, compile_mode, config.compile_backend)
 
 
-def check_settings(settings: dict[str, Any]) -> None:
+def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
     """The checks of backend_settings.pytorch that need more than the schema: raised before any job."""
-    attn = settings.get("attn_implementation", "sdpa")
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    config = PytorchSettings.of(settings)
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             f"{SETTINGS_KEY}.attn_implementation", "is 'flash_attention_2' but the flash_attn package is not installed",
             "Install it on the GPU machine (pip install flash-attn --no-build-isolation, with a CUDA build of "
             "torch), or use 'sdpa'.",
         )
-    compile_setting = settings.get("compile", "auto")
-    if compile_setting not in ("auto", False, None) and settings.get("cache_implementation") == "dynamic":
+    if config.compile not in ("auto", False) and config.cache_implementation == "dynamic":
         raise ConfigError(
-            f"{SETTINGS_KEY}.compile", f"is '{compile_setting}' but cache_implementation is 'dynamic'",
+            f"{SETTINGS_KEY}.compile", f"is '{config.compile}' but cache_implementation is 'dynamic'",
             "transformers compiles generate only over a static cache: set cache_implementation to 'static' "
             "or 'auto', or compile to false.",
         )
-    reason = quantization.unsupported_reason(settings.get("quantization"), settings.get("device", "auto"))
+    reason = quantization.unsupported_reason(config.quantization, config.device)
     if reason:
         raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
 
@@ -164,6 +187,7 @@ class PytorchBackend(Backend):
 
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
+        self.config = PytorchSettings.of(self.settings)
         self.model = None
         self.tokenizer = None
         self.device = "cpu"
@@ -192,7 +216,7 @@ class PytorchBackend(Backend):
     def _resolve_device(self) -> str:
         import torch
 
-        wanted = self.settings.get("device", "auto")
+        wanted = self.config.device
         if wanted == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if wanted == "cuda" and not torch.cuda.is_available():
@@ -206,9 +230,9 @@ class PytorchBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_settings(self.settings)
-        if self.settings.get("num_threads"):
-            torch.set_num_threads(int(self.settings["num_threads"]))
+        check_settings(self.config)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         self.device = self._resolve_device()
         trust = bool(self.settings.get("trust_remote_code", False))
         try:
@@ -219,13 +243,13 @@ class PytorchBackend(Backend):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             kwargs: dict[str, Any] = {
                 "dtype": getattr(torch, TORCH_DTYPES[dtype]),
-                "attn_implementation": self.settings.get("attn_implementation", "sdpa"),
+                "attn_implementation": self.config.attn_implementation,
                 "trust_remote_code": trust,
             }
             # accelerate places the weights straight onto the device(s): no detour through host
             # memory (that detour made a 1 B bf16 load take ~20 s on an H100 machine).
-            kwargs["device_map"] = self.settings.get("device_map") or self.device
-            method = self.settings.get("quantization") or quantization.NONE  # checked by check_settings
+            kwargs["device_map"] = self.config.device_map or self.device
+            method = self.config.quantization  # checked by check_settings
             kwargs["quantization_config"] = quantization.quantization_config(method, kwargs["dtype"])
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
             self.model.eval()
@@ -234,12 +258,12 @@ class PytorchBackend(Backend):
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load model from {model_dir}: {exc}") from exc
         self.synchronize()
-        parameters = sum(p.numel() for p in self.model.parameters())
+        # No parameter count here: the model manifest's is the one (a loaded quantized model packs
+        # several weights per element, so counting its tensors would disagree with it).
         return LoadReport(
             device=self.device,
             dtype=dtype,
             details={
-                "parameters": parameters,
                 "attn_implementation": kwargs["attn_implementation"],
                 "device_map": str(getattr(self.model, "hf_device_map", None) or self.device),
                 "torch_threads": torch.get_num_threads(),
@@ -252,7 +276,7 @@ class PytorchBackend(Backend):
         """Resolve the engine path and where compiled code is cached; returns the load report's facts."""
         from transformers import CompileConfig
 
-        self.path = resolve_engine_path(self.settings, self.device)
+        self.path = resolve_engine_path(self.config, self.device)
         self.max_cache_len = int(max_model_len)
         self.batch_size = int(batch_size)
         cache_dirs: dict[str, str] = {}

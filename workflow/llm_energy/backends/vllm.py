@@ -46,10 +46,11 @@ from typing import Any
 
 from llm_energy import clock
 from llm_energy.backends.base import (
-    Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import Schedule, run_on_schedule
+from llm_energy.specs import schema_spec, section_spec
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +62,26 @@ TORCH_CPU_PIN = "2.13.0"
 SETTINGS_KEY = "backend_settings.vllm"
 DTYPES = ("float32", "float16", "bfloat16")
 
-# Defaults of backend_settings.vllm (the config schema repeats them; kept here so that the backend
-# also works when it is constructed directly, e.g. in tests).
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "gpu_memory_utilization": 0.9,
-    "cpu_kv_cache_space_gib": 1,
-    "max_num_seqs": None,
-    "max_num_batched_tokens": None,
-    "enable_prefix_caching": False,
-    "enable_chunked_prefill": None,
-    "enforce_eager": False,
-    "quantization": None,
-    "kv_cache_dtype": "auto",
-    "tensor_parallel_size": 1,
-    "pipeline_parallel_size": 1,
-    "streaming": False,
-    "swap_space_gib": None,
-    "extra_engine_args": {},
-}
+@schema_spec("#/properties/backend_settings/properties/vllm", not_fields=("variants",))
+@dataclass(frozen=True)
+class VllmSettings:
+    """backend_settings.vllm, typed; types, defaults and meanings are the config schema's."""
+
+    gpu_memory_utilization: float
+    cpu_kv_cache_space_gib: int
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool | None
+    enforce_eager: bool
+    quantization: str | None
+    kv_cache_dtype: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    streaming: bool
+    swap_space_gib: float | None
+    extra_engine_args: dict[str, Any]
+
 
 # Engine arguments the campaign owns (model, dtype, lengths, seed) or that the measurement needs
 # (per-request metrics): extra_engine_args may not override them.
@@ -135,6 +138,8 @@ class VllmBackend(Backend):
 
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
+        configured = {k: v for k, v in self.settings.items() if k not in HARNESS_SETTINGS}
+        self.config = section_spec(VllmSettings, configured)
         self._llm: Any = None  # vllm.LLM (offline mode)
         self._async_engine: Any = None  # vllm AsyncLLM (streaming mode)
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop AsyncLLM lives in
@@ -161,7 +166,16 @@ class VllmBackend(Backend):
     # -- settings ------------------------------------------------------------------------------
 
     def _setting(self, key: str) -> Any:
-        return self.settings.get(key, DEFAULT_SETTINGS[key])
+        return getattr(self.config, key)
+
+    @property
+    def seed(self) -> int:
+        """The experiment's seed, which the harness passes (measure.backend_settings): never a silent 0."""
+        seed = self.settings.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise BackendError(f"the vllm backend needs the experiment's seed as settings['seed'] (got "
+                               f"{seed!r}); build its settings with llm_energy.measure.backend_settings")
+        return seed
 
     @property
     def streaming(self) -> bool:
@@ -179,7 +193,7 @@ class VllmBackend(Backend):
             "tokenizer": str(model_dir),
             "dtype": dtype,
             "max_model_len": max_model_len,
-            "seed": int(self.settings.get("seed", 0)),
+            "seed": self.seed,
             # Per-request metrics (arrival, first and last token) exist only with stats on.
             "disable_log_stats": False,
             "trust_remote_code": bool(self.settings.get("trust_remote_code", False)),
@@ -205,11 +219,7 @@ class VllmBackend(Backend):
                                   "this vLLM version has no CPU swap space (EngineArgs.swap_space is gone)",
                                   "set it to null")
             kwargs["swap_space"] = swap_space_gib
-        extra = self._setting("extra_engine_args") or {}
-        if not isinstance(extra, dict):
-            raise ConfigError(f"{SETTINGS_KEY}.extra_engine_args", "must be a mapping of EngineArgs fields",
-                              "write it as a YAML mapping, e.g. {block_size: 16}")
-        for key, value in extra.items():
+        for key, value in self._setting("extra_engine_args").items():
             where = f"{SETTINGS_KEY}.extra_engine_args.{key}"
             if key in _CAMPAIGN_ENGINE_ARGS:
                 raise ConfigError(where, "is set by the campaign (model, dtype, lengths, seed) or needed "
@@ -246,10 +256,7 @@ class VllmBackend(Backend):
         """CPU-only variables. vLLM reads them when the engine starts (VLLM_CPU_KVCACHE_SPACE straight
         from os.environ in CpuPlatform.check_and_update_config), so setting them after `import vllm`,
         once vLLM's own platform detection has said "cpu", is in time."""
-        gib = self._setting("cpu_kv_cache_space_gib")
-        if isinstance(gib, bool) or not isinstance(gib, int) or gib < 1:
-            raise ConfigError(f"{SETTINGS_KEY}.cpu_kv_cache_space_gib", f"{gib!r} is not a whole number >= 1",
-                              "give the KV cache size on CPU in whole GiB (vLLM parses it with int()), e.g. 1")
+        gib = self._setting("cpu_kv_cache_space_gib")  # whole GiB (the schema's type): vLLM parses it with int()
         # The campaign's value wins over an inherited one: it is what the run records. Without it vLLM
         # reserves a large share of the RAM.
         self._set_env("VLLM_CPU_KVCACHE_SPACE", str(gib), override=True)
