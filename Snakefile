@@ -1,7 +1,8 @@
 # llm-energy: measure what LLM inference costs.
 #   snakemake --cores 2                                   # the embedded default campaign
 #   snakemake --cores 2 --configfile config/campaigns/X.yaml
-#   snakemake --cores 1 --config figures_only=true --forceall   # figures from cached results only
+#   snakemake --cores 2 --config figures_only=true --forceall   # figures from cached results only
+#   snakemake --report report.html                        # figures, summary, flags, provenance in one file
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ if workflow.local_exec and "gpu" not in workflow.global_resources:
     workflow.register_resource("gpu", 1)
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/models.smk"
@@ -39,6 +43,7 @@ rule all:
         SUMMARY_CSV,
         SUMMARY_PARQUET,
         FIGURES,
+        REPORT_PAGES,
     default_target: True
 
 
@@ -50,6 +55,8 @@ localrules:
     download_model,
     summarize,
     plot,
+    plot_timelines,
+    report_pages,
 
 if not FIGURES_ONLY:
 
