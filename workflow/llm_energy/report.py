@@ -169,12 +169,16 @@ def _measuring_provenance(runs_dir: Path | None, experiment_ids: Iterable[str]) 
     return found
 
 
-def _distinct(values: Sequence[Any]) -> list[tuple[str, int]]:
-    counts: dict[str, int] = {}
+def _distinct_rows(values: Sequence[Mapping[str, Any]], drop_none: bool = False) -> pd.DataFrame:
+    """The distinct records (keys in their order), each with how many experiments share it (without
+    the keys whose value is None, with drop_none: software that is not installed)."""
+    counts: dict[str, list] = {}
     for value in values:
         key = json.dumps(value, sort_keys=True, default=str)
-        counts[key] = counts.get(key, 0) + 1
-    return sorted(counts.items(), key=lambda kv: -kv[1])
+        counts.setdefault(key, [value, 0])[1] += 1
+    rows = sorted(counts.values(), key=lambda pair: -pair[1])
+    return pd.DataFrame([{**{k: v for k, v in value.items() if v is not None or not drop_none}, "experiments": n}
+                         for value, n in rows])
 
 
 def provenance_page(summary: pd.DataFrame, experiment_provenance: Mapping[str, Mapping[str, Any]],
@@ -186,30 +190,24 @@ def provenance_page(summary: pd.DataFrame, experiment_provenance: Mapping[str, M
              "provenance, below).</p>"]
     if measured:
         code = [p.get("code") or {} for p in measured.values()]
-        parts.append("<h2>Code that measured</h2>" + table_html(pd.DataFrame(
-            [{**json.loads(k), "experiments": n} for k, n in _distinct(code)]), units=False, table_id="code"))
+        parts.append("<h2>Code that measured</h2>" + table_html(_distinct_rows(code), units=False, table_id="code"))
         software = [p.get("software") or {} for p in measured.values()]
-        rows = [{**{k: v for k, v in json.loads(key).items() if v is not None}, "experiments": n}
-                for key, n in _distinct(software)]
         parts.append("<h2>Software (versions of the measuring process)</h2>"
-                     + table_html(pd.DataFrame(rows), units=False, table_id="software"))
+                     + table_html(_distinct_rows(software, drop_none=True), units=False, table_id="software"))
         gpus = []
         for p in measured.values():
             for gpu in p.get("gpus") or [{"name": "no GPU (CPU only)"}]:
                 gpus.append({k: gpu.get(k) for k in ("name", "uuid", "driver", "cuda_driver_version",
                                                      "power_limit_w", "applications_clock_sm_mhz",
                                                      "mig_mode", "memory_total_bytes") if k in gpu})
-        parts.append("<h2>GPUs</h2>" + table_html(pd.DataFrame(
-            [{**json.loads(k), "experiments": n} for k, n in _distinct(gpus)]), units=False, table_id="gpus"))
+        parts.append("<h2>GPUs</h2>" + table_html(_distinct_rows(gpus), units=False, table_id="gpus"))
         hosts = [{k: (p.get("host") or {}).get(k) for k in ("hostname", "platform", "cpu_model", "cpu_count",
                                                             "memory_total_bytes")} for p in measured.values()]
-        parts.append("<h2>Hosts</h2>" + table_html(pd.DataFrame(
-            [{**json.loads(k), "experiments": n} for k, n in _distinct(hosts)]), units=False, table_id="hosts"))
+        parts.append("<h2>Hosts</h2>" + table_html(_distinct_rows(hosts), units=False, table_id="hosts"))
     aggregated = [{"config_sha256": p.get("config_sha256"), **(p.get("code") or {})}
                   for p in experiment_provenance.values()]
     if aggregated:
-        parts.append("<h2>Aggregation (experiments/*.json)</h2>" + table_html(pd.DataFrame(
-            [{**json.loads(k), "experiments": n} for k, n in _distinct(aggregated)]), units=False))
+        parts.append("<h2>Aggregation (experiments/*.json)</h2>" + table_html(_distinct_rows(aggregated), units=False))
     rendered = {"package_version": (rendered_by.get("code") or {}).get("package_version"),
                 "git_commit": (rendered_by.get("code") or {}).get("git_commit"),
                 "created_utc": rendered_by.get("created_utc"),

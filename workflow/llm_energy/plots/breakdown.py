@@ -49,11 +49,10 @@ def bar_groups(ok: pd.DataFrame) -> Bars:
                 parts.append(f"bs{int(batch)}")
             labels.append(" / ".join(parts) or str(ok.at[index, "experiment_id"]))
         return Bars(labels, [ok.loc[[i]] for i in ok.index], True)
-    keys = lay.facets + "\x00" + lay.series
+    keys = pd.Series(list(zip(lay.facets, lay.series)), index=ok.index)
     labels, rows = [], []
-    for key in dict.fromkeys(keys):
-        group = ok.loc[keys == key]
-        facet, series = key.split("\x00")
+    for facet, series in dict.fromkeys(keys):
+        group = ok.loc[keys == (facet, series)]
         labels.append(" / ".join(p for p in (facet, series) if p) + f" ({len(group)} exp.)")
         rows.append(group)
     return Bars(labels, rows, False)

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 
 from llm_energy.plots import data as d
 from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, facet_grid, facet_size, \
-    message_figure, new_figure
+    message_figure, new_figure, tidy_log_axes
 
 # Above this many points in one panel, points are not labelled with their batch size (marker size
 # says it instead).
@@ -38,6 +38,14 @@ def faceted(shown: pd.DataFrame, lay: d.Layout, title: str,
         if facet:
             ax.set_title(facet)
         ax.grid(True, which="major", alpha=GRID_ALPHA)
+        tidy_log_axes(ax)
+    if len(axes) > 1:
+        # One label per figure, not one per panel.
+        figure.supxlabel(axes[0].get_xlabel(), fontsize=9)
+        figure.supylabel(axes[0].get_ylabel(), fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("")
+            ax.set_ylabel("")
     handles = [Line2D([], [], color=c, marker="o", label=label) for label, c in colour.items() if label]
     handles += list(extra.values())
     if handles:

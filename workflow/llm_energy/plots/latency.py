@@ -17,7 +17,7 @@ from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color
 
 METRICS: tuple[tuple[str, str], ...] = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "End-to-end latency"))
 WHISKER_PERCENTILES = (5, 95)
-MAX_FACET_ROWS = 12
+MAX_FACET_ROWS = 24
 
 
 def box_stats(values: np.ndarray) -> dict | None:

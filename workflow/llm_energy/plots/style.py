@@ -27,6 +27,7 @@ TIMELINE_PNG_DPI = 110
 NO_SUCCESS_TEXT = "no successful experiments"
 RC_PARAMS = {
     "svg.hashsalt": "llm-energy",  # stable SVG ids: same data, same file
+    "svg.fonttype": "none",  # text stays text in the SVG: searchable, a third of the size, faster
     "font.size": 9,
     "axes.titlesize": 9,
     "axes.labelsize": 9,
@@ -105,13 +106,15 @@ def add_notes(figure: Figure, notes: Sequence[str]) -> None:
     text = wrap_notes(notes, figure.get_figwidth())
     lines = text.count("\n") + 1
     height_in = figure.get_figheight()
-    bottom = min(0.5, (0.06 + 0.118 * lines) / height_in)
+    margin_in = 0.05  # the text's distance from the bottom edge, in inches (not a fraction: figures grow)
+    bottom = min(0.5, (margin_in + 0.08 + 0.118 * lines) / height_in)
     engine = figure.get_layout_engine()
     if engine is not None:
         engine.set(rect=(0, bottom, 1, 1 - bottom))
     else:
         figure.subplots_adjust(bottom=bottom + 0.07)
-    figure.text(0.01, 0.01, text, ha="left", va="bottom", fontsize=NOTE_FONT_SIZE, color=NOTE_COLOR)
+    figure.text(0.1 / figure.get_figwidth(), margin_in / height_in, text, ha="left", va="bottom",
+                fontsize=NOTE_FONT_SIZE, color=NOTE_COLOR)
 
 
 def message_figure(message: str, notes: Sequence[str], title: str) -> Figure:
@@ -141,11 +144,24 @@ def facet_size(count: int, width_in: float = 4.2, height_in: float = 3.3) -> tup
     return min(22.0, max(7.0, width_in * columns + 0.6)), min(40.0, height_in * rows + 1.6)
 
 
+def tidy_log_axes(ax) -> None:
+    """No labels on the minor ticks of a log axis (2x10^3, 3x10^3, ... crowd small panels)."""
+    from matplotlib.ticker import NullFormatter
+
+    if ax.get_xscale() == "log":
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def render(figure: Figure, dpi: int = PNG_DPI) -> tuple[bytes, bytes]:
     """(PNG bytes, SVG bytes) of a figure."""
     with matplotlib.rc_context(RC_PARAMS):
         png_buffer = io.BytesIO()
         figure.savefig(png_buffer, format="png", dpi=dpi)
+        # The layout is solved now: the SVG reuses it instead of solving it again (half the time of
+        # a figure with many panels).
+        figure.set_layout_engine("none")
         svg_buffer = io.BytesIO()
         # No date in the SVG: the same summary gives the same file.
         figure.savefig(svg_buffer, format="svg", metadata={"Date": None})

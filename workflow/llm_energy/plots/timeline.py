@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from llm_energy.plots import data as d
 from llm_energy.plots.runs import CycleRun, first_cycle
@@ -137,9 +138,12 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     for name, label in (("sm_clock_mhz", "SM clock (MHz)"), ("temperature_c", "Temperature (°C)")):
         if name in timeline.columns and timeline[name].notna().any():
             channels.append((name, label))
-    figure = new_figure(10.0, 2.0 + 1.55 * len(channels))
+    # Fixed margins, no layout solver, few ticks: a campaign draws one of these per experiment.
+    height_in = 2.4 + 1.45 * len(channels)
+    figure = new_figure(10.0, height_in, constrained=False)
     axes = figure.subplots(len(channels), 1, sharex=True, squeeze=False,
-                           gridspec_kw={"height_ratios": [2.2] + [1] * (len(channels) - 1)})[:, 0]
+                           gridspec_kw={"height_ratios": [2.2] + [1] * (len(channels) - 1), "hspace": 0.12})[:, 0]
+    figure.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / height_in)
     for ax, (name, label) in zip(axes, channels):
         if len(timeline):
             for device, samples in timeline.groupby("device_index"):
@@ -147,6 +151,7 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
                         label=f"GPU {device}" if timeline["device_index"].nunique() > 1 else None)
         ax.set_ylabel(label)
         ax.grid(True, alpha=GRID_ALPHA)
+        ax.yaxis.set_major_locator(MaxNLocator(4 if ax is not axes[0] else 6))
         for span in spans:
             ax.axvspan(span.start_s - t0, span.end_s - t0, color=PHASE_COLORS[span.kind], alpha=SPAN_ALPHA,
                        linewidth=0)
@@ -159,6 +164,7 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
         power_ax.broken_barh([(start - t0, width) for start, width in prefill], (0.0, 0.06),
                              transform=power_ax.get_xaxis_transform(), color=PHASE_COLORS["prefill"])
     axes[-1].set_xlabel("Time since the first sample of the job (s)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(10))
     kinds = list(dict.fromkeys(s.kind for s in spans))
     handles = [Patch(color=PHASE_COLORS[k], alpha=0.5, label=PHASE_LABELS[k]) for k in kinds]
     if prefill:
