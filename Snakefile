@@ -42,15 +42,26 @@ rule all:
     input:
         SUMMARY_CSV,
         SUMMARY_PARQUET,
-        FIGURES,
+        CAMPAIGN_FIGURES,
+        TIMELINES,
         REPORT_PAGES,
     default_target: True
+
+
+# The campaign's figures and report pages without the per-experiment timelines (a campaign of 1,000
+# experiments draws these in under a minute; its 1,000 timelines take a few minutes more).
+rule figures:
+    input:
+        SUMMARY_CSV,
+        CAMPAIGN_FIGURES,
+        REPORT_PAGES,
 
 
 # Downloads, dataset preparation, aggregation and plots run on the submit host (a cluster's compute
 # nodes need no network, and these jobs are too small to be worth a queue slot).
 localrules:
     all,
+    figures,
     prepare_dataset,
     download_model,
     summarize,

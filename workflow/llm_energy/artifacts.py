@@ -71,14 +71,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@lru_cache(maxsize=None)
+def _validator(name: str):
+    """One checked validator per schema (jsonschema.validate would check the schema and build a
+    validator on every call: most of the time of reading a run result, which figures of 1,000
+    experiments do 1,000 times)."""
+    schema = load_schema(name)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def validate_data(name: str, data: Any, where: str = "") -> None:
     """Validate `data` against the schema of artifact type `name`; raise ArtifactError if it fails."""
-    try:
-        jsonschema.validate(data, load_schema(name))
-    except jsonschema.ValidationError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(data))
+    if error is not None:
+        path = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ArtifactError(
-            f"{where or name}: data does not match schema '{name}' at '{path}': {exc.message}"
+            f"{where or name}: data does not match schema '{name}' at '{path}': {error.message}"
         ) from None
 
 

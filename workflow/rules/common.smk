@@ -61,7 +61,7 @@ RUNS_DIR = f"{RESULTS}/runs"
 PLOT_FIGURES = plots.FIGURES
 TIMELINES = f"{RESULTS}/figures/{plots.TIMELINES_DIR}"
 RUN_TIMELINE_CAPTION = plots.RUN_TIMELINE_CAPTION
-FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=plots.FIGURE_NAMES, ext=["png", "svg"]) + [TIMELINES]
+CAMPAIGN_FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=plots.FIGURE_NAMES, ext=["png", "svg"])
 REPORT_PAGE_NAMES = report_pages.PAGE_NAMES
 REPORT_PAGE_TITLES = report_pages.PAGE_TITLES
 REPORT_PAGE_CAPTIONS = report_pages.PAGE_CAPTIONS

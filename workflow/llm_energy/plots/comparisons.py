@@ -40,11 +40,9 @@ def faceted(shown: pd.DataFrame, lay: d.Layout, title: str,
         ax.grid(True, which="major", alpha=GRID_ALPHA)
         tidy_log_axes(ax)
     if len(axes) > 1:
-        # One label per figure, not one per panel.
-        figure.supxlabel(axes[0].get_xlabel(), fontsize=9)
+        # One (two-line) energy label for the figure, not one per panel; the short x label stays.
         figure.supylabel(axes[0].get_ylabel(), fontsize=9)
         for ax in axes:
-            ax.set_xlabel("")
             ax.set_ylabel("")
     handles = [Line2D([], [], color=c, marker="o", label=label) for label, c in colour.items() if label]
     handles += list(extra.values())
@@ -54,15 +52,27 @@ def faceted(shown: pd.DataFrame, lay: d.Layout, title: str,
     return figure, colour
 
 
-def draw_energy_vs_batch_size(inputs, title: str) -> Figure:
+def energy_rows(inputs, title: str, x_column: str, x_what: str):
+    """(successful rows, notes, boundary, rows with energy per token and x_column), or the message
+    figure that replaces the plot when there is nothing to draw."""
     ok, notes = d.split_successful(inputs.summary)
     if ok.empty:
         return message_figure(NO_SUCCESS_TEXT, notes, title)
     boundary = d.choose_boundary(ok)
     if boundary is None:
         return message_figure("no energy per output token measured", notes + d.context_notes(ok, None), title)
-    shown = ok.loc[d.column(ok, boundary.column).notna() & d.column(ok, "batch_size").notna()]
-    notes += d.missing_note(ok, shown, f"{boundary.name} energy per output token or batch size")
+    shown = ok.loc[d.column(ok, boundary.column).notna() & d.column(ok, x_column).notna()]
+    notes += d.missing_note(ok, shown, f"{x_what} or {boundary.name} energy per output token")
+    if shown.empty:
+        return message_figure(f"no experiment has both {x_what} and energy", notes, title)
+    return ok, notes, boundary, shown
+
+
+def draw_energy_vs_batch_size(inputs, title: str) -> Figure:
+    prepared = energy_rows(inputs, title, "batch_size", "batch size")
+    if isinstance(prepared, Figure):
+        return prepared
+    ok, notes, boundary, shown = prepared
     lay = d.layout(ok)
     y_log = d.wants_log(d.column(shown, boundary.column).to_numpy(), d.LOG_RATIO_VALUES)
 
@@ -86,17 +96,11 @@ def draw_energy_vs_batch_size(inputs, title: str) -> Figure:
 
 
 def draw_throughput_vs_energy(inputs, title: str) -> Figure:
-    ok, notes = d.split_successful(inputs.summary)
-    if ok.empty:
-        return message_figure(NO_SUCCESS_TEXT, notes, title)
-    boundary = d.choose_boundary(ok)
-    if boundary is None:
-        return message_figure("no energy per output token measured", notes + d.context_notes(ok, None), title)
     x_column = "output_tokens_per_s"
-    shown = ok.loc[d.column(ok, boundary.column).notna() & d.column(ok, x_column).notna()]
-    notes += d.missing_note(ok, shown, f"throughput or {boundary.name} energy per output token")
-    if shown.empty:
-        return message_figure("no experiment has both throughput and energy", notes, title)
+    prepared = energy_rows(inputs, title, x_column, "throughput")
+    if isinstance(prepared, Figure):
+        return prepared
+    ok, notes, boundary, shown = prepared
     lay = d.layout(ok)
     x_log = d.wants_log(d.column(shown, x_column).to_numpy(), d.LOG_RATIO_VALUES)
     y_log = d.wants_log(d.column(shown, boundary.column).to_numpy(), d.LOG_RATIO_VALUES)

@@ -233,12 +233,6 @@ class Layout:
     series: pd.Series  # series label per row
     title: str  # what every experiment shares
 
-    def facet_order(self) -> list[str]:
-        return list(dict.fromkeys(self.facets))
-
-    def series_order(self) -> list[str]:
-        return sorted(dict.fromkeys(self.series))
-
 
 def layout(ok: pd.DataFrame) -> Layout:
     """Facets by model and dataset (where they vary), series by backend and the other varying
@@ -247,11 +241,6 @@ def layout(ok: pd.DataFrame) -> Layout:
     series_columns = varying(ok, SERIES_COLUMNS)
     return Layout(facet_columns, series_columns, labels_of(ok, facet_columns), labels_of(ok, series_columns),
                   constant_title(ok, facet_columns + series_columns))
-
-
-def color_key(frame: pd.DataFrame, lay: Layout) -> pd.Series:
-    """The label colours follow: the series, or the backend alone where nothing else varies."""
-    return lay.series
 
 
 def error(frame: pd.DataFrame, name: str, floor_positive: bool) -> np.ndarray:

@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D
 from llm_energy.flops import peak_figures
 from llm_energy.plots import data as d
 from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, facet_grid, facet_size, \
-    message_figure, new_figure
+    message_figure, new_figure, tidy_log_axes
 
 
 def _peaks(rows: pd.DataFrame) -> pd.DataFrame:
@@ -93,6 +93,7 @@ def draw_roofline(inputs, title: str) -> Figure:
         ax.set_ylabel("Achieved FLOP/s per GPU")
         ax.set_title(f"Roofline: {key}")
         ax.grid(True, which="major", alpha=GRID_ALPHA)
+        tidy_log_axes(ax)
     ax = axes[-1]
     for label in sorted(dict.fromkeys(lay.series.loc[shown.index])):
         group = shown.loc[lay.series.loc[shown.index] == label]
@@ -110,6 +111,7 @@ def draw_roofline(inputs, title: str) -> Figure:
     ax.set_ylabel("MFU")
     ax.set_title("MFU vs MBU (1 = the GPU's peak)")
     ax.grid(True, which="major", alpha=GRID_ALPHA)
+    tidy_log_axes(ax)
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=label) for label, c in colour.items() if label]
     if handles:
         figure.legend(handles=handles, loc="outside right upper", fontsize=7)

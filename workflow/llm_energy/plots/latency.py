@@ -13,7 +13,8 @@ from matplotlib.patches import Patch
 
 from llm_energy.plots import data as d
 from llm_energy.plots.runs import pooled_requests
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, message_figure, new_figure
+from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, message_figure, new_figure, \
+    tidy_log_axes
 
 METRICS: tuple[tuple[str, str], ...] = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "End-to-end latency"))
 WHISKER_PERCENTILES = (5, 95)
@@ -49,7 +50,7 @@ def draw_latency(inputs, title: str) -> Figure:
         facets = facets[:MAX_FACET_ROWS]
     series = sorted(dict.fromkeys(lay.series.loc[requests["row"].unique()]))
     colour = color_map(series)
-    figure = new_figure(12.0 + (2.0 if any(series) else 0), min(40.0, 1.2 + 3.0 * len(facets)))
+    figure = new_figure(12.0 + (2.0 if any(series) else 0), min(40.0, 1.4 + 2.7 * len(facets)))
     axes = figure.subplots(len(facets), len(METRICS), squeeze=False)
     grouped = {key: frame for key, frame in requests.groupby("row")}
     width = 0.8 / max(len(series), 1)
@@ -77,12 +78,13 @@ def draw_latency(inputs, title: str) -> Figure:
                     drawn += len(stats)
             if not drawn:
                 ax.text(0.5, 0.5, f"{label} not available", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+            ax.set_xticks(range(len(batches)), [str(b) for b in batches], rotation=45 if len(batches) > 8 else 0)
             ax.set_xlim(-0.6, len(batches) - 0.4)
             ax.set_xlabel("Batch size")
             values = requests.loc[requests["row"].isin(rows.index), metric].to_numpy(float)
             if d.wants_log(values[values > 0], d.LOG_RATIO_VALUES):
                 ax.set_yscale("log")
+                tidy_log_axes(ax)
             ax.set_ylabel(f"{label} (s)")
             ax.grid(True, axis="y", alpha=GRID_ALPHA)
             ax.set_title(f"{label}" + (f" | {facet}" if facet else ""))

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s")
 TIMELINE_COLUMNS = ("time_s", "device_index", "power_w", "sm_clock_mhz", "temperature_c")
+SPAN_COLUMNS = ("submitted_s", "first_token_s", "finished_s")
+READ_THREADS = 4  # Parquet reads release the GIL: a few threads hide the file system's latency
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ def cycle_statuses(experiment_dir: Path) -> dict[int, str]:
     return statuses
 
 
-def first_cycle(runs_dir: Path | str | None, experiment_id: str) -> tuple[CycleRun | None, str]:
-    """The experiment's first successful cycle (cycle 1 unless it failed), or None and why."""
+def first_cycle(runs_dir: Path | str | None, experiment_id: str,
+                with_requests: bool = True) -> tuple[CycleRun | None, str]:
+    """The experiment's first successful cycle (cycle 1 unless it failed), or None and why. Only the
+    timeline columns the figures draw are read; the requests' spans unless with_requests is False."""
     if runs_dir is None:
         return None, "no runs directory given"
     experiment_dir = Path(runs_dir) / experiment_id
@@ -62,9 +66,12 @@ def first_cycle(runs_dir: Path | str | None, experiment_id: str) -> tuple[CycleR
     directory = experiment_dir / f"cycle-{cycle}"
     try:
         result = artifacts.read_json_artifact(directory / "result.json", "run_result")["data"]
-        timeline, _ = artifacts.read_table_artifact(directory / "timeline.parquet", "timeline_table")
-        requests, _ = artifacts.read_table_artifact(directory / "requests.parquet", "requests_table",
-                                                    columns=("submitted_s", "first_token_s", "finished_s"))
+        timeline, _ = artifacts.read_table_artifact(directory / "timeline.parquet", "timeline_table",
+                                                    columns=TIMELINE_COLUMNS)
+        requests = pd.DataFrame(columns=list(SPAN_COLUMNS))
+        if with_requests:
+            requests, _ = artifacts.read_table_artifact(directory / "requests.parquet", "requests_table",
+                                                        columns=SPAN_COLUMNS)
     except ArtifactError as exc:
         return None, str(exc)
     return CycleRun(cycle, result, timeline, requests), ""
@@ -74,22 +81,25 @@ def pooled_requests(runs_dir: Path | str | None, experiment_ids: Iterable[str],
                     columns: Sequence[str] = LATENCY_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
     """Every request of every successful cycle, `columns` plus experiment_id; and the experiments
     without per-request data (no runs archived, or no successful cycle)."""
-    frames, missing = [], []
-    for experiment_id in experiment_ids:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(experiment_id: str) -> list[pd.DataFrame]:
         experiment_dir = Path(runs_dir) / experiment_id if runs_dir is not None else None
         if experiment_dir is None or not experiment_dir.is_dir():
-            missing.append(experiment_id)
-            continue
-        found = False
+            return []
+        frames = []
         for cycle, status in sorted(cycle_statuses(experiment_dir).items()):
             path = experiment_dir / f"cycle-{cycle}" / "requests.parquet"
-            if status != "ok" or not path.is_file():
-                continue
-            frame, _ = artifacts.read_table_artifact(path, "requests_table", columns=columns)
-            frame["experiment_id"] = experiment_id
-            frames.append(frame)
-            found = True
-        if not found:
-            missing.append(experiment_id)
+            if status == "ok" and path.is_file():
+                frame, _ = artifacts.read_table_artifact(path, "requests_table", columns=columns)
+                frame["experiment_id"] = experiment_id
+                frames.append(frame)
+        return frames
+
+    ids = list(experiment_ids)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        per_experiment = list(pool.map(read, ids))
+    missing = [eid for eid, frames in zip(ids, per_experiment) if not frames]
+    frames = [f for fs in per_experiment for f in fs]
     pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*columns, "experiment_id"])
     return pooled, missing

@@ -22,6 +22,7 @@ from llm_energy.artifacts import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 PNG_DPI = 200
+MAX_PNG_PIXELS = 12e6
 # Per-experiment timelines: one per experiment, so a 1,000-experiment campaign must stay cheap.
 TIMELINE_PNG_DPI = 110
 NO_SUCCESS_TEXT = "no successful experiments"
@@ -155,7 +156,10 @@ def tidy_log_axes(ax) -> None:
 
 
 def render(figure: Figure, dpi: int = PNG_DPI) -> tuple[bytes, bytes]:
-    """(PNG bytes, SVG bytes) of a figure."""
+    """(PNG bytes, SVG bytes) of a figure. A very large figure (small multiples of a big campaign) gets
+    fewer dots per inch, so that its PNG stays about MAX_PNG_PIXELS."""
+    width_in, height_in = figure.get_size_inches()
+    dpi = max(72, min(dpi, int((MAX_PNG_PIXELS / (width_in * height_in)) ** 0.5)))
     with matplotlib.rc_context(RC_PARAMS):
         png_buffer = io.BytesIO()
         figure.savefig(png_buffer, format="png", dpi=dpi)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SPAN_ALPHA = 0.22
 OVERVIEW_BIN_S = 0.5
 MAX_LABELLED_ROWS = 40
+MAX_MARKED_ROWS = 120
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def overview_rows(ok: pd.DataFrame, runs_dir: Path | str | None, bin_s: float = 
     experiment's first cycle, time since its first sample."""
     labels, rows, windows, skipped = [], [], [], []
     for eid in ok["experiment_id"].astype(str):
-        run, reason = first_cycle(runs_dir, eid)
+        run, reason = first_cycle(runs_dir, eid, with_requests=False)
         if run is None or not len(run.timeline):
             skipped.append(eid)
             continue
@@ -281,26 +282,30 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
     matrix = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
         matrix[i, :len(row)] = row
-    figure = new_figure(11.0, min(30.0, 2.6 + 0.22 * min(len(rows), 120)))
+    figure = new_figure(11.0, min(16.0, 2.6 + 0.22 * len(rows)))
     ax = figure.add_subplot()
     image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis",
                       extent=(0, width * OVERVIEW_BIN_S, len(rows) - 0.5, -0.5))
-    starts = [w[0] for w in windows]
-    ends = [w[1] for w in windows]
     y = np.arange(len(rows))
-    ax.scatter(starts, y, marker="|", color="white", s=40, linewidths=1.5, label="measured window (cycle 1)")
-    ax.scatter(ends, y, marker="|", color="white", s=40, linewidths=1.5)
+    if len(rows) <= MAX_MARKED_ROWS:
+        # The window's edges as white bars across each row (too thin to read beyond this many rows).
+        for edge, label in ((0, "measured window (cycle 1)"), (1, None)):
+            ax.vlines([w[edge] for w in windows], y - 0.42, y + 0.42, color="white", linewidth=1.5, label=label)
+    else:
+        notes.append(f"{len(rows)} rows: window edges not marked (each row's own timeline figure shades them).")
     if len(rows) <= MAX_LABELLED_ROWS:
         ax.set_yticks(y, short, fontsize=7)
     else:
         step = int(np.ceil(len(rows) / MAX_LABELLED_ROWS))
         ax.set_yticks(y[::step], short[::step], fontsize=6)
     ax.set_xlabel("Time since the first sample of the job (s)")
-    figure.colorbar(image, ax=ax, label="GPU power (W)", pad=0.01)
-    ax.legend(loc="lower right", fontsize=7, facecolor="#444444", labelcolor="white")
+    figure.colorbar(image, ax=ax, label="GPU power (W)", pad=0.01, shrink=min(1.0, 6.0 / figure.get_figheight()))
+    if len(rows) <= MAX_MARKED_ROWS:
+        ax.legend(loc="lower right", fontsize=7, facecolor="#444444", labelcolor="white")
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     notes.insert(0, f"One row per experiment: mean GPU power per {OVERVIEW_BIN_S} s of its first cycle's job "
-                    "(model load, setup, baselines, windows); white ticks: the measured window's edges.")
+                    "(model load, setup, baselines, windows); white bars: the measured window's edges; white "
+                    "cells: no sample.")
     add_notes(figure, context + notes)
     return figure
 
