@@ -25,6 +25,7 @@ from llm_energy.plots.style import DOMAIN_COLORS, ESTIMATED_HATCH, GRID_ALPHA, N
 
 MAX_BARS = 40
 SMALL_SHARE = 0.03  # components below this share are named beside the bar's total
+BOUNDARY_NAMES = {"gpu": "GPU", "node": "Node"}
 ENERGY_DOMAINS = ("gpu", "cpu", "dram")
 SETUP_PHASES = ("model_load", "compile", "warmup")
 TIME_PHASES = ("model_load", "compile", "warmup", "baseline", "windows", "gaps")
@@ -99,6 +100,10 @@ def domain_energies(rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, boo
     return values, estimated
 
 
+def _percent(share: float) -> str:
+    return "<0.01 %" if share < 1e-4 else f"{100 * share:.2g} %"
+
+
 def _hbars(ax, labels: list[str], parts: list[dict[str, float]], order: list[str], colors: dict, names: dict,
            hatched: list[dict[str, bool]] | None = None, unit: str = "J") -> list[str]:
     """Horizontal 100 % bars, one per label; returns the components drawn anywhere. Each bar ends in
@@ -125,7 +130,7 @@ def _hbars(ax, labels: list[str], parts: list[dict[str, float]], order: list[str
     for i, total in enumerate(totals):
         text = f"{total:,.0f} {unit}" if total >= 10 else f"{total:.3g} {unit}" if total > 0 else "n/a"
         # Components too thin to see are named with their share.
-        small = [f"{names[k]} {100 * parts[i][k] / total:.2g} %" for k in order
+        small = [f"{names[k]} {_percent(parts[i][k] / total)}" for k in order
                  if total > 0 and np.isfinite(parts[i].get(k, np.nan)) and 0 < parts[i][k] / total < SMALL_SHARE]
         if small:
             text += " (" + ", ".join(small) + ")"
@@ -161,10 +166,10 @@ def draw_energy_breakdown(inputs, title: str) -> Figure:
     if drawn:
         left.legend(handles=[Patch(color=colors[k], label=names[k]) for k in drawn], fontsize=7,
                     loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False,
-                    title=f"{boundary.upper()} energy by phase: one load with its setup + one measured window",
+                    title=f"{BOUNDARY_NAMES[boundary]} energy by phase: one load with its setup + one measured window",
                     title_fontsize=9)
     else:
-        left.set_title(f"{boundary.upper()} energy by phase")
+        left.set_title(f"{BOUNDARY_NAMES[boundary]} energy by phase")
         left.text(0.5, 0.5, f"not available: no measured {boundary} energy\nof setup and window phases",
                   transform=left.transAxes, ha="center", va="center", fontsize=10)
     drawn_domains = _hbars(right, bars.labels, [v for v, _ in domains], list(ENERGY_DOMAINS), DOMAIN_COLORS,
@@ -180,8 +185,8 @@ def draw_energy_breakdown(inputs, title: str) -> Figure:
     lay = d.layout(ok)
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     boundary_info = d.choose_boundary(ok)
-    notes.append("Shares of each bar's total (printed at its end). Idle baseline: active-idle power x window "
-                 "(gross - net); the rest of the window is split into prefill and decode in the ratio of the "
+    notes.append("Shares of each bar's total (printed at its end). Idle baseline: the run's baseline power x "
+                 "window (gross - net; active idle where the run measured it, else the static idle); the rest of the window is split into prefill and decode in the ratio of the "
                  "run's prefill/decode split (phase_split_method). Setup is measured once per load.")
     if not bars.per_experiment:
         notes.append(f"{len(ok)} experiments: one bar per model/dataset and series, energies summed.")
@@ -219,6 +224,8 @@ def draw_time_accounting(inputs, title: str) -> Figure:
               loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=6, frameon=False)
     ax.set_xlabel("Share of the jobs' wall time")
     share = parts[0]["windows"] / sum(v for v in parts[0].values() if np.isfinite(v))
+    if not d.column(ok, "gpu_count").gt(0).any():
+        title = title.replace("GPU time", "jobs' time (no GPU)")
     lay = d.layout(ok)
     figure.suptitle(f"{title}: {share:.0%} inside measured windows" + (f"\n{lay.title}" if lay.title else ""))
     notes.append("Wall time of the run_inference jobs (summary job_*_s; the GPU is held for all of it). Gaps: "

@@ -146,13 +146,14 @@ def facet_size(count: int, width_in: float = 4.2, height_in: float = 3.3) -> tup
 
 
 def tidy_log_axes(ax) -> None:
-    """No labels on the minor ticks of a log axis (2x10^3, 3x10^3, ... crowd small panels)."""
+    """No labels on the minor ticks of a log axis spanning more than a decade and a half (2x10^3,
+    3x10^3, ... crowd small panels); a narrower one keeps them, or it would have no label at all."""
     from matplotlib.ticker import NullFormatter
 
-    if ax.get_xscale() == "log":
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    if ax.get_yscale() == "log":
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    for axis, scale, limits in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
+        low, high = sorted(limits)
+        if scale == "log" and low > 0 and high / low > 30:
+            axis.set_minor_formatter(NullFormatter())
 
 
 def render(figure: Figure, dpi: int = PNG_DPI) -> tuple[bytes, bytes]:

@@ -46,6 +46,11 @@ class Span:
     end_s: float
     gpu_j: float | None  # the counter's GPU energy of the window, where measured
     method: str | None
+    label: str = ""  # how the notes name it (default: the phase's label)
+
+    @property
+    def name(self) -> str:
+        return self.label or PHASE_LABELS[self.kind]
 
 
 def _gpu_energy(record: dict[str, Any]) -> tuple[float | None, str | None]:
@@ -86,7 +91,9 @@ def spans_of(result: dict[str, Any]) -> tuple[list[Span], list[str]]:
             notes.append(f"{kind} baseline: no timestamps recorded")
             continue
         energy = power * (end - start) if power is not None else None
-        spans.append(Span("baseline", start, end, energy, f"{kind.replace('_', ' ')}, {gpu.get('method')}"))
+        method = kind.replace("_", " ") + (f", {gpu['method']}" if gpu.get("method") else "")
+        spans.append(Span("baseline", start, end, energy, method,
+                          label=f"{kind.replace('_', '-')} baseline"))
     if measured.get("start_s") is not None:
         energy, method = _gpu_energy(measured)
         spans.append(Span("inference", float(measured["start_s"]), float(measured["end_s"]), energy, method))
@@ -125,14 +132,19 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     result = run.result
     spans, notes = spans_of(result)
     timeline = run.timeline
+    # A span outside this job (a static baseline reused from an earlier job) is named, not drawn: it
+    # would stretch the axis over time this job did not run. The job: its samples, else its own windows.
+    own = [s for s in spans if s.kind != "baseline" or s.label.startswith("active")]
     if len(timeline):
-        # A span outside this job's samples (a static baseline reused from an earlier job) is named,
-        # not drawn: it would stretch the axis over time this job did not run.
         first, last = float(timeline["time_s"].min()) - 1.0, float(timeline["time_s"].max()) + 1.0
-        outside = [s for s in spans if s.end_s < first or s.start_s > last]
-        notes += [f"{PHASE_LABELS[s.kind]} ({s.method}): measured outside this job's timeline (reused), "
-                  f"{_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in outside]
-        spans = [s for s in spans if s not in outside]
+    elif own:
+        first, last = min(s.start_s for s in own) - 1.0, max(s.end_s for s in own) + 1.0
+    else:
+        first, last = -np.inf, np.inf
+    outside = [s for s in spans if s.end_s < first or s.start_s > last]
+    notes += [f"{s.name} ({s.method}): measured outside this job's timeline (reused), "
+              f"{_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in outside]
+    spans = [s for s in spans if s not in outside]
     t_values = [s.start_s for s in spans] + ([float(timeline["time_s"].min())] if len(timeline) else [])
     t0 = min(t_values) if t_values else 0.0
     channels = [("power_w", "GPU power (W)")]
@@ -160,11 +172,13 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     if not len(timeline):
         power_ax.text(0.5, 0.5, "no GPU power samples (no GPU measured: CPU-only run)", ha="center", va="center",
                       transform=power_ax.transAxes, fontsize=10)
+        power_ax.set_yticks([])
     prefill = prefill_spans(run.requests)
     if prefill:
         power_ax.broken_barh([(start - t0, width) for start, width in prefill], (0.0, 0.06),
                              transform=power_ax.get_xaxis_transform(), color=PHASE_COLORS["prefill"])
-    axes[-1].set_xlabel("Time since the first sample of the job (s)")
+    axes[-1].set_xlabel("Time since the first sample of the job (s)" if len(timeline) else
+                        "Time since the job's first window (s)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(10))
     kinds = list(dict.fromkeys(s.kind for s in spans))
     handles = [Patch(color=PHASE_COLORS[k], alpha=0.5, label=PHASE_LABELS[k]) for k in kinds]
@@ -181,14 +195,17 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
         if span.gpu_j is not None and (span.end_s - span.start_s) / (right - left) * width_in > needed:
             power_ax.text((span.start_s + span.end_s) / 2 - t0, 0.93, text, ha="center", va="top", fontsize=7,
                           transform=power_ax.get_xaxis_transform())
-    energies = "; ".join(f"{PHASE_LABELS[s.kind]} {_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s"
-                         for s in spans)
     methods = sorted({s.method for s in spans if s.method and s.kind != "baseline"})
+    if any(s.gpu_j is not None for s in spans):
+        windows = ("Counter energy per window (cycle {cycle}): " + "; ".join(
+            f"{s.name} {_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in spans)
+            + ". Baselines: idle power x duration.").format(cycle=run.cycle)
+    else:
+        windows = f"No GPU energy counter; durations (cycle {run.cycle}): " + "; ".join(
+            f"{s.name} {s.end_s - s.start_s:.1f} s" for s in spans) + "."
     figure.suptitle(title)
     add_notes(figure, [f"Energy: GPU, {'; '.join(methods) or 'not measured'}. GPU: {gpu_text}.",
-                       f"Flags: {flags or 'none'}.",
-                       f"Counter energy per window (cycle {run.cycle}): {energies or 'none recorded'}. Baselines: "
-                       "idle power x duration.", *notes])
+                       f"Flags: {flags or 'none'}.", windows, *notes])
     return figure
 
 
@@ -284,7 +301,8 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
         matrix[i, :len(row)] = row
     figure = new_figure(11.0, min(16.0, 2.6 + 0.22 * len(rows)))
     ax = figure.add_subplot()
-    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis",
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#D9D9D9")
+    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap,
                       extent=(0, width * OVERVIEW_BIN_S, len(rows) - 0.5, -0.5))
     y = np.arange(len(rows))
     if len(rows) <= MAX_MARKED_ROWS:
@@ -304,8 +322,8 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
         ax.legend(loc="lower right", fontsize=7, facecolor="#444444", labelcolor="white")
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     notes.insert(0, f"One row per experiment: mean GPU power per {OVERVIEW_BIN_S} s of its first cycle's job "
-                    "(model load, setup, baselines, windows); white bars: the measured window's edges; white "
-                    "cells: no sample.")
+                    "(model load, setup, baselines, windows); white bars: the measured window's edges; grey "
+                    "cells: no sample (the sampler not yet started, or a gap).")
     add_notes(figure, context + notes)
     return figure
 
