@@ -31,10 +31,16 @@ from llm_energy import synthetic  # noqa: E402
 TARGET_S = 60.0
 
 
-def run(experiments: int, cores: int, workdir: Path, cycles: int) -> dict:
+def run(experiments: int, cores: int, workdir: Path, cycles: int, reuse: bool = False) -> dict:
     tree = workdir / "tree"
     started = time.perf_counter()
-    ids = synthetic.write_tree(tree, experiments, cycles=cycles)
+    if reuse and (tree / "experiments").is_dir():
+        ids = sorted(p.stem for p in (tree / "experiments").glob("*.json"))
+        shutil.rmtree(tree / "figures", ignore_errors=True)
+        shutil.rmtree(tree / "logs", ignore_errors=True)
+        print(f"reusing the {len(ids)} synthetic experiments in {tree}", flush=True)
+    else:
+        ids = synthetic.write_tree(tree, experiments, cycles=cycles)
     synthesis_s = time.perf_counter() - started
     print(f"synthesised {len(ids)} experiments x {cycles} cycles in {synthesis_s:.1f} s (not timed)", flush=True)
     snakemake = Path(sys.executable).with_name("snakemake")
@@ -85,11 +91,12 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="write the tree here and keep it (default: a temp dir, removed)")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: time the tree already there again")
     args = parser.parse_args()
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="llm-energy-plot-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = run(args.experiments, args.cores, workdir, args.cycles)
+        report = run(args.experiments, args.cores, workdir, args.cycles, reuse=args.reuse and args.keep is not None)
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -189,7 +189,8 @@ def provenance_page(summary: pd.DataFrame, experiment_provenance: Mapping[str, M
              "<code>runs/*/cycle-*/result.json</code>; an archive without raw runs keeps only the aggregation's "
              "provenance, below).</p>"]
     if measured:
-        code = [p.get("code") or {} for p in measured.values()]
+        code = [{**(p.get("code") or {}), "git_commit": (p.get("code") or {}).get("git_commit") or "not recorded"}
+                for p in measured.values()]
         parts.append("<h2>Code that measured</h2>" + table_html(_distinct_rows(code), units=False, table_id="code"))
         software = [p.get("software") or {} for p in measured.values()]
         parts.append("<h2>Software (versions of the measuring process)</h2>"

@@ -323,7 +323,7 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     notes.insert(0, f"One row per experiment: mean GPU power per {OVERVIEW_BIN_S} s of its first cycle's job "
                     "(model load, setup, baselines, windows); white bars: the measured window's edges; grey "
-                    "cells: no sample (the sampler not yet started, or a gap).")
+                    "cells: no sample (before the sampler started, a gap, or after the job ended).")
     add_notes(figure, context + notes)
     return figure
 
