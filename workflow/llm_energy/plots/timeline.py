@@ -12,8 +12,6 @@ first sample), the measured window marked, so 1,000 experiments are one image.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +207,6 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     return figure
 
 
-def _row_of(ok: pd.DataFrame, experiment_id: str) -> pd.Series:
-    return ok.loc[ok["experiment_id"].astype(str) == experiment_id].iloc[0]
-
-
 def _timeline_job(args: tuple[str, str, str, str, str, str]) -> str | None:
     experiment_id, runs_dir, png, svg, gpu_text, flags = args
     run, reason = first_cycle(runs_dir, experiment_id)
@@ -327,10 +321,3 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
     add_notes(figure, context + notes)
     return figure
 
-
-def worker_count(requested: int | None) -> int:
-    return max(1, min(requested or 1, os.cpu_count() or 1))
-
-
-__all__: Sequence[str] = ("draw_run_timeline", "draw_timeline_overview", "plot_run_timelines", "spans_of",
-                          "prefill_spans", "worker_count")
