@@ -1,7 +1,8 @@
 # llm-energy: measure what LLM inference costs.
 #   snakemake --cores 2                                   # the embedded default campaign
 #   snakemake --cores 2 --configfile config/campaigns/X.yaml
-#   snakemake --cores 1 --config figures_only=true --forceall   # figures from cached results only
+#   snakemake --cores 2 --config figures_only=true --forceall   # figures from cached results only
+#   snakemake --report report.html                        # figures, summary, flags, provenance in one file
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ if workflow.local_exec and "gpu" not in workflow.global_resources:
     workflow.register_resource("gpu", 1)
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/models.smk"
@@ -38,18 +42,32 @@ rule all:
     input:
         SUMMARY_CSV,
         SUMMARY_PARQUET,
-        FIGURES,
+        CAMPAIGN_FIGURES,
+        TIMELINES,
+        REPORT_PAGES,
     default_target: True
+
+
+# The campaign's figures and report pages without the per-experiment timelines (a campaign of 1,000
+# experiments draws these in under a minute; its 1,000 timelines take a few minutes more).
+rule figures:
+    input:
+        SUMMARY_CSV,
+        CAMPAIGN_FIGURES,
+        REPORT_PAGES,
 
 
 # Downloads, dataset preparation, aggregation and plots run on the submit host (a cluster's compute
 # nodes need no network, and these jobs are too small to be worth a queue slot).
 localrules:
     all,
+    figures,
     prepare_dataset,
     download_model,
     summarize,
     plot,
+    plot_timelines,
+    report_pages,
 
 if not FIGURES_ONLY:
 

@@ -16,7 +16,7 @@ def test_known_backends_resolve_to_classes():
 
 
 def test_unknown_backend_names_the_known_ones():
-    with pytest.raises(BackendError, match="known backends: \\['pytorch', 'vllm'\\]"):
+    with pytest.raises(BackendError, match="known backends: \\['openai_server', 'pytorch', 'vllm'\\]"):
         backends.backend_class("tensorflow")
 
 

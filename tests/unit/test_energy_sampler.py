@@ -220,6 +220,9 @@ def test_active_idle_baseline_gives_net_energy_and_flags_another_power_state(mon
         hardware.set_nvml_module(None)
     assert active["kind"] == "active_idle" and active["sm_clock_mhz_mean"] == pytest.approx(1980)
     assert active["domains"]["gpu"]["power_w"] == pytest.approx(115.0, rel=0.06)
+    # its span on the run's clock (the power timeline shades it), before the windows that follow
+    assert active["end_s"] - active["start_s"] == pytest.approx(0.4, abs=0.15)
+    assert active["end_s"] <= same_state["start_s"]
     gpu = same_state["domains"]["gpu"]
     assert gpu["baseline_kind"] == "active_idle"
     assert gpu["net_j"] == pytest.approx(gpu["gross_j"] - active["domains"]["gpu"]["power_w"]

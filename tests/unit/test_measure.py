@@ -139,7 +139,7 @@ def test_a_compilation_inside_the_window_flags_the_run(session) -> None:
 def fake_window(gross_j: float | None, records: list[RequestRecord], repeats: int = 1) -> MeasuredWindow:
     gpu = {"available": True, "gross_j": gross_j} if gross_j is not None else {
         "available": False, "reason": "no NVIDIA driver"}
-    record = {"domains": {"gpu": gpu}, "duration_s": 1.0, "flags": []}
+    record = {"domains": {"gpu": gpu}, "start_s": 5.0, "end_s": 6.0, "duration_s": 1.0, "flags": []}
     return MeasuredWindow(record, records, [0] * len(records), repeats, (None, None), {})
 
 
@@ -158,6 +158,8 @@ def test_prefill_per_input_token_from_the_prefill_window_and_decode_is_the_rest(
     assert phases["decode_tokens"] == 28
     assert phases["decode_energy_per_decode_token_j"] == pytest.approx(90.0 / 28)
     assert phases["flags"] == []
+    # the prefill-only window's span on the run's clock, for the power timeline figure
+    assert (phases["prefill_window"]["start_s"], phases["prefill_window"]["end_s"]) == (5.0, 6.0)
 
 
 def test_a_prefill_costing_more_than_the_window_is_flagged() -> None:

@@ -1,9 +1,9 @@
-"""Every figure is written (PNG + SVG) for a normal campaign, one experiment, failures and nothing."""
+"""Every figure is written (PNG + SVG) for a normal campaign, one experiment, failures and nothing;
+each names its energy source and method, the GPU and the validity flags."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,15 @@ from llm_energy.statistics import describe
 from llm_energy.summary import build_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS: dict[str, Callable[[pd.DataFrame, Path, Path], None]] = {
-    "energy_vs_batch_size": plots.plot_energy_vs_batch_size,
-    "throughput_vs_energy": plots.plot_throughput_vs_energy,
-    "energy_breakdown": plots.plot_energy_breakdown,
-    "latency": plots.plot_latency,
-}
+PLOTS = plots.FIGURE_NAMES
+# Figures that draw one series per backend (the others show time, hardware limits or raw runs).
+SERIES_FIGURES = ("energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown")
+
+
+def draw(name: str, summary: pd.DataFrame | Path, png: Path, svg: Path, runs_dir: Path | None = None) -> None:
+    plots.plot(name, summary, png, svg, runs_dir=runs_dir)
+
+
 GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "measured",
             "cpu_unavailable_reason": "no RAPL", "dram_unavailable_reason": "no RAPL",
             "node_energy_domains": "gpu", "node_energy_method": "measured"}
@@ -118,16 +121,19 @@ def assert_figure_files(png: Path, svg: Path) -> str:
 @pytest.mark.parametrize("name", PLOTS)
 def test_normal_campaign(tmp_path: Path, campaign: pd.DataFrame, name: str) -> None:
     png, svg = tmp_path / "fig" / f"{name}.png", tmp_path / "fig" / f"{name}.svg"
-    PLOTS[name](campaign, png, svg)
+    draw(name, campaign, png, svg)
     text = assert_figure_files(png, svg)
-    # matplotlib keeps every text as an SVG comment: the failed experiment is named on the figure
+    # texts stay <text> in the SVG (svg.fonttype none): the failed experiment is named on the figure
     assert "Skipped 1 failed experiment(s): llama-8b.pytorch.bs256" in text
+    # every figure says which energy it shows (or that it shows none) and on which GPU
+    assert "GPU: 1 x NVIDIA H100 80GB HBM3" in text
+    assert "Energy: GPU energy, measured, nvml_energy_counter" in text or "Energy: none shown" in text
 
 
 @pytest.mark.parametrize("name", PLOTS)
 def test_single_experiment(tmp_path: Path, name: str) -> None:
     summary = summary_of(tmp_path, [_result("only.bs8", "llama-1b", "pytorch", 8, gpu_cycles(8), GPU_INFO)])
-    PLOTS[name](summary, tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
+    draw(name, summary, tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
     assert_figure_files(tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
 
 
@@ -138,7 +144,7 @@ def test_empty_and_all_failed_summaries(tmp_path: Path, name: str) -> None:
         ("failed", summary_of(tmp_path, [_result("x.bs1", "m", "pytorch", 1, {}, {}, status="failed")])),
     ):
         png, svg = tmp_path / f"{name}-{label}.png", tmp_path / f"{name}-{label}.svg"
-        PLOTS[name](summary, png, svg)
+        draw(name, summary, png, svg)
         assert plots.NO_SUCCESS_TEXT in assert_figure_files(png, svg)
 
 
@@ -149,15 +155,21 @@ def test_cpu_only_campaign_with_missing_metrics(tmp_path: Path, name: str) -> No
         _result(f"tiny.pytorch.bs{bs}", "tiny", "pytorch", bs, cpu_cycles(bs), CPU_INFO) for bs in (1, 2, 4)
     ])
     png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
-    PLOTS[name](summary, png, svg)
+    draw(name, summary, png, svg)
     text = assert_figure_files(png, svg)
+    assert "GPU: no GPU (CPU only)" in text
     if name in ("energy_vs_batch_size", "throughput_vs_energy"):
         assert "Host energy per output token (J)" in text
         assert "estimated (CodeCarbon model)" in text
+        assert "Energy: host energy, cpu+dram; estimated (CodeCarbon model)" in text
     if name == "energy_breakdown":
+        # no measured energy of setup and windows on this machine, said so; the domains are estimates
+        assert "not available: no measured node energy" in text
         assert "gpu: n/a" in text and "estimated (CodeCarbon model)" in text
     if name == "latency":
-        assert "TTFT not available" in text
+        assert "no per-request latency data" in text  # no runs/ given
+    if name == "roofline":
+        assert "needs a GPU with known peak figures" in text
 
 
 def test_boundary_label_names_gpu_and_method(campaign: pd.DataFrame) -> None:
@@ -179,8 +191,8 @@ def test_pareto_front() -> None:
 
 
 def test_same_summary_gives_identical_svg(tmp_path: Path, campaign: pd.DataFrame) -> None:
-    plots.plot_energy_vs_batch_size(campaign, tmp_path / "a.png", tmp_path / "a.svg")
-    plots.plot_energy_vs_batch_size(campaign, tmp_path / "b.png", tmp_path / "b.svg")
+    draw("energy_vs_batch_size", campaign, tmp_path / "a.png", tmp_path / "a.svg")
+    draw("energy_vs_batch_size", campaign, tmp_path / "b.png", tmp_path / "b.svg")
     assert (tmp_path / "a.svg").read_bytes() == (tmp_path / "b.svg").read_bytes()
 
 
@@ -188,7 +200,7 @@ def test_reads_the_summary_parquet_artifact(tmp_path: Path, campaign: pd.DataFra
     from llm_energy.summary import write_summary
 
     write_summary(campaign, tmp_path / "s.csv", tmp_path / "s.parquet", {})
-    plots.plot_latency(tmp_path / "s.parquet", tmp_path / "l.png", tmp_path / "l.svg")
+    draw("energy_breakdown", tmp_path / "s.parquet", tmp_path / "l.png", tmp_path / "l.svg")
     assert_figure_files(tmp_path / "l.png", tmp_path / "l.svg")
 
 
@@ -198,9 +210,9 @@ def test_validity_flags_are_named_on_every_figure(tmp_path: Path, campaign: pd.D
     first_ok = flagged.index[flagged["status"] == "ok"][0]
     flagged.loc[first_ok, "flags"] = "short_window"
     png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
-    PLOTS[name](flagged, png, svg)
+    draw(name, flagged, png, svg)
     text = assert_figure_files(png, svg)
-    assert "Validity flags" in text and "short_window" in text
+    assert "Validity flags" in text and "short_window (1: llama-1b.pytorch.bs1)" in text
 
 
 def pytorch_series(field: str, names_and_factors: tuple[tuple[str, float], ...]) -> list[dict]:
@@ -218,8 +230,8 @@ def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -
     results = pytorch_series("variant", (("none", 1.0), ("int8", 0.5)))
     results.append(_result("m.vllm.bs1", "llama-1b", "vllm", 1, gpu_cycles(1, 0.4), GPU_INFO))
     summary = summary_of(tmp_path, results)
-    for name in PLOTS:
-        PLOTS[name](summary, tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
+    for name in SERIES_FIGURES:
+        draw(name, summary, tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
         text = (tmp_path / f"{name}.svg").read_text()
         assert "pytorch-none" in text and "pytorch-int8" in text, name
         assert "vllm-" not in text, name  # a backend without variants keeps its plain name
@@ -228,6 +240,6 @@ def test_a_backends_variants_are_labelled_backend_dash_variant(tmp_path: Path) -
 
 def test_pytorch_engine_paths_are_labelled_where_no_variant_names_them(tmp_path: Path) -> None:
     summary = summary_of(tmp_path, pytorch_series("engine_path", (("eager", 1.0), ("fast", 0.3))))
-    PLOTS["energy_vs_batch_size"](summary, tmp_path / "e.png", tmp_path / "e.svg")
+    draw("energy_vs_batch_size", summary, tmp_path / "e.png", tmp_path / "e.svg")
     text = (tmp_path / "e.svg").read_text()
     assert "pytorch (eager)" in text and "pytorch (fast)" in text

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from llm_energy import artifacts
+from llm_energy import artifacts, plots, report_browser
 from llm_energy.config import load_campaign_file
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, describe, run_snakemake
 
@@ -101,11 +101,20 @@ def test_summary_table_has_one_row_per_experiment_with_units(default_run):
 
 def test_figures_exist_in_png_and_svg(default_run):
     workdir, _ = default_run
-    for figure in ("energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"):
+    for figure in plots.FIGURE_NAMES:
         png = workdir / "results" / "figures" / f"{figure}.png"
         svg = workdir / "results" / "figures" / f"{figure}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert b"<svg" in svg.read_bytes()[:2000]
+        # on this CPU-only machine every figure says so, and that its energy is estimated where it shows any
+        text = svg.read_text()
+        assert "GPU: no GPU (CPU only)" in text, figure
+        assert "estimated (CodeCarbon model)" in text or "Energy: none" in text, figure
+    # one power timeline per experiment (no GPU here: its setup and windows on a time axis, said so)
+    timelines = workdir / "results" / "figures" / plots.TIMELINES_DIR
+    ids = sorted(p.stem for p in (workdir / "results" / "experiments").glob("*.json"))
+    assert sorted(p.stem for p in timelines.glob("*.png")) == ids
+    assert "no GPU power samples" in next(timelines.glob("*.svg")).read_text()
 
 
 def test_rerun_has_nothing_to_do(default_run):
@@ -133,7 +142,29 @@ def test_html_report(default_run):
     completed = run_snakemake(workdir, "--report", "report.html", timeout_s=300)
     assert completed.returncode == 0, describe(completed)
     html = (workdir / "report.html").read_text(errors="replace")
-    assert "energy_vs_batch_size" in html
+    for name in (*plots.FIGURE_NAMES, "summary.html", "flags.html", "provenance.html"):
+        assert name in html, name
+
+
+def test_report_renders_in_a_real_browser(default_run, tmp_path):
+    """The report opened in headless Chromium (offline): the figures and the summary table show, no
+    script error; the screenshots are kept for a person to look at."""
+    if report_browser.find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+    workdir, _ = default_run
+    report = tmp_path / "report.html"
+    completed = run_snakemake(workdir, "--report", str(report), timeout_s=300)
+    assert completed.returncode == 0, describe(completed)
+    shot, table_shot = tmp_path / "report-screenshot.png", tmp_path / "report-table.png"
+    check = report_browser.check_report(report, shot, table_shot, figure="throughput_vs_energy")
+    print(f"report screenshots: {shot} {table_shot}")
+    assert check.errors == []
+    assert {"Figures", "Power timelines", "Campaign"} <= set(check.categories)
+    assert check.figures_opened[0]["width"] >= 1000  # the figure itself decoded, not an icon
+    assert check.summary_rows == 4 and check.summary_units >= 10
+    assert check.captions >= len(plots.FIGURE_NAMES)
+    for path in (shot, table_shot):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
 
 
 def test_figures_only_mode_regenerates_from_a_copied_results_tree(default_run, tmp_path):
@@ -141,6 +172,7 @@ def test_figures_only_mode_regenerates_from_a_copied_results_tree(default_run, t
     reader = copy_workflow(tmp_path / "reader")
     # A reader has the archived results only: no models, no datasets, no resources/ at all.
     shutil.copytree(workdir / "results" / "experiments", reader / "archive" / "experiments")
+    shutil.copytree(workdir / "results" / "runs", reader / "archive" / "runs")
     completed = run_snakemake(
         reader, "--cores", "1", "--config", "figures_only=true", "results_dir=archive", label="figures-only mode"
     )
@@ -152,5 +184,11 @@ def test_figures_only_mode_regenerates_from_a_copied_results_tree(default_run, t
     original = pd.read_csv(workdir / "results" / "summary.csv")
     assert list(regenerated["experiment_id"]) == list(original["experiment_id"])
     pd.testing.assert_series_equal(regenerated["output_tokens_per_s"], original["output_tokens_per_s"])
-    for figure in ("energy_vs_batch_size", "throughput_vs_energy", "energy_breakdown", "latency"):
+    for figure in plots.FIGURE_NAMES:
         assert (reader / "archive" / "figures" / f"{figure}.png").stat().st_size > 0
+    # every figure, the per-experiment timelines and the report pages come back from the archive
+    timelines = sorted(p.name for p in (reader / "archive" / "figures" / plots.TIMELINES_DIR).glob("*.png"))
+    assert timelines == sorted(p.name for p in (workdir / "results" / "figures" / plots.TIMELINES_DIR).glob("*.png"))
+    for page in ("summary", "flags", "provenance"):
+        assert (reader / "archive" / "report" / f"{page}.html").stat().st_size > 1000
+    assert "found for 4 of 4 experiments" in (reader / "archive" / "report" / "provenance.html").read_text()

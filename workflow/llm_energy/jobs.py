@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import artifacts, provenance
-from llm_energy.figures import plot_function_name
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +146,44 @@ def summarize_job(experiment_results: Sequence[Path], csv_path: Path, parquet_pa
     from llm_energy import summary
 
     paths = sorted(Path(p) for p in experiment_results)
+    log.info("summary: reading %d experiment results", len(paths))
     frame = summary.build_summary(paths)
     prov = provenance.collect(config_sha256=config_sha256, inputs=paths, include_gpus=False)
     summary.write_summary(frame, Path(csv_path), Path(parquet_path), prov)
     log.info("summary: %d experiments -> %s", len(frame), csv_path)
 
 
-def plot_job(figure: str, summary_parquet: Path, png: Path, svg: Path) -> None:
+def plot_job(figure: str, summary_parquet: Path, png: Path, svg: Path, runs_dir: Path | None) -> None:
+    """One campaign figure (llm_energy.plots.FIGURES) from the summary and, where it needs them, the raw
+    runs under runs_dir."""
     from llm_energy import plots
 
+    log.info("figure %s: reading %s", figure, summary_parquet)
     frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
-    getattr(plots, plot_function_name(figure))(frame, Path(png), Path(svg))
+    plots.plot(figure, frame, Path(png), Path(svg), runs_dir=Path(runs_dir) if runs_dir else None)
+
+
+def plot_timelines_job(summary_parquet: Path, runs_dir: Path, out_dir: Path, workers: int) -> None:
+    """Every experiment's power timeline figure into out_dir (one process per worker)."""
+    from llm_energy import plots
+
+    log.info("timelines: reading %s, %d workers", summary_parquet, workers)
+    frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
+    skipped = plots.plot_run_timelines(frame, Path(runs_dir), Path(out_dir), workers=workers)
+    log.info("timelines: %d experiments, %d without a figure", len(frame), len(skipped))
+
+
+def report_pages_job(summary_parquet: Path, experiment_results: Sequence[Path], runs_dir: Path,
+                     outputs: Mapping[str, Path]) -> None:
+    """The report's summary, flags and provenance pages."""
+    from llm_energy import report
+
+    log.info("report pages: reading %s and %d experiment results", summary_parquet, len(experiment_results))
+    frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
+    experiment_provenance = {}
+    for path in experiment_results:
+        document = artifacts.read_json_artifact(Path(path), "experiment_result")
+        experiment_provenance[document["data"]["experiment_id"]] = document.get("provenance") or {}
+    rendered_by = provenance.collect(include_gpus=False)
+    report.write_pages(frame, experiment_provenance, Path(runs_dir), rendered_by,
+                       {name: Path(path) for name, path in outputs.items()})

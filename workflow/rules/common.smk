@@ -3,9 +3,10 @@ import glob
 
 import yaml
 
+from llm_energy import plots
+from llm_energy import report as report_pages
 from llm_energy.config import load_campaign
 from llm_energy.errors import ConfigError
-from llm_energy.figures import FIGURE_NAMES
 
 
 def _campaign_config(given):
@@ -55,7 +56,16 @@ FIGURES_ONLY = CONFIG["figures_only"]
 
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
-FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURE_NAMES, ext=["png", "svg"])
+RUNS_DIR = f"{RESULTS}/runs"
+# Figure and report page names are defined once, in the package.
+PLOT_FIGURES = plots.FIGURES
+TIMELINES = f"{RESULTS}/figures/{plots.TIMELINES_DIR}"
+RUN_TIMELINE_CAPTION = plots.RUN_TIMELINE_CAPTION
+CAMPAIGN_FIGURES = expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=plots.FIGURE_NAMES, ext=["png", "svg"])
+REPORT_PAGE_NAMES = report_pages.PAGE_NAMES
+REPORT_PAGE_TITLES = report_pages.PAGE_TITLES
+REPORT_PAGE_CAPTIONS = report_pages.PAGE_CAPTIONS
+REPORT_PAGES = expand(f"{RESULTS}/report/{{page}}.html", page=REPORT_PAGE_NAMES)
 
 wildcard_constraints:
     experiment=r"[^/]+",
@@ -63,7 +73,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9_-]+",
     dataset=r"[A-Za-z0-9_-]+",
     dtype=r"[a-z0-9_]+",
-    figure="|".join(FIGURE_NAMES),
+    figure="|".join(plots.FIGURE_NAMES),
 
 
 def experiment_of(wildcards):

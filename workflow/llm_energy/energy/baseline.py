@@ -66,6 +66,8 @@ def active_idle_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
                             sm_clock_reason: str | None) -> dict[str, Any]:
     """The active-idle baseline of an idle window measured in the loaded state."""
     return {**baseline_from_window(record, gpu_uuids), "kind": "active_idle",
+            # its span on the run's clock (llm_energy.clock), for the power timeline figure
+            "start_s": record["start_s"], "end_s": record["end_s"],
             "sm_clock_mhz_mean": sm_clock_mhz_mean, "sm_clock_reason": sm_clock_reason}
 
 
