@@ -156,3 +156,41 @@ def test_an_unknown_placeholder_in_the_command_names_the_key_and_the_known_ones(
     backend = OpenAIServerBackend({"server": {"command": "serve {model} --port {port}"}})
     with pytest.raises(ConfigError, match=r"server.command.*unknown placeholder 'model'.*\{model_dir\}"):
         backend.command(Path("/m"), "float32", 256)
+
+
+DIES_ON_FIRST_REQUEST = """
+import http.server, json, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "tiny"}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        print("engine died: out of memory", flush=True)
+        os._exit(7)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_dies_during_a_window_fails_with_its_exit_code_and_log(tmp_path, tiny_llama_weights) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(DIES_ON_FIRST_REQUEST)
+    backend = OpenAIServerBackend({"server": {"command": [sys.executable, str(script), "{port}"], "port": free_port(),
+                                              "log": str(tmp_path / "server.log"), "ready_path": "/v1/models"}})
+    backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
+    try:
+        with pytest.raises(BackendError, match=r"exited with code 7[\s\S]*engine died: out of memory"):
+            backend.generate(backend.tokenize(PROMPTS[:2], 64), 2, greedy(max_output_tokens=4))
+    finally:
+        backend.close()
+
+
+def test_an_attached_servers_gpus_are_the_ones_measured() -> None:
+    from types import SimpleNamespace
+
+    devices = [SimpleNamespace(index=0, uuid="GPU-a"), SimpleNamespace(index=3, uuid="GPU-d")]
+    attached = OpenAIServerBackend({"server": {"url": "http://127.0.0.1:1", "gpus": [3]}})
+    assert attached.measured_gpus(devices) == ["GPU-d"]
+    assert OpenAIServerBackend({"server": {"url": "http://127.0.0.1:1"}}).measured_gpus(devices) is None
+    with pytest.raises(BackendError, match=r"server.gpus: \[5\] match no GPU"):
+        OpenAIServerBackend({"server": {"url": "http://127.0.0.1:1", "gpus": [5]}}).measured_gpus(devices)

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 CAMPAIGN_FILES = sorted((REPO_ROOT / "config" / "campaigns").glob("*.yaml"))
 # model.backend[-variant].dataset.label.hash8
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+(-[a-z0-9_]+)?\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+\.[0-9a-f]{8}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+\.[a-z_]+(-[a-z0-9_]+)?\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+\.[0-9a-f]{8}$")
 
 
 def default_raw() -> dict[str, Any]:
@@ -194,6 +194,7 @@ def test_defaults_are_filled_and_input_untouched() -> None:
         "batch_size": [1], "dtype": ["float32"], "max_input_tokens": [512], "max_output_tokens": [64],
         "decoding": [{"mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
         "output_length": ["fixed"], "batching": ["fixed"], "token_budget": [None],
+        "request_rate": ["inf"], "max_concurrency": [None],
     }
     assert config["exclude"] == []
     assert config["results_dir"] == "results"
@@ -645,3 +646,51 @@ def test_validated_config_keeps_variant_overrides_as_written() -> None:
     assert list(variants) == ["none", "int8", "eager_int8"]
     assert variants["int8"] == {"quantization": "torchao_int8_weight_only"}  # no defaults filled in
     assert config["backend_settings"]["pytorch"]["attn_implementation"] == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: grid.request_rate, grid.max_concurrency, load.*, slo
+
+
+def serving_raw(**grid: Any) -> dict[str, Any]:
+    return {"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
+            "backends": ["openai_server"], "grid": grid,
+            "backend_settings": {"openai_server": {"server": {"url": "http://127.0.0.1:8000"}}}}
+
+
+def test_static_batch_ids_are_unchanged_by_the_load_keys() -> None:
+    plain = set(load_campaign(minimal_raw()).experiments)
+    explicit = set(load_campaign({**minimal_raw(), "grid": {"request_rate": ["inf"], "max_concurrency": [None]},
+                                  "load": {"arrival": "gamma", "burstiness": 2.0}}).experiments)
+    assert plain == explicit
+
+
+def test_a_request_rate_is_an_experiment_of_its_own_with_its_load() -> None:
+    experiments = load_campaign({**serving_raw(request_rate=[2, "inf"], max_concurrency=[None, 4]),
+                                 "load": {"arrival": "gamma", "burstiness": 0.5},
+                                 "slo": {"ttft_s": 0.5}}).experiments.values()
+    by_label = {e.id.split(".")[3]: e for e in experiments}
+    assert set(by_label) == {"bs1-float32-in512-out64-greedy-rate2", "bs1-float32-in512-out64-greedy-rate2-conc4",
+                             "bs1-float32-in512-out64-greedy", "bs1-float32-in512-out64-greedy-rateinf-conc4"}
+    loaded = by_label["bs1-float32-in512-out64-greedy-rate2-conc4"]
+    assert (loaded.load.request_rate, loaded.load.arrival, loaded.load.burstiness, loaded.load.max_concurrency) == \
+        (2.0, "gamma", 0.5, 4)
+    assert loaded.slo == {"ttft_s": 0.5, "tpot_s": None}
+    assert by_label["bs1-float32-in512-out64-greedy"].load is None
+
+
+@pytest.mark.parametrize("backend,settings,fix", [
+    ("pytorch", {}, "static batches"),
+    ("vllm", {}, "streaming: true"),
+])
+def test_a_rate_for_a_backend_that_cannot_take_arrivals_is_refused_before_any_job(backend, settings, fix) -> None:
+    raw = {**minimal_raw(), "backends": [backend], "grid": {"request_rate": [4]},
+           "backend_settings": {backend: settings} if settings else {}}
+    error = raises_config_error(raw)
+    assert error.key == "grid.request_rate" and fix in str(error)
+    assert "openai_server" in str(error)  # says which backends can
+
+
+def test_a_rate_must_be_positive_or_inf() -> None:
+    error = raises_config_error(serving_raw(request_rate=[0]))
+    assert "grid.request_rate" in str(error)

@@ -189,3 +189,15 @@ def test_closed_batches_are_all_due_at_once_with_the_batch_size_in_flight() -> N
     assert Schedule.closed_batches(3, 2) == Schedule((0.0, 0.0, 0.0), 2)
     spec = LoadSpec(request_rate=4.0, arrival="constant", max_concurrency=3)
     assert Schedule.open_loop(3, spec, seed=0) == Schedule((0.0, 0.25, 0.5), 3)
+
+
+def test_a_window_under_load_cycles_the_request_set_until_its_arrivals_span_min_window_s() -> None:
+    from llm_energy.backends.base import Request
+    from llm_energy.measure import load_requests
+
+    measured = [Request(i, (1, 2, i)) for i in range(3)]
+    cycled, passes = load_requests(measured, LoadSpec(request_rate=2.0), min_window_s=3.0)
+    assert len(cycled) == 7  # 2/s x 3 s, and one more so the last arrival is at about 3 s
+    assert [r.index for r in cycled] == list(range(7))  # unique: one row each in requests.parquet
+    assert [r.prompt_token_ids for r in cycled[3:6]] == [r.prompt_token_ids for r in measured]
+    assert passes == [0, 0, 0, 1, 1, 1, 2]

@@ -24,12 +24,14 @@ from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS
 from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
+from llm_energy.load import LoadSpec
 from llm_energy.specs import build_spec, schema_spec, section_spec
 
 GRID_KEYS = (
     "batch_size", "dtype", "max_input_tokens", "max_output_tokens", "decoding", "output_length",
-    "batching", "token_budget",
+    "batching", "token_budget", "request_rate", "max_concurrency",
 )
+OFFLINE_RATE = "inf"
 
 
 def coerce_command_line_values(config: Mapping[str, Any]) -> dict:
@@ -174,6 +176,8 @@ class Experiment:
     min_window_s: float
     cycle_isolation: str
     variant: str | None  # backend_settings.<backend>.variants name; None: the backend has none
+    load: LoadSpec | None  # open-loop arrivals (grid.request_rate, load.*); None: static batches
+    slo: dict[str, float | None]  # slo.ttft_s, slo.tpot_s (None: no objective)
 
     def request_count(self, setting: int | Mapping[str, int] | None) -> int | None:
         """A request count from a config setting: n, {batches: n} (n full batches) or None (all)."""
@@ -204,6 +208,10 @@ def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[st
         label += f"-{p['output_length']}"
     if p["batching"] != "fixed":
         label += f"-{p['batching']}" + (f"{p['token_budget']}" if p["batching"] == "token_budget" else "")
+    if "request_rate" in p:
+        label += f"-rate{p['request_rate']:g}" if p["request_rate"] != OFFLINE_RATE else "-rateinf"
+        if p["max_concurrency"] is not None:
+            label += f"-conc{p['max_concurrency']}"
     backend_part = backend if variant is None else f"{backend}-{variant}"
     return f"{model}.{backend_part}.{dataset}.{label}.{sha256_json(identity)[:8]}"
 
@@ -241,6 +249,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                                              "dataset": dataset, **point}):
                 continue
             decoding = point.pop("decoding")
+            rate, cap = point.pop("request_rate"), point.pop("max_concurrency")
             parameters = {
                 **{k: v for k, v in point.items()},
                 "decoding_mode": decoding["mode"],
@@ -257,6 +266,13 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             }
             if variant is not None:  # only then: the ids of campaigns without variants stay as they were
                 identity["variant"] = variant
+            load = None
+            if rate != OFFLINE_RATE or cap is not None:  # likewise: offline ids stay as they were
+                parameters.update(request_rate=rate, max_concurrency=cap)
+                identity["load"] = config["load"]
+                load = LoadSpec(request_rate=float(rate), arrival=config["load"]["arrival"],
+                                burstiness=float(config["load"]["burstiness"]), max_concurrency=cap)
+                _check_backend_takes_arrivals(backend, variant, backend_settings)
             eid = experiment_id(model, backend, dataset, parameters, identity, variant)
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
@@ -264,10 +280,25 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 backend_settings=dict(backend_settings), warmup=warmup,
                 requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"], variant=variant,
                 min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
+                load=load, slo=dict(config["slo"]),
             )
     if not experiments and not config.get("figures_only"):
         raise ConfigError("exclude", "every experiment of the campaign is excluded", "Loosen the exclude rules.")
     return experiments
+
+
+def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: Mapping[str, Any]) -> None:
+    """A request rate needs a backend that submits requests at their arrival times: refused before any job."""
+    from llm_energy.backends import BACKENDS, backend_class
+
+    reason = backend_class(backend).schedule_unsupported_reason(dict(settings))
+    if reason is None:
+        return
+    able = [name for name in sorted(BACKENDS) if backend_class(name).supports_schedule]
+    where = backend if variant is None else f"{backend} (variant {variant})"
+    raise ConfigError("grid.request_rate", f"backend '{where}' cannot take requests at a rate: {reason}",
+                      f"Backends that can: {', '.join(able)} (vllm with streaming: true); or exclude "
+                      f"{{backend: {backend}}} from the rates, or use grid.request_rate: [inf].")
 
 
 @dataclass

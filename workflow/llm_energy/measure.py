@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import logging
 import os
 import subprocess
@@ -43,6 +44,7 @@ from llm_energy.config import Experiment, WarmupSpec
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.energy.validity import invalidating_flags
 from llm_energy.errors import BackendError, ConfigError
+from llm_energy.load import LoadSpec, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,15 @@ def prefill_only(decoding: DecodingSettings) -> DecodingSettings:
     return dataclasses.replace(decoding, max_output_tokens=1, output_length="fixed")
 
 
-def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None) -> dict[str, Any]:
+def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None,
+                     log_dir: Path | None = None) -> dict[str, Any]:
     settings = dict(experiment.backend_settings)
     settings["trust_remote_code"] = experiment.model_spec["trust_remote_code"]
     settings["batching"] = experiment.parameters["batching"]
     settings["token_budget"] = experiment.parameters["token_budget"]
     settings["seed"] = experiment.seed
+    if log_dir is not None:  # where a backend keeps logs of its own (a launched server's), beside the run's
+        settings["log_dir"] = str(log_dir)
     if compile_cache_dir is not None:
         settings["compile_cache_dir"] = str(compile_cache_dir)
     return settings
@@ -281,7 +286,47 @@ def measure_window(session: EnergySession, backend: Backend, name: str, requests
     return MeasuredWindow(record, records, repeat_of_request, len(runs), (compiled_before, compiled_after), memory)
 
 
-def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None = None) -> pd.DataFrame:
+def load_requests(requests: Sequence[Request], load: LoadSpec, min_window_s: float) -> tuple[list[Request], list[int]]:
+    """The requests one window under load submits: the measured set, cycled until its arrivals span
+    min_window_s (one continuous open-loop run, never a drain and a new ramp-up between repeats), each
+    with its position as index; and which pass over the set each one is."""
+    count = max(len(requests), math.ceil(load.request_rate * min_window_s) + 1)
+    cycled = [Request(position, requests[position % len(requests)].prompt_token_ids) for position in range(count)]
+    return cycled, [position // len(requests) for position in range(count)]
+
+
+def measure_load_window(session: EnergySession, backend: Backend, requests: list[Request],
+                        decoding: DecodingSettings, load: LoadSpec, min_window_s: float, seed: int) -> MeasuredWindow:
+    """One measured window of open-loop arrivals (llm_energy.load): every request submitted at its
+    arrival time, drawn from `seed`, the window from the first submission to the last token."""
+    cycled, passes = load_requests(requests, load, min_window_s)
+    schedule = Schedule.open_loop(len(cycled), load, seed)
+    backend.reset_peak_memory()
+    compiled_before = backend.compilation_count()
+    settle_heap()
+    gc_before = gc_collections()
+    handle = session.open_window("inference")
+    records = backend.serve(cycled, decoding, schedule)
+    backend.synchronize()
+    record = session.close_window(handle)
+    record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
+    compiled_after = backend.compilation_count()
+    record["repeats"] = max(passes) + 1
+    record["load"] = {**load.describe(), "requests": len(cycled), "seed": seed,
+                      "last_arrival_offset_s": schedule.offsets_s[-1]}
+    if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
+        record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_RECOMPILED})
+    return MeasuredWindow(record, records, passes, max(passes) + 1, (compiled_before, compiled_after),
+                          backend.memory_report())
+
+
+def load_seed(experiment: Experiment, cycle: int) -> int:
+    """Each cycle draws its own arrivals, reproducibly from the campaign seed."""
+    return experiment.seed * 1_000_003 + cycle
+
+
+def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None = None,
+                   extra: Mapping[str, Sequence[Any]] | None = None) -> pd.DataFrame:
     """One row per request; latencies as llm_energy.metrics defines them. `itl_s` holds the request's
     every ITL sample (one per chunk gap), so that aggregation can pool the samples over cycles;
     `repeat` says which repetition of the request set (campaign.min_window_s) the row belongs to."""
@@ -308,10 +353,14 @@ def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None =
             "chunk_tokens": chunk_tokens,
             "itl_s": itl,
             "latency_source": r.latency_source,
+            "due_s": float("nan") if r.due_s is None else r.due_s,
+            "queue_s": float("nan") if r.queue_s is None else r.queue_s,
+            **{name: (float("nan") if values[position] is None else values[position])
+               for name, values in (extra or {}).items()},
         })
     columns = ["request_index", "repeat", "batch_index", "input_tokens", "output_tokens", "submitted_s",
                "first_token_s", "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s",
-               "chunk_times_s", "chunk_tokens", "itl_s", "latency_source"]
+               "chunk_times_s", "chunk_tokens", "itl_s", "latency_source", "due_s", "queue_s", *(extra or {})]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -445,10 +494,11 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
         static_baseline = session.ensure_baseline()
         timing.add("baseline", clock.now() - t0)
         try:
-            backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir))
+            backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir, run.experiment_dir))
             load_report = setup_window("model_load", lambda: backend.load(
                 run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]))
-            session.bind_to_process_gpus()  # only the GPUs holding this job's engine are measured
+            # Only the GPUs holding this job's engine are measured (an attached server names its own).
+            session.bind_to_process_gpus(backend.measured_gpus(devices))
             measured = select_requests(backend.tokenize(run.prompts, p["max_input_tokens"]), experiment)
             batches = batches_of(measured, experiment)
             first_decoding = decoding_settings(experiment, todo[0])
@@ -515,8 +565,13 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     if rewarmed:
         rewarm(backend, batches, p["batch_size"], decoding)
         timing.add("warmup", clock.now() - t0)
-    window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
-                            experiment.min_window_s)
+    if experiment.load is not None:
+        window = measure_load_window(session, backend, measured, decoding, experiment.load,
+                                     experiment.min_window_s, load_seed(experiment, cycle))
+        phase_split = "off_under_load"
+    else:
+        window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
+                                experiment.min_window_s)
     timing.add("windows", window.record["duration_s"])
     phases: dict[str, Any]
     prefill = None
@@ -527,10 +582,20 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
         phases = differential_phases(window, prefill)
     last = prefill or window
     busy_until_s = last.record["end_s"]
-    if phase_split != "differential":
+    if phase_split == "off_under_load":
+        phases = {"available": False, "method": "off",
+                  "reason": "under a request rate: a prefill-only pass would not see the same batches (energy.phase_split "
+                            "applies to static batches)"}
+    elif phase_split != "differential":
         phases = {"available": False, "method": "off", "reason": "energy.phase_split: off"}
     # Collected once, after both windows: the timeline split and the cycle's timeline.parquet.
     timeline = session.timeline_frame()
+    under_load = None
+    if experiment.load is not None:
+        from llm_energy.energy.attribution import load_window_results
+
+        under_load = load_window_results(window.requests, timeline, window.record,
+                                         experiment.load.max_concurrency, experiment.slo)
     if phase_split in ("timeline", "differential"):
         from llm_energy.energy.phases import split_prefill_decode
 
@@ -547,6 +612,12 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
             run_metrics[f"memory_{key}"] = value
     info["engine_path"] = backend.engine_path
     flags = set(window.record.get("flags", []))
+    if under_load is not None:
+        run_metrics.update(under_load["metrics"])
+        info["attributed_energy_method"] = ("attributed, not measured: "
+                                            + "; ".join(f"{k}: {v}" for k, v in under_load["record"]["attribution"]
+                                                        .get("methods", {}).items()))
+        flags |= set(under_load["flags"])
     if warmup.converged is False:
         flags.add(WARMUP_FLAG_NOT_CONVERGED)
     flags |= set(phases.get("flags", []))
@@ -579,17 +650,19 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
         "gpu_state": gpu_state,
         "validity": {"flags": flags, "valid": not invalidating_flags(flags)},
     }
-    _write_cycle(paths, result, window, timeline, run.provenance)
+    if under_load is not None:
+        result["serving"] = under_load["record"]
+    _write_cycle(paths, result, window, timeline, run.provenance, under_load["per_request"] if under_load else None)
     log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
              run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")
     return result, busy_until_s
 
 
 def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, timeline: pd.DataFrame,
-                 provenance: dict[str, Any]) -> None:
+                 provenance: dict[str, Any], per_request: Mapping[str, Sequence[Any]] | None = None) -> None:
     paths.result.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_table_artifact(paths.requests, "requests_table",
-                                   requests_frame(window.requests, window.repeat_of_request), provenance)
+                                   requests_frame(window.requests, window.repeat_of_request, per_request), provenance)
     artifacts.write_table_artifact(paths.timeline, "timeline_table", timeline, provenance)
     # The result is written last: its presence marks a complete cycle.
     artifacts.write_json_artifact(paths.result, "run_result", result, provenance)

@@ -71,6 +71,8 @@ EXTRA_COLUMNS: dict[str, str] = {
     "decode_bytes_min": "float",
     "quantization": "str",
     "weight_bytes": "int",
+    "request_rate_per_s": "float",  # grid.request_rate: inf = all at once; NaN = static batches (no load)
+    "max_concurrency": "int",
 }
 # Where the experiment's job spent its wall time (the run set's timing): total, inside measured
 # windows, their share, then each setup phase as job_<phase>_s.
@@ -113,6 +115,8 @@ def _row(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict], dict
         "decode_bytes_min": flops.get("decode_bytes_min"),
         "quantization": load_details.get("quantization"),
         "weight_bytes": load_details.get("weight_bytes"),
+        "request_rate_per_s": None if "request_rate" not in parameters else float(parameters["request_rate"]),
+        "max_concurrency": parameters.get("max_concurrency"),
         **_time_columns(data.get("time_accounting") or {}),
     }
     return identity, dict(data.get("metrics") or {}), dict(data.get("metrics_info") or {})

@@ -7,7 +7,9 @@
 # cycle completes and are deliberately not outputs: Snakemake deletes the outputs of a job that died,
 # and a rerun must keep the completed cycles and measure only the missing ones.
 
-BACKEND_ENVS = {"pytorch": "../../envs/pytorch.yaml", "vllm": "../../envs/vllm.yaml"}
+# openai_server is a client (transformers tokenizer + aiohttp): the server it launches brings its own.
+BACKEND_ENVS = {"pytorch": "../../envs/pytorch.yaml", "vllm": "../../envs/vllm.yaml",
+                "openai_server": "../../envs/pytorch.yaml"}
 
 
 rule run_inference:

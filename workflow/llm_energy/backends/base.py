@@ -128,8 +128,9 @@ class LoadReport:
 
 # Keys the harness adds to a backend's configured settings (llm_energy.measure.backend_settings): the
 # experiment's seed and batching and the model's trust_remote_code, which live elsewhere in the config,
-# and the compile cache folder of the run. Everything else is backend_settings.<backend> as configured.
-HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir")
+# the compile cache folder of the run and the run's folder for a backend's own logs (a server's).
+# Everything else is backend_settings.<backend> as configured.
+HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir", "log_dir")
 
 
 class Backend(ABC):
@@ -174,6 +175,11 @@ class Backend(ABC):
     # batches cannot). A campaign with a request rate for a backend without it is refused before any job.
     supports_schedule: bool = False
 
+    @classmethod
+    def schedule_unsupported_reason(cls, settings: dict[str, Any]) -> str | None:
+        """None when serve() takes arrival times with these settings, else why not (shown before any job)."""
+        return None if cls.supports_schedule else "it runs static batches only"
+
     def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Any) -> list[RequestRecord]:
         """Submit each request at its due time (`schedule`: an llm_energy.load.Schedule), without waiting
         for earlier ones; each record's `due_s` is its arrival time."""
@@ -182,6 +188,11 @@ class Backend(ABC):
         raise BackendError(f"backend '{self.name}' cannot submit requests at arrival times (static batches)")
 
     # -- optional hooks the harness calls; the defaults suit an engine with nothing to report --
+
+    def measured_gpus(self, devices: list[Any]) -> list[str] | None:
+        """UUIDs of the GPUs to measure, where the backend knows them better than the harness (a server
+        it attached to, on GPUs of its own); None: the GPUs holding this job's processes."""
+        return None
 
     @property
     def engine_path(self) -> str:

@@ -12,12 +12,13 @@ process, as vLLM's serving benchmark takes them. Fixed output lengths use `ignor
 `min_tokens` = `max_tokens` (vLLM, SGLang and trtllm-serve accept both).
 
 Settings (backend_settings.openai_server):
-  server.command        list or string; placeholders {model_dir} {port} {dtype} {max_model_len} {model_name}
+  server.command        list or string; placeholders {python} {model_dir} {port} {dtype} {max_model_len}
+                        {model_name}
   server.url            attach instead of launch (http://host:port); server.gpus: GPU indices or UUIDs it uses
-  server.port           port for a launched server (default 8000)
+  server.port           port for a launched server (default 8000); server.env: its environment variables
   server.ready_path     readiness check path (default /health)
   server.ready_timeout_s  how long a launched server may take to answer (default 600)
-  server.log            where a launched server's output goes (the harness sets it beside the job's log)
+  server.log            where a launched server's output goes (default: server.log in the run's folder)
   model_name            the served model name (default: the first of the server's /v1/models)
   request_timeout_s     per request (default 600)
 """
@@ -33,6 +34,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,13 +84,14 @@ def _http_get(url: str, timeout_s: float) -> tuple[int, bytes]:
 class ServerProcess:
     """A server the job launched: its own process group, its log, stopped on close."""
 
-    def __init__(self, command: Sequence[str], log_path: Path):
+    def __init__(self, command: Sequence[str], log_path: Path, env: dict[str, Any] | None = None):
         self.command = list(command)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        env={**os.environ, **{k: str(v) for k, v in (env or {}).items()}})
 
     def exited(self) -> int | None:
         return self.process.poll()
@@ -142,7 +145,8 @@ class OpenAIServerBackend(Backend):
     def command(self, model_dir: Path, dtype: str, max_model_len: int) -> list[str]:
         raw = self.server_settings["command"]
         parts = shlex.split(raw) if isinstance(raw, str) else [str(p) for p in raw]
-        values = {"model_dir": str(model_dir), "port": str(self.server_settings["port"]), "dtype": dtype,
+        values = {"python": sys.executable, "model_dir": str(model_dir), "port": str(self.server_settings["port"]),
+                  "dtype": dtype,
                   "max_model_len": str(max_model_len), "model_name": self.settings.get("model_name") or "model"}
         try:
             return [p.format(**values) for p in parts]
@@ -161,8 +165,10 @@ class OpenAIServerBackend(Backend):
                 raise BackendError(f"{KEY}.server.port: port {port} is already in use on this machine; stop what "
                                    f"listens there or choose another server.port")
             self.base_url = f"http://127.0.0.1:{port}"
-            log_path = Path(self.server_settings.get("log") or f"openai_server-{port}.log")
-            self.process = ServerProcess(self.command(model_dir, dtype, max_model_len), log_path)
+            log_dir = Path(self.settings.get("log_dir") or ".")
+            log_path = Path(self.server_settings.get("log") or log_dir / "server.log")
+            self.process = ServerProcess(self.command(model_dir, dtype, max_model_len), log_path,
+                                         self.server_settings.get("env"))
             log.info("started server (pid %d): %s; log %s", self.process.process.pid,
                      shlex.join(self.process.command), log_path)
         else:
@@ -208,6 +214,19 @@ class OpenAIServerBackend(Backend):
         if not models:
             raise BackendError(f"{self.base_url}/v1/models lists no model (HTTP {status}); set {KEY}.model_name")
         return models[0]["id"]
+
+    def measured_gpus(self, devices: list[Any]) -> list[str] | None:
+        """An attached server's GPUs (server.gpus, indices or UUIDs); a launched one's are found as the
+        job's own (the server is a child process)."""
+        wanted = self.server_settings.get("gpus") or []
+        if self.process is not None or not wanted:
+            return None
+        chosen = [d.uuid for d in devices if d.index in wanted or d.uuid in wanted]
+        unknown = [g for g in wanted if not any(g in (d.index, d.uuid) for d in devices)]
+        if unknown:
+            raise BackendError(f"{KEY}.server.gpus: {unknown} match no GPU this job sees "
+                               f"({[(d.index, d.uuid) for d in devices]})")
+        return chosen
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         return tokenize_prompts(self.tokenizer, prompts, max_input_tokens)

@@ -185,6 +185,11 @@ class _StepClock:
 class PytorchBackend(Backend):
     name = "pytorch"
 
+    @classmethod
+    def schedule_unsupported_reason(cls, settings: dict[str, Any]) -> str | None:
+        # transformers' continuous batching (generate_batch) has no per-request arrival times to honour.
+        return "transformers' generate runs static batches; requests arriving at a rate need an engine that batches continuously"
+
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
         self.config = PytorchSettings.of(self.settings)

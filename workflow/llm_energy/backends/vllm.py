@@ -463,6 +463,12 @@ class VllmBackend(Backend):
 
     supports_schedule = True
 
+    @classmethod
+    def schedule_unsupported_reason(cls, settings: dict[str, Any]) -> str | None:
+        if not settings.get("streaming"):
+            return "it takes arrival times through AsyncLLM only: set backend_settings.vllm.streaming: true"
+        return None
+
     def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule) -> list[RequestRecord]:
         """Open-loop arrivals through AsyncLLM (backend_settings.vllm.streaming: true)."""
         if self._async_engine is None:

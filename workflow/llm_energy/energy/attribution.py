@@ -114,3 +114,40 @@ def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
     return {"available": True, "method": METHOD, "methods": ATTRIBUTION_METHODS,
             "attributed_gpu_energy_by_tokens_j": by_tokens,
             "attributed_gpu_energy_by_time_j": by_time.tolist(), "unattributed_j": unattributed}
+
+
+def load_window_results(records: Sequence[RequestRecord], timeline: pd.DataFrame, window_record: Mapping[str, Any],
+                        max_concurrency: int | None, slo: Mapping[str, float | None]) -> dict[str, Any]:
+    """Everything a window under load adds to its cycle: the steady state with its energy, goodput, and
+    each request's attributed energy. `metrics` are run metrics (numbers); `per_request` columns for the
+    requests table, in `records` order; `flags` for the cycle."""
+    from llm_energy.load import steady_state
+    from llm_energy.metrics import goodput
+
+    steady = steady_state(records, max_concurrency)
+    steady_energy = steady_state_energy(timeline, window_record, steady, records)
+    rates = goodput(records, window_record.get("duration_s"), slo.get("ttft_s"), slo.get("tpot_s"))
+    attributed = attribute_energy(records, timeline, window_record)
+    queued = [r.queue_s for r in records if r.queue_s is not None]
+    metrics = {
+        "request_throughput_per_s": rates["request_throughput_per_s"],
+        "goodput_requests_per_s": rates["goodput_requests_per_s"] if any(v is not None for v in slo.values()) else None,
+        "slo_met_share": rates["slo_met_share"] if any(v is not None for v in slo.values()) else None,
+        "queue_mean_s": sum(queued) / len(queued) if queued else None,
+        "steady_state_duration_s": steady.duration_s if steady else None,
+        "steady_state_gpu_energy_j": steady_energy.get("gpu_energy_j"),
+        "steady_state_gpu_energy_per_output_token_j": steady_energy.get("gpu_energy_per_output_token_j"),
+    }
+    per_request: dict[str, list] = {name: [None] * len(records) for name in ATTRIBUTION_METHODS}
+    if attributed["available"]:
+        for name in ATTRIBUTION_METHODS:
+            per_request[name] = attributed[name]
+            values = [v for v in attributed[name] if v is not None]
+            metrics[f"{name.removesuffix('_j')}_per_request_mean_j"] = sum(values) / len(values) if values else None
+    return {
+        "metrics": metrics,
+        "flags": list(steady.flags) if steady else [],
+        "per_request": per_request,
+        "record": {"steady_state": steady_energy, "goodput": rates, "slo": dict(slo),
+                   "attribution": {k: v for k, v in attributed.items() if k not in ATTRIBUTION_METHODS}},
+    }
