@@ -9,7 +9,8 @@ Requests go to `/v1/completions` with the prompt as token ids (so every engine s
 tokens), `stream: true` and `stream_options.include_usage`: token counts come from the server's own
 `usage` (prompt_tokens, completion_tokens), timestamps from when each streamed chunk reaches this
 process, as vLLM's serving benchmark takes them. Fixed output lengths use `ignore_eos` with
-`min_tokens` = `max_tokens` (vLLM, SGLang and trtllm-serve accept both).
+`min_tokens` = `max_tokens`, extensions of vLLM's server (SGLang's takes ignore_eos too); a server
+that ignores them stops at EOS, which the usage counts show.
 
 Settings (backend_settings.openai_server):
   server.command        list or string; placeholders {python} {model_dir} {port} {dtype} {max_model_len}
