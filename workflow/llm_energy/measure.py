@@ -618,6 +618,7 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
                                             + "; ".join(f"{k}: {v}" for k, v in under_load["record"]["attribution"]
                                                         .get("methods", {}).items()))
         flags |= set(under_load["flags"])
+        info.update({f"slo_{name}": f"{value:g}" for name, value in experiment.slo.items() if value is not None})
     if warmup.converged is False:
         flags.add(WARMUP_FLAG_NOT_CONVERGED)
     flags |= set(phases.get("flags", []))

@@ -25,7 +25,7 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 
-from llm_energy.plots import breakdown, comparisons, hardware, latency, timeline
+from llm_energy.plots import breakdown, comparisons, hardware, latency, serving, timeline
 from llm_energy.plots.data import EnergyBoundary, choose_boundary, load, pareto_front
 from llm_energy.plots.style import NO_SUCCESS_TEXT, RC_PARAMS, save
 from llm_energy.plots.timeline import plot_run_timelines
@@ -119,6 +119,16 @@ FIGURES: dict[str, FigureSpec] = {
             "median, whiskers the 5th and 95th percentiles, one box per series at each batch size, one row of "
             "panels per model/dataset. Distributions of positive times never reach below zero. Experiments whose "
             "raw runs are not archived are listed under the plot.\n\n" + CONTEXT_CAPTION)),
+    "serving": FigureSpec(
+        "Serving under load: latency, energy and goodput vs request rate", serving.draw_serving, caption=(
+            "**Serving under load.** Experiments measured at a request rate (``grid.request_rate``: requests "
+            "arriving open loop at their seeded arrival times), one line per series against the rate. Top: TTFT "
+            "and TPOT, p50 (solid) and p90 (dashed), pooled over every request of every successful cycle. Bottom "
+            "left: GPU energy per output token in the steady state (the span holding the plateau number of "
+            "requests in flight, without ramp-up and drain), or the whole window's energy per output token "
+            "where no steady-state GPU energy was measured (the axis says which). Bottom right: goodput, the "
+            "requests per second meeting every latency objective (``slo``), and the request throughput. A "
+            "campaign without request rates shows a note instead.\n\n" + CONTEXT_CAPTION)),
     "timeline_overview": FigureSpec(
         "Campaign overview: GPU power of every experiment", timeline.draw_timeline_overview, needs_runs=True,
         caption=(
