@@ -21,7 +21,7 @@ from typing import Any
 
 
 from llm_energy.artifacts import sha256_json
-from llm_energy.backends import BACKENDS
+from llm_energy.backends import BACKENDS, backend_class
 from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
 from llm_energy.load import LoadSpec
@@ -270,8 +270,11 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             if rate != OFFLINE_RATE or cap is not None:  # likewise: offline ids stay as they were
                 parameters.update(request_rate=rate, max_concurrency=cap)
                 identity["load"] = config["load"]
-                load = LoadSpec(request_rate=float(rate), arrival=config["load"]["arrival"],
-                                burstiness=float(config["load"]["burstiness"]), max_concurrency=cap)
+                try:
+                    load = LoadSpec(request_rate=float(rate), arrival=config["load"]["arrival"],
+                                    burstiness=float(config["load"]["burstiness"]), max_concurrency=cap)
+                except ValueError as exc:  # across keys (burstiness without arrival: gamma): the schema cannot say
+                    raise ConfigError("load", str(exc), "Set load.arrival: gamma, or leave load.burstiness out.") from None
                 _check_backend_takes_arrivals(backend, variant, backend_settings)
             eid = experiment_id(model, backend, dataset, parameters, identity, variant)
             experiments[eid] = Experiment(
@@ -289,8 +292,6 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
 
 def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: Mapping[str, Any]) -> None:
     """A request rate needs a backend that submits requests at their arrival times: refused before any job."""
-    from llm_energy.backends import BACKENDS, backend_class
-
     reason = backend_class(backend).schedule_unsupported_reason(dict(settings))
     if reason is None:
         return

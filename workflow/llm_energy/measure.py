@@ -256,34 +256,47 @@ class MeasuredWindow:
     memory: dict[str, Any]
 
 
+def _measured(session: EnergySession, backend: Backend, name: str,
+              work: Callable[[], Any]) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
+    """The edges every measured window shares around `work` (the backend's calls, nothing else):
+    a fresh peak-memory interval, a settled heap, the compilation and GC counters read at both edges.
+    Returns the window's energy record (gc_collections and the recompilation flag in it), what `work`
+    returned, the compilation counts and the memory report."""
+    backend.reset_peak_memory()
+    compiled_before = backend.compilation_count()
+    settle_heap()
+    gc_before = gc_collections()
+    handle = session.open_window(name)
+    value = work()
+    backend.synchronize()
+    record = session.close_window(handle)
+    record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
+    compiled_after = backend.compilation_count()
+    if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
+        record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_RECOMPILED})
+    return record, value, (compiled_before, compiled_after), backend.memory_report()
+
+
 def measure_window(session: EnergySession, backend: Backend, name: str, requests: list[Request], batch_size: int,
                    decoding: DecodingSettings, min_window_s: float) -> MeasuredWindow:
     """One measured window: the request set, repeated until the window lasts `min_window_s`.
 
     Between the edges only the backend runs; the loop's own work is one clock read per repeat.
     """
-    backend.reset_peak_memory()
-    compiled_before = backend.compilation_count()
-    settle_heap()
-    gc_before = gc_collections()
-    handle = session.open_window(name)
-    started = clock.now()
-    runs: list[list[RequestRecord]] = []
-    while True:
-        runs.append(backend.generate(requests, batch_size, decoding))
-        if clock.now() - started >= min_window_s:
-            break
-    backend.synchronize()
-    record = session.close_window(handle)
-    record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
-    compiled_after = backend.compilation_count()
-    memory = backend.memory_report()
+
+    def repeat_until_long_enough() -> list[list[RequestRecord]]:
+        started = clock.now()
+        runs: list[list[RequestRecord]] = []
+        while True:
+            runs.append(backend.generate(requests, batch_size, decoding))
+            if clock.now() - started >= min_window_s:
+                return runs
+
+    record, runs, compilations, memory = _measured(session, backend, name, repeat_until_long_enough)
     records = [r for run in runs for r in run]
     repeat_of_request = [i for i, run in enumerate(runs) for _ in run]
     record["repeats"] = len(runs)
-    if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
-        record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_RECOMPILED})
-    return MeasuredWindow(record, records, repeat_of_request, len(runs), (compiled_before, compiled_after), memory)
+    return MeasuredWindow(record, records, repeat_of_request, len(runs), compilations, memory)
 
 
 def load_requests(requests: Sequence[Request], load: LoadSpec, min_window_s: float) -> tuple[list[Request], list[int]]:
@@ -301,23 +314,12 @@ def measure_load_window(session: EnergySession, backend: Backend, requests: list
     arrival time, drawn from `seed`, the window from the first submission to the last token."""
     cycled, passes = load_requests(requests, load, min_window_s)
     schedule = Schedule.open_loop(len(cycled), load, seed)
-    backend.reset_peak_memory()
-    compiled_before = backend.compilation_count()
-    settle_heap()
-    gc_before = gc_collections()
-    handle = session.open_window("inference")
-    records = backend.serve(cycled, decoding, schedule)
-    backend.synchronize()
-    record = session.close_window(handle)
-    record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
-    compiled_after = backend.compilation_count()
+    record, records, compilations, memory = _measured(
+        session, backend, "inference", lambda: backend.serve(cycled, decoding, schedule))
     record["repeats"] = max(passes) + 1
     record["load"] = {**load.describe(), "requests": len(cycled), "seed": seed,
                       "last_arrival_offset_s": schedule.offsets_s[-1]}
-    if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
-        record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_RECOMPILED})
-    return MeasuredWindow(record, records, passes, max(passes) + 1, (compiled_before, compiled_after),
-                          backend.memory_report())
+    return MeasuredWindow(record, records, passes, max(passes) + 1, compilations, memory)
 
 
 def load_seed(experiment: Experiment, cycle: int) -> int:
@@ -502,10 +504,12 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             measured = select_requests(backend.tokenize(run.prompts, p["max_input_tokens"]), experiment)
             batches = batches_of(measured, experiment)
             first_decoding = decoding_settings(experiment, todo[0])
+            # Under a request rate there is no prefill-only window (see _measure_cycle): nothing to warm for it.
+            phase_split = settings.phase_split if experiment.load is None else "off"
             compile_facts = setup_window("compile", lambda: backend.compile(batches, first_decoding))
             warmup = setup_window("warmup", lambda: warm_up(
                 backend, batches, p["batch_size"], first_decoding, experiment.warmup,
-                prefill_only(first_decoding) if settings.phase_split == "differential" else None))
+                prefill_only(first_decoding) if phase_split == "differential" else None))
             t0 = clock.now()
             active_baseline = _active_idle_baseline(session, settings)
             timing.add("baseline", clock.now() - t0)
@@ -515,7 +519,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
                 result, busy_until_s = _measure_cycle(
                     run, cycle, measured, batches, session, backend, devices, load_report, compile_facts, warmup,
                     setup_windows, {"static_idle": static_baseline, "active_idle": active_baseline},
-                    gpu_state, settings.phase_split, timing, busy_until_s)
+                    gpu_state, phase_split, timing, busy_until_s)
                 statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
             log.error("experiment %s failed: %s", experiment.id, exc)
@@ -568,7 +572,6 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     if experiment.load is not None:
         window = measure_load_window(session, backend, measured, decoding, experiment.load,
                                      experiment.min_window_s, load_seed(experiment, cycle))
-        phase_split = "off_under_load"
     else:
         window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
                                 experiment.min_window_s)
@@ -582,7 +585,7 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
         phases = differential_phases(window, prefill)
     last = prefill or window
     busy_until_s = last.record["end_s"]
-    if phase_split == "off_under_load":
+    if experiment.load is not None:
         phases = {"available": False, "method": "off",
                   "reason": "under a request rate: a prefill-only pass would not see the same batches (energy.phase_split "
                             "applies to static batches)"}
@@ -614,11 +617,8 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     flags = set(window.record.get("flags", []))
     if under_load is not None:
         run_metrics.update(under_load["metrics"])
-        info["attributed_energy_method"] = ("attributed, not measured: "
-                                            + "; ".join(f"{k}: {v}" for k, v in under_load["record"]["attribution"]
-                                                        .get("methods", {}).items()))
+        info.update(under_load["info"])
         flags |= set(under_load["flags"])
-        info.update({f"slo_{name}": f"{value:g}" for name, value in experiment.slo.items() if value is not None})
     if warmup.converged is False:
         flags.add(WARMUP_FLAG_NOT_CONVERGED)
     flags |= set(phases.get("flags", []))

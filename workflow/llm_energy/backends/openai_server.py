@@ -42,14 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
-from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts
+from llm_energy.backends.base import (
+    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+)
+from llm_energy.config_schema import validate_section
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import Schedule, run_on_schedule
 
 log = logging.getLogger(__name__)
 
 KEY = "backend_settings.openai_server"
-DEFAULTS = {"port": 8000, "ready_path": "/health", "ready_timeout_s": 600.0}
+SCHEMA_NODE = "#/properties/backend_settings/properties/openai_server"
 LOG_TAIL_LINES = 30
 STOP_TIMEOUT_S = 20.0
 
@@ -115,7 +118,9 @@ class OpenAIServerBackend(Backend):
 
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
-        self.server_settings: dict[str, Any] = {**DEFAULTS, **(self.settings.get("server") or {})}
+        # backend_settings.openai_server with the schema's defaults (the harness's own keys left out)
+        self.config = validate_section(SCHEMA_NODE, {k: v for k, v in self.settings.items() if k not in HARNESS_SETTINGS})
+        self.server_settings: dict[str, Any] = self.config["server"]
         self.base_url: str | None = None
         self.model_name: str | None = None
         self.process: ServerProcess | None = None
@@ -148,7 +153,7 @@ class OpenAIServerBackend(Backend):
         parts = shlex.split(raw) if isinstance(raw, str) else [str(p) for p in raw]
         values = {"python": sys.executable, "model_dir": str(model_dir), "port": str(self.server_settings["port"]),
                   "dtype": dtype,
-                  "max_model_len": str(max_model_len), "model_name": self.settings.get("model_name") or "model"}
+                  "max_model_len": str(max_model_len), "model_name": self.config["model_name"] or "model"}
         try:
             return [p.format(**values) for p in parts]
         except KeyError as exc:
@@ -167,21 +172,21 @@ class OpenAIServerBackend(Backend):
                                    f"listens there or choose another server.port")
             self.base_url = f"http://127.0.0.1:{port}"
             log_dir = Path(self.settings.get("log_dir") or ".")
-            log_path = Path(self.server_settings.get("log") or log_dir / "server.log")
+            log_path = Path(self.server_settings["log"] or log_dir / "server.log")
             self.process = ServerProcess(self.command(model_dir, dtype, max_model_len), log_path,
-                                         self.server_settings.get("env"))
+                                         self.server_settings["env"])
             log.info("started server (pid %d): %s; log %s", self.process.process.pid,
                      shlex.join(self.process.command), log_path)
         else:
             self.base_url = str(self.server_settings["url"]).rstrip("/")
         self._wait_ready(launched)
-        self.model_name = self.settings.get("model_name") or self._served_model()
+        self.model_name = self.config["model_name"] or self._served_model()
         self._loop = asyncio.new_event_loop()
         return LoadReport(device="server", dtype=dtype, details={
             "server_url": self.base_url, "launched": launched, "model_name": self.model_name,
             "server_command": shlex.join(self.process.command) if self.process else None,
             "server_log": str(self.process.log_path) if self.process else None,
-            "server_gpus": self.server_settings.get("gpus")})
+            "server_gpus": self.server_settings["gpus"]})
 
     def _wait_ready(self, launched: bool) -> None:
         url = self.base_url + self.server_settings["ready_path"]
@@ -219,7 +224,7 @@ class OpenAIServerBackend(Backend):
     def measured_gpus(self, devices: list[Any]) -> list[str] | None:
         """An attached server's GPUs (server.gpus, indices or UUIDs); a launched one's are found as the
         job's own (the server is a child process)."""
-        wanted = self.server_settings.get("gpus") or []
+        wanted = self.server_settings["gpus"]
         if self.process is not None or not wanted:
             return None
         chosen = [d.uuid for d in devices if d.index in wanted or d.uuid in wanted]
@@ -259,7 +264,7 @@ class OpenAIServerBackend(Backend):
         submitted = clock.now()
         async with self._session.post(self.base_url + "/v1/completions", json=self.request_body(request, decoding),
                                       timeout=aiohttp.ClientTimeout(total=float(
-                                          self.settings.get("request_timeout_s", 600)))) as response:
+                                          self.config["request_timeout_s"]))) as response:
             if response.status != 200:
                 raise BackendError(f"the server answered HTTP {response.status} to request {request.index}: "
                                    f"{(await response.text())[:500]}")

@@ -40,6 +40,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,12 +411,17 @@ class VllmBackend(Backend):
             # The scheduler was sized at load(); vLLM cannot change max_num_seqs on a running engine.
             log.warning("generate(batch_size=%d) but the engine runs up to max_num_seqs=%s requests at once "
                         "(set at load)", batch_size, self._max_num_seqs)
+        if self.streaming:
+            return self._run(requests, decoding, lambda: self._generate_streaming(requests, decoding))
+        return self._run(requests, decoding, lambda: self._generate_offline(requests, decoding))
+
+    def _run(self, requests: list[Request], decoding: DecodingSettings,
+             work: Callable[[], list[RequestRecord]]) -> list[RequestRecord]:
+        """What generate() and serve() share: lengths checked first, an engine failure as a
+        BackendError, the records in request order."""
         self._check_lengths(requests, decoding)
         try:
-            if self.streaming:
-                records = self._generate_streaming(requests, decoding)
-            else:
-                records = self._generate_offline(requests, decoding)
+            records = work()
         except (BackendError, ConfigError):
             raise
         except Exception as exc:
@@ -474,8 +480,7 @@ class VllmBackend(Backend):
         if self._async_engine is None:
             raise BackendError("vLLM serves arrival times through AsyncLLM only: set backend_settings.vllm."
                                "streaming: true")
-        self._check_lengths(requests, decoding)
-        return sorted(self._generate_streaming(requests, decoding, schedule), key=lambda r: r.index)
+        return self._run(requests, decoding, lambda: self._generate_streaming(requests, decoding, schedule))
 
     def _generate_streaming(self, requests: list[Request], decoding: DecodingSettings,
                             schedule: Schedule | None = None) -> list[RequestRecord]:

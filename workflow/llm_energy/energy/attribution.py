@@ -2,8 +2,8 @@
 
 The GPU counter is read at the window's edges only, so the energy of a span inside the window is the
 counter's gross energy times the span's share of the power timeline's integral over the window (the
-counter sets the total, the timeline how it is spread), the same rule as the timeline prefill/decode
-split (llm_energy.energy.phases). Per request, energy is *attributed*, never measured, two ways:
+counter sets the total, the timeline how it is spread): llm_energy.energy.phases.CounterSpread, the
+rule of the timeline prefill/decode split too. Per request, energy is *attributed*, never measured, two ways:
 - by tokens: the window's energy times the request's share of the window's output tokens;
 - by time overlap: each moment's energy is shared equally by the requests in flight at that moment
   (in flight: from its submission to its own last token), summed over the request's lifetime.
@@ -13,7 +13,6 @@ reported as `unattributed_j` beside the per-request figures.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from llm_energy.backends.base import RequestRecord
-from llm_energy.energy.timeline import integrate_power
-from llm_energy.load import SteadyState, in_flight_steps, tokens_between
+from llm_energy.energy.phases import CounterSpread
+from llm_energy.load import SteadyState, in_flight_steps, steady_state, tokens_between
+from llm_energy.metrics import goodput
 
 METHOD = "nvml counter over the window, spread over time by the power timeline"
 ATTRIBUTION_METHODS = {
@@ -31,54 +31,14 @@ ATTRIBUTION_METHODS = {
 }
 
 
-class _Spreader:
-    """The window's counter energy, spread over time by the timeline of its GPUs."""
-
-    def __init__(self, timeline: pd.DataFrame, window_record: Mapping[str, Any]):
-        gpu = window_record.get("domains", {}).get("gpu", {})
-        self.reason: str | None = None
-        self.start_s, self.end_s = float(window_record["start_s"]), float(window_record["end_s"])
-        self.gross_j = gpu.get("gross_j")
-        self.curves = []
-        if not gpu.get("available") or self.gross_j is None:
-            self.reason = f"no GPU energy in this window ({gpu.get('reason', 'not measured')})"
-            return
-        if timeline is None or len(timeline) == 0:
-            self.reason = "no power timeline (no GPU samples in this run)"
-            return
-        total = 0.0
-        for device in gpu["devices"]:
-            rows = timeline[timeline["device_uuid"] == device["uuid"]]
-            curve = (rows["time_s"].to_numpy(), rows["power_w"].to_numpy())
-            energy = integrate_power(*curve, self.start_s, self.end_s, max_edge_gap_s=math.inf).energy_j
-            if energy is None:
-                self.reason = f"the power timeline of GPU {device['index']} does not cover the window"
-                return
-            self.curves.append(curve)
-            total += energy
-        if total <= 0:
-            self.reason = "the power timeline integrates to zero in this window"
-        self.timeline_total_j = total
-
-    @property
-    def available(self) -> bool:
-        return self.reason is None
-
-    def energy_j(self, start_s: float, end_s: float) -> float:
-        start_s, end_s = max(start_s, self.start_s), min(end_s, self.end_s)
-        if end_s <= start_s:
-            return 0.0
-        part = sum(integrate_power(t, p, start_s, end_s, max_edge_gap_s=math.inf).energy_j or 0.0
-                   for t, p in self.curves)
-        return float(self.gross_j) * part / self.timeline_total_j
-
-
 def steady_state_energy(timeline: pd.DataFrame, window_record: Mapping[str, Any],
-                        steady: SteadyState | None, records: Sequence[RequestRecord]) -> dict[str, Any]:
-    """GPU energy, output tokens and J per output token of the steady state, with its bounds and flags."""
+                        steady: SteadyState | None, records: Sequence[RequestRecord],
+                        spread: CounterSpread | None = None) -> dict[str, Any]:
+    """GPU energy, output tokens and J per output token of the steady state, with its bounds and flags
+    (`spread`: the window's CounterSpread where the caller has it already)."""
     if steady is None:
         return {"available": False, "reason": "no requests in the window"}
-    spreader = _Spreader(timeline, window_record)
+    spreader = spread or CounterSpread(timeline, window_record)
     if not spreader.available:
         return {"available": False, "reason": spreader.reason, **steady.describe()}
     energy = spreader.energy_j(steady.start_s, steady.end_s)
@@ -88,9 +48,9 @@ def steady_state_energy(timeline: pd.DataFrame, window_record: Mapping[str, Any]
 
 
 def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
-                     window_record: Mapping[str, Any]) -> dict[str, Any]:
+                     window_record: Mapping[str, Any], spread: CounterSpread | None = None) -> dict[str, Any]:
     """Per request (in `records` order) its attributed GPU energy, by tokens and by time overlap."""
-    spreader = _Spreader(timeline, window_record)
+    spreader = spread or CounterSpread(timeline, window_record)
     if not spreader.available or not records:
         return {"available": False, "reason": spreader.reason or "no requests in the window"}
     output_tokens = np.array([r.output_tokens for r in records], dtype=float)
@@ -119,20 +79,19 @@ def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
 def load_window_results(records: Sequence[RequestRecord], timeline: pd.DataFrame, window_record: Mapping[str, Any],
                         max_concurrency: int | None, slo: Mapping[str, float | None]) -> dict[str, Any]:
     """Everything a window under load adds to its cycle: the steady state with its energy, goodput, and
-    each request's attributed energy. `metrics` are run metrics (numbers); `per_request` columns for the
-    requests table, in `records` order; `flags` for the cycle."""
-    from llm_energy.load import steady_state
-    from llm_energy.metrics import goodput
-
+    each request's attributed energy. `metrics` are run metrics (numbers), `info` metrics_info strings,
+    `per_request` columns for the requests table (in `records` order), `flags` for the cycle."""
+    spread = CounterSpread(timeline, window_record)  # once: the steady state and the attribution share it
     steady = steady_state(records, max_concurrency)
-    steady_energy = steady_state_energy(timeline, window_record, steady, records)
+    steady_energy = steady_state_energy(timeline, window_record, steady, records, spread)
     rates = goodput(records, window_record.get("duration_s"), slo.get("ttft_s"), slo.get("tpot_s"))
-    attributed = attribute_energy(records, timeline, window_record)
+    attributed = attribute_energy(records, timeline, window_record, spread)
     queued = [r.queue_s for r in records if r.queue_s is not None]
+    objectives = any(v is not None for v in slo.values())
     metrics = {
         "request_throughput_per_s": rates["request_throughput_per_s"],
-        "goodput_requests_per_s": rates["goodput_requests_per_s"] if any(v is not None for v in slo.values()) else None,
-        "slo_met_share": rates["slo_met_share"] if any(v is not None for v in slo.values()) else None,
+        "goodput_requests_per_s": rates["goodput_requests_per_s"] if objectives else None,
+        "slo_met_share": rates["slo_met_share"] if objectives else None,
         "queue_mean_s": sum(queued) / len(queued) if queued else None,
         "steady_state_duration_s": steady.duration_s if steady else None,
         "steady_state_gpu_energy_j": steady_energy.get("gpu_energy_j"),
@@ -144,8 +103,12 @@ def load_window_results(records: Sequence[RequestRecord], timeline: pd.DataFrame
             per_request[name] = attributed[name]
             values = [v for v in attributed[name] if v is not None]
             metrics[f"{name.removesuffix('_j')}_per_request_mean_j"] = sum(values) / len(values) if values else None
+    methods = ATTRIBUTION_METHODS if attributed["available"] else {}
+    info = {"attributed_energy_method": "attributed, not measured: " + "; ".join(f"{k}: {v}" for k, v in methods.items()),
+            **{f"slo_{name}": f"{value:g}" for name, value in slo.items() if value is not None}}
     return {
         "metrics": metrics,
+        "info": info,
         "flags": list(steady.flags) if steady else [],
         "per_request": per_request,
         "record": {"steady_state": steady_energy, "goodput": rates, "slo": dict(slo),

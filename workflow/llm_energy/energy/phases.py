@@ -41,6 +41,55 @@ def _union(spans: Sequence[tuple[float, float]], start_s: float, end_s: float) -
     return merged
 
 
+class CounterSpread:
+    """A window's GPU counter energy spread over time by the power timeline of its GPUs: the energy
+    of a span inside the window is the counter's gross energy times the span's share of the
+    timeline's integral over the window. `reason` says why there is none (then `available` is False).
+    Shared by the prefill/decode split here and by llm_energy.energy.attribution (steady state,
+    energy per request)."""
+
+    def __init__(self, timeline_frame: pd.DataFrame | None, window_record: Mapping[str, Any]):
+        gpu = window_record.get("domains", {}).get("gpu", {})
+        self.start_s, self.end_s = float(window_record["start_s"]), float(window_record["end_s"])
+        self.gross_j = gpu.get("gross_j")
+        self.curves: list[tuple[Any, Any]] = []
+        self.timeline_total_j = 0.0
+        self.reason = self._spread(timeline_frame, gpu)
+
+    def _spread(self, timeline_frame: pd.DataFrame | None, gpu: Mapping[str, Any]) -> str | None:
+        if not gpu.get("available") or self.gross_j is None:
+            return f"no GPU energy in this window ({gpu.get('reason', 'not measured')})"
+        if timeline_frame is None or len(timeline_frame) == 0:
+            return "no power timeline (no GPU samples in this run)"
+        for device in gpu["devices"]:
+            rows = timeline_frame[timeline_frame["device_uuid"] == device["uuid"]]
+            curve = (rows["time_s"].to_numpy(), rows["power_w"].to_numpy())
+            energy = integrate_power(*curve, self.start_s, self.end_s, max_edge_gap_s=math.inf).energy_j
+            if energy is None:
+                return f"the power timeline of GPU {device['index']} does not cover the window"
+            self.curves.append(curve)
+            self.timeline_total_j += energy
+        if self.timeline_total_j <= 0:
+            return "the power timeline integrates to zero in this window"
+        return None
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+    def share(self, start_s: float, end_s: float) -> float:
+        """The span's share of the window's timeline energy (clipped to the window)."""
+        start_s, end_s = max(start_s, self.start_s), min(end_s, self.end_s)
+        if end_s <= start_s:
+            return 0.0
+        part = sum(integrate_power(t, p, start_s, end_s, max_edge_gap_s=math.inf).energy_j or 0.0
+                   for t, p in self.curves)
+        return part / self.timeline_total_j
+
+    def energy_j(self, start_s: float, end_s: float) -> float:
+        return float(self.gross_j) * self.share(start_s, end_s)
+
+
 def split_prefill_decode(timeline_frame: pd.DataFrame, window_record: Mapping[str, Any],
                          request_spans: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """Split the window's GPU energy into prefill and decode.
@@ -49,29 +98,14 @@ def split_prefill_decode(timeline_frame: pd.DataFrame, window_record: Mapping[st
     e.g. (submitted_s, first_token_s). Returns {"available": False, "reason"} without GPU energy or
     power timeline.
     """
-    gpu = window_record.get("domains", {}).get("gpu", {})
-    if not gpu.get("available"):
-        return {"available": False,
-                "reason": f"no GPU energy in this window ({gpu.get('reason', 'not measured')})"}
-    if timeline_frame is None or len(timeline_frame) == 0:
-        return {"available": False, "reason": "no power timeline (no GPU samples in this run)"}
-    start_s, end_s = float(window_record["start_s"]), float(window_record["end_s"])
+    spread = CounterSpread(timeline_frame, window_record)
+    if not spread.available:
+        return {"available": False, "reason": spread.reason}
+    start_s, end_s = spread.start_s, spread.end_s
     spans = _union(request_spans, start_s, end_s)
-    prefill_tl = total_tl = 0.0
-    for device in gpu["devices"]:
-        rows = timeline_frame[timeline_frame["device_uuid"] == device["uuid"]]
-        times, power = rows["time_s"].to_numpy(), rows["power_w"].to_numpy()
-        total = integrate_power(times, power, start_s, end_s, max_edge_gap_s=math.inf).energy_j
-        if total is None:
-            return {"available": False,
-                    "reason": f"the power timeline of GPU {device['index']} does not cover the window"}
-        total_tl += total
-        for a, b in spans:
-            prefill_tl += integrate_power(times, power, a, b, max_edge_gap_s=math.inf).energy_j or 0.0
-    if total_tl <= 0:
-        return {"available": False, "reason": "the power timeline integrates to zero in this window"}
-    share = prefill_tl / total_tl
-    gross_j = float(gpu["gross_j"])
+    share = sum(spread.share(a, b) for a, b in spans)
+    gross_j = float(spread.gross_j)
+    gpu = window_record["domains"]["gpu"]
     prefill_time_s = sum(b - a for a, b in spans)
     decode_time_s = (end_s - start_s) - prefill_time_s
     result: dict[str, Any] = {

@@ -18,11 +18,10 @@ NO_RATES_TEXT = "no request rates in this campaign\n(static batches: set grid.re
 STEADY = "steady_state_gpu_energy_per_output_token_j"
 
 
-def loaded_rows(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Successful experiments that ran under a finite request rate, and the notes so far."""
-    ok, notes = d.split_successful(summary)
+def loaded_rows(ok: pd.DataFrame) -> pd.DataFrame:
+    """The successful experiments that ran under a finite request rate."""
     rates = d.column(ok, RATE)
-    return ok.loc[rates.notna() & np.isfinite(rates.astype(float))], notes
+    return ok.loc[rates.notna() & np.isfinite(rates.astype(float))]
 
 
 def _lines(ax, shown: pd.DataFrame, series: pd.Series, colour: dict, column: str, style: str = "-",
@@ -42,7 +41,7 @@ def draw_serving(inputs, title: str) -> Figure:
     ok, notes = d.split_successful(inputs.summary)
     if ok.empty:
         return message_figure(NO_SUCCESS_TEXT, notes, title)
-    shown, notes = loaded_rows(inputs.summary)
+    shown = loaded_rows(ok)
     if shown.empty:  # every figure still says which energy and GPU the campaign has
         return message_figure(NO_RATES_TEXT, d.context_notes(ok, d.choose_boundary(ok)) + notes, title)
     columns = d.varying(shown, d.FACET_COLUMNS) + d.varying(shown, d.SERIES_COLUMNS)
@@ -90,7 +89,7 @@ def draw_serving(inputs, title: str) -> Figure:
     notes.append("Goodput: requests per second of the window meeting every latency objective"
                  + (f" ({', '.join(slo)})" if slo else "") + (" (none set: goodput not shown)" if not has_goodput else "")
                  + ". Latency percentiles pooled over every request of every successful cycle.")
-    notes += d.missing_note(d.split_successful(inputs.summary)[0], shown, "a request rate (static batches)")
+    notes += d.missing_note(ok, shown, "a request rate (static batches)")
     add_notes(figure, d.context_notes(shown, boundary) + notes)
     return figure
 
