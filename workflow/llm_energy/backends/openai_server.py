@@ -55,6 +55,8 @@ KEY = "backend_settings.openai_server"
 SCHEMA_NODE = "#/properties/backend_settings/properties/openai_server"
 LOG_TAIL_LINES = 30
 STOP_TIMEOUT_S = 20.0
+# A launched server that dropped the connection is given this long to exit before the error says so.
+DISCONNECT_GRACE_S = 5.0
 
 
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
@@ -97,8 +99,13 @@ class ServerProcess:
                                         start_new_session=True,
                                         env={**os.environ, **{k: str(v) for k, v in (env or {}).items()}})
 
-    def exited(self) -> int | None:
-        return self.process.poll()
+    def exited(self, within_s: float = 0.0) -> int | None:
+        """The exit code, or None while it runs; waits up to within_s for it to exit (a server whose
+        connection just dropped is usually still dying)."""
+        try:
+            return self.process.wait(within_s) if within_s > 0 else self.process.poll()
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -325,9 +332,9 @@ class OpenAIServerBackend(Backend):
         except BackendError:
             raise
         except Exception as exc:
-            died = self.process is not None and self.process.exited() is not None
-            why = (f"the server exited with code {self.process.exited()}; its log ends:\n"
-                   f"{log_tail(self.process.log_path)}") if died else f"{type(exc).__name__}: {exc}"
+            code = self.process.exited(within_s=DISCONNECT_GRACE_S) if self.process is not None else None
+            why = (f"the server exited with code {code}; its log ends:\n{log_tail(self.process.log_path)}"
+                   if code is not None else f"{type(exc).__name__}: {exc}")
             raise BackendError(f"streaming from {self.base_url} failed: {why}") from exc
         return sorted(records, key=lambda r: r.index)
 
