@@ -29,6 +29,17 @@ def test_overhead_runs_merge_with_each_rows_commit_and_the_first_bandwidth(tmp_p
     assert merged["measured_copy_bandwidth_bytes_per_s"] == 4.2e12
 
 
+def test_a_later_overhead_run_replaces_the_rows_it_remeasured(tmp_path: Path) -> None:
+    (tmp_path / "old.json").write_text(json.dumps({"git_commit": "aaa", "rows": [
+        _row("fast", 8, "full", 1.03, 0.94, 1.13), _row("fast", 8, "no_sampler", 1.06, 0.93, 1.20),
+        _row("fast", 1, "full", 1.0, 0.87, 1.13)]}))
+    (tmp_path / "new.json").write_text(json.dumps({"git_commit": "bbb", "rows": [
+        _row("fast", 8, "full", 0.99, 0.98, 1.00)]}))
+    merged = build_proof.load_overhead([tmp_path / "old.json", tmp_path / "new.json"])
+    by_key = {(r["batch_size"], r["arm"]): (r["ratio"], r["git_commit"]) for r in merged["rows"]}
+    assert by_key == {(8, "full"): (0.99, "bbb"), (8, "no_sampler"): (1.06, "aaa"), (1, "full"): (1.0, "aaa")}
+
+
 def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
     proof = {
         "experiments": [

@@ -105,15 +105,19 @@ def window_facts(results_dir: Path) -> dict[str, Any]:
 
 
 def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
-    """harness_overhead.py outputs, possibly from several runs (say one per engine path): their rows,
-    each tagged with the commit of the run it came from, and the first copy bandwidth measured."""
-    rows: list[dict[str, Any]] = []
+    """harness_overhead.py outputs, possibly from several runs (say one per engine path, or a longer
+    rerun of some batch sizes): their rows, each tagged with the commit of the run it came from, and the
+    first copy bandwidth measured. A later file's row replaces an earlier one for the same engine path,
+    batch size and arm (list the files oldest first), so a rerun supersedes what it re-measured."""
+    rows: dict[tuple, dict[str, Any]] = {}
     bandwidth = None
     for path in paths:
         run = json.loads(path.read_text())
-        rows += [{**r, "git_commit": run.get("git_commit"), "source": path.name} for r in run.get("rows", [])]
+        for r in run.get("rows", []):
+            rows[(r["pytorch_path"], r["batch_size"], r["arm"])] = {**r, "git_commit": run.get("git_commit"),
+                                                                   "source": path.name}
         bandwidth = bandwidth or run.get("measured_copy_bandwidth_bytes_per_s")
-    return {"rows": rows, "measured_copy_bandwidth_bytes_per_s": bandwidth}
+    return {"rows": list(rows.values()), "measured_copy_bandwidth_bytes_per_s": bandwidth}
 
 
 def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: str | None = None) -> dict[str, Any]:
@@ -174,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--overhead", type=Path, nargs="*", default=[],
-                        help="harness_overhead.py's --out JSON files (one per run; rows keep their run's commit)")
+                        help="harness_overhead.py's --out JSON files, oldest first (rows keep their run's commit; "
+                             "a later run's row replaces an earlier one for the same path, batch and arm)")
     parser.add_argument("--git-commit", help="the commit whose tree ran, where the artifacts' own is wrong (a "
                                              "copy of the tree whose .git was stale; LLM_ENERGY_GIT_COMMIT avoids it)")
     args = parser.parse_args(argv)

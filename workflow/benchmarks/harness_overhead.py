@@ -1,8 +1,8 @@
 """How much the measurement harness slows what it measures: interleaved arms in one process.
 
 For every pytorch experiment of a campaign (each engine path and batch size), one process loads the
-model once, compiles and warms it up as the pipeline does, then runs interleaved windows of four arms,
-`--windows` rounds, the arms' order rotated every round:
+model once, compiles and warms it up as the pipeline does, then runs interleaved windows of the arms
+(all four unless `--arms` picks fewer), `--windows` rounds, the arms' order rotated every round:
 
 - bare:          transformers' own `generate` on the same padded batches with the same cache and
                  compile settings (PytorchBackend.reference_generate_call): no streamer, no energy
@@ -133,7 +133,7 @@ def measure_copy_bandwidth_bytes_per_s(size_bytes: int = 2**30, iterations: int 
 
 
 def measure_experiment_overhead(campaign, experiment, resources: Path, windows: int, window_s: float,
-                                log: logging.Logger) -> tuple[list[dict], dict]:
+                                log: logging.Logger, arms: tuple[str, ...] = ARMS) -> tuple[list[dict], dict]:
     from llm_energy import clock, statistics
     from llm_energy.backends import create_backend
     from llm_energy.measure import (backend_settings, batches_of, decoding_settings, max_model_len, rewarm,
@@ -163,11 +163,11 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
     for _ in range(3):  # the bare arm's own static cache and compiled call, outside its windows
         bare_window(backend, calls, output_tokens_per_pass, 0.0)
     timing["warmup_s"] = clock.now() - t0
-    samples: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    samples: dict[str, list[dict]] = {arm: [] for arm in arms}
     t0 = clock.now()
     window_total_s = 0.0
     for round_index in range(windows):
-        order = ARMS[round_index % len(ARMS):] + ARMS[: round_index % len(ARMS)]
+        order = arms[round_index % len(arms):] + arms[: round_index % len(arms)]
         for arm in order:
             if arm == "bare":
                 rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
@@ -178,14 +178,14 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
             window_total_s += sample["duration_s"]
             samples[arm].append(sample)
         log.info("round %d/%d: %s", round_index + 1, windows,
-                 {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in ARMS})
+                 {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in arms})
     timing["windows_s"] = window_total_s
     timing["other_s"] = clock.now() - t0 - window_total_s
     path = backend.engine_path
     backend.close()
     rows = []
     bare = [s["output_tokens_per_s"] for s in samples["bare"]]
-    for arm in HARNESS_ARMS:
+    for arm in arms[1:]:
         ratios = [s["output_tokens_per_s"] / b for s, b in zip(samples[arm], bare)]
         stats = statistics.describe(ratios)
         rows.append({
@@ -196,6 +196,9 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
             "arm_gpu_energy_per_output_token_j": statistics.describe(
                 s["gpu_energy_per_output_token_j"] for s in samples[arm])["mean"],
             "ratios": ratios,
+            # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
+            "arm_window_output_tokens_per_s": [s["output_tokens_per_s"] for s in samples[arm]],
+            "bare_window_output_tokens_per_s": bare,
         })
     total = sum(timing.values())
     timing["share_in_windows"] = timing["windows_s"] / total if total else None
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="*", help="only these batch sizes")
     parser.add_argument("--experiments", nargs="*", help="only experiment ids containing one of these strings")
     parser.add_argument("--copy-bandwidth", action="store_true", help="also measure device-to-device copy bandwidth")
+    parser.add_argument("--arms", nargs="+", choices=ARMS[1:], default=list(ARMS[1:]),
+                        help="harness arms to run beside bare (fewer arms buy more rounds in the same time)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     for experiment in chosen:
         log.info("experiment %s", experiment.id)
         experiment_rows, timing = measure_experiment_overhead(campaign, experiment, args.resources, args.windows,
-                                                              args.window_s, log)
+                                                              args.window_s, log, ("bare", *args.arms))
         rows += experiment_rows
         timings.append({"experiment_id": experiment.id, **timing})
         if args.out:  # after every experiment: a run cut short keeps what it measured
