@@ -186,6 +186,7 @@ def test_load_report(offline):
     assert details["resolved"]["kv_cache_tokens"] > 0
     assert details["resolved"]["kv_cache_memory_bytes"] == 2**30  # cpu_kv_cache_space_gib = 1
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert details["engine_core"] == "in process"  # offline on CPU: the in-process core, set by the backend
     json.dumps(details)  # goes into the run artifact as is
 
 
@@ -252,6 +253,7 @@ def test_streaming_chunk_times(streaming, fixed_run):
     before = clock.now()
     records = streaming.generate(requests, BATCH_SIZE, greedy("fixed", 12))
     after = clock.now()
+    assert streaming._engine_core_mode() == "separate process"  # AsyncLLM's core is always its own process
     for record, offline_record in zip(records, offline_records):
         assert record.latency_source == "vllm_stream_arrival_at_caller"
         times, tokens = record.arrivals()

@@ -21,6 +21,7 @@ from llm_energy.metrics import (
     run_metrics,
     time_per_output_token_s,
     window_bounds,
+    work_duration_s,
 )
 
 
@@ -270,6 +271,11 @@ def test_energy_metrics_prefix_has_no_info() -> None:
 # Run metrics
 
 
+def test_work_duration_without_requests_is_the_window() -> None:
+    assert work_duration_s([], 4.0) == 4.0
+    assert work_duration_s(records(), 10.0) == pytest.approx(3.5)
+
+
 def setup_windows() -> list[dict[str, Any]]:
     return [
         {"name": "load", "duration_s": 3.0,
@@ -288,9 +294,12 @@ def test_run_metrics_tokens_throughput_and_energy_ratios() -> None:
     assert metrics["requests"] == 3.0
     assert metrics["input_tokens"] == 20.0
     assert metrics["output_tokens"] == 9.0
-    assert metrics["output_tokens_per_s"] == pytest.approx(0.9)
-    assert metrics["input_tokens_per_s"] == pytest.approx(2.0)
-    assert metrics["requests_per_s"] == pytest.approx(0.3)
+    # Throughput over the work (first submission 0.0 s to last token 3.5 s), not over the energy
+    # window, whose edges wait for the counter; mean power stays energy over the window.
+    assert metrics["work_duration_s"] == pytest.approx(3.5)
+    assert metrics["output_tokens_per_s"] == pytest.approx(9 / 3.5)
+    assert metrics["input_tokens_per_s"] == pytest.approx(20 / 3.5)
+    assert metrics["requests_per_s"] == pytest.approx(3 / 3.5)
     assert metrics["gpu_energy_per_output_token_j"] == pytest.approx(100.0 / 9)
     assert metrics["gpu_net_energy_per_output_token_j"] == pytest.approx(60.0 / 9)
     assert metrics["gpu_output_tokens_per_j"] == pytest.approx(9 / 100.0)

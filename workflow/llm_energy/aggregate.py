@@ -58,10 +58,11 @@ ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others
 MFU_METHOD = (
     "achieved_flops_per_s / (gpu_count x peak dense flops_per_s of the GPU at the run dtype); "
     "achieved_flops_per_s = the FLOPs of every request of the cycle's window (the model's cost model "
-    "over its requests table) / window_duration_s"
+    "over its requests table) / work_duration_s (first submission to last token; window_duration_s "
+    "for runs that predate it)"
 )
 MBU_METHOD = (
-    "lower bound: decode_bytes_min / window_duration_s / (gpu_count x peak memory_bytes_per_s); "
+    "lower bound: decode_bytes_min / work_duration_s / (gpu_count x peak memory_bytes_per_s); "
     "weights at the bytes the run stored them in (load details matmul_weight_bytes: quantized weights "
     "count as stored), else parameters x dtype size; "
     "decode_bytes_min is the minimum traffic (weights + KV cache read once per decode step) and the "
@@ -351,7 +352,8 @@ def _derive_flops_metrics(
             continue
         total_flops = _finite(record["total_flops"])
         decode_bytes = _decode_bytes_min(record, c)
-        window = _finite(c.metrics.get("window_duration_s"))
+        # The work's own span: the energy window's closing edge waits for the counter's next update.
+        window = _finite(c.metrics.get("work_duration_s", c.metrics.get("window_duration_s")))
         gpu_energy = _finite(c.metrics.get("gpu_energy_j"))
         node_energy = _finite(c.metrics.get("node_energy_j"))
         series["gpu_flops_per_j"].add(
@@ -363,7 +365,7 @@ def _derive_flops_metrics(
             "node_energy_j unavailable" if node_energy is None else "node_energy_j not positive",
         )
         achieved = _ratio(total_flops, window)
-        series["achieved_flops_per_s"].add(c.cycle, achieved, "window_duration_s unavailable")
+        series["achieved_flops_per_s"].add(c.cycle, achieved, "work_duration_s unavailable")
         peaks, gpu_count, peak_reason = _peaks_for(c, dtype, lookup)
         peak_flops = _finite(peaks.get("flops_per_s")) if peaks else None
         peak_bytes = _finite(peaks.get("memory_bytes_per_s")) if peaks else None
@@ -372,7 +374,7 @@ def _derive_flops_metrics(
             if description not in peak_descriptions:
                 peak_descriptions.append(description)
         if achieved is None:
-            series["mfu"].add(c.cycle, None, "window_duration_s unavailable")
+            series["mfu"].add(c.cycle, None, "work_duration_s unavailable")
         elif peak_reason:
             series["mfu"].add(c.cycle, None, peak_reason)
         else:
@@ -383,7 +385,7 @@ def _derive_flops_metrics(
         if decode_bytes is None:
             series["mbu"].add(c.cycle, None, "no decode_bytes_min for the cycle")
         elif window is None:
-            series["mbu"].add(c.cycle, None, "window_duration_s unavailable")
+            series["mbu"].add(c.cycle, None, "work_duration_s unavailable")
         elif peak_reason:
             series["mbu"].add(c.cycle, None, peak_reason)
         else:
