@@ -63,3 +63,11 @@ def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
     assert ratio == {8: (True, False), 128: (False, True)}
     rest = {c["target"].split()[0]: c["met"] for c in checks if "experiment_id" not in c and "batch_size" not in c}
     assert rest == {"gpu_time_in_windows_share": False, "timeline": True, "MBU": False}
+
+
+def test_a_stale_commit_label_is_read_as_the_commit_that_ran(tmp_path: Path) -> None:
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"git_commit": "old-dirty", "rows": [_row("fast", 8, "full", 1.0, 0.9, 1.1)]}))
+    proof = build_proof.build(tmp_path, [tmp_path / "run.json"], "new", {"old-dirty": "7094582"})
+    assert proof["git_commit"] == "new"
+    assert [r["git_commit"] for r in proof["harness_overhead"]] == ["7094582"]

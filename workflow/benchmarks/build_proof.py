@@ -75,7 +75,9 @@ def experiment_rows(results_dir: Path) -> tuple[list[dict], dict[str, Any]]:
             measured = artifacts.read_json_artifact(run_set.parent / first["result"], "run_result")
             provenance = measured.get("provenance") or {}
             software = provenance.get("software") or {}
-            facts.setdefault("git_commit", (provenance.get("code") or {}).get("git_commit"))
+            commit = (provenance.get("code") or {}).get("git_commit")
+            rows[-1]["git_commit"] = commit  # a tree re-measured in parts holds runs of several commits
+            facts.setdefault("git_commit", commit)
             for name in ("torch", "transformers", "vllm", "python"):
                 if software.get(name) and (name != "vllm" or backend == "vllm"):
                     facts.setdefault("versions", {})[name] = software[name]
@@ -120,12 +122,19 @@ def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
     return {"rows": list(rows.values()), "measured_copy_bandwidth_bytes_per_s": bandwidth}
 
 
-def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: str | None = None) -> dict[str, Any]:
+def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: str | None = None,
+          commit_aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """`commit_aliases` maps a wrong commit label found in artifacts (a copy of the tree with a stale
+    .git labelled its runs with an older commit and -dirty) to the commit that really ran."""
     rows, facts = experiment_rows(results_dir)
+    for row in rows:
+        row["git_commit"] = (commit_aliases or {}).get(row.get("git_commit"), row.get("git_commit"))
     proof: dict[str, Any] = {"gpu_name": facts.get("gpu_name"), "git_commit": git_commit or facts.get("git_commit"),
                              "git_commit_in_artifacts": facts.get("git_commit"),
                              "versions": facts.get("versions", {}), "experiments": rows}
     overhead = load_overhead(overhead_paths)
+    for row in overhead["rows"]:
+        row["git_commit"] = (commit_aliases or {}).get(row["git_commit"], row["git_commit"])
     keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
     proof["harness_overhead"] = [{k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"]
                                  if r["arm"] == "full"]
@@ -182,8 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                              "a later run's row replaces an earlier one for the same path, batch and arm)")
     parser.add_argument("--git-commit", help="the commit whose tree ran, where the artifacts' own is wrong (a "
                                              "copy of the tree whose .git was stale; LLM_ENERGY_GIT_COMMIT avoids it)")
+    parser.add_argument("--commit-alias", action="append", default=[], metavar="LABEL=COMMIT",
+                        help="read the commit LABEL found in artifacts as COMMIT (repeatable)")
     args = parser.parse_args(argv)
-    proof = build(args.results_dir, args.overhead, args.git_commit)
+    aliases = {}
+    for alias in args.commit_alias:
+        label, sep, commit = alias.partition("=")
+        if not sep or not label or not commit:
+            parser.error(f"--commit-alias {alias!r}: expected LABEL=COMMIT")
+        aliases[label] = commit
+    proof = build(args.results_dir, args.overhead, args.git_commit, aliases)
     (args.results_dir / "proof.json").write_text(json.dumps(proof, indent=2) + "\n")
     for check in proof["targets"]:
         value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
