@@ -29,7 +29,8 @@ from typing import Any
 from llm_energy import clock
 from llm_energy.backends import quantization
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, LAUNCH_DATA_PARALLEL, LAUNCH_IN_PROCESS, Backend, DecodingSettings, Execution, LoadReport,
+    Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
@@ -56,6 +57,8 @@ class PytorchSettings:
     compile: str | bool
     compile_backend: str
     num_threads: int | None
+    data_parallel: int
+    data_parallel_timeout_s: float
 
     @classmethod
     def of(cls, settings: PytorchSettings | Mapping[str, Any] | None) -> PytorchSettings:
@@ -116,6 +119,10 @@ def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
     reason = quantization.unsupported_reason(config.quantization, config.device)
     if reason:
         raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
+    if config.data_parallel > 1 and config.device_map is not None:
+        raise ConfigError(f"{SETTINGS_KEY}.data_parallel", f"is {config.data_parallel} with device_map "
+                          f"{config.device_map!r}: each data-parallel replica runs on one GPU of its own",
+                          "Leave device_map null, or data_parallel at 1.")
 
 
 def compilation_counter() -> int:
@@ -208,6 +215,18 @@ class PytorchBackend(Backend):
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
         check_settings(settings)
+
+    supports_data_parallel = True
+    # Added after ids were fixed (id unchanged at 1) / never changes what is measured.
+    id_neutral_settings = {"data_parallel": 1}
+    id_excluded_settings = ("data_parallel_timeout_s",)
+
+    @classmethod
+    def execution(cls, settings: dict[str, Any]) -> Execution:
+        config = PytorchSettings.of(settings)
+        return Execution(launch=LAUNCH_DATA_PARALLEL if config.data_parallel > 1 else LAUNCH_IN_PROCESS,
+                         harness_may_init_cuda=True, data_parallel=config.data_parallel,
+                         barrier_timeout_s=config.data_parallel_timeout_s, keys={"data_parallel": "data_parallel"})
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
