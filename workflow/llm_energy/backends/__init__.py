@@ -25,10 +25,19 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def create_backend(name: str, settings: dict | None = None) -> Backend:
+    """The backend, run as it declares (Backend.execution): in this process, or one worker process per
+    data-parallel replica behind llm_energy.data_parallel."""
+    from llm_energy.backends.base import LAUNCH_DATA_PARALLEL
+
     cls = backend_class(name)
     reason = cls.unavailable_reason()
     if reason:
         raise BackendError(f"backend '{name}' cannot run here: {reason}")
+    execution = cls.execution(dict(settings or {}))
+    if execution.launch == LAUNCH_DATA_PARALLEL:
+        from llm_energy.data_parallel import DataParallelBackend
+
+        return DataParallelBackend(name, dict(settings or {}), execution.data_parallel, execution.barrier_timeout_s)
     return cls(settings)
 
 
