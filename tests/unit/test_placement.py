@@ -74,7 +74,8 @@ def test_defaults_and_ids_unchanged() -> None:
     assert campaign.config["campaign"]["gpus"] == {"devices": None, "jobs": "parallel", "wait_s": 600,
                                                    "lock_dir": "/tmp/llm-energy-gpu-locks"}
     # data_parallel: 1 (the default) leaves the ids as they were before the key existed
-    assert list(campaign.experiments) == list(_campaign(data_parallel=1, data_parallel_timeout_s=5).experiments)
+    assert list(campaign.experiments) == list(_campaign(data_parallel=1, tensor_parallel=1,
+                                                        data_parallel_timeout_s=5).experiments)
     assert set(campaign.experiments).isdisjoint(_campaign(data_parallel=2).experiments)
 
 
@@ -124,6 +125,10 @@ def test_declarations() -> None:
     pytorch, vllm = backend_class("pytorch"), backend_class("vllm")
     assert pytorch.execution({}).launch == "in_process"
     assert pytorch.execution({"data_parallel": 3}).describe()["launch"] == "data_parallel_workers"
+    tp = pytorch.execution({"tensor_parallel": 2})
+    assert (tp.launch, tp.gpus, tp.keys["tensor_parallel"]) == ("tensor_parallel_workers", 2, "tensor_parallel")
+    with pytest.raises(ConfigError, match=r"backend_settings\.pytorch\.tensor_parallel.*alone"):
+        pytorch.check_settings({"tensor_parallel": 2, "data_parallel": 2})
     vllm_tp = vllm.execution({"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
     assert (vllm_tp.launch, vllm_tp.harness_may_init_cuda, vllm_tp.gpus) == ("engine_processes", False, 4)
     assert backend_class("openai_server").execution({"server": {"command": "x"}}).whole_box is False

@@ -131,9 +131,10 @@ class LoadReport:
 # create a CUDA context in its own process before the engine starts.
 LAUNCH_IN_PROCESS = "in_process"  # the engine runs in the harness's process (transformers)
 LAUNCH_DATA_PARALLEL = "data_parallel_workers"  # the harness launches one worker process per GPU (llm_energy.data_parallel)
+LAUNCH_TENSOR_PARALLEL = "tensor_parallel_workers"  # the harness launches the ranks of one split model (llm_energy.data_parallel)
 LAUNCH_ENGINE_PROCESSES = "engine_processes"  # the engine starts worker processes of its own (vLLM)
 LAUNCH_SERVER = "server"  # a server process, launched as setup or attached (openai_server)
-LAUNCH_MODES = (LAUNCH_IN_PROCESS, LAUNCH_DATA_PARALLEL, LAUNCH_ENGINE_PROCESSES, LAUNCH_SERVER)
+LAUNCH_MODES = (LAUNCH_IN_PROCESS, LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL, LAUNCH_ENGINE_PROCESSES, LAUNCH_SERVER)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Execution:
     # The job takes every GPU of the box: its engine runs on GPUs the allocator cannot hand out one by
     # one (an attached server's), so nothing may run beside it.
     whole_box: bool = False
-    # launch data_parallel_workers: the longest wait at a collective of the worker processes.
+    # launch data_parallel_workers / tensor_parallel_workers: the longest wait at a barrier of the workers.
     barrier_timeout_s: float | None = None
     keys: dict[str, str] = field(default_factory=dict)
 
