@@ -269,3 +269,62 @@ def test_topology_says_why_it_is_unavailable(four_gpus) -> None:
     assert garbled["reason"].startswith("unavailable, because the output was not understood")
     one = topology.interconnect(four_gpus[:1], run_command=lambda: (TOPO_4_GPUS, None))
     assert one["pairs"] == [] and "one physical GPU" in one["note"]
+
+
+# -- energy of the job's GPUs only, per GPU and summed --------------------------------------------
+
+
+def test_a_job_measures_its_own_gpus_per_gpu_and_summed(tmp_path: Path) -> None:
+    """Two jobs' worth of GPUs on a fake 4-GPU box: the data-parallel job given GPUs 0 and 2 (its
+    CUDA_VISIBLE_DEVICES as placement sets it) measures those two, each on its own and summed, and
+    never the 200 W of the neighbours."""
+    from llm_energy.energy import EnergySession, EnergySettings
+
+    hardware.set_nvml_module(FakeNvml([FakeGpu(UUIDS[0], power_w=300.0), FakeGpu(UUIDS[1], power_w=200.0),
+                                       FakeGpu(UUIDS[2], power_w=50.0), FakeGpu(UUIDS[3], power_w=200.0)]))
+    try:
+        experiment = next(iter(_campaign(data_parallel=2).experiments.values()))
+        with placement.placed(experiment, {"lock_dir": str(tmp_path / "locks"), "devices": [0, 2]}) as placed:
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == f"{UUIDS[0]},{UUIDS[2]}"
+            settings = EnergySettings.from_config({"rapl": False, "codecarbon": False, "align_counter_edges": True,
+                                                   "baseline": {"duration_s": 0}})
+            with EnergySession(settings, devices=hardware.visible_gpus(), powercap_root=tmp_path / "none",
+                               measure_counter_period=False, sampler="thread") as session:
+                assert session.bind_to_process_gpus() == placed.visible
+                handle = session.open_window("inference")
+                time.sleep(0.5)
+                record = session.close_window(handle)
+    finally:
+        hardware.set_nvml_module(None)
+    gpu = record["domains"]["gpu"]
+    per_gpu = {d["uuid"]: d["gross_j"] for d in gpu["devices"]}
+    assert list(per_gpu) == [UUIDS[0], UUIDS[2]]
+    assert per_gpu[UUIDS[0]] == pytest.approx(300.0 * record["duration_s"], rel=0.05)
+    assert per_gpu[UUIDS[2]] == pytest.approx(50.0 * record["duration_s"], rel=0.05)
+    assert gpu["gross_j"] == pytest.approx(sum(per_gpu.values()))
+
+
+def test_worker_processes_under_a_request_rate_are_refused() -> None:
+    from llm_energy.config import _check_backend_parallelism
+
+    for key in ("data_parallel", "tensor_parallel"):
+        with pytest.raises(ConfigError, match=rf"backend_settings\.pytorch\.{key}.*static batches only"):
+            _check_backend_parallelism("pytorch", None, {key: 2}, under_load=True)
+        _check_backend_parallelism("pytorch", None, {key: 2}, under_load=False)
+
+
+def test_a_cuda_context_before_an_engine_that_forbids_it_is_refused(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from llm_energy.errors import BackendError
+    from llm_energy.measure import require_cuda_untouched
+
+    campaign = load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
+                              "backends": ["vllm", "pytorch"]})
+    vllm, pytorch = (next(e for e in campaign.experiments.values() if e.backend == b) for b in ("vllm", "pytorch"))
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(is_initialized=lambda: True)))
+    with pytest.raises(BackendError, match="backend 'vllm' starts its engine in processes of its own"):
+        require_cuda_untouched(vllm)
+    require_cuda_untouched(pytorch)  # transformers runs in this process: allowed
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(is_initialized=lambda: False)))
+    require_cuda_untouched(vllm)

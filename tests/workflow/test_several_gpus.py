@@ -2,7 +2,8 @@
 (campaign.gpus.devices, taken as written where no NVML lists GPUs), two experiments run side by side
 on disjoint devices (each job's CUDA_VISIBLE_DEVICES and lock, recorded in its result.json), their
 overlapping windows are flagged host_shared, and a data-parallel experiment takes both devices and runs
-two worker processes (gloo), one per device."""
+two worker processes, one per device, as does a tensor-parallel one (two ranks of transformers' tp_plan
+over gloo)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
                               gpus={"devices": DEVICES, "lock_dir": str(tmp_path / "locks"), "wait_s": 300})
     config["grid"]["batch_size"] = [1, 2]
     config["backend_settings"] = {"pytorch": {"num_threads": 1,
-                                              "variants": {"one": {}, "dp2": {"data_parallel": 2}}}}
-    config["exclude"] = [{"variant": "dp2", "batch_size": 1}]
+                                              "variants": {"one": {}, "dp2": {"data_parallel": 2},
+                                                           "tp2": {"tensor_parallel": 2}}}}
+    config["exclude"] = [{"variant": "dp2", "batch_size": 1}, {"variant": "tp2", "batch_size": 1}]
     campaign = load_campaign(config)
     single = [e for e in campaign.experiments.values() if e.variant == "one"]
     assert len(single) == 2
     (parallel,) = [e for e in campaign.experiments.values() if e.variant == "dp2"]
+    (tensor,) = [e for e in campaign.experiments.values() if e.variant == "tp2"]
     workdir = copy_workflow(tmp_path / "several")
     (workdir / "campaign.yaml").write_text(yaml.safe_dump(config))
     # 4 cores: run_inference takes the machine's 2 as threads, so two jobs fit beside each other.
@@ -60,6 +63,12 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
     dp_result = _results(workdir, parallel.id)
     assert dp_result["status"] == "ok" and dp_result["experiment"]["engine_path"].endswith("+dp2")
     assert dp_result["tokens"]["output_tokens"] > 0
+    tp = placements[tensor.id]
+    assert tp["held_gpus"] == DEVICES and tp["execution"]["launch"] == "tensor_parallel_workers"
+    assert [p["gpus"] for p in tp["topology"]["processes"] if p["role"] == "tensor_parallel_rank"] == [[d] for d in DEVICES]
+    tp_result = _results(workdir, tensor.id)
+    assert tp_result["status"] == "ok" and tp_result["experiment"]["engine_path"].endswith("+tp2")
+    assert tp_result["load"]["details"]["tensor_parallel"] == 2
 
     # The single-device jobs ran at once or one after the other (Snakemake's choice); when their windows
     # overlapped, they held different devices and each window says so; the host's energy is not theirs alone.

@@ -22,6 +22,7 @@ from typing import Any
 
 from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS, backend_class
+from llm_energy.backends.base import LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL
 from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
 from llm_energy.load import LoadSpec
@@ -321,11 +322,13 @@ def _check_backend_parallelism(backend: str, variant: str | None, settings: Mapp
             raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
                               f"asks backend '{where}' for {name.replace('_', ' ')} of {size}, which it does not support",
                               f"Set it to 1; backends with {name.replace('_', ' ')}: {', '.join(able) or 'none'}.")
-    if under_load and execution.data_parallel > 1:
-        raise ConfigError(f"{prefix}.{execution.keys.get('data_parallel', 'data_parallel')}",
-                          f"data parallel of {execution.data_parallel} runs static batches only (each replica its "
-                          "shard), but the campaign has a request rate",
-                          "Use grid.request_rate: [inf] for this backend, or data parallel 1.")
+    # Worker processes launched by the harness (llm_energy.data_parallel) take static batches only.
+    if under_load and execution.launch in (LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL):
+        name = "data_parallel" if execution.launch == LAUNCH_DATA_PARALLEL else "tensor_parallel"
+        raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
+                          f"{name.replace('_', ' ')} of {getattr(execution, name)} runs static batches only (the "
+                          "harness's worker processes), but the campaign has a request rate",
+                          f"Use grid.request_rate: [inf] for this backend, or {name.replace('_', ' ')} 1.")
 
 
 @dataclass

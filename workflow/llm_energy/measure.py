@@ -515,7 +515,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
         timing.add("baseline", clock.now() - t0)
         try:
             backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir, run.experiment_dir))
-            require_cuda_untouched(backend, experiment)
+            require_cuda_untouched(experiment)
             load_report = setup_window("model_load", lambda: backend.load(
                 run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]))
             # Only the GPUs holding this job's engine are measured (an attached server names its own).
@@ -561,7 +561,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
     return {"timing": timing.describe(), "measured_cycles": statuses}
 
 
-def require_cuda_untouched(backend: Backend, experiment: Experiment) -> None:
+def require_cuda_untouched(experiment: Experiment) -> None:
     """A backend that declares the harness must not create a CUDA context before its engine starts
     (Backend.execution: its engine's own processes create it) is refused one that exists already."""
     if backend_class(experiment.backend).execution(dict(experiment.backend_settings)).harness_may_init_cuda:
