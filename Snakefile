@@ -18,12 +18,9 @@ sys.path.insert(0, str(WORKFLOW_DIR))
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(WORKFLOW_DIR), os.environ.get("PYTHONPATH")])))
 
 
-# Measurements never overlap: on one machine, run_inference jobs share a `gpu` resource of 1 unless
-# --resources says otherwise. (Snakemake looks for a default workflow profile next to the Snakefile,
-# in profiles/default, so workflow/profiles/default is only used when named with --workflow-profile;
-# this cap must not depend on it.) On a cluster, SLURM gives each job its own GPU.
-if workflow.local_exec and "gpu" not in workflow.global_resources:
-    workflow.register_resource("gpu", 1)
+# Measurements never share a GPU: on one machine the `gpu` resource is the campaign's GPUs (1 on a
+# CPU-only machine), registered in workflow/rules/common.smk once the campaign is read; on a cluster,
+# SLURM gives each job its own GPUs.
 
 
 report: "workflow/report/workflow.rst"

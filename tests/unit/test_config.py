@@ -189,7 +189,8 @@ def test_defaults_are_filled_and_input_untouched() -> None:
     assert config["campaign"] == {
         "name": "campaign", "cycles": 3,
         "warmup": {"min_batches": 3, "stable_batches": 3, "tolerance": 0.05, "max_s": 300},
-        "min_window_s": 10, "cycle_isolation": "experiment", "requests_per_cycle": None, "seed": 1234}
+        "min_window_s": 10, "cycle_isolation": "experiment", "requests_per_cycle": None, "seed": 1234,
+        "gpus": {"devices": None, "jobs": "parallel", "wait_s": 600, "lock_dir": "/tmp/llm-energy-gpu-locks"}}
     assert config["grid"] == {
         "batch_size": [1], "dtype": ["float32"], "max_input_tokens": [512], "max_output_tokens": [64],
         "decoding": [{"mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],

@@ -12,6 +12,7 @@ import llm_energy.backends.pytorch  # noqa: F401
 import llm_energy.config  # noqa: F401
 import llm_energy.backends.vllm  # noqa: F401
 import llm_energy.energy  # noqa: F401
+import llm_energy.placement  # noqa: F401
 from llm_energy.config_schema import config_schema, schema_node
 from llm_energy.errors import ConfigError
 from llm_energy.specs import SPEC_NODES, schema_spec, section_spec

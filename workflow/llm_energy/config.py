@@ -22,6 +22,7 @@ from typing import Any
 
 from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS, backend_class
+from llm_energy.backends.base import LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL
 from llm_energy.config_schema import config_schema, raise_first_error, validator_filling_defaults
 from llm_energy.errors import ConfigError
 from llm_energy.load import LoadSpec
@@ -259,7 +260,8 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
             }
             identity = {
                 "model": config["models"][model], "dataset": config["datasets"][dataset],
-                "backend": backend, "backend_settings": backend_settings, "parameters": parameters,
+                "backend": backend, "backend_settings": backend_class(backend).identity_settings(backend_settings),
+                "parameters": parameters,
                 "warmup": campaign["warmup"], "min_window_s": campaign["min_window_s"],
                 "cycle_isolation": campaign["cycle_isolation"], "phase_split": config["energy"]["phase_split"],
                 "requests_per_cycle": campaign["requests_per_cycle"], "seed": campaign["seed"],
@@ -276,6 +278,7 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 except ValueError as exc:  # across keys (burstiness without arrival: gamma): the schema cannot say
                     raise ConfigError("load", str(exc), "Set load.arrival: gamma, or leave load.burstiness out.") from None
                 _check_backend_takes_arrivals(backend, variant, backend_settings)
+            _check_backend_parallelism(backend, variant, backend_settings, under_load=load is not None)
             eid = experiment_id(model, backend, dataset, parameters, identity, variant)
             experiments[eid] = Experiment(
                 id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
@@ -300,6 +303,32 @@ def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: M
     raise ConfigError("grid.request_rate", f"backend '{where}' cannot take requests at a rate: {reason}",
                       f"Backends that can: {', '.join(able)} (vllm with streaming: true); or exclude "
                       f"{{backend: {backend}}} from the rates, or use grid.request_rate: [inf].")
+
+
+def _check_backend_parallelism(backend: str, variant: str | None, settings: Mapping[str, Any], under_load: bool) -> None:
+    """A parallelism the backend does not declare support for (Backend.execution) is refused before any
+    job, naming the key that asked for it."""
+    cls = backend_class(backend)
+    execution = cls.execution(dict(settings))
+    where = backend if variant is None else f"{backend} (variant {variant})"
+    prefix = f"backend_settings.{backend}" + (f".variants.{variant}" if variant else "")
+    # parallelism -> the declaration that allows it (pipeline stages split a model as tensor parallel does)
+    support = {"data_parallel": "supports_data_parallel", "tensor_parallel": "supports_tensor_parallel",
+               "pipeline_parallel": "supports_tensor_parallel"}
+    for name, attribute in support.items():
+        size = getattr(execution, name)
+        if size > 1 and not getattr(cls, attribute):
+            able = [b for b in sorted(BACKENDS) if getattr(backend_class(b), attribute)]
+            raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
+                              f"asks backend '{where}' for {name.replace('_', ' ')} of {size}, which it does not support",
+                              f"Set it to 1; backends with {name.replace('_', ' ')}: {', '.join(able) or 'none'}.")
+    # Worker processes launched by the harness (llm_energy.data_parallel) take static batches only.
+    if under_load and execution.launch in (LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL):
+        name = "data_parallel" if execution.launch == LAUNCH_DATA_PARALLEL else "tensor_parallel"
+        raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
+                          f"{name.replace('_', ' ')} of {getattr(execution, name)} runs static batches only (the "
+                          "harness's worker processes), but the campaign has a request rate",
+                          f"Use grid.request_rate: [inf] for this backend, or {name.replace('_', ' ')} 1.")
 
 
 @dataclass

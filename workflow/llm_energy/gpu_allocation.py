@@ -109,3 +109,20 @@ def acquire(uuids: Sequence[str], count: int, lock_dir: Path, holder: str = "", 
                 f"{count} of {len(uuids)} GPUs asked for, fewer were free within {timeout_s:g} s; held: "
                 + ", ".join(f"{u} by {b.get('holder') or 'pid'} {b.get('pid')}" for u, b in busy.items() if b))
         time.sleep(POLL_S)
+
+
+def others_active(lock_dir: Path, uuids: Sequence[str], own: Sequence[str], since_unix_s: float) -> dict[str, dict]:
+    """GPUs of `uuids` other than `own` that another job holds now, or took since `since_unix_s` (a job
+    may start and end between two looks: its lock file was written when it took the GPU). A job that
+    only tried a GPU while waiting for more also writes the file: counted too (it errs towards shared)."""
+    active: dict[str, dict] = {}
+    for uuid in uuids:
+        if uuid in own:
+            continue
+        held = holder_of(lock_dir, uuid)
+        path = lock_dir / f"{uuid}.lock"
+        if held is None and path.exists() and path.stat().st_mtime >= since_unix_s:
+            held = {"pid": None, "holder": "a job that took it during the window and has ended"}
+        if held is not None:
+            active[uuid] = held
+    return active

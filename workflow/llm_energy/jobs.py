@@ -55,7 +55,7 @@ def compile_cache_dir(resources_dir: Path | str = "resources") -> Path:
 
 def experiment_run(experiment_id: str, config: Mapping[str, Any], model_manifest: Path, dataset_dir: Path,
                    experiment_dir: Path, baseline_path: Path | None = None,
-                   compile_cache: Path | None = None):
+                   compile_cache: Path | None = None, placement: Mapping[str, Any] | None = None):
     """Everything measure.measure_experiment needs, from the job's arguments."""
     from llm_energy import datasets, measure, models
     from llm_energy.config import load_campaign
@@ -73,6 +73,7 @@ def experiment_run(experiment_id: str, config: Mapping[str, Any], model_manifest
         energy_config=dict(campaign.config["energy"]), experiment_dir=Path(experiment_dir), provenance=prov,
         baseline_path=Path(baseline_path) if baseline_path else None,
         compile_cache_dir=Path(compile_cache) if compile_cache else None,
+        placement=dict(placement) if placement else None,
     ), campaign
 
 
@@ -83,19 +84,26 @@ def run_inference_job(experiment_id: str, config: Mapping[str, Any], model_manif
     The cycles' own artifacts (runs/{experiment}/cycle-{n}/) are written as each cycle completes and
     are not outputs Snakemake deletes when a job dies: a rerun measures only the missing cycles.
     """
-    from llm_energy import measure
+    from llm_energy import measure, placement
+    from llm_energy.config import load_campaign
 
     run_set = Path(run_set)
-    arguments = {"experiment_id": experiment_id, "config": dict(config), "model_manifest": str(model_manifest),
-                 "dataset_dir": str(dataset_dir), "experiment_dir": str(run_set.parent),
-                 "baseline_path": str(baseline_path) if baseline_path else None,
-                 "compile_cache": str(compile_cache) if compile_cache else None}
-    run, campaign = experiment_run(**arguments)
-    cycles = list(range(1, campaign.cycles + 1))
-    if run.experiment.cycle_isolation == "process":
-        report = measure.measure_cycles_isolated(arguments, cycles)
-    else:
-        report = measure.measure_experiment(run, cycles)
+    campaign = load_campaign(config)
+    # The job's GPUs first, before anything could create a CUDA context: its processes (the isolated
+    # cycles', the data-parallel workers') inherit CUDA_VISIBLE_DEVICES, and the locks are held until
+    # this function returns or the process dies.
+    with placement.placed(campaign.experiments[experiment_id], campaign.config["campaign"]["gpus"]) as placed:
+        arguments = {"experiment_id": experiment_id, "config": dict(config), "model_manifest": str(model_manifest),
+                     "dataset_dir": str(dataset_dir), "experiment_dir": str(run_set.parent),
+                     "baseline_path": str(baseline_path) if baseline_path else None,
+                     "compile_cache": str(compile_cache) if compile_cache else None,
+                     "placement": placed.describe()}
+        run, campaign = experiment_run(**arguments)
+        cycles = list(range(1, campaign.cycles + 1))
+        if run.experiment.cycle_isolation == "process":
+            report = measure.measure_cycles_isolated(arguments, cycles)
+        else:
+            report = measure.measure_experiment(run, cycles)
     entries = []
     for cycle in cycles:
         paths = measure.RunPaths.in_dir(measure.cycle_dir(run.experiment_dir, cycle))

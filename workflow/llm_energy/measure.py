@@ -36,12 +36,13 @@ from typing import Any
 
 import pandas as pd
 
-from llm_energy import artifacts, clock, hardware, metrics
-from llm_energy.backends import create_backend
+from llm_energy import artifacts, clock, hardware, metrics, topology
+from llm_energy.backends import backend_class, create_backend
 from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
 from llm_energy.backends.batching import make_batches
 from llm_energy.config import Experiment, WarmupSpec
 from llm_energy.energy import EnergySession, EnergySettings
+from llm_energy.energy.host_share import HostShareWatch
 from llm_energy.energy.validity import invalidating_flags
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import LoadSpec, Schedule
@@ -256,20 +257,25 @@ class MeasuredWindow:
     memory: dict[str, Any]
 
 
-def _measured(session: EnergySession, backend: Backend, name: str,
-              work: Callable[[], Any]) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
+def _measured(session: EnergySession, backend: Backend, name: str, work: Callable[[], Any],
+              host_share: HostShareWatch | None = None) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
     """The edges every measured window shares around `work` (the backend's calls, nothing else):
-    a fresh peak-memory interval, a settled heap, the compilation and GC counters read at both edges.
+    a fresh peak-memory interval, a settled heap, the compilation and GC counters read at both edges,
+    and (beside other jobs on the box) whether the host's energy was shared with them (host_shared).
     Returns the window's energy record (gc_collections and the recompilation flag in it), what `work`
     returned, the compilation counts and the memory report."""
     backend.reset_peak_memory()
     compiled_before = backend.compilation_count()
+    if host_share is not None:
+        host_share.open()
     settle_heap()
     gc_before = gc_collections()
     handle = session.open_window(name)
     value = work()
     backend.synchronize()
     record = session.close_window(handle)
+    if host_share is not None:
+        host_share.close(record)
     record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]
     compiled_after = backend.compilation_count()
     if compiled_before is not None and compiled_after is not None and compiled_after != compiled_before:
@@ -278,7 +284,8 @@ def _measured(session: EnergySession, backend: Backend, name: str,
 
 
 def measure_window(session: EnergySession, backend: Backend, name: str, requests: list[Request], batch_size: int,
-                   decoding: DecodingSettings, min_window_s: float) -> MeasuredWindow:
+                   decoding: DecodingSettings, min_window_s: float,
+                   host_share: HostShareWatch | None = None) -> MeasuredWindow:
     """One measured window: the request set, repeated until the window lasts `min_window_s`.
 
     Between the edges only the backend runs; the loop's own work is one clock read per repeat.
@@ -292,7 +299,7 @@ def measure_window(session: EnergySession, backend: Backend, name: str, requests
             if clock.now() - started >= min_window_s:
                 return runs
 
-    record, runs, compilations, memory = _measured(session, backend, name, repeat_until_long_enough)
+    record, runs, compilations, memory = _measured(session, backend, name, repeat_until_long_enough, host_share)
     records = [r for run in runs for r in run]
     repeat_of_request = [i for i, run in enumerate(runs) for _ in run]
     record["repeats"] = len(runs)
@@ -309,13 +316,14 @@ def load_requests(requests: Sequence[Request], load: LoadSpec, min_window_s: flo
 
 
 def measure_load_window(session: EnergySession, backend: Backend, requests: list[Request],
-                        decoding: DecodingSettings, load: LoadSpec, min_window_s: float, seed: int) -> MeasuredWindow:
+                        decoding: DecodingSettings, load: LoadSpec, min_window_s: float, seed: int,
+                        host_share: HostShareWatch | None = None) -> MeasuredWindow:
     """One measured window of open-loop arrivals (llm_energy.load): every request submitted at its
     arrival time, drawn from `seed`, the window from the first submission to the last token."""
     cycled, passes = load_requests(requests, load, min_window_s)
     schedule = Schedule.open_loop(len(cycled), load, seed)
     record, records, compilations, memory = _measured(
-        session, backend, "inference", lambda: backend.serve(cycled, decoding, schedule))
+        session, backend, "inference", lambda: backend.serve(cycled, decoding, schedule), host_share)
     record["repeats"] = max(passes) + 1
     record["load"] = {**load.describe(), "requests": len(cycled), "seed": seed,
                       "last_arrival_offset_s": schedule.offsets_s[-1]}
@@ -427,6 +435,16 @@ class ExperimentRun:
     provenance: dict[str, Any]
     baseline_path: Path | None = None
     compile_cache_dir: Path | None = None
+    placement: dict[str, Any] | None = None  # llm_energy.placement.Placement.describe(): the job's GPUs
+
+    def host_share_watch(self) -> HostShareWatch | None:
+        """Watches the box's other GPUs when other jobs may run beside this one (llm_energy.energy.host_share)."""
+        from llm_energy.placement import Placement
+
+        if not self.placement:
+            return None
+        placed = Placement.from_description(self.placement)
+        return HostShareWatch(placed.lock_dir, placed.box, placed.held) if placed.watches_host_sharing else None
 
 
 def cycle_complete(paths: RunPaths, experiment_id: str) -> bool:
@@ -497,6 +515,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
         timing.add("baseline", clock.now() - t0)
         try:
             backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir, run.experiment_dir))
+            require_cuda_untouched(experiment)
             load_report = setup_window("model_load", lambda: backend.load(
                 run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]))
             # Only the GPUs holding this job's engine are measured (an attached server names its own).
@@ -506,6 +525,9 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             first_decoding = decoding_settings(experiment, todo[0])
             # Under a request rate there is no prefill-only window (see _measure_cycle): nothing to warm for it.
             phase_split = settings.phase_split if experiment.load is None else "off"
+            placed = {**(run.placement or {}), "topology": topology.describe(
+                devices, run.placement, [{"role": "harness", "pid": os.getpid(), "gpus": [d.uuid for d in devices]},
+                                         *backend.processes()], session.compute_processes())}
             compile_facts = setup_window("compile", lambda: backend.compile(batches, first_decoding))
             warmup = setup_window("warmup", lambda: warm_up(
                 backend, batches, p["batch_size"], first_decoding, experiment.warmup,
@@ -519,7 +541,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
                 result, busy_until_s = _measure_cycle(
                     run, cycle, measured, batches, session, backend, devices, load_report, compile_facts, warmup,
                     setup_windows, {"static_idle": static_baseline, "active_idle": active_baseline},
-                    gpu_state, phase_split, timing, busy_until_s)
+                    gpu_state, phase_split, timing, busy_until_s, placed)
                 statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
             log.error("experiment %s failed: %s", experiment.id, exc)
@@ -539,6 +561,17 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
     return {"timing": timing.describe(), "measured_cycles": statuses}
 
 
+def require_cuda_untouched(experiment: Experiment) -> None:
+    """A backend that declares the harness must not create a CUDA context before its engine starts
+    (Backend.execution: its engine's own processes create it) is refused one that exists already."""
+    if backend_class(experiment.backend).execution(dict(experiment.backend_settings)).harness_may_init_cuda:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise BackendError(f"backend '{experiment.backend}' starts its engine in processes of its own, which need "
+                           "the first CUDA context, but this process created one before the engine started")
+
+
 def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> dict[str, Any] | None:
     """Idle power in the measured power state (model resident, CUDA context held, after warm-up);
     net energy of the cycles uses it. energy.baseline.duration_s: 0 skips both baselines."""
@@ -554,7 +587,8 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
                    session: EnergySession, backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
                    compile_facts: dict[str, Any], warmup: WarmupResult, setup_windows: list[dict[str, Any]],
                    baselines: dict[str, Any], gpu_state: dict[str, Any], phase_split: str,
-                   timing: _Timing, busy_until_s: float | None) -> tuple[dict[str, Any], float]:
+                   timing: _Timing, busy_until_s: float | None,
+                   placed: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
     """Measure one cycle and write its artifacts. Returns the result and when the GPU last worked
     (the end of the cycle's last window), which decides whether the next cycle rewarms."""
     experiment = run.experiment
@@ -569,18 +603,19 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     if rewarmed:
         rewarm(backend, batches, p["batch_size"], decoding)
         timing.add("warmup", clock.now() - t0)
+    host_share = run.host_share_watch()
     if experiment.load is not None:
         window = measure_load_window(session, backend, measured, decoding, experiment.load,
-                                     experiment.min_window_s, load_seed(experiment, cycle))
+                                     experiment.min_window_s, load_seed(experiment, cycle), host_share)
     else:
         window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
-                                experiment.min_window_s)
+                                experiment.min_window_s, host_share)
     timing.add("windows", window.record["duration_s"])
     phases: dict[str, Any]
     prefill = None
     if phase_split == "differential":
         prefill = measure_window(session, backend, "prefill_only", measured, p["batch_size"], prefill_only(decoding),
-                                 experiment.min_window_s)
+                                 experiment.min_window_s, host_share)
         timing.add("windows", prefill.record["duration_s"])
         phases = differential_phases(window, prefill)
     last = prefill or window
@@ -653,6 +688,8 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     }
     if under_load is not None:
         result["serving"] = under_load["record"]
+    if placed is not None:
+        result["placement"] = placed
     _write_cycle(paths, result, window, timeline, run.provenance, under_load["per_request"] if under_load else None)
     log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
              run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")

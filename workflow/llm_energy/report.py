@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from llm_energy.artifacts import atomic_write_bytes
-from llm_energy.energy.validity import FLAG_DESCRIPTIONS, OPERATING_CONDITION_FLAGS
+from llm_energy.energy.validity import FLAG_DESCRIPTIONS, flag_effect
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def flags_page(summary: pd.DataFrame) -> str:
     for flag in sorted(set(FLAG_MEANINGS) | set(carried)):
         ids = carried.get(flag, [])
         rows.append({"flag": flag, "meaning": FLAG_MEANINGS.get(flag, "(no description recorded)"),
-                     "effect": "operating condition (run stays valid)" if flag in OPERATING_CONDITION_FLAGS
-                     else "makes the energy figure unreliable",
+                     "effect": flag_effect(flag),
                      "experiments": len(ids), "which": ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")})
     frame = pd.DataFrame(rows, columns=["flag", "meaning", "effect", "experiments", "which"])
     carrying = sum(1 for flags in summary.get("flags", []) if isinstance(flags, str) and flags)

@@ -54,6 +54,35 @@ EXPERIMENTS = CAMPAIGN.experiments
 RESULTS = CONFIG["results_dir"]
 FIGURES_ONLY = CONFIG["figures_only"]
 
+
+
+def _gpu_slots():
+    """The campaign's GPUs on this box (campaign.gpus) and the `gpu` resource each run_inference job
+    takes: as many GPUs as its backend declares, so Snakemake runs side by side only what fits. On a
+    cluster SLURM gives each job its GPUs; a job's request there is what its backend declares."""
+    from llm_energy import placement
+
+    spec = placement.GpuJobsSpec.of(CONFIG["campaign"]["gpus"])
+    if FIGURES_ONLY:
+        return 0, {}
+    if not workflow.local_exec:
+        return 0, {eid: max(placement.execution_of(e).gpus, 1) for eid, e in EXPERIMENTS.items()}
+    try:
+        box = len(placement.box_gpus(spec))
+        placement.check_fits(EXPERIMENTS, box, spec)
+    except ConfigError as error:
+        raise WorkflowError(f"Invalid configuration: {error}") from None
+    return box, {eid: placement.job_gpu_slots(placement.execution_of(e), box, spec) for eid, e in EXPERIMENTS.items()}
+
+
+BOX_GPUS, GPU_SLOTS = _gpu_slots()
+# One gpu slot per GPU of the campaign (1 without GPUs: CPU measurements never overlap either), unless
+# --resources or a profile says otherwise.
+if workflow.local_exec and "gpu" not in workflow.global_resources:
+    from llm_energy.placement import gpu_capacity
+
+    workflow.register_resource("gpu", gpu_capacity(BOX_GPUS))
+
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
 RUNS_DIR = f"{RESULTS}/runs"

@@ -1,7 +1,8 @@
 # run_inference: every cycle of one experiment, the model loaded and warmed up once (or one fresh
 # process per cycle with campaign.cycle_isolation: process). Never two at once on a GPU: each job takes
-# the `gpu` resource, which the profiles cap at the number of GPUs (1 on a CPU-only machine, so CPU
-# measurements do not overlap either).
+# as many of the `gpu` resource as it needs GPUs (common.smk: the campaign's GPUs, 1 on a CPU-only
+# machine, so CPU measurements do not overlap either), and the job itself takes those GPUs from the
+# allocator (llm_energy.placement) and runs with CUDA_VISIBLE_DEVICES naming them.
 # The output is the run set (the list of the experiment's cycles). Each cycle's artifacts,
 # runs/{experiment}/cycle-{n}/{result.json,requests.parquet,timeline.parquet}, are written as the
 # cycle completes and are deliberately not outputs: Snakemake deletes the outputs of a job that died,
@@ -27,7 +28,7 @@ rule run_inference:
     # cpus_per_task instead.
     threads: (os.cpu_count() or 1) if workflow.local_exec else 1
     resources:
-        gpu=1,
+        gpu=lambda wc: GPU_SLOTS.get(wc.experiment, 1),
     log:
         f"{RESULTS}/logs/run_inference/{{experiment}}.log",
     conda:

@@ -25,10 +25,22 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def create_backend(name: str, settings: dict | None = None) -> Backend:
+    """The backend, run as it declares (Backend.execution): in this process, or worker processes behind
+    llm_energy.data_parallel (one per data-parallel replica, or the ranks of a tensor-parallel model)."""
+    from llm_energy.backends.base import LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL
+
     cls = backend_class(name)
     reason = cls.unavailable_reason()
     if reason:
         raise BackendError(f"backend '{name}' cannot run here: {reason}")
+    execution = cls.execution(dict(settings or {}))
+    if execution.launch in (LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL):
+        from llm_energy.data_parallel import TENSOR, DataParallelBackend
+
+        if execution.launch == LAUNCH_DATA_PARALLEL:
+            return DataParallelBackend(name, dict(settings or {}), execution.data_parallel, execution.barrier_timeout_s)
+        return DataParallelBackend(name, dict(settings or {}), execution.tensor_parallel, execution.barrier_timeout_s,
+                                   mode=TENSOR)
     return cls(settings)
 
 

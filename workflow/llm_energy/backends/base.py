@@ -126,6 +126,53 @@ class LoadReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+# How an engine runs (Backend.execution). The harness and the rules follow the declaration: the GPUs
+# a job is given, whether the harness launches one process per data-parallel shard, and whether it may
+# create a CUDA context in its own process before the engine starts.
+LAUNCH_IN_PROCESS = "in_process"  # the engine runs in the harness's process (transformers)
+LAUNCH_DATA_PARALLEL = "data_parallel_workers"  # the harness launches one worker process per GPU (llm_energy.data_parallel)
+LAUNCH_TENSOR_PARALLEL = "tensor_parallel_workers"  # the harness launches the ranks of one split model (llm_energy.data_parallel)
+LAUNCH_ENGINE_PROCESSES = "engine_processes"  # the engine starts worker processes of its own (vLLM)
+LAUNCH_SERVER = "server"  # a server process, launched as setup or attached (openai_server)
+LAUNCH_MODES = (LAUNCH_IN_PROCESS, LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL, LAUNCH_ENGINE_PROCESSES, LAUNCH_SERVER)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one experiment's engine runs, as its backend declares it from its settings.
+
+    `gpus` is what the job asks the allocator for (on a box with GPUs): one GPU per data-parallel
+    replica times the GPUs one replica is split over (tensor x pipeline stages). `keys` names the
+    backend_settings key each parallelism came from, for the message of a campaign that asks for more
+    than the backend or the box can do.
+    """
+
+    launch: str
+    harness_may_init_cuda: bool
+    data_parallel: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    # The job takes every GPU of the box: its engine runs on GPUs the allocator cannot hand out one by
+    # one (an attached server's), so nothing may run beside it.
+    whole_box: bool = False
+    # launch data_parallel_workers / tensor_parallel_workers: the longest wait at a barrier of the workers.
+    barrier_timeout_s: float | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.launch not in LAUNCH_MODES:
+            raise ValueError(f"launch {self.launch!r} is not one of {LAUNCH_MODES}")
+
+    @property
+    def gpus(self) -> int:
+        return self.data_parallel * self.tensor_parallel * self.pipeline_parallel
+
+    def describe(self) -> dict[str, Any]:
+        return {"launch": self.launch, "harness_may_init_cuda": self.harness_may_init_cuda,
+                "data_parallel": self.data_parallel, "tensor_parallel": self.tensor_parallel,
+                "pipeline_parallel": self.pipeline_parallel, "gpus": self.gpus, "whole_box": self.whole_box}
+
+
 # Keys the harness adds to a backend's configured settings (llm_energy.measure.backend_settings): the
 # experiment's seed and batching and the model's trust_remote_code, which live elsewhere in the config,
 # the compile cache folder of the run and the run's folder for a backend's own logs (a server's).
@@ -169,6 +216,30 @@ class Backend(ABC):
     ) -> list[RequestRecord]:
         """Generate for all requests (batched as the backend and `batch_size` allow)."""
 
+    # -- how the engine runs (Execution): launch mode, CUDA in the harness, parallelism --
+
+    # What the backend can run. A campaign whose settings ask for a parallelism the backend does not
+    # support is refused before any job (llm_energy.config), naming the key.
+    supports_data_parallel: bool = False
+    supports_tensor_parallel: bool = False
+
+    @classmethod
+    def execution(cls, settings: dict[str, Any]) -> Execution:
+        """How this backend runs with `settings` (backend_settings.<name>, a variant's applied)."""
+        return Execution(launch=LAUNCH_IN_PROCESS, harness_may_init_cuda=True)
+
+    # Settings that leave an experiment's id (llm_energy.config.experiment_id) at the value given here
+    # (keys added after ids were fixed: the ids of campaigns without them stay as they were), or always
+    # (keys that never change what is measured, such as a timeout).
+    id_neutral_settings: dict[str, Any] = {}
+    id_excluded_settings: tuple[str, ...] = ()
+
+    @classmethod
+    def identity_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings an experiment's id hashes."""
+        return {k: v for k, v in settings.items() if k not in cls.id_excluded_settings
+                and not (k in cls.id_neutral_settings and cls.id_neutral_settings[k] == v)}
+
     # -- load: requests submitted at arrival times (llm_energy.load) --
 
     # Whether serve() honours a schedule of arrival times (online engines and servers do; static
@@ -199,6 +270,10 @@ class Backend(ABC):
         """A short label of the code path that generates ("eager", "fast", "cuda_graphs", ...):
         recorded in the artifacts, the summary and the figures so that paths are never mixed up."""
         return "default"
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Processes of the engine besides the harness's ({role, pid, gpus}), for the run's topology."""
+        return []
 
     def compile(self, batches: list[list[Request]], decoding: DecodingSettings) -> dict[str, Any]:
         """Compile and capture every shape the window will see (the harness passes the measured

@@ -43,7 +43,8 @@ from typing import Any
 
 from llm_energy import clock
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, LAUNCH_SERVER, Backend, DecodingSettings, Execution, LoadReport, Request, RequestRecord,
+    tokenize_prompts,
 )
 from llm_energy.config_schema import validate_section
 from llm_energy.errors import BackendError, ConfigError
@@ -140,6 +141,13 @@ class OpenAIServerBackend(Backend):
         import importlib.util
 
         return None if importlib.util.find_spec("aiohttp") else "aiohttp is not installed: pip install aiohttp"
+
+    @classmethod
+    def execution(cls, settings: dict[str, Any]) -> Execution:
+        # A launched server is a child of the job and sees the job's GPUs; an attached one runs on GPUs
+        # of its own (server.gpus), outside the allocator: nothing else may run on the box beside it.
+        attached = bool((settings.get("server") or {}).get("url"))
+        return Execution(launch=LAUNCH_SERVER, harness_may_init_cuda=True, whole_box=attached)
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 from llm_energy import clock
 from llm_energy.backends import quantization
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, LAUNCH_DATA_PARALLEL, LAUNCH_IN_PROCESS, LAUNCH_TENSOR_PARALLEL, Backend, DecodingSettings, Execution, LoadReport,
+    Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
@@ -56,6 +57,9 @@ class PytorchSettings:
     compile: str | bool
     compile_backend: str
     num_threads: int | None
+    data_parallel: int
+    tensor_parallel: int
+    data_parallel_timeout_s: float
 
     @classmethod
     def of(cls, settings: PytorchSettings | Mapping[str, Any] | None) -> PytorchSettings:
@@ -116,6 +120,16 @@ def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
     reason = quantization.unsupported_reason(config.quantization, config.device)
     if reason:
         raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
+    if config.tensor_parallel > 1 and (config.data_parallel > 1 or config.device_map is not None
+                                       or config.quantization != "none"):
+        raise ConfigError(f"{SETTINGS_KEY}.tensor_parallel", f"is {config.tensor_parallel} with data_parallel "
+                          f"{config.data_parallel}, device_map {config.device_map!r}, quantization {config.quantization!r}: "
+                          "tp_plan splits one unquantized model over the processes on its own",
+                          "Use tensor_parallel alone (data_parallel 1, device_map null, quantization none).")
+    if config.data_parallel > 1 and config.device_map is not None:
+        raise ConfigError(f"{SETTINGS_KEY}.data_parallel", f"is {config.data_parallel} with device_map "
+                          f"{config.device_map!r}: each data-parallel replica runs on one GPU of its own",
+                          "Leave device_map null, or data_parallel at 1.")
 
 
 def compilation_counter() -> int:
@@ -209,6 +223,21 @@ class PytorchBackend(Backend):
     def check_settings(cls, settings: dict[str, Any]) -> None:
         check_settings(settings)
 
+    supports_data_parallel = True
+    supports_tensor_parallel = True
+    # Added after ids were fixed (id unchanged at 1) / never changes what is measured.
+    id_neutral_settings = {"data_parallel": 1, "tensor_parallel": 1}
+    id_excluded_settings = ("data_parallel_timeout_s",)
+
+    @classmethod
+    def execution(cls, settings: dict[str, Any]) -> Execution:
+        config = PytorchSettings.of(settings)
+        launch = (LAUNCH_TENSOR_PARALLEL if config.tensor_parallel > 1
+                  else LAUNCH_DATA_PARALLEL if config.data_parallel > 1 else LAUNCH_IN_PROCESS)
+        return Execution(launch=launch, harness_may_init_cuda=True, data_parallel=config.data_parallel,
+                         tensor_parallel=config.tensor_parallel, barrier_timeout_s=config.data_parallel_timeout_s,
+                         keys={"data_parallel": "data_parallel", "tensor_parallel": "tensor_parallel"})
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         import importlib.util
@@ -253,7 +282,10 @@ class PytorchBackend(Backend):
             }
             # accelerate places the weights straight onto the device(s): no detour through host
             # memory (that detour made a 1 B bf16 load take ~20 s on an H100 machine).
-            kwargs["device_map"] = self.config.device_map or self.device
+            if self.config.tensor_parallel > 1:  # a rank of a tensor-parallel group (llm_energy.data_parallel)
+                kwargs["tp_plan"] = "auto"
+            else:
+                kwargs["device_map"] = self.config.device_map or self.device
             method = self.config.quantization  # checked by check_settings
             kwargs["quantization_config"] = quantization.quantization_config(method, kwargs["dtype"])
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -98,7 +98,10 @@ def stored_bytes(tensor: Any) -> int:
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is not None and type(tensor).__name__ not in ("Parameter", "Tensor"):
         names, _ = flatten()
-        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+        # Only the inner tensors: a DTensor (a tensor-parallel shard) also names its device mesh; its
+        # local shard is what this process stores.
+        inner = [getattr(tensor, name) for name in names]
+        return sum(stored_bytes(t) for t in inner if hasattr(t, "numel"))
     total = tensor.numel() * tensor.element_size()
     for extra in ("SCB", "quant_state"):  # bitsandbytes keeps scales beside the weight
         state = getattr(tensor, extra, None)

@@ -47,7 +47,8 @@ from typing import Any
 
 from llm_energy import clock
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, Backend, DecodingSettings, LoadReport, Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS, LAUNCH_ENGINE_PROCESSES, Backend, DecodingSettings, Execution, LoadReport, Request,
+    RequestRecord, tokenize_prompts,
 )
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import Schedule, run_on_schedule
@@ -150,6 +151,24 @@ class VllmBackend(Backend):
         self._request_ids = itertools.count()
         self.env_set: dict[str, str] = {}  # environment variables this backend set (for the record)
         self.last_generate_info: dict[str, Any] = {}  # clock offsets etc. of the last generate()
+
+    # -- how the engine runs ------------------------------------------------------------------
+
+    # The engine core is a process of vLLM's own, which creates the CUDA context (tensor-parallel
+    # workers beside it): a CUDA context made earlier in the harness's process would be inherited by a
+    # forked worker and break it. Data parallel (extra_engine_args.data_parallel_size) starts engines
+    # the harness cannot shard for or time; it is refused before any job.
+    supports_tensor_parallel = True
+
+    @classmethod
+    def execution(cls, settings: dict[str, Any]) -> Execution:
+        configured = {k: v for k, v in settings.items() if k not in HARNESS_SETTINGS}
+        config = section_spec(VllmSettings, {k: v for k, v in configured.items() if k != "variants"})
+        return Execution(launch=LAUNCH_ENGINE_PROCESSES, harness_may_init_cuda=False,
+                         data_parallel=int(config.extra_engine_args.get("data_parallel_size", 1)),
+                         tensor_parallel=config.tensor_parallel_size, pipeline_parallel=config.pipeline_parallel_size,
+                         keys={"data_parallel": "extra_engine_args.data_parallel_size",
+                               "tensor_parallel": "tensor_parallel_size", "pipeline_parallel": "pipeline_parallel_size"})
 
     # -- availability ------------------------------------------------------------------------
 

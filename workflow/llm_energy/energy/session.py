@@ -302,6 +302,16 @@ class EnergySession:
         logger.info("measuring GPUs %s (%s)", uuids, method)
         return list(uuids)
 
+    def compute_processes(self) -> dict[str, set[int]] | None:
+        """NVML's compute processes on each measured GPU now (None without GPU energy)."""
+        if not self._gpu_ok:
+            return None
+        try:
+            return self.gpu.compute_pids()
+        except self.gpu.nv.NVMLError as exc:
+            logger.warning("NVML compute-process list failed: %s", exc)
+            return None
+
     # -- windows --------------------------------------------------------------------------
 
     def open_window(self, name: str) -> WindowHandle:

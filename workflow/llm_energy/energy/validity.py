@@ -41,6 +41,11 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
     "baseline_power_state_differs": "the window's mean SM clock differs from the active-idle "
                                     "baseline's by more than energy.baseline_clock_tolerance: "
                                     "the GPU ran in another power state than its baseline",
+    "host_shared": "other measurement jobs ran on this host's other GPUs during the window "
+                   "(campaign.gpus.jobs: parallel): the host's CPU and DRAM energy covers them too, so it "
+                   "is kept in the window record (domains.<cpu|dram>.shared_host) and left out of this "
+                   "experiment's cpu, dram and node metrics; its GPU energy is its own GPUs' only "
+                   "(campaign.gpus.jobs: exclusive measures the host for one experiment)",
 }
 
 
@@ -52,9 +57,24 @@ OPERATING_CONDITION_FLAGS = frozenset({"power_throttled", "thermal_throttled", "
                                        "baseline_power_state_differs"})
 
 
+# Flags that say which energy is not this experiment's alone: the domain concerned is reported as
+# unavailable with the reason, and what is reported stays valid (GPU energy of the job's own GPUs).
+ATTRIBUTION_FLAGS = frozenset({"host_shared"})
+
+
 def invalidating_flags(flags: Iterable[str]) -> list[str]:
-    """The flags that make a window's energy figure unreliable (every flag but operating conditions)."""
-    return sorted(set(flags) - OPERATING_CONDITION_FLAGS)
+    """The flags that make a window's energy figure unreliable (every flag but operating conditions
+    and attribution flags)."""
+    return sorted(set(flags) - OPERATING_CONDITION_FLAGS - ATTRIBUTION_FLAGS)
+
+
+def flag_effect(flag: str) -> str:
+    """What a flag does to a run, in words (the report's flags table)."""
+    if flag in OPERATING_CONDITION_FLAGS:
+        return "operating condition (run stays valid)"
+    if flag in ATTRIBUTION_FLAGS:
+        return "host CPU/DRAM energy not attributed to the experiment (run stays valid)"
+    return "makes the energy figure unreliable"
 
 
 def throttle_flags(reasons: Iterable[int]) -> set[str]:
