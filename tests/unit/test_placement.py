@@ -104,6 +104,15 @@ def test_gpu_slots_follow_the_declaration_and_the_mode(tmp_path: Path) -> None:
     assert [placement.job_gpu_slots(e, 8, exclusive) for e in (one, two)] == [8, 8]
 
 
+def test_a_job_claims_its_gpus_share_of_the_cores() -> None:
+    # An 8-GPU box with 128 cores: a one-GPU job takes 16, so Snakemake can run eight side by side.
+    assert placement.job_threads(128, 1, 8) == 16
+    assert placement.job_threads(128, 2, 8) == 32
+    assert placement.job_threads(128, 8, 8) == 128  # the whole box (or exclusive mode): every core
+    assert placement.job_threads(2, 1, 0) == 2 and placement.job_threads(2, 1, 1) == 2
+    assert placement.job_threads(2, 1, 4) == 1  # never zero
+
+
 def test_an_experiment_needing_more_gpus_than_the_box_is_refused(tmp_path: Path) -> None:
     campaign = _campaign(data_parallel=4)
     placement.check_fits(campaign.experiments, 0, _spec(tmp_path))  # no GPU: the replicas share the CPU

@@ -100,6 +100,15 @@ def job_gpu_slots(execution: Any, box: int, spec: GpuJobsSpec) -> int:
     return box if takes_whole_box(execution, spec) else execution.gpus
 
 
+def job_threads(cores: int, slots: int, box: int) -> int:
+    """Host cores one run_inference job claims: all of them when it holds the whole box (nothing else
+    competes with the process that drives the GPUs), else its GPUs' share. All cores per job would
+    let Snakemake (which caps a job's threads at --cores) run only one at a time, whatever GPUs are free."""
+    if box <= 1 or slots >= box:
+        return max(cores, 1)
+    return max(cores * slots // box, 1)
+
+
 def check_fits(experiments: Mapping[str, Any], box: int, spec: GpuJobsSpec) -> None:
     """Refuse, before any job, an experiment that needs more GPUs than the campaign has."""
     if box == 0:

@@ -7,6 +7,7 @@ from llm_energy import plots
 from llm_energy import report as report_pages
 from llm_energy.config import load_campaign
 from llm_energy.errors import ConfigError
+from llm_energy.placement import job_threads
 
 
 def _campaign_config(given):
@@ -76,6 +77,13 @@ def _gpu_slots():
 
 
 BOX_GPUS, GPU_SLOTS = _gpu_slots()
+
+
+def inference_threads(wildcards):
+    """run_inference's threads: the local cores, or its GPUs' share of them when jobs share the box."""
+    if not workflow.local_exec:
+        return 1
+    return job_threads(os.cpu_count() or 1, GPU_SLOTS.get(wildcards.experiment, 1), BOX_GPUS)
 # One gpu slot per GPU of the campaign (1 without GPUs: CPU measurements never overlap either), unless
 # --resources or a profile says otherwise.
 if workflow.local_exec and "gpu" not in workflow.global_resources:

@@ -26,7 +26,8 @@ rule run_inference:
     # All local cores (Snakemake caps threads at --cores): nothing else (a FLOPs estimate, a plot)
     # competes for the CPU that drives the GPU while a window is open. On a cluster the profile sets
     # cpus_per_task instead.
-    threads: (os.cpu_count() or 1) if workflow.local_exec else 1
+    # With several GPUs, a job that holds some of them claims their share (placement.job_threads).
+    threads: inference_threads
     resources:
         gpu=lambda wc: GPU_SLOTS.get(wc.experiment, 1),
     log:
