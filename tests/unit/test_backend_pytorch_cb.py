@@ -201,3 +201,16 @@ def test_a_generation_config_processor_it_would_drop_is_refused(tiny_llama: Path
             backend.generate(requests, BATCH, DecodingSettings(max_output_tokens=N))
     finally:
         backend.close()
+
+
+def test_a_request_the_engine_fails_is_a_backend_error_not_a_hang(tiny_llama: Path, requests) -> None:
+    # A token id past the vocabulary makes the model's forward fail in the engine's thread: the engine
+    # fails every request in flight, and serve() says so instead of waiting for tokens that never come.
+    backend = load(tiny_llama)
+    try:
+        vocabulary = backend.model.config.vocab_size
+        broken = [requests[0], Request(1, (vocabulary + 5,) * 4), requests[2]]
+        with pytest.raises(BackendError, match="continuous batching"):
+            backend.serve(broken, DecodingSettings(max_output_tokens=N), Schedule((0.0, 0.0, 0.0)))
+    finally:
+        backend.close()

@@ -246,7 +246,8 @@ class ContinuousBatchingEngine:
         found = [t for t in tensors if t is not None]
         return sum(int(t.numel() * t.element_size()) for t in found) if found else None
 
-    def run(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule | None) -> list[RequestRecord]:
+    def run(self, requests: list[Request], decoding: DecodingSettings,
+            schedule: Schedule | None) -> list[RequestRecord]:
         """Submit each request at its due time (all at once without a schedule) and stream its tokens."""
         import torch
 
@@ -290,7 +291,18 @@ class ContinuousBatchingEngine:
             return self._record(request, output, submitted, chunk_times, chunk_tokens, decoding,
                                 due_s if arrivals else None)
 
-        return self._loop.run_until_complete(run_on_schedule(requests, schedule, one))
+        async def run_all() -> list[RequestRecord]:
+            try:
+                return await run_on_schedule(requests, schedule, one)
+            finally:
+                # After a failure the others are still in flight: cancel them (each cancels its request
+                # in the engine), so that neither they nor their tokens outlive this call.
+                others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in others:
+                    task.cancel()
+                await asyncio.gather(*others, return_exceptions=True)
+
+        return self._loop.run_until_complete(run_all())
 
     async def _wait(self, finished: asyncio.Future) -> Any:
         """The request's last output; a BackendError if the engine thread dies first (no output would come)."""
