@@ -681,15 +681,40 @@ def test_a_request_rate_is_an_experiment_of_its_own_with_its_load() -> None:
 
 
 @pytest.mark.parametrize("backend,settings,fix", [
-    ("pytorch", {}, "static batches"),
     ("vllm", {}, "streaming: true"),
+    # pytorch takes a rate through transformers' continuous batching, but not with what it cannot honour
+    ("pytorch", {"compile": "reduce-overhead"}, "backend_settings.pytorch.compile is 'reduce-overhead'"),
+    ("pytorch", {"cache_implementation": "static"}, "backend_settings.pytorch.cache_implementation is 'static'"),
+    ("pytorch", {"device_map": "auto"}, "backend_settings.pytorch.device_map is 'auto'"),
 ])
 def test_a_rate_for_a_backend_that_cannot_take_arrivals_is_refused_before_any_job(backend, settings, fix) -> None:
     raw = {**minimal_raw(), "backends": [backend], "grid": {"request_rate": [4]},
            "backend_settings": {backend: settings} if settings else {}}
     error = raises_config_error(raw)
     assert error.key == "grid.request_rate" and fix in str(error)
-    assert "openai_server" in str(error)  # says which backends can
+    assert "openai_server" in str(error) and "pytorch" in error.fix  # says which backends can
+
+
+def test_pytorch_takes_a_rate_where_the_installed_transformers_has_continuous_batching() -> None:
+    from llm_energy.backends import continuous_batching
+    from llm_energy.backends.pytorch import PytorchBackend
+
+    assert continuous_batching.unavailable_reason() is None  # transformers 5.19 here (5.17 on the GPU machine)
+    assert PytorchBackend.supports_schedule
+    experiments = load_campaign({**minimal_raw(), "grid": {"request_rate": [4, "inf"]}}).experiments.values()
+    assert sorted(str(e.load.request_rate) if e.load else "offline" for e in experiments) == ["4.0", "offline"]
+
+
+def test_pytorch_at_a_rate_is_refused_where_transformers_lacks_continuous_batching(monkeypatch) -> None:
+    from llm_energy.backends import continuous_batching
+
+    # An older transformers, as the feature detection words it: the refusal keeps its words and the
+    # list of backends that can no longer names pytorch.
+    missing = "transformers 4.40.0 has no continuous batching (No module named 'x'); install one that has"
+    monkeypatch.setattr(continuous_batching, "unavailable_reason", lambda: missing)
+    error = raises_config_error({**minimal_raw(), "grid": {"request_rate": [4]}})
+    assert error.key == "grid.request_rate" and missing in error.problem and "continuous batching" in error.problem
+    assert error.fix.startswith("Backends that can: openai_server, vllm (vllm with streaming: true);")
 
 
 def test_a_rate_must_be_positive_or_inf() -> None:

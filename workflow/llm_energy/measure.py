@@ -94,6 +94,7 @@ def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = No
     settings["batching"] = experiment.parameters["batching"]
     settings["token_budget"] = experiment.parameters["token_budget"]
     settings["seed"] = experiment.seed
+    settings["serving"] = experiment.load is not None
     if log_dir is not None:  # where a backend keeps logs of its own (a launched server's), beside the run's
         settings["log_dir"] = str(log_dir)
     if compile_cache_dir is not None:

@@ -175,9 +175,11 @@ class Execution:
 
 # Keys the harness adds to a backend's configured settings (llm_energy.measure.backend_settings): the
 # experiment's seed and batching and the model's trust_remote_code, which live elsewhere in the config,
-# the compile cache folder of the run and the run's folder for a backend's own logs (a server's).
-# Everything else is backend_settings.<backend> as configured.
-HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir", "log_dir")
+# the compile cache folder of the run, the run's folder for a backend's own logs (a server's), and
+# `serving`: true when the windows submit through serve() (a request rate or a concurrency cap), for
+# an engine that starts another path for it. Everything else is backend_settings.<backend> as configured.
+HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir", "log_dir",
+                    "serving")
 
 
 class Backend(ABC):

@@ -13,6 +13,10 @@ Two engine paths (`engine_path`):
   that CUDA graphs were captured with (a fresh cache per call would allocate inside the window).
 - "eager": transformers' default dynamic cache, no compilation (the default on CPU, where compiling
   would cost more than it saves on a 2-core machine).
+- "continuous-batching": under a request rate (or a concurrency cap), every window, warm-up and rewarm
+  of the experiment runs through transformers' continuous batching, where requests join and leave the
+  running batch one by one (llm_energy.backends.continuous_batching); the harness says so with its
+  `serving` setting. Whether the installed transformers offers it decides `supports_schedule`.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
-from llm_energy.backends import quantization
+from llm_energy.backends import continuous_batching, quantization
 from llm_energy.backends.base import (
     HARNESS_SETTINGS, LAUNCH_DATA_PARALLEL, LAUNCH_IN_PROCESS, LAUNCH_TENSOR_PARALLEL, Backend, DecodingSettings, Execution, LoadReport,
     Request, RequestRecord, tokenize_prompts,
 )
 from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
+from llm_energy.load import Schedule
 from llm_energy.specs import schema_spec, section_spec
 
 log = logging.getLogger(__name__)
@@ -196,13 +201,25 @@ class _StepClock:
         pass
 
 
+class _ContinuousBatchingInstalled:
+    """PytorchBackend.supports_schedule: whether the installed transformers has the continuous batching
+    serve() runs on, looked up when first asked (it imports transformers and torch)."""
+
+    def __get__(self, instance: Any, owner: type) -> bool:
+        return continuous_batching.unavailable_reason() is None
+
+
 class PytorchBackend(Backend):
     name = "pytorch"
 
+    supports_schedule = _ContinuousBatchingInstalled()  # type: ignore[assignment]
+
     @classmethod
     def schedule_unsupported_reason(cls, settings: dict[str, Any]) -> str | None:
-        # transformers' continuous batching (generate_batch) has no per-request arrival times to honour.
-        return "transformers' generate runs static batches; requests arriving at a rate need an engine that batches continuously"
+        missing = continuous_batching.unavailable_reason()
+        if missing:
+            return f"it takes arrival times through transformers' continuous batching, and {missing}"
+        return continuous_batching.settings_refusal(PytorchSettings.of(settings))
 
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
@@ -218,6 +235,10 @@ class PytorchBackend(Backend):
         self._compile_config = None
         self._dynamic_kv_peak_bytes: int | None = None  # largest dynamic cache seen since the reset
         self._rss_reset = False
+        # Under a request rate (the harness's `serving`): the continuous-batching engine of the current
+        # decoding, started by compile() or the first generate().
+        self.serving = bool(self.settings.get("serving", False))
+        self._cb_engine: continuous_batching.ContinuousBatchingEngine | None = None
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
@@ -265,6 +286,10 @@ class PytorchBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_settings(self.config)
+        if self.serving:
+            refusal = self.schedule_unsupported_reason(self.settings)
+            if refusal:  # the campaign check refuses it before any job; this guards other callers
+                raise BackendError(f"the pytorch backend cannot serve requests at a rate: {refusal}")
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.device = self._resolve_device()
@@ -313,9 +338,16 @@ class PytorchBackend(Backend):
         """Resolve the engine path and where compiled code is cached; returns the load report's facts."""
         from transformers import CompileConfig
 
-        self.path = resolve_engine_path(self.config, self.device)
         self.max_cache_len = int(max_model_len)
         self.batch_size = int(batch_size)
+        if self.serving:
+            if self.settings.get("batching", "fixed") != "fixed":
+                log.info("grid.batching=%s has no effect under a request rate: continuous batching forms the "
+                         "batches", self.settings.get("batching"))
+            # self.path stays the uncompiled dynamic default: no static cache, nothing compiled by us.
+            return {"engine_path": continuous_batching.ENGINE_PATH, "cache_implementation": "paged",
+                    "compile_mode": None, "compile_backend": None, "static_cache_len": None, "compile_cache_dirs": {}}
+        self.path = resolve_engine_path(self.config, self.device)
         cache_dirs: dict[str, str] = {}
         if self.path.compiled:
             self._compile_config = CompileConfig(mode=self.path.compile_mode, backend=self.path.compile_backend)
@@ -489,6 +521,9 @@ class PytorchBackend(Backend):
         tqdm.monitor_interval = 0  # no tqdm monitor thread in the measured process
 
         assert self.model is not None, "load() first"
+        if self.serving:
+            # Everything at once; the engine forwards up to the batch size it was started with.
+            return self._run_continuous(requests, decoding, None)
         batches = self.plan_batches(requests, batch_size, decoding)
         kwargs = self._generation_kwargs(decoding)
         records: list[RequestRecord] = []
@@ -510,17 +545,65 @@ class PytorchBackend(Backend):
                 ))
         return sorted(records, key=lambda r: r.index)
 
+    # -- under a request rate: transformers' continuous batching --
+
+    def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule) -> list[RequestRecord]:
+        """Each request submitted to the continuous-batching engine at its due time."""
+        if not self.serving:
+            raise BackendError("the pytorch backend serves arrival times through continuous batching, which it "
+                               "starts only with settings['serving'] true (llm_energy.measure.backend_settings)")
+        return self._run_continuous(requests, decoding, schedule)
+
+    def _continuous_engine(self, decoding: DecodingSettings) -> continuous_batching.ContinuousBatchingEngine:
+        """The running engine for this decoding; a decoding with other logits processors gets a new one."""
+        assert self.model is not None, "load() first"
+        engine, eos_ids = self._cb_engine, self.eos_token_ids()
+        key = continuous_batching.decoding_key(decoding, eos_ids)
+        if engine is not None and engine.key == key:
+            return engine
+        if engine is not None:
+            log.info("decoding changed (%s -> %s): restarting continuous batching", engine.key, key)
+            self._cb_engine = None
+            engine.close()
+        sizes = continuous_batching.EngineSizes.of(self.batch_size or 1, self.max_cache_len or 1,
+                                                   continuous_batching.default_page_size())
+        try:
+            self._cb_engine = continuous_batching.ContinuousBatchingEngine(
+                self.model, decoding, eos_ids, self.tokenizer.pad_token_id, sizes,
+                seed=int(self.settings.get("seed") or 0))
+        except (ValueError, RuntimeError, MemoryError) as exc:  # transformers' own refusals of the config
+            raise BackendError(f"transformers' continuous batching could not start: {exc}") from exc
+        return self._cb_engine
+
+    def _run_continuous(self, requests: list[Request], decoding: DecodingSettings,
+                        schedule: Schedule | None) -> list[RequestRecord]:
+        if not requests:
+            return []
+        longest = max(r.input_tokens for r in requests)
+        if self.max_cache_len is not None and longest + decoding.max_output_tokens > self.max_cache_len:
+            raise BackendError(
+                f"a prompt of {longest} tokens plus max_output_tokens {decoding.max_output_tokens} exceeds "
+                f"max_model_len {self.max_cache_len}, what the paged cache holds per request; raise max_model_len "
+                "or lower max_input_tokens / max_output_tokens")
+        records = self._continuous_engine(decoding).run(requests, decoding, schedule)
+        return sorted(records, key=lambda r: r.index)
+
     # -- engine hooks of the harness --
 
     @property
     def engine_path(self) -> str:
-        return self.path.label
+        return continuous_batching.ENGINE_PATH if self.serving else self.path.label
 
     def compile(self, batches: list[list[Request]], decoding: DecodingSettings) -> dict[str, Any]:
         """Compile and capture the decoding step before the window. Its shapes depend only on the batch
         size and the cache length (the 4-D mask spans the whole static cache; the prefill is not
         compiled), so one batch at the padded batch size compiles everything the window will run. A
-        second call at another prompt width proves it: it must compile nothing."""
+        second call at another prompt width proves it: it must compile nothing.
+        Under a request rate: starts the continuous-batching engine (its paged cache, and the CUDA
+        graphs transformers captures), so that no window pays for it."""
+        if self.serving:
+            engine = self._continuous_engine(decoding)
+            return {"engine_path": self.engine_path, "compiled": False, "continuous_batching": engine.facts}
         facts: dict[str, Any] = {"engine_path": self.path.label, "compiled": self.path.compiled}
         if not self.path.compiled or not batches:
             return facts
@@ -585,7 +668,12 @@ class PytorchBackend(Backend):
             peak_allocated = peak_reserved = None
             unavailable["peak_allocated_bytes"] = unavailable["peak_reserved_bytes"] = "no CUDA device in use"
         kv_bytes: int | None
-        if self.path.cache_implementation == "static":
+        if self.serving:
+            kv_bytes = self._cb_engine.kv_cache_bytes() if self._cb_engine is not None else None
+            kv_source = "paged_cache_allocation"
+            if kv_bytes is None:
+                unavailable["kv_cache_bytes"] = "continuous batching has not started"
+        elif self.path.cache_implementation == "static":
             kv_bytes = _cache_bytes(self._static_cache) if self._static_cache is not None else None
             kv_source = "static_cache_allocation"
             if not kv_bytes:
@@ -619,6 +707,9 @@ class PytorchBackend(Backend):
 
         import torch
 
+        if self._cb_engine is not None:
+            engine, self._cb_engine = self._cb_engine, None
+            engine.close()
         self.model = None
         self._static_cache = None
         gc.collect()
