@@ -43,7 +43,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "timeline_table": 1,
     "flops_model": 1,
     "experiment_result": 2,
-    "summary_table": 1,
+    "summary_table": 2,  # v2: narrow (headline metrics with CIs); every statistic moved to metrics_table
+    "metrics_table": 1,
     "idle_baseline": 1,
 }
 

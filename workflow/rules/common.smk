@@ -56,6 +56,8 @@ FIGURES_ONLY = CONFIG["figures_only"]
 
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
+METRICS_CSV = f"{RESULTS}/metrics.csv"
+METRICS_PARQUET = f"{RESULTS}/metrics.parquet"
 RUNS_DIR = f"{RESULTS}/runs"
 # Figure and report page names are defined once, in the package.
 PLOT_FIGURES = plots.FIGURES
