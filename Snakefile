@@ -39,6 +39,8 @@ rule all:
     input:
         SUMMARY_CSV,
         SUMMARY_PARQUET,
+        METRICS_CSV,
+        METRICS_PARQUET,
         CAMPAIGN_FIGURES,
         TIMELINES,
         REPORT_PAGES,
@@ -50,6 +52,7 @@ rule all:
 rule figures:
     input:
         SUMMARY_CSV,
+        METRICS_CSV,
         CAMPAIGN_FIGURES,
         REPORT_PAGES,
 

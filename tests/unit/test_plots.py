@@ -13,7 +13,7 @@ import pytest
 
 from llm_energy import artifacts, plots
 from llm_energy.statistics import describe
-from llm_energy.summary import build_summary
+from llm_energy.summary import build_tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = plots.FIGURE_NAMES
@@ -92,7 +92,7 @@ def summary_of(tmp_path: Path, results: list[dict[str, Any]]) -> pd.DataFrame:
         path = tmp_path / "experiments" / f"{data['experiment_id']}.json"
         artifacts.write_json_artifact(path, "experiment_result", data, {})
         paths.append(path)
-    return build_summary(paths)
+    return build_tables(paths).for_figures()
 
 
 @pytest.fixture()
@@ -140,7 +140,7 @@ def test_single_experiment(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", PLOTS)
 def test_empty_and_all_failed_summaries(tmp_path: Path, name: str) -> None:
     for label, summary in (
-        ("empty", build_summary([])),
+        ("empty", build_tables([]).for_figures()),
         ("failed", summary_of(tmp_path, [_result("x.bs1", "m", "pytorch", 1, {}, {}, status="failed")])),
     ):
         png, svg = tmp_path / f"{name}-{label}.png", tmp_path / f"{name}-{label}.svg"
@@ -197,10 +197,10 @@ def test_same_summary_gives_identical_svg(tmp_path: Path, campaign: pd.DataFrame
 
 
 def test_reads_the_summary_parquet_artifact(tmp_path: Path, campaign: pd.DataFrame) -> None:
-    from llm_energy.summary import write_summary
+    from llm_energy.summary import TablePaths, write_tables
 
-    write_summary(campaign, tmp_path / "s.csv", tmp_path / "s.parquet", {})
-    draw("energy_breakdown", tmp_path / "s.parquet", tmp_path / "l.png", tmp_path / "l.svg")
+    write_tables(build_tables(sorted((tmp_path / "experiments").glob("*.json"))), TablePaths.in_dir(tmp_path), {})
+    draw("energy_breakdown", tmp_path / "summary.parquet", tmp_path / "l.png", tmp_path / "l.svg")
     assert_figure_files(tmp_path / "l.png", tmp_path / "l.svg")
 
 

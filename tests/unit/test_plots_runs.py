@@ -13,7 +13,7 @@ import pytest
 
 from llm_energy import artifacts, plots, synthetic
 from llm_energy.plots import breakdown, data, latency, runs, timeline
-from llm_energy.summary import build_summary, write_summary
+from llm_energy.summary import TablePaths, build_tables, write_tables
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,7 @@ def tree(tmp_path_factory) -> Path:
     """12 synthetic experiments (several models, backends, datasets), 2 cycles each, with a summary."""
     root = tmp_path_factory.mktemp("tree")
     synthetic.write_tree(root, 12, cycles=2)
-    frame = build_summary(sorted((root / "experiments").glob("*.json")))
-    write_summary(frame, root / "summary.csv", root / "summary.parquet", {})
+    write_tables(build_tables(sorted((root / "experiments").glob("*.json"))), TablePaths.in_dir(root), {})
     return root
 
 
@@ -93,7 +92,7 @@ def test_time_parts_put_the_unaccounted_rest_into_gaps() -> None:
 
 
 def test_many_experiments_become_one_bar_per_facet_and_series() -> None:
-    summary = data.load(build_summary([]))
+    summary = data.load(build_tables([]))
     few = pd.DataFrame({"experiment_id": [f"e{i}" for i in range(3)], "model": "m", "backend": ["a", "b", "a"],
                         "dataset": "d", "batch_size": [1, 2, 4]})
     assert len(breakdown.bar_groups(few).labels) == 3 and breakdown.bar_groups(few).per_experiment

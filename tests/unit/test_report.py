@@ -10,7 +10,7 @@ import pytest
 
 from llm_energy import provenance, report, synthetic
 from llm_energy.energy.validity import FLAG_DESCRIPTIONS
-from llm_energy.summary import build_summary
+from llm_energy.summary import build_tables
 
 
 class Tables(HTMLParser):
@@ -67,7 +67,7 @@ def test_units_come_from_the_column_names(column: str, unit: str) -> None:
 def tree(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     root = tmp_path_factory.mktemp("tree")
     synthetic.write_tree(root, 4, cycles=1)
-    summary = build_summary(sorted((root / "experiments").glob("*.json")))
+    summary = build_tables(sorted((root / "experiments").glob("*.json"))).summary
     summary.loc[0, "flags"] = "short_window;warmup_not_converged"
     return root, summary
 

@@ -131,13 +131,14 @@ def main() -> int:
                 "timeline_vs_counter_rel_diff": gpu.get("timeline_vs_counter_rel_diff"),
                 "flags": window.get("flags", []),
             })
-    summary_path = results_dir / "summary.csv"
+    metrics_path = results_dir / "metrics.csv"  # every metric's cv (the summary has the headline CIs only)
     cv = {}
-    if summary_path.is_file():
+    if metrics_path.is_file():
         import pandas as pd
 
-        summary = pd.read_csv(summary_path)
-        cv = dict(zip(summary["experiment_id"], summary.get("gpu_energy_per_output_token_j_cv", [])))
+        metrics = pd.read_csv(metrics_path)
+        per_token = metrics.loc[metrics["metric"] == "gpu_energy_per_output_token_j"]
+        cv = dict(zip(per_token["experiment_id"], per_token["cv"]))
     inference = [r for r in rows if r["window"] == "inference"]
     worst = max((abs(r["rel_diff"]) for r in rows if r["rel_diff"] is not None), default=None)
     report = {

@@ -149,34 +149,38 @@ def aggregate_job(experiment_id: str, run_set: Path, flops_path: Path | None, ou
     return data
 
 
-def summarize_job(experiment_results: Sequence[Path], csv_path: Path, parquet_path: Path,
-                  config_sha256: str | None) -> None:
+def summarize_job(experiment_results: Sequence[Path], outputs: Mapping[str, Path], config_sha256: str | None) -> None:
+    """summary.csv/.parquet and metrics.csv/.parquet (outputs keyed summary_csv, summary_parquet,
+    metrics_csv, metrics_parquet) from the experiment results."""
     from llm_energy import summary
 
     paths = sorted(Path(p) for p in experiment_results)
     log.info("summary: reading %d experiment results", len(paths))
-    frame = summary.build_summary(paths)
+    tables = summary.build_tables(paths)
     prov = provenance.collect(config_sha256=config_sha256, inputs=paths, include_gpus=False)
-    summary.write_summary(frame, Path(csv_path), Path(parquet_path), prov)
-    log.info("summary: %d experiments -> %s", len(frame), csv_path)
+    paths_out = summary.TablePaths(Path(outputs["summary_csv"]), Path(outputs["summary_parquet"]),
+                                   Path(outputs["metrics_csv"]), Path(outputs["metrics_parquet"]))
+    summary.write_tables(tables, paths_out, prov)
+    log.info("summary: %d experiments -> %s", len(tables.summary), outputs["summary_csv"])
 
 
-def plot_job(figure: str, summary_parquet: Path, png: Path, svg: Path, runs_dir: Path | None) -> None:
-    """One campaign figure (llm_energy.plots.FIGURES) from the summary and, where it needs them, the raw
-    runs under runs_dir."""
-    from llm_energy import plots
+def plot_job(figure: str, summary_parquet: Path, metrics_parquet: Path, png: Path, svg: Path,
+             runs_dir: Path | None) -> None:
+    """One campaign figure (llm_energy.plots.FIGURES) from the summary and metrics tables and, where it
+    needs them, the raw runs under runs_dir."""
+    from llm_energy import plots, summary
 
-    log.info("figure %s: reading %s", figure, summary_parquet)
-    frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
-    plots.plot(figure, frame, Path(png), Path(svg), runs_dir=Path(runs_dir) if runs_dir else None)
+    log.info("figure %s: reading %s and %s", figure, summary_parquet, metrics_parquet)
+    tables = summary.read_tables(summary_parquet, metrics_parquet)
+    plots.plot(figure, tables, Path(png), Path(svg), runs_dir=Path(runs_dir) if runs_dir else None)
 
 
 def plot_timelines_job(summary_parquet: Path, runs_dir: Path, out_dir: Path, workers: int) -> None:
     """Every experiment's power timeline figure into out_dir (one process per worker)."""
-    from llm_energy import plots
+    from llm_energy import plots, summary
 
     log.info("timelines: reading %s, %d workers", summary_parquet, workers)
-    frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
+    frame = summary.read_summary(summary_parquet)
     skipped = plots.plot_run_timelines(frame, Path(runs_dir), Path(out_dir), workers=workers)
     log.info("timelines: %d experiments, %d without a figure", len(frame), len(skipped))
 
@@ -186,8 +190,10 @@ def report_pages_job(summary_parquet: Path, experiment_results: Sequence[Path], 
     """The report's summary, flags and provenance pages."""
     from llm_energy import report
 
+    from llm_energy.summary import read_summary
+
     log.info("report pages: reading %s and %d experiment results", summary_parquet, len(experiment_results))
-    frame, _ = artifacts.read_table_artifact(summary_parquet, "summary_table")
+    frame = read_summary(summary_parquet)
     experiment_provenance = {}
     for path in experiment_results:
         document = artifacts.read_json_artifact(Path(path), "experiment_result")

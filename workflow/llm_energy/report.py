@@ -19,6 +19,7 @@ import pandas as pd
 
 from llm_energy.artifacts import atomic_write_bytes
 from llm_energy.energy.validity import FLAG_DESCRIPTIONS, flag_effect
+from llm_energy.units import unit_of
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ PAGE_TITLES = {"summary": "Summary table (units)", "flags": "Validity flags and 
 PAGE_CAPTIONS = {
     "summary": "**The summary table** (``summary.csv`` / ``summary.parquet``): the main columns for every "
                "experiment, with units, then every column of the table with its unit. Units are also in the "
-               "column names (``_j`` joules, ``_s`` seconds, ``_w`` watts, ...).",
+               "column names (``_j`` joules, ``_s`` seconds, ``_w`` watts, ...). Every metric with its n, std, "
+               "95 % CI and CV is in ``metrics.csv`` / ``metrics.parquet`` (one row per experiment and metric).",
     "flags": "**Validity flags**: what each flag means, whether it makes a run's energy unreliable or only "
              "describes how the GPU ran, and which experiments carry it.",
     "provenance": "**Provenance** of the measurements (the first successful cycle of each experiment): "
@@ -52,22 +54,6 @@ KEY_COLUMNS: tuple[str, ...] = (
     "node_energy_per_output_token_j", "host_estimated_energy_per_output_token_j", "gpu_mean_power_w",
     "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "mfu", "mbu", "job_share_in_windows",
 )
-# Unit by column-name ending, most specific first (statistics suffixes are stripped before).
-UNIT_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("_per_output_token_j", "J/output token"), ("_per_input_token_j", "J/input token"),
-    ("_per_decode_token_j", "J/decode token"), ("output_tokens_per_j", "output tokens/J"),
-    ("flops_per_j", "FLOP/J"), ("flops_per_s", "FLOP/s"), ("tokens_per_s", "tokens/s"),
-    ("requests_per_s", "requests/s"), ("_kg_co2eq", "kg CO2eq"), ("_energy_j", "J"), ("_j", "J"),
-    ("_w", "W"), ("_s", "s"), ("_bytes", "bytes"), ("_mhz", "MHz"), ("_pct", "%"), ("_flops", "FLOP"),
-    ("_c", "°C"),
-)
-UNITLESS = {"mfu": "ratio (0-1)", "mbu": "ratio (0-1, lower bound)", "job_share_in_windows": "ratio (0-1)",
-            "timeline_vs_counter_rel_diff": "ratio", "batch_size": "requests", "cycles_ok": "count",
-            "cycles_failed": "count", "gpu_count": "count", "requests": "count", "input_tokens": "tokens",
-            "output_tokens": "tokens", "max_input_tokens": "tokens", "max_output_tokens": "tokens",
-            "token_budget": "tokens", "temperature": "-", "top_p": "-", "top_k": "tokens"}
-STATISTIC_SUFFIXES = ("_ci95_low", "_ci95_high", "_std", "_cv")
-
 STYLE = """
 body { font-family: sans-serif; font-size: 13px; margin: 12px; color: #222; }
 h1 { font-size: 18px; } h2 { font-size: 15px; margin-top: 20px; }
@@ -78,25 +64,6 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .unit { font-weight: normal; color: #555; font-size: 11px; }
 .wrap { overflow-x: auto; }
 """
-
-
-def unit_of(column: str) -> str:
-    """The unit of a summary column, from its name."""
-    base = column
-    if base.endswith("_cv"):
-        return "ratio (std/mean)"
-    for suffix in STATISTIC_SUFFIXES:
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    if base in UNITLESS:
-        return UNITLESS[base]
-    if base.endswith("_n"):
-        return "count"
-    for suffix, unit in UNIT_SUFFIXES:
-        if base.endswith(suffix):
-            return unit
-    return "-"
 
 
 def _page(title: str, body: str) -> str:
@@ -125,7 +92,9 @@ def table_html(frame: pd.DataFrame, units: bool = True, table_id: str = "") -> s
 def summary_page(summary: pd.DataFrame) -> str:
     key = [c for c in KEY_COLUMNS if c in summary.columns and summary[c].notna().any()]
     columns = pd.DataFrame({"column": list(summary.columns), "unit": [unit_of(c) for c in summary.columns]})
-    body = (f"<p>{len(summary)} experiments, {len(summary.columns)} columns in summary.csv. Means over the "
+    body = (f"<p>{len(summary)} experiments, {len(summary.columns)} columns in summary.csv (the headline "
+            "metrics; every metric with its n, std, CI and CV is in metrics.csv, one row per experiment and "
+            "metric, and the settings shared by every experiment are in each experiment's JSON). Means over the "
             "successful cycles; <code>_ci95_low</code>/<code>_ci95_high</code>: 95 % confidence interval of the "
             "mean (Student t); latency percentiles pooled over every request.</p>"
             "<h2>Main columns</h2>" + table_html(summary[key], table_id="summary-table")

@@ -1,4 +1,5 @@
-# aggregate: cycles combined per experiment; summarize: one tidy row per experiment.
+# aggregate: cycles combined per experiment; summarize: the narrow summary (one row per experiment)
+# and the long metrics table (one row per experiment and metric).
 # In figures-only mode the experiment results already exist (e.g. an archived results/ tree) and no
 # rule upstream of them is part of the DAG: nothing is downloaded and no inference runs.
 
@@ -30,8 +31,10 @@ rule summarize:
     input:
         EXPERIMENT_RESULTS,
     output:
-        csv=SUMMARY_CSV,
-        parquet=SUMMARY_PARQUET,
+        summary_csv=SUMMARY_CSV,
+        summary_parquet=SUMMARY_PARQUET,
+        metrics_csv=METRICS_CSV,
+        metrics_parquet=METRICS_PARQUET,
     log:
         f"{RESULTS}/logs/summarize.log",
     conda:

@@ -93,6 +93,8 @@ if workflow.local_exec and "gpu" not in workflow.global_resources:
 
 SUMMARY_CSV = f"{RESULTS}/summary.csv"
 SUMMARY_PARQUET = f"{RESULTS}/summary.parquet"
+METRICS_CSV = f"{RESULTS}/metrics.csv"
+METRICS_PARQUET = f"{RESULTS}/metrics.parquet"
 RUNS_DIR = f"{RESULTS}/runs"
 # Figure and report page names are defined once, in the package.
 PLOT_FIGURES = plots.FIGURES

@@ -8,7 +8,8 @@
 
 rule plot:
     input:
-        SUMMARY_PARQUET,
+        summary=SUMMARY_PARQUET,
+        metrics=METRICS_PARQUET,
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",

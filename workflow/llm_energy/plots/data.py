@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from llm_energy.plots.style import MAX_LISTED
-from llm_energy.summary import PARAMETER_COLUMNS
+from llm_energy.summary import PARAMETER_COLUMNS, Tables
 
 # Columns that, when they vary, distinguish the series of a figure (batch size is an axis; model and
 # dataset are facets).
@@ -44,13 +44,16 @@ class EnergyBoundary:
     short: str  # one line for the context footer
 
 
-def load(summary: pd.DataFrame | Path | str) -> pd.DataFrame:
-    """The summary (a DataFrame or the summary Parquet artifact), backends labelled with their variant
-    and engine path."""
-    if not isinstance(summary, pd.DataFrame):
-        from llm_energy.summary import read_summary
+def load(summary: Tables | pd.DataFrame | Path | str) -> pd.DataFrame:
+    """What the figures read: the summary with every metric of the metrics table joined
+    (summary.Tables.for_figures; from a summary.parquet path, the metrics.parquet beside it), or an
+    already joined DataFrame; backends labelled with their variant and engine path."""
+    from llm_energy.summary import Tables, read_tables
 
-        summary = read_summary(summary)
+    if isinstance(summary, (str, Path)):
+        summary = read_tables(summary)
+    if isinstance(summary, Tables):
+        summary = summary.for_figures()
     return backend_with_variant(summary)
 
 

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s")
 TIMELINE_COLUMNS = ("time_s", "device_index", "power_w", "sm_clock_mhz", "temperature_c")
 SPAN_COLUMNS = ("submitted_s", "first_token_s", "finished_s")
-READ_THREADS = 4  # Parquet reads release the GIL: a few threads hide the file system's latency
 
 
 @dataclass(frozen=True)
@@ -81,25 +80,17 @@ def pooled_requests(runs_dir: Path | str | None, experiment_ids: Iterable[str],
                     columns: Sequence[str] = LATENCY_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
     """Every request of every successful cycle, `columns` plus experiment_id; and the experiments
     without per-request data (no runs archived, or no successful cycle)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def read(experiment_id: str) -> list[pd.DataFrame]:
+    paths, owners, missing = [], [], []
+    for experiment_id in experiment_ids:
         experiment_dir = Path(runs_dir) / experiment_id if runs_dir is not None else None
-        if experiment_dir is None or not experiment_dir.is_dir():
-            return []
-        frames = []
-        for cycle, status in sorted(cycle_statuses(experiment_dir).items()):
-            path = experiment_dir / f"cycle-{cycle}" / "requests.parquet"
-            if status == "ok" and path.is_file():
-                frame, _ = artifacts.read_table_artifact(path, "requests_table", columns=columns)
-                frame["experiment_id"] = experiment_id
-                frames.append(frame)
-        return frames
-
-    ids = list(experiment_ids)
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        per_experiment = list(pool.map(read, ids))
-    missing = [eid for eid, frames in zip(ids, per_experiment) if not frames]
-    frames = [f for fs in per_experiment for f in fs]
-    pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*columns, "experiment_id"])
+        found = []
+        if experiment_dir is not None and experiment_dir.is_dir():
+            found = [experiment_dir / f"cycle-{cycle}" / "requests.parquet"
+                     for cycle, status in sorted(cycle_statuses(experiment_dir).items()) if status == "ok"]
+            found = [path for path in found if path.is_file()]
+        if not found:
+            missing.append(experiment_id)
+        paths += found
+        owners += [experiment_id] * len(found)
+    pooled = artifacts.read_table_artifacts(paths, "requests_table", list(columns), "experiment_id", owners)
     return pooled, missing
