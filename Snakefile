@@ -36,6 +36,7 @@ include: "workflow/rules/plots.smk"
 
 
 rule all:
+    default_target: True
     input:
         SUMMARY_CSV,
         SUMMARY_PARQUET,
@@ -44,7 +45,6 @@ rule all:
         CAMPAIGN_FIGURES,
         TIMELINES,
         REPORT_PAGES,
-    default_target: True
 
 
 # The campaign's figures and report pages without the per-experiment timelines (a campaign of 1,000
@@ -68,6 +68,7 @@ localrules:
     plot,
     plot_timelines,
     report_pages,
+
 
 if not FIGURES_ONLY:
 

@@ -31,8 +31,14 @@ def _build(tiny_models_dir: Path, name: str, architecture: str) -> Path:
 
     out = tiny_models_dir / name
     if not (out / "manifest.json").is_file():
-        spec = {"source": "builtin", "architecture": architecture, "seed": 0, "trust_remote_code": False,
-                "max_model_len": None, "save_dtype": "float32"}
+        spec = {
+            "source": "builtin",
+            "architecture": architecture,
+            "seed": 0,
+            "trust_remote_code": False,
+            "max_model_len": None,
+            "save_dtype": "float32",
+        }
         models.prepare_model(name, spec, out)
     return out
 

@@ -30,8 +30,9 @@ class NVMLError(Exception):
         self.value = value
 
     def __str__(self) -> str:
-        return {NOT_SUPPORTED: "Not Supported",
-                LIBRARY_NOT_FOUND: "NVML Shared Library Not Found"}.get(self.value, f"code {self.value}")
+        return {NOT_SUPPORTED: "Not Supported", LIBRARY_NOT_FOUND: "NVML Shared Library Not Found"}.get(
+            self.value, f"code {self.value}"
+        )
 
 
 Profile = float | Callable[[float], float]
@@ -75,8 +76,7 @@ class FakeNvml:
     NVMLError = NVMLError
     NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
 
-    def __init__(self, gpus: Sequence[FakeGpu], *, init_error: int | None = None,
-                 counter_read_s: float = 0.0):
+    def __init__(self, gpus: Sequence[FakeGpu], *, init_error: int | None = None, counter_read_s: float = 0.0):
         self.gpus = list(gpus)
         self.init_error = init_error
         self.counter_read_s = counter_read_s  # a real H100 counter read takes ~3.9 ms
@@ -191,9 +191,17 @@ class FakeNvml:
             power_mw = self._power_mw(handle) if field_id == 186 else None
             supported = field_id == 186 and self._gpu(handle).instant_power
             code = 0 if supported and power_mw is not None else (999 if supported else NOT_SUPPORTED)
-            values.append(SimpleNamespace(
-                fieldId=field_id, scopeId=0, timestamp=0, latencyUsec=0, valueType=1,
-                nvmlReturn=code, value=SimpleNamespace(uiVal=power_mw if code == 0 else 0)))
+            values.append(
+                SimpleNamespace(
+                    fieldId=field_id,
+                    scopeId=0,
+                    timestamp=0,
+                    latencyUsec=0,
+                    valueType=1,
+                    nvmlReturn=code,
+                    value=SimpleNamespace(uiVal=power_mw if code == 0 else 0),
+                )
+            )
         return values
 
     def nvmlDeviceGetClockInfo(self, handle: _Handle, clock_type: int) -> int:

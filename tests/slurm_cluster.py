@@ -286,8 +286,13 @@ def _start_daemon(name: str, argv: list[str], user: str | None = None) -> Starte
     as_user = {"user": user, "group": user, "extra_groups": []} if user and _is_root() else {}
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, **as_user,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            **as_user,
         )
     _CHILDREN[proc.pid] = proc
     LOG.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -371,20 +376,33 @@ def ensure_cluster(timeout_s: float = 60) -> SlurmCluster:
         _start_slurmctld(started)
         _start_slurmd(started)
         slurmd = next((daemon for daemon in started if daemon.name == "slurmd"), None)
-        _wait_for(lambda: node_state() in USABLE_NODE_STATES | {"down", "drain", "drng"},
-                  f"node {NODE_NAME} did not register with slurmctld", timeout_s, slurmd)
+        _wait_for(
+            lambda: node_state() in USABLE_NODE_STATES | {"down", "drain", "drng"},
+            f"node {NODE_NAME} did not register with slurmctld",
+            timeout_s,
+            slurmd,
+        )
         if node_state() in {"down", "drain", "drng"}:
             # Left down/drained by an earlier run (e.g. a killed slurmd): the node is fine now.
             _run(["scontrol", "update", f"NodeName={NODE_NAME}", "State=RESUME"], timeout_s=15)
-        _wait_for(lambda: node_state() in USABLE_NODE_STATES,
-                  f"node {NODE_NAME} did not become idle (sinfo state: {node_state()})", timeout_s, slurmd)
+        _wait_for(
+            lambda: node_state() in USABLE_NODE_STATES,
+            f"node {NODE_NAME} did not become idle (sinfo state: {node_state()})",
+            timeout_s,
+            slurmd,
+        )
     except BaseException:
         stop_daemons(started)
         raise
     finally:
         _save_state(_load_state() + started)
-    LOG.info("SLURM cluster ready: node %s, %d CPUs, %d MB; started %s", NODE_NAME, cpus, memory_mb,
-             [daemon.name for daemon in started] or "nothing")
+    LOG.info(
+        "SLURM cluster ready: node %s, %d CPUs, %d MB; started %s",
+        NODE_NAME,
+        cpus,
+        memory_mb,
+        [daemon.name for daemon in started] or "nothing",
+    )
     return SlurmCluster(NODE_NAME, DEFAULT_PARTITION, cpus, memory_mb, started)
 
 
@@ -433,8 +451,9 @@ def stop_recorded() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", nargs="?", default="start", choices=["start", "stop", "status"])
-    parser.add_argument("--install-only", action="store_true",
-                        help="only install slurm-wlm and munge when missing; start nothing")
+    parser.add_argument(
+        "--install-only", action="store_true", help="only install slurm-wlm and munge when missing; start nothing"
+    )
     parser.add_argument("--timeout-s", type=float, default=60, help="bounded wait for the node (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="slurm_cluster: %(message)s")

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from llm_energy import aggregate, artifacts
 from llm_energy.aggregate import MBU_METHOD, aggregate_experiment
 from llm_energy.errors import ArtifactError
@@ -19,9 +18,17 @@ GPU = "NVIDIA H100 80GB HBM3"
 PEAK_FLOPS_PER_S = 989e12
 PEAK_BYTES_PER_S = 3.35e12
 PARAMETERS = {
-    "batch_size": 8, "dtype": "bf16", "max_input_tokens": 128, "max_output_tokens": 64,
-    "decoding_mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-    "output_length": "fixed", "batching": "fixed", "token_budget": None,
+    "batch_size": 8,
+    "dtype": "bf16",
+    "max_input_tokens": 128,
+    "max_output_tokens": 64,
+    "decoding_mode": "greedy",
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "output_length": "fixed",
+    "batching": "fixed",
+    "token_budget": None,
 }
 
 
@@ -50,19 +57,34 @@ def run_result_data(
 ) -> dict[str, Any]:
     """A run_result `data` shaped like llm_energy.measure writes it."""
     return {
-        "experiment_id": experiment_id, "cycle": cycle, "status": status, "error": error,
-        "experiment": {"model": "tiny-llama", "backend": "pytorch", "dataset": "builtin",
-                       "parameters": dict(PARAMETERS)},
-        "load": None, "setup": {"duration_s": 1.0, "windows": []}, "window": None, "tokens": None,
-        "metrics": metrics or {}, "metrics_info": info or {}, "phases": None, "energy_sources": {},
+        "experiment_id": experiment_id,
+        "cycle": cycle,
+        "status": status,
+        "error": error,
+        "experiment": {
+            "model": "tiny-llama",
+            "backend": "pytorch",
+            "dataset": "builtin",
+            "parameters": dict(PARAMETERS),
+        },
+        "load": None,
+        "setup": {"duration_s": 1.0, "windows": []},
+        "window": None,
+        "tokens": None,
+        "metrics": metrics or {},
+        "metrics_info": info or {},
+        "phases": None,
+        "energy_sources": {},
         "validity": {"flags": list(flags), "valid": not flags},
     }
 
 
 def write_run(directory: Path, data: dict[str, Any], gpus: list[str]) -> Path:
     path = directory / "runs" / data["experiment_id"] / f"cycle-{data['cycle']}" / "result.json"
-    provenance = {"experiment": data["experiment_id"], "gpus": [{"name": name, "uuid": f"GPU-{i}"}
-                                                               for i, name in enumerate(gpus)]}
+    provenance = {
+        "experiment": data["experiment_id"],
+        "gpus": [{"name": name, "uuid": f"GPU-{i}"} for i, name in enumerate(gpus)],
+    }
     artifacts.write_json_artifact(path, "run_result", data, provenance)
     return path
 
@@ -70,24 +92,35 @@ def write_run(directory: Path, data: dict[str, Any], gpus: list[str]) -> Path:
 def gpu_metrics(window_s: float, gpu_j: float, output_tokens: float = 512.0) -> dict[str, float | None]:
     node_j = gpu_j + 30.0
     return {
-        "window_duration_s": window_s, "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / window_s, "gpu_energy_j": gpu_j,
-        "gpu_energy_per_output_token_j": gpu_j / output_tokens, "node_energy_j": node_j,
-        "cpu_energy_j": None, "ttft_p50_s": 0.05,
+        "window_duration_s": window_s,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / window_s,
+        "gpu_energy_j": gpu_j,
+        "gpu_energy_per_output_token_j": gpu_j / output_tokens,
+        "node_energy_j": node_j,
+        "cpu_energy_j": None,
+        "ttft_p50_s": 0.05,
     }
 
 
-GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "measured",
-            "cpu_unavailable_reason": "no RAPL"}
+GPU_INFO = {
+    "gpu_energy_source": "nvml_energy_counter",
+    "gpu_energy_method": "measured",
+    "cpu_unavailable_reason": "no RAPL",
+}
 
 
 # The FLOPs cost model of write_flops and the requests it writes beside each cycle: 8 requests of 100
 # prompt and 26 output tokens cost 8 x (100 + 25) x 4e9 = 4e12 FLOPs (no logits or attention term),
 # and read the 4e9 weights (2 bytes each) at 25 decode steps at least: 2e11 bytes.
 FLOPS_INPUT_TOKENS, FLOPS_OUTPUT_TOKENS = 100, 26
-COST_MODEL = {"linear_flops_per_token": 4_000_000_000, "logits_flops_per_position": 0,
-              "attention_flops_per_query_key": 0, "decode_weight_params": 4_000_000_000,
-              "kv_elements_per_token": None}
+COST_MODEL = {
+    "linear_flops_per_token": 4_000_000_000,
+    "logits_flops_per_position": 0,
+    "attention_flops_per_query_key": 0,
+    "decode_weight_params": 4_000_000_000,
+    "kv_elements_per_token": None,
+}
 
 
 def write_flops(directory: Path, runs: list[Path], confidence: str = "high") -> Path:
@@ -96,13 +129,33 @@ def write_flops(directory: Path, runs: list[Path], confidence: str = "high") -> 
 
     for run in runs:
         if not (run.parent / "requests.parquet").exists():
-            write_requests(run, [RequestRecord(index=i, input_tokens=FLOPS_INPUT_TOKENS,
-                                               output_tokens=FLOPS_OUTPUT_TOKENS, submitted_s=0.0,
-                                               finished_s=1.0, first_token_s=0.1) for i in range(8)])
+            write_requests(
+                run,
+                [
+                    RequestRecord(
+                        index=i,
+                        input_tokens=FLOPS_INPUT_TOKENS,
+                        output_tokens=FLOPS_OUTPUT_TOKENS,
+                        submitted_s=0.0,
+                        finished_s=1.0,
+                        first_token_s=0.1,
+                    )
+                    for i in range(8)
+                ],
+            )
     path = directory / "models" / "tiny-llama" / "flops-bf16.json"
-    data = {"model": "tiny-llama", "method": "analytic", "confidence": confidence, "dtype": "bf16",
-            "bytes_per_param": 2.0, "parameter_count": 4_000_000_000, "cost_model": dict(COST_MODEL),
-            "cross_checks": [], "architecture": None, "notes": []}
+    data = {
+        "model": "tiny-llama",
+        "method": "analytic",
+        "confidence": confidence,
+        "dtype": "bf16",
+        "bytes_per_param": 2.0,
+        "parameter_count": 4_000_000_000,
+        "cost_model": dict(COST_MODEL),
+        "cross_checks": [],
+        "architecture": None,
+        "notes": [],
+    }
     artifacts.write_json_artifact(path, "flops_model", data, {"experiment": None})
     return path
 
@@ -112,10 +165,13 @@ def three_cycles(tmp_path: Path) -> list[Path]:
     """Two ok cycles (one flagged) and one failed cycle on one H100."""
     info_2 = {**GPU_INFO, "latency_source": "cuda_events"}
     return [
-        write_run(tmp_path, run_result_data(1, gpu_metrics(2.0, 200.0), {**GPU_INFO, "latency_source": "host_clock"}), [GPU]),
+        write_run(
+            tmp_path, run_result_data(1, gpu_metrics(2.0, 200.0), {**GPU_INFO, "latency_source": "host_clock"}), [GPU]
+        ),
         write_run(tmp_path, run_result_data(2, gpu_metrics(2.5, 240.0), info_2, flags=("short_window",)), [GPU]),
-        write_run(tmp_path, run_result_data(3, None, status="failed", error="CUDA out of memory",
-                                            flags=("failed",)), [GPU]),
+        write_run(
+            tmp_path, run_result_data(3, None, status="failed", error="CUDA out of memory", flags=("failed",)), [GPU]
+        ),
     ]
 
 
@@ -154,12 +210,17 @@ def test_three_cycles_with_flops(tmp_path: Path, three_cycles: list[Path], fake_
     assert metrics["mfu"]["ci95_low"] < metrics["mfu"]["mean"] < metrics["mfu"]["ci95_high"]
     assert fake_peaks == [(GPU, "bf16"), (GPU, "bf16")]
     assert info["gpu_peak_figures"] == f"1 x {GPU} at bf16: 9.89e+14 FLOP/s, 3.35e+12 B/s"
-    assert not any(key.endswith("_unavailable_reason") and key.startswith(("mfu", "mbu", "gpu_flops"))
-                   for key in info)
+    assert not any(key.endswith("_unavailable_reason") and key.startswith(("mfu", "mbu", "gpu_flops")) for key in info)
     assert result["flops"] == {
-        "method": "analytic", "confidence": "high", "total_flops": 4.0e12, "decode_bytes_min": 2.0e11,
-        "cycles": [{"cycle": c, "window_flops": 4.0e12, "decode_bytes_min": 2.0e11, "requests": 8,
-                    "confidence": "high"} for c in (1, 2)]}
+        "method": "analytic",
+        "confidence": "high",
+        "total_flops": 4.0e12,
+        "decode_bytes_min": 2.0e11,
+        "cycles": [
+            {"cycle": c, "window_flops": 4.0e12, "decode_bytes_min": 2.0e11, "requests": 8, "confidence": "high"}
+            for c in (1, 2)
+        ],
+    }
 
     # the result is a valid experiment_result artifact and reads back unchanged
     out = tmp_path / "experiments" / f"{EXPERIMENT_ID}.json"
@@ -185,10 +246,19 @@ def test_without_flops_estimate(tmp_path: Path, three_cycles: list[Path]) -> Non
 
 def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
     """A CPU machine: GPU energy null, CPU+DRAM estimated, no GPU in the provenance."""
-    metrics = {"window_duration_s": 4.0, "output_tokens": 100.0, "gpu_energy_j": None,
-               "cpu_energy_j": 40.0, "dram_energy_j": 20.0, "node_energy_j": 60.0}
-    info = {"cpu_energy_source": "codecarbon_estimate", "cpu_energy_method": "estimated",
-            "gpu_unavailable_reason": "no NVIDIA GPU"}
+    metrics = {
+        "window_duration_s": 4.0,
+        "output_tokens": 100.0,
+        "gpu_energy_j": None,
+        "cpu_energy_j": 40.0,
+        "dram_energy_j": 20.0,
+        "node_energy_j": 60.0,
+    }
+    info = {
+        "cpu_energy_source": "codecarbon_estimate",
+        "cpu_energy_method": "estimated",
+        "gpu_unavailable_reason": "no NVIDIA GPU",
+    }
     paths = [write_run(tmp_path, run_result_data(c, metrics, info), gpus=[]) for c in (1, 2)]
     result = aggregate_experiment(paths, write_flops(tmp_path, paths))
     m, i = result["metrics"], result["metrics_info"]
@@ -207,8 +277,9 @@ def test_cpu_only_run_has_node_flops_but_no_gpu_figures(tmp_path: Path) -> None:
 
 
 def test_unknown_gpu_and_missing_peak_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), ["Mystery GPU"])
-             for c in (1, 2)]
+    paths = [
+        write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), ["Mystery GPU"]) for c in (1, 2)
+    ]
     flops = write_flops(tmp_path, paths)
     result = aggregate_experiment(paths, flops)
     assert result["metrics"]["mfu"]["mean"] is None
@@ -221,8 +292,7 @@ def test_unknown_gpu_and_missing_peak_table(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_two_gpus_double_the_peak(tmp_path: Path) -> None:
-    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU, GPU])
-             for c in (1, 2)]
+    paths = [write_run(tmp_path, run_result_data(c, gpu_metrics(2.0, 200.0), GPU_INFO), [GPU, GPU]) for c in (1, 2)]
     result = aggregate_experiment(paths, write_flops(tmp_path, paths))
     assert result["gpu_count"] == 2
     assert result["metrics"]["mfu"]["mean"] == pytest.approx(2.0e12 / (2 * PEAK_FLOPS_PER_S))
@@ -277,14 +347,18 @@ def test_mbu_counts_the_stored_quantized_weight_bytes(tmp_path: Path, fake_peaks
     """A run that recorded its matmul weights as stored (int8: 1 byte each) moves those bytes per decode
     step; a run without them keeps the FLOPs estimate's parameters x dtype size."""
     quantized = run_result_data(1, gpu_metrics(2.0, 200.0), GPU_INFO)
-    quantized["load"] = {"device": "cuda", "dtype": "bfloat16",
-                         "details": {"quantization": "torchao_int8_weight_only", "matmul_weight_bytes": 1000.0}}
+    quantized["load"] = {
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "details": {"quantization": "torchao_int8_weight_only", "matmul_weight_bytes": 1000.0},
+    }
     plain = run_result_data(2, gpu_metrics(2.0, 200.0), GPU_INFO)
     runs = [write_run(tmp_path, quantized, [GPU]), write_run(tmp_path, plain, [GPU])]
     result = aggregate_experiment(runs, write_flops(tmp_path, runs))
     mbu_values = [1000.0 * 25 / 2.0 / PEAK_BYTES_PER_S, 2.0e11 / 2.0 / PEAK_BYTES_PER_S]
     assert result["metrics"]["mbu"] == describe(mbu_values)
     assert "matmul_weight_bytes" in result["metrics_info"]["mbu_method"]
+
 
 # -- latency pooled over the requests of all cycles ---------------------------------------------
 
@@ -293,18 +367,31 @@ def write_requests(result_path: Path, records: list) -> None:
     """The cycle's requests.parquet beside its result.json, as the harness writes it."""
     from llm_energy.measure import requests_frame
 
-    artifacts.write_table_artifact(result_path.parent / "requests.parquet", "requests_table",
-                                   requests_frame(records), {"experiment": EXPERIMENT_ID})
+    artifacts.write_table_artifact(
+        result_path.parent / "requests.parquet",
+        "requests_table",
+        requests_frame(records),
+        {"experiment": EXPERIMENT_ID},
+    )
 
 
 def streamed_requests(count: int, offset_s: float) -> list:
     """`count` requests of 3 tokens in 2 chunks (1 + 2 tokens): TTFT 0.1 s, one ITL of 0.2 s each."""
     from llm_energy.backends.base import RequestRecord
 
-    return [RequestRecord(index=i, input_tokens=4, output_tokens=3, submitted_s=offset_s + i,
-                          finished_s=offset_s + i + 0.3 + 0.001 * i, first_token_s=offset_s + i + 0.1,
-                          chunk_times_s=[offset_s + i + 0.1, offset_s + i + 0.3 + 0.001 * i], chunk_tokens=[1, 2])
-            for i in range(count)]
+    return [
+        RequestRecord(
+            index=i,
+            input_tokens=4,
+            output_tokens=3,
+            submitted_s=offset_s + i,
+            finished_s=offset_s + i + 0.3 + 0.001 * i,
+            first_token_s=offset_s + i + 0.1,
+            chunk_times_s=[offset_s + i + 0.1, offset_s + i + 0.3 + 0.001 * i],
+            chunk_tokens=[1, 2],
+        )
+        for i in range(count)
+    ]
 
 
 def test_latency_is_pooled_over_every_request_of_every_cycle(tmp_path: Path) -> None:
@@ -341,7 +428,8 @@ def test_latency_below_100_pooled_samples_has_no_p99(tmp_path: Path) -> None:
     assert result["latency"]["e2e_n"] == 99 and result["latency"]["e2e_p99_s"] is None
     assert result["latency"]["e2e_p90_s"] is not None
     assert result["metrics_info"]["e2e_p99_unavailable_reason"] == (
-        "99 e2e samples pooled over the requests of cycles 1, 2; a p99 needs at least 100")
+        "99 e2e samples pooled over the requests of cycles 1, 2; a p99 needs at least 100"
+    )
 
 
 def test_latency_without_a_requests_table_is_null_with_the_reason(tmp_path: Path) -> None:
@@ -361,17 +449,21 @@ def test_mfu_uses_one_gpu_peak_when_the_run_measured_one_gpu_of_eight(tmp_path: 
     for cycle, window_s in ((1, 2.0), (2, 2.5)):
         data = run_result_data(cycle, gpu_metrics(window_s, 200.0), GPU_INFO)
         eight.append(write_run(tmp_path / "all", data, [GPU] * 8))
-        bound = {**data, "energy_sources": {"sources": [
-            {"name": "nvml", "available": True,
-             "devices": [{"index": 3, "uuid": "GPU-3", "name": GPU}]}]}}
+        bound = {
+            **data,
+            "energy_sources": {
+                "sources": [
+                    {"name": "nvml", "available": True, "devices": [{"index": 3, "uuid": "GPU-3", "name": GPU}]}
+                ]
+            },
+        }
         one.append(write_run(tmp_path / "bound", bound, [GPU] * 8))
     flops_path = write_flops(tmp_path, one + eight)
     bound_result = aggregate_experiment(one, flops_path)
     unbound_result = aggregate_experiment(eight, flops_path)
     assert bound_result["gpu_count"] == 1 and unbound_result["gpu_count"] == 8
     for metric in ("mfu", "mbu"):
-        assert bound_result["metrics"][metric]["mean"] == pytest.approx(
-            8 * unbound_result["metrics"][metric]["mean"])
+        assert bound_result["metrics"][metric]["mean"] == pytest.approx(8 * unbound_result["metrics"][metric]["mean"])
 
 
 def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: Path) -> None:
@@ -379,14 +471,19 @@ def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: P
     for cycle in (1, 2):
         data = run_result_data(cycle, gpu_metrics(2.0, 200.0), GPU_INFO)
         data["experiment"]["variant"] = "int8"
-        data["load"] = {"device": "cpu", "dtype": "float32",
-                        "details": {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}}
+        data["load"] = {
+            "device": "cpu",
+            "dtype": "float32",
+            "details": {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744},
+        }
         runs.append(write_run(tmp_path, data, [GPU]))
     result = aggregate_experiment(runs, None)
     assert result["experiment"]["variant"] == "int8"
     assert result["load"]["details"] == {"quantization": "torchao_int8_weight_only", "weight_bytes": 7151744}
     artifacts.write_json_artifact(tmp_path / "e.json", "experiment_result", result, {})  # schema-valid
-    failed = [write_run(tmp_path / "f", run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])]
+    failed = [
+        write_run(tmp_path / "f", run_result_data(1, None, status="failed", error="OOM", flags=("failed",)), [GPU])
+    ]
     assert aggregate_experiment(failed, None)["load"] is None
 
 
@@ -396,9 +493,18 @@ def test_the_variant_and_the_load_report_reach_the_experiment_result(tmp_path: P
 def _records(output_tokens: list[int], batch_index: int = -1) -> list:
     from llm_energy.backends.base import RequestRecord
 
-    return [RequestRecord(index=i, input_tokens=FLOPS_INPUT_TOKENS, output_tokens=o, submitted_s=0.0,
-                          finished_s=1.0, first_token_s=0.1, batch_index=batch_index)
-            for i, o in enumerate(output_tokens)]
+    return [
+        RequestRecord(
+            index=i,
+            input_tokens=FLOPS_INPUT_TOKENS,
+            output_tokens=o,
+            submitted_s=0.0,
+            finished_s=1.0,
+            first_token_s=0.1,
+            batch_index=batch_index,
+        )
+        for i, o in enumerate(output_tokens)
+    ]
 
 
 def test_each_cycle_gets_the_flops_of_its_own_requests(tmp_path: Path, fake_peaks: list) -> None:
@@ -442,8 +548,12 @@ def test_a_repeated_window_counts_every_pass(tmp_path: Path) -> None:
     data["tokens"] = {"requests": 16, "input_tokens": 1600, "output_tokens": 416, "repeats": 2}
     path = write_run(tmp_path, data, [GPU])
     records = _records([26] * 8) + _records([26] * 8)
-    artifacts.write_table_artifact(path.parent / "requests.parquet", "requests_table",
-                                   requests_frame(records, repeats=[0] * 8 + [1] * 8), {"experiment": EXPERIMENT_ID})
+    artifacts.write_table_artifact(
+        path.parent / "requests.parquet",
+        "requests_table",
+        requests_frame(records, repeats=[0] * 8 + [1] * 8),
+        {"experiment": EXPERIMENT_ID},
+    )
     result = aggregate_experiment([path], write_flops(tmp_path, [path]))
     assert result["flops"]["cycles"][0]["window_flops"] == 2 * 4.0e12
     assert result["flops"]["total_flops"] == 4.0e12
@@ -454,8 +564,12 @@ def test_an_experiment_result_of_version_1_is_migrated(tmp_path: Path) -> None:
     import json as json_module
 
     path = tmp_path / "old.json"
-    document = {"schema": "llm_energy/experiment_result", "schema_version": 1, "provenance": {},
-                "data": {"flops": {"method": "analytic", "confidence": "high", "total_flops": 1.0}}}
+    document = {
+        "schema": "llm_energy/experiment_result",
+        "schema_version": 1,
+        "provenance": {},
+        "data": {"flops": {"method": "analytic", "confidence": "high", "total_flops": 1.0}},
+    }
     path.write_text(json_module.dumps(document))
     migrated = artifacts.migrate("experiment_result", 1, document["data"], str(path))
     assert migrated["flops"]["cycles"] is None

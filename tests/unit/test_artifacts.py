@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy import artifacts
 from llm_energy.artifacts import (
     SCHEMA_VERSIONS,
@@ -32,16 +31,27 @@ PROVENANCE = {"experiment": "exp-1", "config_sha256": "c" * 64, "inputs": {"a.js
 
 
 def domain_measured(gross_j: float) -> dict[str, Any]:
-    return {"available": True, "source": "nvml", "method": "measured", "gross_j": gross_j,
-            "baseline_w": 5.0, "net_j": gross_j - 10.0}
+    return {
+        "available": True,
+        "source": "nvml",
+        "method": "measured",
+        "gross_j": gross_j,
+        "baseline_w": 5.0,
+        "net_j": gross_j - 10.0,
+    }
 
 
 def energy_window(name: str = "measure") -> dict[str, Any]:
     return {
-        "name": name, "start_s": 10.0, "end_s": 12.5, "duration_s": 2.5,
-        "domains": {"gpu": domain_measured(100.0),
-                    "cpu": {"available": True, "source": "codecarbon", "method": "estimated", "gross_j": 20.0},
-                    "dram": {"available": False, "reason": "no RAPL on this machine"}},
+        "name": name,
+        "start_s": 10.0,
+        "end_s": 12.5,
+        "duration_s": 2.5,
+        "domains": {
+            "gpu": domain_measured(100.0),
+            "cpu": {"available": True, "source": "codecarbon", "method": "estimated", "gross_j": 20.0},
+            "dram": {"available": False, "reason": "no RAPL on this machine"},
+        },
         "flags": [],
     }
 
@@ -53,11 +63,24 @@ def run_result_data() -> dict[str, Any]:
         "cycle": 1,
         "status": "ok",
         "error": None,
-        "experiment": {"model": "m", "backend": "pytorch", "dataset": "d",
-                       "parameters": {"batch_size": 1, "dtype": "float32", "max_input_tokens": 8,
-                                      "max_output_tokens": 4, "decoding_mode": "greedy", "temperature": 0.0,
-                                      "top_p": 1.0, "top_k": 0, "output_length": "fixed", "batching": "fixed",
-                                      "token_budget": None}},
+        "experiment": {
+            "model": "m",
+            "backend": "pytorch",
+            "dataset": "d",
+            "parameters": {
+                "batch_size": 1,
+                "dtype": "float32",
+                "max_input_tokens": 8,
+                "max_output_tokens": 4,
+                "decoding_mode": "greedy",
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "output_length": "fixed",
+                "batching": "fixed",
+                "token_budget": None,
+            },
+        },
         "load": {"device": "cpu", "dtype": "float32", "details": {"parameters": 1234}},
         "setup": {"duration_s": 1.5, "windows": [energy_window("load")]},
         "window": energy_window(),
@@ -71,21 +94,23 @@ def run_result_data() -> dict[str, Any]:
 
 
 def requests_frame(rows: int = 3) -> pd.DataFrame:
-    return pd.DataFrame({
-        "request_index": list(range(rows)),
-        "batch_index": [i // 2 for i in range(rows)],
-        "input_tokens": [5 + i for i in range(rows)],
-        "output_tokens": [4] * rows,
-        "submitted_s": [1.0 + i for i in range(rows)],
-        "first_token_s": [1.5 + i if i else float("nan") for i in range(rows)],
-        "finished_s": [3.0 + i for i in range(rows)],
-        "e2e_s": [2.0] * rows,
-        "ttft_s": [0.5 if i else float("nan") for i in range(rows)],
-        "tpot_s": [0.5] * rows,
-        "itl_mean_s": [0.5] * rows,
-        "token_times_s": [[1.5 + i, 2.0 + i, 2.5 + i, 3.0 + i] for i in range(rows)],
-        "latency_source": ["host_clock_per_step"] * rows,
-    })
+    return pd.DataFrame(
+        {
+            "request_index": list(range(rows)),
+            "batch_index": [i // 2 for i in range(rows)],
+            "input_tokens": [5 + i for i in range(rows)],
+            "output_tokens": [4] * rows,
+            "submitted_s": [1.0 + i for i in range(rows)],
+            "first_token_s": [1.5 + i if i else float("nan") for i in range(rows)],
+            "finished_s": [3.0 + i for i in range(rows)],
+            "e2e_s": [2.0] * rows,
+            "ttft_s": [0.5 if i else float("nan") for i in range(rows)],
+            "tpot_s": [0.5] * rows,
+            "itl_mean_s": [0.5] * rows,
+            "token_times_s": [[1.5 + i, 2.0 + i, 2.5 + i, 3.0 + i] for i in range(rows)],
+            "latency_source": ["host_clock_per_step"] * rows,
+        }
+    )
 
 
 def tmp_files(folder: Path) -> list[str]:
@@ -228,8 +253,11 @@ def test_read_wrong_schema_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [("[1, 2]", "not an llm_energy artifact"), ('{"data": {}}', "not an llm_energy artifact"),
-     ("{not json", "not valid JSON")],
+    [
+        ("[1, 2]", "not an llm_energy artifact"),
+        ('{"data": {}}', "not an llm_energy artifact"),
+        ("{not json", "not valid JSON"),
+    ],
 )
 def test_read_malformed(tmp_path: Path, content: str, match: str) -> None:
     path = tmp_path / "x.json"
@@ -296,8 +324,7 @@ def test_read_older_version_with_migrations(tmp_path: Path, monkeypatch) -> None
     document = read_json_artifact(path, "run_result")
     assert calls == [2, 3]  # applied in order, each once
     assert document["schema_version"] == 4
-    assert document["data"]["metrics"] == {"output_tokens_per_s": 3.2, "renamed_in_v3_j": 100.0,
-                                           "dram_energy_j": None}
+    assert document["data"]["metrics"] == {"output_tokens_per_s": 3.2, "renamed_in_v3_j": 100.0, "dram_energy_j": None}
     assert document["data"]["metrics_info"] == {"node_energy_domains": "gpu+cpu", "migrated": "v4"}
     assert document["provenance"] == PROVENANCE
 
@@ -320,8 +347,12 @@ def test_table_round_trip_with_envelope(tmp_path: Path) -> None:
     frame = requests_frame()
     write_table_artifact(path, "requests_table", frame, PROVENANCE, extra={"window_s": 2.5, "bad": float("nan")})
     read, meta = read_table_artifact(path, "requests_table")
-    assert meta == {"schema": "llm_energy/requests_table", "schema_version": 1, "provenance": PROVENANCE,
-                    "table": {"window_s": 2.5, "bad": None}}
+    assert meta == {
+        "schema": "llm_energy/requests_table",
+        "schema_version": 1,
+        "provenance": PROVENANCE,
+        "table": {"window_s": 2.5, "bad": None},
+    }
     assert list(read.columns) == list(frame.columns)
     pd.testing.assert_frame_equal(read.drop(columns="token_times_s"), frame.drop(columns="token_times_s"))
     assert [list(v) for v in read["token_times_s"]] == list(frame["token_times_s"])
@@ -355,10 +386,12 @@ def test_validate_table_unexpected_column() -> None:
 
 @pytest.mark.parametrize(
     ("column", "values"),
-    [("input_tokens", ["5", "6", "7"]),  # strings where integers belong
-     ("output_tokens", [4.0, 4.5, float("nan")]),  # floats in an integer column
-     ("latency_source", [1, 2, 3]),  # integers in a string column
-     ("e2e_s", ["a", "b", "c"])],
+    [
+        ("input_tokens", ["5", "6", "7"]),  # strings where integers belong
+        ("output_tokens", [4.0, 4.5, float("nan")]),  # floats in an integer column
+        ("latency_source", [1, 2, 3]),  # integers in a string column
+        ("e2e_s", ["a", "b", "c"]),
+    ],
 )
 def test_validate_table_wrong_dtype(column: str, values: list) -> None:
     frame = requests_frame()

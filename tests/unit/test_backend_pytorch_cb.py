@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from llm_energy import models
 from llm_energy.backends import continuous_batching
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
@@ -106,8 +105,9 @@ def test_max_concurrency_holds_arrivals_back(served: PytorchBackend, requests) -
     assert sum(r.queue_s > 0.005 for r in records) >= len(requests) - 2  # waited for a free slot
 
 
-def test_greedy_fixed_length_decodes_as_the_offline_path(served: PytorchBackend, offline: PytorchBackend,
-                                                         requests) -> None:
+def test_greedy_fixed_length_decodes_as_the_offline_path(
+    served: PytorchBackend, offline: PytorchBackend, requests
+) -> None:
     decoding = DecodingSettings(max_output_tokens=N)
     alone = offline.generate(requests, 1, decoding)  # batch 1: no padding in the reference
     together = served.generate(requests, BATCH, decoding)
@@ -130,8 +130,12 @@ def test_eos_and_fixed_length_as_the_offline_path(tiny_llama: Path, offline: Pyt
     backend = load(tiny_llama)
     try:
         free = backend.generate(requests, BATCH, DecodingSettings(max_output_tokens=12, output_length="eos"))
-        target = next(tok for r in free for pos, tok in enumerate(r.output_token_ids)
-                      if pos >= 1 and tok not in r.output_token_ids[:pos])
+        target = next(
+            tok
+            for r in free
+            for pos, tok in enumerate(r.output_token_ids)
+            if pos >= 1 and tok not in r.output_token_ids[:pos]
+        )
         declare_eos(backend, target)
         stopped = backend.generate(requests, BATCH, DecodingSettings(max_output_tokens=12, output_length="eos"))
         check_timestamps(stopped, tokens=None)
@@ -146,8 +150,9 @@ def test_eos_and_fixed_length_as_the_offline_path(tiny_llama: Path, offline: Pyt
         # the offline path with the same EOS masks the same logits: the same tokens
         old = declare_eos(offline, target)
         try:
-            assert [r.output_token_ids for r in fixed] == \
-                [r.output_token_ids for r in offline.generate(requests, 1, DecodingSettings(max_output_tokens=N))]
+            assert [r.output_token_ids for r in fixed] == [
+                r.output_token_ids for r in offline.generate(requests, 1, DecodingSettings(max_output_tokens=N))
+            ]
         finally:
             declare_eos(offline, old)
     finally:
@@ -156,8 +161,9 @@ def test_eos_and_fixed_length_as_the_offline_path(tiny_llama: Path, offline: Pyt
 
 def test_sampling_runs_its_processors_and_is_seeded(served: PytorchBackend, requests) -> None:
     def run(seed: int) -> list[list[int]]:
-        decoding = DecodingSettings(mode="sampling", temperature=0.8, top_p=0.9, top_k=20, max_output_tokens=N,
-                                    seed=seed)
+        decoding = DecodingSettings(
+            mode="sampling", temperature=0.8, top_p=0.9, top_k=20, max_output_tokens=N, seed=seed
+        )
         records = served.generate(requests[:1], BATCH, decoding)  # one request: no batching in the way
         check_timestamps(records)
         return [r.output_token_ids for r in records]
@@ -165,7 +171,11 @@ def test_sampling_runs_its_processors_and_is_seeded(served: PytorchBackend, requ
     assert run(1) == run(1)
     assert run(1) != run(2)
     assert served._cb_engine.facts["logits_processors"] == [
-        "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]
+        "SuppressTokensLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
 
 
 def test_a_prompt_longer_than_the_cache_holds_is_refused(served: PytorchBackend) -> None:

@@ -15,15 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from llm_energy.backends import require_installed
 from llm_energy.backends.base import DecodingSettings, Request, RequestRecord
 from llm_energy.backends.pytorch import (
-    EnginePath, PytorchBackend, compilation_counter, resolve_engine_path,
+    EnginePath,
+    PytorchBackend,
+    compilation_counter,
+    resolve_engine_path,
 )
 from llm_energy.backends.quantization import stored_bytes, weight_bytes
 from llm_energy.config import load_campaign
 from llm_energy.errors import BackendError, ConfigError
+
 from tests.unit.test_backend_pytorch import eos_token, prompts, weights_of
 
 MAX_INPUT_TOKENS = 16
@@ -74,43 +77,75 @@ def test_auto_is_fast_on_cuda_and_eager_on_cpu() -> None:
     assert resolve_engine_path({}, "cuda") == EnginePath("static", "reduce-overhead", "inductor")
     assert resolve_engine_path({}, "cuda").label == "fast"
     assert resolve_engine_path({"compile": "auto", "cache_implementation": "auto"}, "cpu") == EnginePath(
-        "dynamic", None, "inductor")
+        "dynamic", None, "inductor"
+    )
     assert resolve_engine_path({}, "cpu").label == "eager"
     # Eager dynamic is one setting away on CUDA; a static cache without compiling is its own label.
     assert resolve_engine_path({"cache_implementation": "dynamic", "compile": False}, "cuda").label == "eager"
     assert resolve_engine_path({"compile": False}, "cuda").label == "static"
     # An explicit compile mode implies the static cache on CPU too.
-    assert resolve_engine_path({"compile": "max-autotune-no-cudagraphs", "compile_backend": "eager"}, "cpu") == \
-        EnginePath("static", "max-autotune-no-cudagraphs", "eager")
+    assert resolve_engine_path(
+        {"compile": "max-autotune-no-cudagraphs", "compile_backend": "eager"}, "cpu"
+    ) == EnginePath("static", "max-autotune-no-cudagraphs", "eager")
 
 
 def test_load_report_records_the_engine(dynamic: PytorchBackend, tiny_llama: Path) -> None:
     assert dynamic.engine_path == "eager"
-    backend = PytorchBackend({"device": "cpu", "compile": "default", "compile_backend": "eager",
-                              "attn_implementation": "eager"})
+    backend = PytorchBackend(
+        {"device": "cpu", "compile": "default", "compile_backend": "eager", "attn_implementation": "eager"}
+    )
     details = backend.load(weights_of(tiny_llama), "float32", max_model_len=48, batch_size=2).details
     backend.close()
     assert backend.engine_path == "fast"
-    assert {k: details[k] for k in ("engine_path", "cache_implementation", "compile_mode", "compile_backend",
-                                    "static_cache_len", "attn_implementation")} == {
-        "engine_path": "fast", "cache_implementation": "static", "compile_mode": "default",
-        "compile_backend": "eager", "static_cache_len": 48, "attn_implementation": "eager"}
+    assert {
+        k: details[k]
+        for k in (
+            "engine_path",
+            "cache_implementation",
+            "compile_mode",
+            "compile_backend",
+            "static_cache_len",
+            "attn_implementation",
+        )
+    } == {
+        "engine_path": "fast",
+        "cache_implementation": "static",
+        "compile_mode": "default",
+        "compile_backend": "eager",
+        "static_cache_len": 48,
+        "attn_implementation": "eager",
+    }
 
 
 def _campaign(pytorch_settings: dict) -> dict:
-    return {"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-            "backends": ["pytorch"], "backend_settings": {"pytorch": pytorch_settings}}
+    return {
+        "models": {"m": {"source": "builtin"}},
+        "datasets": {"d": {"source": "bundled"}},
+        "backends": ["pytorch"],
+        "backend_settings": {"pytorch": pytorch_settings},
+    }
 
 
 def test_schema_defaults_and_enums() -> None:
     settings = load_campaign(_campaign({})).config["backend_settings"]["pytorch"]
     assert (settings["cache_implementation"], settings["compile"], settings["attn_implementation"]) == (
-        "auto", "auto", "sdpa")
-    for good in ({"compile": False}, {"compile": "reduce-overhead"}, {"cache_implementation": "static"},
-                 {"compile": "max-autotune-no-cudagraphs", "compile_backend": "aot_eager"}):
+        "auto",
+        "auto",
+        "sdpa",
+    )
+    for good in (
+        {"compile": False},
+        {"compile": "reduce-overhead"},
+        {"cache_implementation": "static"},
+        {"compile": "max-autotune-no-cudagraphs", "compile_backend": "aot_eager"},
+    ):
         load_campaign(_campaign(good))
-    for bad in ({"compile": "fast"}, {"compile": True}, {"cache_implementation": "paged"},
-                {"attn_implementation": "flash_attention_3"}):
+    for bad in (
+        {"compile": "fast"},
+        {"compile": True},
+        {"cache_implementation": "paged"},
+        {"attn_implementation": "flash_attention_3"},
+    ):
         with pytest.raises(ConfigError) as info:
             load_campaign(_campaign(bad))
         assert f"backend_settings.pytorch.{next(iter(bad))}" in str(info.value)
@@ -118,8 +153,11 @@ def test_schema_defaults_and_enums() -> None:
 
 def test_flash_attention_2_needs_flash_attn_before_any_job(monkeypatch) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "flash_attn" else real_find_spec(name, *a, **k))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "flash_attn" else real_find_spec(name, *a, **k),
+    )
     with pytest.raises(ConfigError) as info:
         require_installed(["pytorch"], {"pytorch": {"attn_implementation": "flash_attention_2"}})
     message = str(info.value)
@@ -138,12 +176,20 @@ def test_compiling_needs_a_static_cache(tiny_llama: Path) -> None:
 def test_compile_cache_dirs_follow_the_setting_unless_exported(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))  # the user's own: kept
-    backend = PytorchBackend({"device": "cpu", "compile": "default", "compile_backend": "eager",
-                              "compile_cache_dir": str(tmp_path / "resources")})
+    backend = PytorchBackend(
+        {
+            "device": "cpu",
+            "compile": "default",
+            "compile_backend": "eager",
+            "compile_cache_dir": str(tmp_path / "resources"),
+        }
+    )
     details = backend.load(weights_of(tiny_llama), "float32", max_model_len=MAX_MODEL_LEN, batch_size=1).details
     backend.close()
-    assert details["compile_cache_dirs"] == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "resources" / "inductor"),
-                                             "TRITON_CACHE_DIR": str(tmp_path / "mine")}
+    assert details["compile_cache_dirs"] == {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "resources" / "inductor"),
+        "TRITON_CACHE_DIR": str(tmp_path / "mine"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +252,13 @@ def test_eos_rows_finish_at_their_own_last_token(path: str, request, requests_) 
     # A token that appears late in one sequence of batch 0 but not in the others: declared EOS, that
     # row stops early while the others run on.
     batch0 = [r for r in free if r.batch_index == 0]
-    target = next(tok for r in batch0 for pos, tok in enumerate(r.output_token_ids[1:8], start=1)
-                  if all(tok not in other.output_token_ids for other in batch0 if other is not r)
-                  and tok not in r.output_token_ids[:pos])
+    target = next(
+        tok
+        for r in batch0
+        for pos, tok in enumerate(r.output_token_ids[1:8], start=1)
+        if all(tok not in other.output_token_ids for other in batch0 if other is not r)
+        and tok not in r.output_token_ids[:pos]
+    )
     with eos_token(backend, target):
         records = backend.generate(requests_, BATCH, eos_mode)
     for record in records:
@@ -225,8 +275,9 @@ def test_eos_rows_finish_at_their_own_last_token(path: str, request, requests_) 
 # Compiled: inductor for real, and the compilation counter
 
 
-def test_inductor_compiled_static_path(tiny_llama: Path, requests_, dynamic_records, tmp_path: Path,
-                                       monkeypatch) -> None:
+def test_inductor_compiled_static_path(
+    tiny_llama: Path, requests_, dynamic_records, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     backend = loaded(tiny_llama, {"compile": "default", "compile_cache_dir": str(tmp_path)})
@@ -256,8 +307,9 @@ def traced(tiny_llama: Path):
     backend.close()
 
 
-def test_counter_is_stable_without_new_shapes_and_grows_with_a_recompile(traced: PytorchBackend, requests_,
-                                                                           dynamic_records) -> None:
+def test_counter_is_stable_without_new_shapes_and_grows_with_a_recompile(
+    traced: PytorchBackend, requests_, dynamic_records
+) -> None:
     from torch._dynamo.utils import counters
 
     decoding = DecodingSettings(max_output_tokens=N)
@@ -285,7 +337,9 @@ def test_counter_is_stable_without_new_shapes_and_grows_with_a_recompile(traced:
 def test_compile_on_the_eager_path_does_nothing(dynamic: PytorchBackend, requests_) -> None:
     before = compilation_counter()
     assert dynamic.compile([requests_], DecodingSettings(max_output_tokens=N)) == {
-        "engine_path": "eager", "compiled": False}
+        "engine_path": "eager",
+        "compiled": False,
+    }
     assert compilation_counter() == before
 
 
@@ -320,7 +374,7 @@ def test_memory_report_on_cpu(path: str, request, requests_) -> None:
 
 def test_peak_rss_restarts_at_the_reset(dynamic: PytorchBackend) -> None:
     big = bytearray(300 * 2**20)
-    big[:: 4096] = b"x" * len(big[:: 4096])  # touch every page
+    big[::4096] = b"x" * len(big[::4096])  # touch every page
     held = dynamic.memory_report()["peak_rss_bytes"]
     del big
     dynamic.reset_peak_memory()

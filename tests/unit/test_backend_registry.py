@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from llm_energy import backends
 from llm_energy.errors import BackendError, ConfigError
 

@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.decoding import greedy
-from llm_energy import clock, models
+from llm_energy import clock
 from llm_energy.backends import create_backend
 from llm_energy.backends import vllm as vllm_backend
 from llm_energy.backends.base import DecodingSettings, Request
 from llm_energy.backends.vllm import VllmBackend
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.metrics import inter_token_latencies_s, latency_metrics, time_per_output_token_s
+
+from tests.decoding import greedy
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("CI"):
@@ -76,8 +76,9 @@ def fixed_run(offline):
 
 def test_unavailable_reason_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(vllm_backend.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        vllm_backend.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
     reason = VllmBackend.unavailable_reason()
     assert reason is not None
     assert "conda env create -f envs/vllm.yaml" in reason
@@ -109,8 +110,13 @@ def test_engine_kwargs_defaults_and_validation(tmp_path):
     assert kwargs["max_num_seqs"] == 8  # null -> the campaign batch size
     assert kwargs["enable_prefix_caching"] is False and kwargs["disable_log_stats"] is False
     assert "enable_chunked_prefill" not in kwargs and "quantization" not in kwargs  # engine defaults
-    assert VllmBackend({"max_num_seqs": 3, "seed": 0}).engine_kwargs(tmp_path, "float32", 512, 8, fields)["max_num_seqs"] == 3
-    passed = VllmBackend({"extra_engine_args": {"block_size": 16}, "seed": 0}).engine_kwargs(tmp_path, "float32", 64, 1, fields)
+    assert (
+        VllmBackend({"max_num_seqs": 3, "seed": 0}).engine_kwargs(tmp_path, "float32", 512, 8, fields)["max_num_seqs"]
+        == 3
+    )
+    passed = VllmBackend({"extra_engine_args": {"block_size": 16}, "seed": 0}).engine_kwargs(
+        tmp_path, "float32", 64, 1, fields
+    )
     assert passed["block_size"] == 16
 
     cases = [
@@ -133,8 +139,14 @@ def test_the_engine_seed_is_the_experiments_seed(tmp_path):
     from llm_energy.config import load_campaign
     from llm_energy.measure import backend_settings
 
-    campaign = load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-                              "backends": ["vllm"], "campaign": {"seed": 777}})
+    campaign = load_campaign(
+        {
+            "models": {"m": {"source": "builtin"}},
+            "datasets": {"d": {"source": "bundled"}},
+            "backends": ["vllm"],
+            "campaign": {"seed": 777},
+        }
+    )
     (experiment,) = campaign.experiments.values()
     backend = VllmBackend(backend_settings(experiment))
     kwargs = backend.engine_kwargs(tmp_path, "float32", 64, 1, engine_fields=set())
@@ -167,7 +179,8 @@ def test_sampling_params_follow_decoding_settings():
     assert (eos.max_tokens, eos.min_tokens, eos.ignore_eos) == (7, 0, False)
     assert eos.output_kind == RequestOutputKind.DELTA
     sampled = backend.sampling_params(
-        DecodingSettings(mode="sampling", temperature=0.7, top_p=0.9, top_k=0, seed=10), request, streaming=False)
+        DecodingSettings(mode="sampling", temperature=0.7, top_p=0.9, top_k=0, seed=10), request, streaming=False
+    )
     assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (0.7, 0.9, 0, 13)
 
 
@@ -213,8 +226,7 @@ def test_fixed_length_greedy_counts_and_timestamps(fixed_run):
         assert 0 < record.ttft_s <= record.e2e_s
         # Only first and last token are known: no arrivals, hence no ITL; TPOT from the own last token.
         assert record.arrivals() == ([], []) and inter_token_latencies_s(record) == []
-        assert time_per_output_token_s(record) == pytest.approx(
-            (record.finished_s - record.first_token_s) / 11)
+        assert time_per_output_token_s(record) == pytest.approx((record.finished_s - record.first_token_s) / 11)
         # Engine timestamps converted to clock.now(): inside the window that bracketed the call.
         assert before - 1e-3 <= record.submitted_s <= record.first_token_s <= record.finished_s <= after + 1e-3
 
@@ -334,9 +346,11 @@ def _with_eos(tiny_llama_weights: Path, out: Path, eos_id: int) -> Path:
     from transformers import AutoTokenizer
 
     eos_text = AutoTokenizer.from_pretrained(tiny_llama_weights).convert_ids_to_tokens(eos_id)
-    for name, key, value in (("tokenizer_config.json", "eos_token", eos_text),
-                             ("config.json", "eos_token_id", eos_id),
-                             ("generation_config.json", "eos_token_id", eos_id)):
+    for name, key, value in (
+        ("tokenizer_config.json", "eos_token", eos_text),
+        ("config.json", "eos_token_id", eos_id),
+        ("generation_config.json", "eos_token_id", eos_id),
+    ):
         data = json.loads((out / name).read_text())
         data[key] = value
         (out / name).write_text(json.dumps(data))
@@ -349,12 +363,15 @@ def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(tiny_llama_weig
     (EOS counted), in vLLM and in the pytorch backend alike."""
     requests, fixed_records, _, _ = fixed_run
     # The first token that some request emits for the first time after its first output token.
-    chosen, position = next((record, p) for record in fixed_records for p in range(1, record.output_tokens)
-                            if record.output_token_ids[p] not in record.output_token_ids[:p])
+    chosen, position = next(
+        (record, p)
+        for record in fixed_records
+        for p in range(1, record.output_tokens)
+        if record.output_token_ids[p] not in record.output_token_ids[:p]
+    )
     eos_id = chosen.output_token_ids[position]
     eos_dir = _with_eos(tiny_llama_weights, tmp_path / "eos-model", eos_id)
-    expected = [r.output_token_ids.index(eos_id) + 1 if eos_id in r.output_token_ids else 12
-                for r in fixed_records]
+    expected = [r.output_token_ids.index(eos_id) + 1 if eos_id in r.output_token_ids else 12 for r in fixed_records]
 
     engine = VllmBackend(dict(CPU_SETTINGS))
     try:
@@ -364,8 +381,7 @@ def test_natural_eos_stops_where_the_model_emits_it_like_pytorch(tiny_llama_weig
         engine.close()
     assert vllm_records[chosen.index].output_tokens == position + 1
     assert [r.output_tokens for r in vllm_records] == expected
-    assert all(r.output_token_ids == f.output_token_ids[: r.output_tokens]
-               for r, f in zip(vllm_records, fixed_records))
+    assert all(r.output_token_ids == f.output_token_ids[: r.output_tokens] for r, f in zip(vllm_records, fixed_records))
 
     pytorch = _pytorch_backend(eos_dir)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from llm_energy.backends.base import Request
 from llm_energy.backends.batching import STRATEGIES, make_batches, padded_tokens
 
@@ -76,7 +75,8 @@ def test_token_budget_capped_by_batch_size() -> None:
     assert indices(batches) == [[1, 4], [3, 2], [0]]
     # A huge budget: only batch_size limits the batches, which then equal sorted batching.
     assert indices(make_batches(requests, 2, "token_budget", token_budget=10**9)) == indices(
-        make_batches(requests, 2, "sorted"))
+        make_batches(requests, 2, "sorted")
+    )
 
 
 def test_token_budget_tight_budget_one_request_per_batch() -> None:
@@ -119,11 +119,13 @@ def test_empty_requests() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"batch_size": 2, "strategy": "random"}, "unknown batching strategy 'random'"),
-     ({"batch_size": 0}, "batch_size must be >= 1"),
-     ({"batch_size": -1, "strategy": "sorted"}, "batch_size must be >= 1"),
-     ({"batch_size": 2, "strategy": "token_budget"}, "needs a positive token_budget"),
-     ({"batch_size": 2, "strategy": "token_budget", "token_budget": 0}, "needs a positive token_budget")],
+    [
+        ({"batch_size": 2, "strategy": "random"}, "unknown batching strategy 'random'"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"batch_size": -1, "strategy": "sorted"}, "batch_size must be >= 1"),
+        ({"batch_size": 2, "strategy": "token_budget"}, "needs a positive token_budget"),
+        ({"batch_size": 2, "strategy": "token_budget", "token_budget": 0}, "needs a positive token_budget"),
+    ],
 )
 def test_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -14,27 +14,62 @@ spec.loader.exec_module(build_proof)
 
 
 def _row(path: str, batch: int, arm: str, ratio: float, low: float, high: float) -> dict:
-    return {"batch_size": batch, "pytorch_path": path, "arm": arm, "ratio": ratio, "ci95_low": low,
-            "ci95_high": high, "n": 5, "bare_output_tokens_per_s": 100.0, "arm_output_tokens_per_s": 100.0 * ratio}
+    return {
+        "batch_size": batch,
+        "pytorch_path": path,
+        "arm": arm,
+        "ratio": ratio,
+        "ci95_low": low,
+        "ci95_high": high,
+        "n": 5,
+        "bare_output_tokens_per_s": 100.0,
+        "arm_output_tokens_per_s": 100.0 * ratio,
+    }
 
 
 def test_overhead_runs_merge_with_each_rows_commit_and_the_first_bandwidth(tmp_path: Path) -> None:
-    (tmp_path / "a.json").write_text(json.dumps({"git_commit": "aaa", "measured_copy_bandwidth_bytes_per_s": None,
-                                                 "rows": [_row("eager", 8, "full", 0.95, 0.76, 1.14)]}))
-    (tmp_path / "b.json").write_text(json.dumps({"git_commit": "bbb", "measured_copy_bandwidth_bytes_per_s": 4.2e12,
-                                                 "rows": [_row("fast", 1, "full", 1.0, 0.87, 1.13)]}))
+    (tmp_path / "a.json").write_text(
+        json.dumps(
+            {
+                "git_commit": "aaa",
+                "measured_copy_bandwidth_bytes_per_s": None,
+                "rows": [_row("eager", 8, "full", 0.95, 0.76, 1.14)],
+            }
+        )
+    )
+    (tmp_path / "b.json").write_text(
+        json.dumps(
+            {
+                "git_commit": "bbb",
+                "measured_copy_bandwidth_bytes_per_s": 4.2e12,
+                "rows": [_row("fast", 1, "full", 1.0, 0.87, 1.13)],
+            }
+        )
+    )
     merged = build_proof.load_overhead([tmp_path / "a.json", tmp_path / "b.json"])
     assert [(r["pytorch_path"], r["git_commit"], r["source"]) for r in merged["rows"]] == [
-        ("eager", "aaa", "a.json"), ("fast", "bbb", "b.json")]
+        ("eager", "aaa", "a.json"),
+        ("fast", "bbb", "b.json"),
+    ]
     assert merged["measured_copy_bandwidth_bytes_per_s"] == 4.2e12
 
 
 def test_a_later_overhead_run_replaces_the_rows_it_remeasured(tmp_path: Path) -> None:
-    (tmp_path / "old.json").write_text(json.dumps({"git_commit": "aaa", "rows": [
-        _row("fast", 8, "full", 1.03, 0.94, 1.13), _row("fast", 8, "no_sampler", 1.06, 0.93, 1.20),
-        _row("fast", 1, "full", 1.0, 0.87, 1.13)]}))
-    (tmp_path / "new.json").write_text(json.dumps({"git_commit": "bbb", "rows": [
-        _row("fast", 8, "full", 0.99, 0.98, 1.00)]}))
+    (tmp_path / "old.json").write_text(
+        json.dumps(
+            {
+                "git_commit": "aaa",
+                "rows": [
+                    _row("fast", 8, "full", 1.03, 0.94, 1.13),
+                    _row("fast", 8, "no_sampler", 1.06, 0.93, 1.20),
+                    _row("fast", 1, "full", 1.0, 0.87, 1.13),
+                ],
+            }
+        )
+    )
+    (tmp_path / "new.json").write_text(
+        json.dumps({"git_commit": "bbb", "rows": [_row("fast", 8, "full", 0.99, 0.98, 1.00)]})
+    )
     merged = build_proof.load_overhead([tmp_path / "old.json", tmp_path / "new.json"])
     by_key = {(r["batch_size"], r["arm"]): (r["ratio"], r["git_commit"]) for r in merged["rows"]}
     assert by_key == {(8, "full"): (0.99, "bbb"), (8, "no_sampler"): (1.06, "aaa"), (1, "full"): (1.0, "aaa")}
@@ -43,17 +78,41 @@ def test_a_later_overhead_run_replaces_the_rows_it_remeasured(tmp_path: Path) ->
 def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
     proof = {
         "experiments": [
-            {"experiment_id": "fast-bs8", "backend": "pytorch", "pytorch_path": "fast", "batch_size": 8,
-             "gpu_energy_per_output_token_cv": 0.017},
-            {"experiment_id": "vllm-bs32", "backend": "vllm", "pytorch_path": None, "batch_size": 32,
-             "gpu_energy_per_output_token_cv": 0.25},
-            {"experiment_id": "eager-bs8", "backend": "pytorch", "pytorch_path": "eager", "batch_size": 8,
-             "gpu_energy_per_output_token_cv": 0.14},  # reported as measured, no target
-            {"experiment_id": "fast-bs1", "backend": "pytorch", "pytorch_path": "fast", "batch_size": 1,
-             "gpu_energy_per_output_token_cv": 0.05},  # batch 1: no target
+            {
+                "experiment_id": "fast-bs8",
+                "backend": "pytorch",
+                "pytorch_path": "fast",
+                "batch_size": 8,
+                "gpu_energy_per_output_token_cv": 0.017,
+            },
+            {
+                "experiment_id": "vllm-bs32",
+                "backend": "vllm",
+                "pytorch_path": None,
+                "batch_size": 32,
+                "gpu_energy_per_output_token_cv": 0.25,
+            },
+            {
+                "experiment_id": "eager-bs8",
+                "backend": "pytorch",
+                "pytorch_path": "eager",
+                "batch_size": 8,
+                "gpu_energy_per_output_token_cv": 0.14,
+            },  # reported as measured, no target
+            {
+                "experiment_id": "fast-bs1",
+                "backend": "pytorch",
+                "pytorch_path": "fast",
+                "batch_size": 1,
+                "gpu_energy_per_output_token_cv": 0.05,
+            },  # batch 1: no target
         ],
-        "harness_overhead_arms": [_row("fast", 8, "full", 1.03, 0.94, 1.13), _row("fast", 128, "full", 0.97, 0.96, 0.975)],
-        "gpu_time_in_windows_share": 0.48, "timeline_vs_counter_max_abs_rel_diff": 0.02,
+        "harness_overhead_arms": [
+            _row("fast", 8, "full", 1.03, 0.94, 1.13),
+            _row("fast", 128, "full", 0.97, 0.96, 0.975),
+        ],
+        "gpu_time_in_windows_share": 0.48,
+        "timeline_vs_counter_max_abs_rel_diff": 0.02,
         "mbu_bs1_fast_vs_measured_bandwidth": None,
     }
     checks = build_proof.targets(proof)
@@ -67,7 +126,9 @@ def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
 
 def test_a_stale_commit_label_is_read_as_the_commit_that_ran(tmp_path: Path) -> None:
     (tmp_path / "experiments").mkdir()
-    (tmp_path / "run.json").write_text(json.dumps({"git_commit": "old-dirty", "rows": [_row("fast", 8, "full", 1.0, 0.9, 1.1)]}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"git_commit": "old-dirty", "rows": [_row("fast", 8, "full", 1.0, 0.9, 1.1)]})
+    )
     proof = build_proof.build(tmp_path, [tmp_path / "run.json"], "new", {"old-dirty": "7094582"})
     assert proof["git_commit"] == "new"
     assert [r["git_commit"] for r in proof["harness_overhead"]] == ["7094582"]

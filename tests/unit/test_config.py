@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from llm_energy.config import (
     Campaign,
     backend_variants,
@@ -57,22 +56,37 @@ def test_default_config_validates_and_expands_to_four_experiments() -> None:
     assert len(campaign.experiments) == 4
     assert campaign.cycles == 2
     assert {(e.model, e.parameters["batch_size"]) for e in campaign.experiments.values()} == {
-        ("tiny-llama", 1), ("tiny-llama", 4), ("tiny-gpt2", 1), ("tiny-gpt2", 4),
+        ("tiny-llama", 1),
+        ("tiny-llama", 4),
+        ("tiny-gpt2", 1),
+        ("tiny-gpt2", 4),
     }
     for eid, experiment in campaign.experiments.items():
         assert experiment.id == eid
         assert ID_PATTERN.match(eid), eid
         assert experiment.backend == "pytorch"
         assert experiment.dataset == "bundled"
-        assert dataclasses.asdict(experiment.warmup) == {"min_batches": 2, "stable_batches": 2, "tolerance": 0.25,
-                                                         "max_s": 10}
+        assert dataclasses.asdict(experiment.warmup) == {
+            "min_batches": 2,
+            "stable_batches": 2,
+            "tolerance": 0.25,
+            "max_s": 10,
+        }
         assert experiment.min_window_s == 0.5 and experiment.cycle_isolation == "experiment"
         assert experiment.seed == 1234
         assert experiment.requests_per_cycle is None
         assert experiment.parameters == {
-            "batch_size": experiment.parameters["batch_size"], "dtype": "float32", "max_input_tokens": 128,
-            "max_output_tokens": 16, "output_length": "fixed", "batching": "fixed", "token_budget": None,
-            "decoding_mode": "greedy", "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+            "batch_size": experiment.parameters["batch_size"],
+            "dtype": "float32",
+            "max_input_tokens": 128,
+            "max_output_tokens": 16,
+            "output_length": "fixed",
+            "batching": "fixed",
+            "token_budget": None,
+            "decoding_mode": "greedy",
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": 0,
         }
 
 
@@ -81,7 +95,7 @@ def test_default_config_readable_id_prefix() -> None:
     prefix = "tiny-llama.pytorch.bundled.bs1-float32-in128-out16-greedy."
     matching = [i for i in ids if i.startswith(prefix)]
     assert len(matching) == 1
-    assert re.fullmatch(r"[0-9a-f]{8}", matching[0][len(prefix):])
+    assert re.fullmatch(r"[0-9a-f]{8}", matching[0][len(prefix) :])
     # Order is stable: models, then batch sizes, as written in the config.
     assert [i.rsplit(".", 1)[0] for i in ids] == [
         "tiny-llama.pytorch.bundled.bs1-float32-in128-out16-greedy",
@@ -113,9 +127,7 @@ def test_ids_are_stable_across_loads_and_key_order() -> None:
     raw = default_raw()
     reordered = {k: raw[k] for k in reversed(list(raw))}
     reordered["energy"] = {k: raw["energy"][k] for k in reversed(list(raw["energy"]))}
-    reordered["models"] = {
-        name: {k: spec[k] for k in reversed(list(spec))} for name, spec in raw["models"].items()
-    }
+    reordered["models"] = {name: {k: spec[k] for k in reversed(list(spec))} for name, spec in raw["models"].items()}
     assert set(load_campaign(reordered).experiments) == set(first.experiments)
 
 
@@ -138,8 +150,9 @@ def _label(eid: str) -> str:
         pytest.param(lambda c: c["campaign"].update(requests_per_cycle=5), id="requests_per_cycle"),
         pytest.param(lambda c: c["datasets"]["bundled"].update(sample_size=9), id="dataset.sample_size"),
         pytest.param(lambda c: c["models"]["tiny-llama"].update(seed=1), id="model.seed"),
-        pytest.param(lambda c: c["backend_settings"]["pytorch"].update(attn_implementation="eager"),
-                     id="backend_settings"),
+        pytest.param(
+            lambda c: c["backend_settings"]["pytorch"].update(attn_implementation="eager"), id="backend_settings"
+        ),
     ],
 )
 def test_changed_hidden_parameter_changes_hash_not_label(change: Callable[[dict], None]) -> None:
@@ -187,15 +200,26 @@ def test_defaults_are_filled_and_input_untouched() -> None:
     config = validate_config(raw)
     assert raw == snapshot  # validation works on a copy
     assert config["campaign"] == {
-        "name": "campaign", "cycles": 3,
+        "name": "campaign",
+        "cycles": 3,
         "warmup": {"min_batches": 3, "stable_batches": 3, "tolerance": 0.05, "max_s": 300},
-        "min_window_s": 10, "cycle_isolation": "experiment", "requests_per_cycle": None, "seed": 1234,
-        "gpus": {"devices": None, "jobs": "parallel", "wait_s": 600, "lock_dir": "/tmp/llm-energy-gpu-locks"}}
+        "min_window_s": 10,
+        "cycle_isolation": "experiment",
+        "requests_per_cycle": None,
+        "seed": 1234,
+        "gpus": {"devices": None, "jobs": "parallel", "wait_s": 600, "lock_dir": "/tmp/llm-energy-gpu-locks"},
+    }
     assert config["grid"] == {
-        "batch_size": [1], "dtype": ["float32"], "max_input_tokens": [512], "max_output_tokens": [64],
+        "batch_size": [1],
+        "dtype": ["float32"],
+        "max_input_tokens": [512],
+        "max_output_tokens": [64],
         "decoding": [{"mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
-        "output_length": ["fixed"], "batching": ["fixed"], "token_budget": [None],
-        "request_rate": ["inf"], "max_concurrency": [None],
+        "output_length": ["fixed"],
+        "batching": ["fixed"],
+        "token_budget": [None],
+        "request_rate": ["inf"],
+        "max_concurrency": [None],
     }
     assert config["exclude"] == []
     assert config["results_dir"] == "results"
@@ -206,11 +230,23 @@ def test_defaults_are_filled_and_input_untouched() -> None:
     assert config["energy"]["baseline"] == {"duration_s": 10, "max_age_s": 3600}
     assert config["energy"]["country_iso_code"] == "FRA"
     # Source-specific defaults come from the matching if/then branch only.
-    assert config["models"]["m"] == {"source": "builtin", "architecture": "llama", "seed": 0,
-                                     "save_dtype": "float32", "trust_remote_code": False,
-                                     "max_model_len": None}
-    assert config["datasets"]["d"] == {"source": "bundled", "sample_size": None, "seed": 0, "shuffle": True,
-                                       "min_chars": None, "max_chars": None, "categories": None}
+    assert config["models"]["m"] == {
+        "source": "builtin",
+        "architecture": "llama",
+        "seed": 0,
+        "save_dtype": "float32",
+        "trust_remote_code": False,
+        "max_model_len": None,
+    }
+    assert config["datasets"]["d"] == {
+        "source": "bundled",
+        "sample_size": None,
+        "seed": 0,
+        "shuffle": True,
+        "min_chars": None,
+        "max_chars": None,
+        "categories": None,
+    }
     experiments = expand_experiments(config)
     assert list(experiments) and list(experiments)[0].startswith("m.pytorch.d.bs1-float32-in512-out64-greedy.")
 
@@ -250,14 +286,30 @@ def test_misspelt_required_top_level_key() -> None:
     [
         pytest.param(lambda c: c["grid"].update(batchsize=[2]), "grid.batchsize", "batch_size", id="grid"),
         pytest.param(lambda c: c["campaign"].update(cycels=2), "campaign.cycels", "cycles", id="campaign"),
-        pytest.param(lambda c: c["backend_settings"]["pytorch"].update(devce="cpu"),
-                     "backend_settings.pytorch.devce", "device", id="backend_settings"),
-        pytest.param(lambda c: c["energy"]["baseline"].update(duration=3), "energy.baseline.duration",
-                     "duration_s", id="energy.baseline"),
-        pytest.param(lambda c: c["models"]["tiny-llama"].update(archtecture="llama"),
-                     "models.tiny-llama.archtecture", "architecture", id="model"),
-        pytest.param(lambda c: c["datasets"]["bundled"].update(sampel_size=3), "datasets.bundled.sampel_size",
-                     "sample_size", id="dataset"),
+        pytest.param(
+            lambda c: c["backend_settings"]["pytorch"].update(devce="cpu"),
+            "backend_settings.pytorch.devce",
+            "device",
+            id="backend_settings",
+        ),
+        pytest.param(
+            lambda c: c["energy"]["baseline"].update(duration=3),
+            "energy.baseline.duration",
+            "duration_s",
+            id="energy.baseline",
+        ),
+        pytest.param(
+            lambda c: c["models"]["tiny-llama"].update(archtecture="llama"),
+            "models.tiny-llama.archtecture",
+            "architecture",
+            id="model",
+        ),
+        pytest.param(
+            lambda c: c["datasets"]["bundled"].update(sampel_size=3),
+            "datasets.bundled.sampel_size",
+            "sample_size",
+            id="dataset",
+        ),
     ],
 )
 def test_unknown_nested_key_names_full_path(mutate, key: str, suggestion: str) -> None:
@@ -333,8 +385,12 @@ def test_unknown_backend() -> None:
 
 def test_synthetic_dataset_with_missing_tokenizer_model() -> None:
     raw = minimal_raw()
-    raw["datasets"]["s"] = {"source": "synthetic", "count": 4, "tokenizer_model": "nope",
-                            "input_tokens": {"distribution": "fixed", "value": 8}}
+    raw["datasets"]["s"] = {
+        "source": "synthetic",
+        "count": 4,
+        "tokenizer_model": "nope",
+        "input_tokens": {"distribution": "fixed", "value": 8},
+    }
     error = raises_config_error(raw)
     assert error.key == "datasets.s.tokenizer_model"
     assert "'nope'" in error.problem
@@ -343,8 +399,12 @@ def test_synthetic_dataset_with_missing_tokenizer_model() -> None:
 
 def test_synthetic_dataset_distribution_parameter_missing() -> None:
     raw = minimal_raw()
-    raw["datasets"]["s"] = {"source": "synthetic", "count": 4, "tokenizer_model": "m",
-                            "input_tokens": {"distribution": "uniform", "min": 8}}
+    raw["datasets"]["s"] = {
+        "source": "synthetic",
+        "count": 4,
+        "tokenizer_model": "m",
+        "input_tokens": {"distribution": "uniform", "min": 8},
+    }
     error = raises_config_error(raw)
     assert error.key == "datasets.s.input_tokens.max"
 
@@ -406,7 +466,9 @@ def test_exclude_drops_matching_experiments() -> None:
     raw["exclude"] = [{"model": "tiny-gpt2", "batch_size": 4}]
     experiments = load_campaign(raw).experiments.values()
     assert sorted((e.model, e.parameters["batch_size"]) for e in experiments) == [
-        ("tiny-gpt2", 1), ("tiny-llama", 1), ("tiny-llama", 4),
+        ("tiny-gpt2", 1),
+        ("tiny-llama", 1),
+        ("tiny-llama", 4),
     ]
     raw["exclude"] = [{"batch_size": 1}]
     assert {e.parameters["batch_size"] for e in load_campaign(raw).experiments.values()} == {4}
@@ -426,11 +488,16 @@ def test_exclude_rule_with_partial_decoding() -> None:
 
 def test_sampling_decoding_labels_and_parameters() -> None:
     raw = minimal_raw()
-    raw["grid"] = {"decoding": [{"mode": "greedy"}, {"mode": "sampling", "temperature": 0.7, "top_p": 0.9,
-                                                     "top_k": 50}, {"mode": "sampling"}]}
+    raw["grid"] = {
+        "decoding": [
+            {"mode": "greedy"},
+            {"mode": "sampling", "temperature": 0.7, "top_p": 0.9, "top_k": 50},
+            {"mode": "sampling"},
+        ]
+    }
     experiments = list(load_campaign(raw).experiments.values())
     # The label itself contains '.' for 0.7/0.9: compare the id without model.backend.dataset. and hash.
-    bodies = [e.id[len("m.pytorch.d."):].rsplit(".", 1)[0] for e in experiments]
+    bodies = [e.id[len("m.pytorch.d.") :].rsplit(".", 1)[0] for e in experiments]
     assert bodies == [
         "bs1-float32-in512-out64-greedy",
         "bs1-float32-in512-out64-t0_7-p0_9-k50",
@@ -444,9 +511,12 @@ def test_sampling_decoding_labels_and_parameters() -> None:
 
 def test_output_length_and_batching_labels() -> None:
     raw = minimal_raw()
-    raw["grid"] = {"output_length": ["fixed", "eos"], "batching": ["fixed", "sorted", "token_budget"],
-                   "token_budget": [2048]}
-    bodies = [e.id[len("m.pytorch.d."):].rsplit(".", 1)[0] for e in load_campaign(raw).experiments.values()]
+    raw["grid"] = {
+        "output_length": ["fixed", "eos"],
+        "batching": ["fixed", "sorted", "token_budget"],
+        "token_budget": [2048],
+    }
+    bodies = [e.id[len("m.pytorch.d.") :].rsplit(".", 1)[0] for e in load_campaign(raw).experiments.values()]
     assert bodies == [
         "bs1-float32-in512-out64-greedy",
         "bs1-float32-in512-out64-greedy-sorted",
@@ -469,8 +539,7 @@ def test_token_budget_only_varies_token_budget_batching() -> None:
 def test_token_budget_null_entry_skipped_for_token_budget_batching() -> None:
     raw = minimal_raw()
     raw["grid"] = {"batching": ["fixed", "token_budget"], "token_budget": [None, 512]}
-    combos = [(e.parameters["batching"], e.parameters["token_budget"])
-              for e in load_campaign(raw).experiments.values()]
+    combos = [(e.parameters["batching"], e.parameters["token_budget"]) for e in load_campaign(raw).experiments.values()]
     assert combos == [("fixed", None), ("token_budget", 512)]
 
 
@@ -506,9 +575,17 @@ def test_command_line_strings_are_read_as_booleans_where_the_schema_wants_one() 
 def variants_raw() -> dict[str, Any]:
     raw = minimal_raw()
     raw["grid"] = {"batch_size": [1, 4]}
-    raw["backend_settings"] = {"pytorch": {"device": "cpu", "num_threads": 2, "variants": {
-        "none": {}, "int8": {"quantization": "torchao_int8_weight_only"},
-        "eager_int8": {"quantization": "torchao_int8_weight_only", "attn_implementation": "eager"}}}}
+    raw["backend_settings"] = {
+        "pytorch": {
+            "device": "cpu",
+            "num_threads": 2,
+            "variants": {
+                "none": {},
+                "int8": {"quantization": "torchao_int8_weight_only"},
+                "eager_int8": {"quantization": "torchao_int8_weight_only", "attn_implementation": "eager"},
+            },
+        }
+    }
     return raw
 
 
@@ -516,7 +593,13 @@ def test_each_variant_is_its_own_experiment_with_the_merged_settings() -> None:
     experiments = list(load_campaign(variants_raw()).experiments.values())
     # one per (variant, batch size), in the campaign's order of variants
     assert [(e.variant, e.parameters["batch_size"]) for e in experiments] == [
-        ("none", 1), ("none", 4), ("int8", 1), ("int8", 4), ("eager_int8", 1), ("eager_int8", 4)]
+        ("none", 1),
+        ("none", 4),
+        ("int8", 1),
+        ("int8", 4),
+        ("eager_int8", 1),
+        ("eager_int8", 4),
+    ]
     settings = {e.variant: e.backend_settings for e in experiments}
     assert all("variants" not in s for s in settings.values())
     # shared keys apply to every variant; a variant's keys replace them; the rest keep their defaults
@@ -542,8 +625,10 @@ def test_variant_ids_read_backend_dash_variant_and_split_back() -> None:
         model, backend_part, dataset, _label_and_hash = eid.split(".", 3)
         assert (model, dataset) == ("m", "d")
         assert backend_part.split("-", 1) == ["pytorch", experiment.variant]
-    assert {_label(i).split(".", 3)[3] for i in experiments} == {"bs1-float32-in512-out64-greedy",
-                                                                 "bs4-float32-in512-out64-greedy"}
+    assert {_label(i).split(".", 3)[3] for i in experiments} == {
+        "bs1-float32-in512-out64-greedy",
+        "bs4-float32-in512-out64-greedy",
+    }
 
 
 def test_variant_name_and_settings_are_in_the_hash() -> None:
@@ -579,7 +664,8 @@ def test_backend_variants_merges_over_the_shared_settings() -> None:
     assert backend_variants({"device": "cpu"}) == {None: {"device": "cpu"}}
     assert backend_variants(None) == {None: {}}
     assert backend_variants({"device": "cpu", "quantization": "none", "variants": {"q": {"quantization": "fp8"}}}) == {
-        "q": {"device": "cpu", "quantization": "fp8"}}
+        "q": {"device": "cpu", "quantization": "fp8"}
+    }
 
 
 def test_exclude_by_variant() -> None:
@@ -599,14 +685,27 @@ def test_exclude_naming_no_variant_is_refused() -> None:
 @pytest.mark.parametrize(
     "overrides, key, words",
     [
-        pytest.param({"quantisation": "fp8"}, "backend_settings.pytorch.variants.bad.quantisation",
-                     "did you mean 'quantization'", id="typo"),
-        pytest.param({"quantization": "int3"}, "backend_settings.pytorch.variants.bad.quantization",
-                     '"torchao_int8_weight_only"', id="enum"),
-        pytest.param({"num_threads": "two"}, "backend_settings.pytorch.variants.bad.num_threads",
-                     "must be of type", id="type"),
-        pytest.param({"variants": {"x": {}}}, "backend_settings.pytorch.variants.bad.variants",
-                     "cannot have variants", id="nested"),
+        pytest.param(
+            {"quantisation": "fp8"},
+            "backend_settings.pytorch.variants.bad.quantisation",
+            "did you mean 'quantization'",
+            id="typo",
+        ),
+        pytest.param(
+            {"quantization": "int3"},
+            "backend_settings.pytorch.variants.bad.quantization",
+            '"torchao_int8_weight_only"',
+            id="enum",
+        ),
+        pytest.param(
+            {"num_threads": "two"}, "backend_settings.pytorch.variants.bad.num_threads", "must be of type", id="type"
+        ),
+        pytest.param(
+            {"variants": {"x": {}}},
+            "backend_settings.pytorch.variants.bad.variants",
+            "cannot have variants",
+            id="nested",
+        ),
     ],
 )
 def test_a_variant_is_validated_by_its_backends_settings_schema(overrides, key: str, words: str) -> None:
@@ -654,42 +753,72 @@ def test_validated_config_keeps_variant_overrides_as_written() -> None:
 
 
 def serving_raw(**grid: Any) -> dict[str, Any]:
-    return {"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-            "backends": ["openai_server"], "grid": grid,
-            "backend_settings": {"openai_server": {"server": {"url": "http://127.0.0.1:8000"}}}}
+    return {
+        "models": {"m": {"source": "builtin"}},
+        "datasets": {"d": {"source": "bundled"}},
+        "backends": ["openai_server"],
+        "grid": grid,
+        "backend_settings": {"openai_server": {"server": {"url": "http://127.0.0.1:8000"}}},
+    }
 
 
 def test_static_batch_ids_are_unchanged_by_the_load_keys() -> None:
     plain = set(load_campaign(minimal_raw()).experiments)
-    explicit = set(load_campaign({**minimal_raw(), "grid": {"request_rate": ["inf"], "max_concurrency": [None]},
-                                  "load": {"arrival": "gamma", "burstiness": 2.0}}).experiments)
+    explicit = set(
+        load_campaign(
+            {
+                **minimal_raw(),
+                "grid": {"request_rate": ["inf"], "max_concurrency": [None]},
+                "load": {"arrival": "gamma", "burstiness": 2.0},
+            }
+        ).experiments
+    )
     assert plain == explicit
 
 
 def test_a_request_rate_is_an_experiment_of_its_own_with_its_load() -> None:
-    experiments = load_campaign({**serving_raw(request_rate=[2, "inf"], max_concurrency=[None, 4]),
-                                 "load": {"arrival": "gamma", "burstiness": 0.5},
-                                 "slo": {"ttft_s": 0.5}}).experiments.values()
+    experiments = load_campaign(
+        {
+            **serving_raw(request_rate=[2, "inf"], max_concurrency=[None, 4]),
+            "load": {"arrival": "gamma", "burstiness": 0.5},
+            "slo": {"ttft_s": 0.5},
+        }
+    ).experiments.values()
     by_label = {e.id.split(".")[3]: e for e in experiments}
-    assert set(by_label) == {"bs1-float32-in512-out64-greedy-rate2", "bs1-float32-in512-out64-greedy-rate2-conc4",
-                             "bs1-float32-in512-out64-greedy", "bs1-float32-in512-out64-greedy-rateinf-conc4"}
+    assert set(by_label) == {
+        "bs1-float32-in512-out64-greedy-rate2",
+        "bs1-float32-in512-out64-greedy-rate2-conc4",
+        "bs1-float32-in512-out64-greedy",
+        "bs1-float32-in512-out64-greedy-rateinf-conc4",
+    }
     loaded = by_label["bs1-float32-in512-out64-greedy-rate2-conc4"]
-    assert (loaded.load.request_rate, loaded.load.arrival, loaded.load.burstiness, loaded.load.max_concurrency) == \
-        (2.0, "gamma", 0.5, 4)
+    assert (loaded.load.request_rate, loaded.load.arrival, loaded.load.burstiness, loaded.load.max_concurrency) == (
+        2.0,
+        "gamma",
+        0.5,
+        4,
+    )
     assert loaded.slo == {"ttft_s": 0.5, "tpot_s": None}
     assert by_label["bs1-float32-in512-out64-greedy"].load is None
 
 
-@pytest.mark.parametrize("backend,settings,fix", [
-    ("vllm", {}, "streaming: true"),
-    # pytorch takes a rate through transformers' continuous batching, but not with what it cannot honour
-    ("pytorch", {"compile": "reduce-overhead"}, "backend_settings.pytorch.compile is 'reduce-overhead'"),
-    ("pytorch", {"cache_implementation": "static"}, "backend_settings.pytorch.cache_implementation is 'static'"),
-    ("pytorch", {"device_map": "auto"}, "backend_settings.pytorch.device_map is 'auto'"),
-])
+@pytest.mark.parametrize(
+    "backend,settings,fix",
+    [
+        ("vllm", {}, "streaming: true"),
+        # pytorch takes a rate through transformers' continuous batching, but not with what it cannot honour
+        ("pytorch", {"compile": "reduce-overhead"}, "backend_settings.pytorch.compile is 'reduce-overhead'"),
+        ("pytorch", {"cache_implementation": "static"}, "backend_settings.pytorch.cache_implementation is 'static'"),
+        ("pytorch", {"device_map": "auto"}, "backend_settings.pytorch.device_map is 'auto'"),
+    ],
+)
 def test_a_rate_for_a_backend_that_cannot_take_arrivals_is_refused_before_any_job(backend, settings, fix) -> None:
-    raw = {**minimal_raw(), "backends": [backend], "grid": {"request_rate": [4]},
-           "backend_settings": {backend: settings} if settings else {}}
+    raw = {
+        **minimal_raw(),
+        "backends": [backend],
+        "grid": {"request_rate": [4]},
+        "backend_settings": {backend: settings} if settings else {},
+    }
     error = raises_config_error(raw)
     assert error.key == "grid.request_rate" and fix in str(error)
     assert "openai_server" in str(error) and "pytorch" in error.fix  # says which backends can

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy.backends import create_backend
 from llm_energy.backends.base import DecodingSettings, Request
 from llm_energy.backends.pytorch import PytorchBackend
 from llm_energy.data_parallel import TENSOR, DataParallelBackend, deal_batches
 from llm_energy.errors import BackendError
+
 from tests.unit.test_backend_pytorch import prompts, weights_of
 
 BATCH = 2
@@ -24,8 +24,17 @@ DECODING = DecodingSettings(max_output_tokens=4)
 
 
 def _settings(tmp_path: Path, **extra) -> dict:
-    return {"device": "cpu", "num_threads": 1, "batching": "fixed", "token_budget": None, "seed": 0,
-            "trust_remote_code": False, "log_dir": str(tmp_path), "data_parallel": 2, **extra}
+    return {
+        "device": "cpu",
+        "num_threads": 1,
+        "batching": "fixed",
+        "token_budget": None,
+        "seed": 0,
+        "trust_remote_code": False,
+        "log_dir": str(tmp_path),
+        "data_parallel": 2,
+        **extra,
+    }
 
 
 def _requests(n: int) -> list[Request]:
@@ -102,8 +111,11 @@ def test_a_stuck_worker_fails_at_the_barrier_timeout(tiny_llama: Path, tmp_path:
         backend.timeout_s = 5  # loading on a busy 2-core machine can take longer than the barrier's wait here
         os.kill(backend.workers[0].pid, signal.SIGSTOP)  # alive, but never reaches the barrier
         started = time.monotonic()
-        with pytest.raises(BackendError, match=r"data parallel \(2 processes\), during synchronize: no worker "
-                                               r"exited, but ranks \[1\] did not answer"):
+        with pytest.raises(
+            BackendError,
+            match=r"data parallel \(2 processes\), during synchronize: no worker "
+            r"exited, but ranks \[1\] did not answer",
+        ):
             backend.synchronize()
         assert time.monotonic() - started < 60
     finally:

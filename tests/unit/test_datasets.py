@@ -17,10 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jsonschema
 import pytest
-
 from llm_energy import datasets as ds
-from llm_energy.datasets.lengths import bundled_words
 from llm_energy.artifacts import SCHEMA_DIR, read_json_artifact
+from llm_energy.datasets.lengths import bundled_words
 from llm_energy.errors import ArtifactError, ConfigError, SourceUnavailableError
 
 CATEGORIES = {"chat", "instruction", "summarization", "math", "code", "reasoning", "creative"}
@@ -48,11 +47,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                      eos_token="</s>", padding_side="left")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
     folder = tmp_path_factory.mktemp("tokenizer")
     wrapped.save_pretrained(folder)
     return folder
@@ -81,8 +82,9 @@ def test_bundled_file_has_enough_prompts_of_every_category():
     assert {row["category"] for row in rows} == CATEGORIES
     assert len({row["id"] for row in rows}) == len(rows)
     assert all(row["id"].startswith(row["category"] + "-") and row["prompt"].strip() for row in rows)
-    long_passages = [row for row in rows if row["category"] == "summarization"
-                     and 300 <= len(row["prompt"].split()) <= 1600]
+    long_passages = [
+        row for row in rows if row["category"] == "summarization" and 300 <= len(row["prompt"].split()) <= 1600
+    ]
     assert len(long_passages) >= 10
     word_counts = [len(row["prompt"].split()) for row in rows]
     assert min(word_counts) <= 6 and max(word_counts) >= 1000
@@ -145,7 +147,9 @@ def test_char_filters_drop_and_count(tmp_path):
     lengths = [len(line["prompt"]) for line in read_lines(tmp_path / "prompts.jsonl")]
     assert all(50 <= n <= 500 for n in lengths)
     assert manifest["dropped"]["min_chars"] > 0 and manifest["dropped"]["max_chars"] > 0
-    assert manifest["count"] + manifest["dropped"]["min_chars"] + manifest["dropped"]["max_chars"] == len(bundled_rows())
+    assert manifest["count"] + manifest["dropped"]["min_chars"] + manifest["dropped"]["max_chars"] == len(
+        bundled_rows()
+    )
     with pytest.raises(ConfigError, match="no prompts left"):
         prepare("b", {"source": "bundled", "min_chars": 10**7}, tmp_path / "none")
 
@@ -162,8 +166,13 @@ def token_counts(tokenizer_dir: Path, prompts: list[str]) -> list[int]:
 
 
 def test_synthetic_fixed_lengths_are_exact(tmp_path, tokenizer_dir):
-    spec = {"source": "synthetic", "count": 12, "seed": 1, "tokenizer_model": "tiny",
-            "input_tokens": {"distribution": "fixed", "value": 64}}
+    spec = {
+        "source": "synthetic",
+        "count": 12,
+        "seed": 1,
+        "tokenizer_model": "tiny",
+        "input_tokens": {"distribution": "fixed", "value": 64},
+    }
     manifest = prepare("syn", spec, tmp_path, tokenizer_dir=tokenizer_dir)
     lines = read_lines(tmp_path / "prompts.jsonl")
     assert token_counts(tokenizer_dir, [line["prompt"] for line in lines]) == [64] * 12
@@ -175,8 +184,13 @@ def test_synthetic_fixed_lengths_are_exact(tmp_path, tokenizer_dir):
 
 
 def test_synthetic_distribution_exact_and_deterministic(tmp_path, tokenizer_dir):
-    spec = {"source": "synthetic", "count": 40, "seed": 5, "tokenizer_model": "tiny",
-            "input_tokens": {"distribution": "uniform", "min": 1, "max": 700}}
+    spec = {
+        "source": "synthetic",
+        "count": 40,
+        "seed": 5,
+        "tokenizer_model": "tiny",
+        "input_tokens": {"distribution": "uniform", "min": 1, "max": 700},
+    }
     first = prepare("syn", spec, tmp_path / "a", tokenizer_dir=tokenizer_dir)
     lines = read_lines(tmp_path / "a" / "prompts.jsonl")
     targets = [line["target_tokens"] for line in lines]
@@ -200,30 +214,38 @@ def test_synthetic_tiny_lengths_are_exact(tokenizer_dir):
 
 
 def test_synthetic_needs_a_tokenizer(tmp_path):
-    spec = {"source": "synthetic", "count": 2, "tokenizer_model": "tiny",
-            "input_tokens": {"distribution": "fixed", "value": 8}}
+    spec = {
+        "source": "synthetic",
+        "count": 2,
+        "tokenizer_model": "tiny",
+        "input_tokens": {"distribution": "fixed", "value": 8},
+    }
     with pytest.raises(ConfigError, match=r"datasets\.syn\.input_tokens.*tokenizer"):
         prepare("syn", spec, tmp_path)
 
 
 def test_draw_token_lengths_bounds_and_means():
     key = "datasets.s.input_tokens"
-    normal = ds.draw_token_lengths({"distribution": "normal", "mean": 200, "std": 50, "min": 150,
-                                    "max": 400}, 4000, random.Random(0), key)
+    normal = ds.draw_token_lengths(
+        {"distribution": "normal", "mean": 200, "std": 50, "min": 150, "max": 400}, 4000, random.Random(0), key
+    )
     assert min(normal) >= 150 and max(normal) <= 400
     # truncation, not clipping: no pile-up at the lower bound
     assert normal.count(150) < 0.02 * len(normal)
-    lognormal = ds.draw_token_lengths({"distribution": "lognormal", "mean": 300, "sigma": 0.5, "min": 1,
-                                       "max": 100000}, 4000, random.Random(0), key)
+    lognormal = ds.draw_token_lengths(
+        {"distribution": "lognormal", "mean": 300, "sigma": 0.5, "min": 1, "max": 100000}, 4000, random.Random(0), key
+    )
     assert 280 < statistics.mean(lognormal) < 320  # `mean` is the mean in tokens
-    uniform = ds.draw_token_lengths({"distribution": "uniform", "min": 3, "max": 5}, 300,
-                                    random.Random(1), key)
+    uniform = ds.draw_token_lengths({"distribution": "uniform", "min": 3, "max": 5}, 300, random.Random(1), key)
     assert set(uniform) == {3, 4, 5}
-    assert ds.draw_token_lengths({"distribution": "normal", "mean": 10, "std": 3}, 50,
-                                 random.Random(2), key) == ds.draw_token_lengths(
-        {"distribution": "normal", "mean": 10, "std": 3}, 50, random.Random(2), key)
-    assert ds.draw_token_lengths({"distribution": "normal", "mean": 42.4, "std": 0}, 3,
-                                 random.Random(), key) == [42, 42, 42]
+    assert ds.draw_token_lengths(
+        {"distribution": "normal", "mean": 10, "std": 3}, 50, random.Random(2), key
+    ) == ds.draw_token_lengths({"distribution": "normal", "mean": 10, "std": 3}, 50, random.Random(2), key)
+    assert ds.draw_token_lengths({"distribution": "normal", "mean": 42.4, "std": 0}, 3, random.Random(), key) == [
+        42,
+        42,
+        42,
+    ]
     with pytest.raises(ConfigError, match=r"input_tokens\.sigma"):
         ds.draw_token_lengths({"distribution": "lognormal", "mean": 50}, 1, random.Random(), key)
     with pytest.raises(ConfigError, match=r"input_tokens\.max"):
@@ -241,8 +263,7 @@ def test_draw_token_lengths_bounds_and_means():
 
 
 def test_token_length_stats_for_bundled_with_tokenizer(tmp_path, tokenizer_dir):
-    manifest = prepare("b", {"source": "bundled", "categories": ["chat"]}, tmp_path,
-                       tokenizer_dir=tokenizer_dir)
+    manifest = prepare("b", {"source": "bundled", "categories": ["chat"]}, tmp_path, tokenizer_dir=tokenizer_dir)
     prompts = [line["prompt"] for line in read_lines(tmp_path / "prompts.jsonl")]
     counts = token_counts(tokenizer_dir, prompts)
     assert manifest["token_length"]["min"] == min(counts)
@@ -258,8 +279,9 @@ def test_token_length_stats_for_bundled_with_tokenizer(tmp_path, tokenizer_dir):
 def test_txt_file_one_prompt_per_non_empty_line(tmp_path):
     source = tmp_path / "prompts.txt"
     source.write_text("first prompt\n\n   \nsecond prompt\r\nthird, with ünïcode\n", encoding="utf-8")
-    manifest = prepare("t", {"source": "file", "path": str(source), "format": None,
-                             "prompt_column": None}, tmp_path / "out")
+    manifest = prepare(
+        "t", {"source": "file", "path": str(source), "format": None, "prompt_column": None}, tmp_path / "out"
+    )
     lines = read_lines(tmp_path / "out" / "prompts.jsonl")
     assert [line["prompt"] for line in lines] == ["first prompt", "second prompt", "third, with ünïcode"]
     assert [line["source_id"] for line in lines] == ["prompts.txt:1", "prompts.txt:4", "prompts.txt:5"]
@@ -269,9 +291,11 @@ def test_txt_file_one_prompt_per_non_empty_line(tmp_path):
 
 def test_jsonl_auto_detects_column_case_insensitively_and_drops_empty(tmp_path):
     source = tmp_path / "data.jsonl"
-    rows = [{"id": "q1", "Question": "What is 2+2?", "answer": "4", "category": "math"},
-            {"id": "q2", "Question": "", "answer": "-"},
-            {"id": "q3", "Question": "Name a prime.", "answer": "7"}]
+    rows = [
+        {"id": "q1", "Question": "What is 2+2?", "answer": "4", "category": "math"},
+        {"id": "q2", "Question": "", "answer": "-"},
+        {"id": "q3", "Question": "Name a prime.", "answer": "7"},
+    ]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     manifest = prepare("j", {"source": "file", "path": str(source)}, tmp_path / "out")
     lines = read_lines(tmp_path / "out" / "prompts.jsonl")
@@ -295,8 +319,7 @@ def test_jsonl_candidate_order_and_bad_line(tmp_path):
 def test_csv_explicit_column_with_multiline_field(tmp_path):
     source = tmp_path / "data.csv"
     source.write_text('id,body,text\n1,"Line one\nline two, with comma",short\n2,plain body,x\n')
-    manifest = prepare("c", {"source": "file", "path": str(source), "prompt_column": "body"},
-                       tmp_path / "out")
+    manifest = prepare("c", {"source": "file", "path": str(source), "prompt_column": "body"}, tmp_path / "out")
     lines = read_lines(tmp_path / "out" / "prompts.jsonl")
     assert [line["prompt"] for line in lines] == ["Line one\nline two, with comma", "plain body"]
     assert manifest["spec"]["prompt_column"] == "body" and manifest["spec"]["format"] == "csv"
@@ -342,8 +365,9 @@ def test_file_errors_name_key_and_file(tmp_path):
 
 
 def test_hub_alias_resolution():
-    gsm8k = ds.resolve_hub_target("g", {"source": "hub", "id": "gsm8k", "config_name": None,
-                                        "split": None, "revision": None})
+    gsm8k = ds.resolve_hub_target(
+        "g", {"source": "hub", "id": "gsm8k", "config_name": None, "split": None, "revision": None}
+    )
     assert (gsm8k.repo_id, gsm8k.config_name, gsm8k.split) == ("openai/gsm8k", "main", "test")
     assert gsm8k.alias.extract_prompt({"question": "Q?", "answer": "A"}) == "Q?"
     mmlu = ds.resolve_hub_target("m", {"id": "MMLU", "split": "validation"})
@@ -355,8 +379,13 @@ def test_hub_alias_resolution():
     assert alpaca.alias.extract_prompt({"instruction": "Say hi.", "input": ""}) == "Say hi."
     sharegpt = ds.resolve_hub_target("s", {"id": "sharegpt"})
     assert sharegpt.repo_id == "anon8231489123/ShareGPT_Vicuna_unfiltered"
-    row = {"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "hello"},
-                             {"from": "gpt", "value": "hi"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "sys"},
+            {"from": "human", "value": "hello"},
+            {"from": "gpt", "value": "hi"},
+        ]
+    }
     assert sharegpt.alias.extract_prompt(row) == "hello"
     other = ds.resolve_hub_target("o", {"id": "someone/set", "revision": "abc"})
     assert (other.repo_id, other.split, other.alias, other.revision) == ("someone/set", "train", None, "abc")
@@ -410,7 +439,8 @@ def make_hub_cache(hf_home: Path, repo_id: str, config: str, split: str, table, 
     pq.write_table(table, snapshot / config / f"{split}-00000-of-00001.parquet")
     (snapshot / "README.md").write_text(
         f"---\nconfigs:\n- config_name: {config}\n  data_files:\n  - split: {split}\n"
-        f"    path: {config}/{split}-*\n---\n# test data set\n")
+        f"    path: {config}/{split}-*\n---\n# test data set\n"
+    )
 
 
 def test_hub_alias_loads_offline_from_local_cache(tmp_path):
@@ -418,11 +448,18 @@ def test_hub_alias_loads_offline_from_local_cache(tmp_path):
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     questions = [f"Question number {i}: how many apples?" for i in range(6)]
-    make_hub_cache(tmp_path / "hf_home", "openai/gsm8k", "main", "test",
-                   pa.table({"question": questions, "answer": ["#### 1"] * 6}), commit)
+    make_hub_cache(
+        tmp_path / "hf_home",
+        "openai/gsm8k",
+        "main",
+        "test",
+        pa.table({"question": questions, "answer": ["#### 1"] * 6}),
+        commit,
+    )
     started = time.monotonic()
-    manifest = prepare("g", {"source": "hub", "id": "gsm8k", "sample_size": 4, "shuffle": True,
-                             "seed": 3}, tmp_path / "out")
+    manifest = prepare(
+        "g", {"source": "hub", "id": "gsm8k", "sample_size": 4, "shuffle": True, "seed": 3}, tmp_path / "out"
+    )
     assert time.monotonic() - started < 30
     lines = read_lines(tmp_path / "out" / "prompts.jsonl")
     assert len(lines) == 4 and {line["prompt"] for line in lines} <= set(questions)
@@ -438,8 +475,14 @@ def test_hub_repo_id_with_category_alias_offline(tmp_path):
     import pyarrow as pa
 
     commit = "fedcba9876543210fedcba9876543210fedcba98"
-    table = pa.table({"question": ["q1", "q2", "q3"], "subject": ["anatomy", "law", "law"],
-                      "choices": [["a", "b"]] * 3, "answer": [0, 1, 0]})
+    table = pa.table(
+        {
+            "question": ["q1", "q2", "q3"],
+            "subject": ["anatomy", "law", "law"],
+            "choices": [["a", "b"]] * 3,
+            "answer": [0, 1, 0],
+        }
+    )
     make_hub_cache(tmp_path / "hf_home", "cais/mmlu", "all", "test", table, commit)
     manifest = prepare("m", {"source": "hub", "id": "mmlu"}, tmp_path / "out")
     assert manifest["categories"] == {"anatomy": 1, "law": 2}

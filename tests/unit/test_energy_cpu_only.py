@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import hardware
 from llm_energy.artifacts import read_json_artifact
 from llm_energy.energy import (
@@ -35,10 +34,13 @@ def test_cpu_only_session_completes_with_reasons_and_estimates(tmp_path: Path, m
     started = time.perf_counter()
     hardware.set_nvml_module(None)
     devices = hardware.visible_gpus()
-    settings = EnergySettings.from_config({
-        "country_iso_code": "FRA", "pue": 1.2,
-        "baseline": {"duration_s": 0.5, "max_age_s": 3600},
-    })
+    settings = EnergySettings.from_config(
+        {
+            "country_iso_code": "FRA",
+            "pue": 1.2,
+            "baseline": {"duration_s": 0.5, "max_age_s": 3600},
+        }
+    )
     baseline_path = tmp_path / "idle_baseline.json"
     session = EnergySession(settings, devices=devices, baseline_path=baseline_path)
     session.start()
@@ -54,14 +56,12 @@ def test_cpu_only_session_completes_with_reasons_and_estimates(tmp_path: Path, m
     elapsed = time.perf_counter() - started
 
     json.dumps(record, allow_nan=False)  # JSON-able, no NaN
-    assert set(record) == {"name", "start_s", "end_s", "duration_s", "domains", "emissions", "baseline",
-                           "flags"}
+    assert set(record) == {"name", "start_s", "end_s", "duration_s", "domains", "emissions", "baseline", "flags"}
     assert record["duration_s"] == pytest.approx(record["end_s"] - record["start_s"])
     assert record["duration_s"] >= 0.6
 
     if not devices:
-        assert record["domains"]["gpu"] == {"available": False,
-                                            "reason": hardware.gpu_unavailable_reason()}
+        assert record["domains"]["gpu"] == {"available": False, "reason": hardware.gpu_unavailable_reason()}
         assert len(frame) == 0 and list(frame.columns) == list(TIMELINE_COLUMNS)
         split = split_prefill_decode(frame, record, [(record["start_s"], record["end_s"])])
         assert split["available"] is False and split["reason"]
@@ -74,8 +74,7 @@ def test_cpu_only_session_completes_with_reasons_and_estimates(tmp_path: Path, m
             assert entry["gross_j"] > 0
             assert "no RAPL: /sys/class/powercap is absent" in entry["note"]
             assert entry["baseline_w"] > 0
-            assert entry["net_j"] == pytest.approx(
-                entry["gross_j"] - entry["baseline_w"] * record["duration_s"])
+            assert entry["net_j"] == pytest.approx(entry["gross_j"] - entry["baseline_w"] * record["duration_s"])
         # RAM is a constant-power model: its window energy is that power x the window
         dram = record["domains"]["dram"]
         assert dram["gross_j"] / record["duration_s"] == pytest.approx(dram["baseline_w"], rel=0.1)

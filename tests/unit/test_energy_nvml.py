@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from llm_energy import hardware
 from llm_energy.energy.nvml import NvmlEnergySource, counter_devices
+
 from tests.fake_nvml import FakeGpu, FakeNvml
 
 UUID0, UUID1 = "GPU-0000", "GPU-1111"
@@ -43,8 +43,7 @@ def test_unaligned_edge_gives_up_after_the_timeout(use_fake):
 
 
 def test_only_the_used_gpu_is_read(use_fake, monkeypatch):
-    fake = use_fake(FakeGpu(UUID0, counter_mj=[10_000, 90_000]),
-                    FakeGpu(UUID1, counter_mj=[1_000, 1_000, 3_500]))
+    fake = use_fake(FakeGpu(UUID0, counter_mj=[10_000, 90_000]), FakeGpu(UUID1, counter_mj=[1_000, 1_000, 3_500]))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", UUID1)
     source = NvmlEnergySource(fake, hardware.visible_gpus())
     source.start(measure_period=False)  # reads 1_000 (support check)
@@ -97,8 +96,7 @@ def _not_supported(fake: FakeNvml):
     return query
 
 
-@pytest.mark.parametrize("instant, method", [(True, "nvml_field_power_instant"),
-                                             (False, "nvmlDeviceGetPowerUsage")])
+@pytest.mark.parametrize("instant, method", [(True, "nvml_field_power_instant"), (False, "nvmlDeviceGetPowerUsage")])
 def test_timeline_power_prefers_the_instant_field(use_fake, instant, method):
     # nvmlDeviceGetPowerUsage is a ~1 s average on Ampere and newer; the instant field is not
     fake = use_fake(FakeGpu(UUID0, power_w=250.0, instant_power=instant))

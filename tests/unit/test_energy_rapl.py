@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from llm_energy.energy.rapl import RaplReader
 
 MAX_UJ = 262_143_328_850
@@ -30,8 +29,7 @@ def powercap(tmp_path: Path) -> Path:
     make_zone(root / "intel-rapl:1" / "intel-rapl:1:0", "dram", 100_000)
     make_zone(root / "intel-rapl:2", "psys", 9_000_000)
     # sysfs lists subzones in the class folder too, as links to the nested folders
-    for sub in ("intel-rapl:0/intel-rapl:0:0", "intel-rapl:0/intel-rapl:0:1",
-                "intel-rapl:1/intel-rapl:1:0"):
+    for sub in ("intel-rapl:0/intel-rapl:0:0", "intel-rapl:0/intel-rapl:0:1", "intel-rapl:1/intel-rapl:1:0"):
         (root / sub.split("/")[1]).symlink_to(root / sub)
     return root
 

@@ -11,17 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import clock, hardware
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.energy.rapl import RaplRaw, RaplReader
 from llm_energy.energy.sampler import ProcessSampler, SamplerDevice, SamplerSink
+
 from tests.fake_nvml import FAKE_NVML_ENV, FakeGpu, FakeNvml
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SPEC = "tests.fake_nvml:from_environment"
-FAST = {"timeline_period_ms": 50, "min_counter_updates": 3, "counter_timeline_tolerance": 0.15,
-        "baseline": {"duration_s": 0.3, "max_age_s": 3600}}
+FAST = {
+    "timeline_period_ms": 50,
+    "min_counter_updates": 3,
+    "counter_timeline_tolerance": 0.15,
+    "baseline": {"duration_s": 0.3, "max_age_s": 3600},
+}
 UUIDS = [f"GPU-{i}{i}{i}{i}-box" for i in range(8)]
 
 
@@ -42,19 +46,24 @@ def fake_box(monkeypatch):
 
 
 def process_session(tmp_path: Path, codecarbon_factory=None, **overrides) -> EnergySession:
-    settings = EnergySettings.from_config({"codecarbon": codecarbon_factory is not None,
-                                           **FAST, **overrides})
-    return EnergySession(settings, devices=hardware.visible_gpus(),
-                         powercap_root=tmp_path / "no-powercap", measure_counter_period=False,
-                         codecarbon_factory=codecarbon_factory, sampler="process",
-                         sampler_nvml_module=FAKE_SPEC)
+    settings = EnergySettings.from_config({"codecarbon": codecarbon_factory is not None, **FAST, **overrides})
+    return EnergySession(
+        settings,
+        devices=hardware.visible_gpus(),
+        powercap_root=tmp_path / "no-powercap",
+        measure_counter_period=False,
+        codecarbon_factory=codecarbon_factory,
+        sampler="process",
+        sampler_nvml_module=FAKE_SPEC,
+    )
 
 
 def test_child_clock_is_the_parents_clock(fake_box):
     fake_box([{"uuid": UUIDS[0], "power_w": 100.0}])
     sink = SamplerSink(lambda rows: None)
-    sampler = ProcessSampler([SamplerDevice(0, UUIDS[0], "nvml_field_power_instant")], sink, 0.05,
-                             nvml_module=FAKE_SPEC)
+    sampler = ProcessSampler(
+        [SamplerDevice(0, UUIDS[0], "nvml_field_power_instant")], sink, 0.05, nvml_module=FAKE_SPEC
+    )
     before = clock.now()
     sampler.start()
     after = clock.now()
@@ -108,8 +117,10 @@ def test_real_child_process_measures_windows_without_any_thread_in_the_parent(fa
         record = session.close_window(handle)
         frame = session.timeline_frame()
         child = session.sampler.process
-    assert all(set(names) <= before | {"MainThread"} and "MainThread" in names
-               for names in threads_inside), (threads_inside, before)
+    assert all(set(names) <= before | {"MainThread"} and "MainThread" in names for names in threads_inside), (
+        threads_inside,
+        before,
+    )
     assert child.returncode == 0
     gpu = record["domains"]["gpu"]
     assert gpu["gross_j"] == pytest.approx(150.0 * record["duration_s"], rel=0.05)
@@ -133,8 +144,13 @@ def test_real_codecarbon_runs_no_thread_during_a_window(fake_box, tmp_path):
     started = time.perf_counter()
     # Threads earlier tests left behind (other libraries' pools) are not this session's.
     before = set(threading.enumerate())
-    with EnergySession(settings, devices=hardware.visible_gpus(), powercap_root=tmp_path / "none",
-                       measure_counter_period=False, sampler_nvml_module=FAKE_SPEC) as session:
+    with EnergySession(
+        settings,
+        devices=hardware.visible_gpus(),
+        powercap_root=tmp_path / "none",
+        measure_counter_period=False,
+        sampler_nvml_module=FAKE_SPEC,
+    ) as session:
         handle = session.open_window("inference")
         alive = set(threading.enumerate()) - before
         time.sleep(0.4)
@@ -167,8 +183,10 @@ def run_window(session: EnergySession, seconds: float, name: str = "inference") 
 
 
 def test_eight_gpu_box_with_the_model_on_gpu_3_measures_gpu_3_alone(fake_box, tmp_path):
-    specs = [{"uuid": u, "power_w": 60.0 + 10 * i, "pids": [os.getpid()] if i == 3 else [999_999]}
-             for i, u in enumerate(UUIDS)]
+    specs = [
+        {"uuid": u, "power_w": 60.0 + 10 * i, "pids": [os.getpid()] if i == 3 else [999_999]}
+        for i, u in enumerate(UUIDS)
+    ]
     fake_box(specs)
     with process_session(tmp_path) as session:
         load = session.open_window("model_load")
@@ -206,8 +224,13 @@ def test_active_idle_baseline_gives_net_energy_and_flags_another_power_state(mon
     hardware.set_nvml_module(fake)
     try:
         settings = EnergySettings.from_config({"codecarbon": False, **FAST})
-        with EnergySession(settings, devices=hardware.visible_gpus(), sampler="thread",
-                           powercap_root=tmp_path / "none", measure_counter_period=False) as session:
+        with EnergySession(
+            settings,
+            devices=hardware.visible_gpus(),
+            sampler="thread",
+            powercap_root=tmp_path / "none",
+            measure_counter_period=False,
+        ) as session:
             session.ensure_baseline()  # static idle (here the same fake power)
             active = session.measure_active_idle(0.4)
             session.use_baseline(active)
@@ -225,8 +248,9 @@ def test_active_idle_baseline_gives_net_energy_and_flags_another_power_state(mon
     assert active["end_s"] <= same_state["start_s"]
     gpu = same_state["domains"]["gpu"]
     assert gpu["baseline_kind"] == "active_idle"
-    assert gpu["net_j"] == pytest.approx(gpu["gross_j"] - active["domains"]["gpu"]["power_w"]
-                                         * same_state["duration_s"])
+    assert gpu["net_j"] == pytest.approx(
+        gpu["gross_j"] - active["domains"]["gpu"]["power_w"] * same_state["duration_s"]
+    )
     assert "baseline_power_state_differs" not in same_state["flags"]
     assert "baseline_power_state_differs" in other_state["flags"]
     from llm_energy.energy.validity import FLAG_DESCRIPTIONS, invalidating_flags

@@ -7,17 +7,21 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import clock, hardware
 from llm_energy.artifacts import read_json_artifact, write_json_artifact
 from llm_energy.energy import EnergySession, EnergySettings, split_prefill_decode
-from tests.fake_nvml import FakeGpu, FakeNvml
 from llm_energy.errors import ConfigError
 
+from tests.fake_nvml import FakeGpu, FakeNvml
+
 UUID0, UUID1 = "GPU-aaaaaaaa-0000", "GPU-bbbbbbbb-1111"
-FAST = {"codecarbon": False, "timeline_period_ms": 50, "min_counter_updates": 3,
-        "counter_timeline_tolerance": 0.15,  # a busy 2-core test machine delays edge reads
-        "baseline": {"duration_s": 0.3, "max_age_s": 3600}}
+FAST = {
+    "codecarbon": False,
+    "timeline_period_ms": 50,
+    "min_counter_updates": 3,
+    "counter_timeline_tolerance": 0.15,  # a busy 2-core test machine delays edge reads
+    "baseline": {"duration_s": 0.3, "max_age_s": 3600},
+}
 
 
 @pytest.fixture
@@ -36,16 +40,21 @@ def fake_box(monkeypatch):
     hardware.set_nvml_module(None)
 
 
-def session_for(tmp_path: Path, baseline_path: Path | None = None, sampler: str = "thread",
-                **overrides) -> EnergySession:
+def session_for(
+    tmp_path: Path, baseline_path: Path | None = None, sampler: str = "thread", **overrides
+) -> EnergySession:
     settings = EnergySettings.from_config({**FAST, **overrides})
-    return EnergySession(settings, devices=hardware.visible_gpus(), baseline_path=baseline_path,
-                         powercap_root=tmp_path / "no-powercap", measure_counter_period=False,
-                         sampler=sampler)
+    return EnergySession(
+        settings,
+        devices=hardware.visible_gpus(),
+        baseline_path=baseline_path,
+        powercap_root=tmp_path / "no-powercap",
+        measure_counter_period=False,
+        sampler=sampler,
+    )
 
 
-def run_window(session: EnergySession, seconds: float, name: str = "inference",
-               during=None) -> dict:
+def run_window(session: EnergySession, seconds: float, name: str = "inference", during=None) -> dict:
     handle = session.open_window(name)
     if during:
         during()
@@ -72,7 +81,8 @@ def test_only_the_used_gpu_is_counted(fake_box, tmp_path, visible):
     assert record["domains"]["cpu"] == {
         "available": False,
         "reason": f"no RAPL: {tmp_path / 'no-powercap'} is absent; no estimate either: "
-                  "disabled by config (energy.codecarbon: false)"}
+        "disabled by config (energy.codecarbon: false)",
+    }
     assert record["emissions"]["available"] is False
 
 
@@ -141,8 +151,7 @@ def test_timeline_disagreeing_with_the_counter_and_missing_samples(fake_box, tmp
     assert "timeline_counter_disagree" in low["flags"]
     assert "timeline_gaps" in gappy["flags"]
     # the integral bridges the gap linearly: constant power is still integrated exactly
-    assert gappy["domains"]["gpu"]["timeline_j"] == pytest.approx(
-        200.0 * gappy["duration_s"], rel=0.01)
+    assert gappy["domains"]["gpu"]["timeline_j"] == pytest.approx(200.0 * gappy["duration_s"], rel=0.01)
 
 
 def test_mig_instance_flags_the_shared_counter(fake_box, tmp_path):
@@ -213,9 +222,14 @@ def test_codecarbon_failure_leaves_the_run_complete(fake_box, tmp_path):
         raise RuntimeError("no energy mix data")
 
     settings = EnergySettings.from_config({**FAST, "codecarbon": True})
-    with EnergySession(settings, devices=hardware.visible_gpus(),
-                       powercap_root=tmp_path / "none", codecarbon_factory=broken_tracker, sampler="thread",
-                       measure_counter_period=False) as session:
+    with EnergySession(
+        settings,
+        devices=hardware.visible_gpus(),
+        powercap_root=tmp_path / "none",
+        codecarbon_factory=broken_tracker,
+        sampler="thread",
+        measure_counter_period=False,
+    ) as session:
         record = run_window(session, 0.2)
         described = session.describe()
     assert record["domains"]["gpu"]["available"] is True
@@ -232,21 +246,23 @@ def test_gpu_disabled_by_config(fake_box, tmp_path):
     with session_for(tmp_path, gpu=False) as session:
         record = run_window(session, 0.05)
         assert session.timeline_frame().empty
-    assert record["domains"]["gpu"] == {"available": False,
-                                        "reason": "disabled by config (energy.gpu: false)"}
+    assert record["domains"]["gpu"] == {"available": False, "reason": "disabled by config (energy.gpu: false)"}
 
 
-@pytest.mark.parametrize("cfg, key", [
-    ({"pue": 0.9}, "energy.pue"),
-    ({"country_iso_code": "France"}, "energy.country_iso_code"),
-    ({"timeline_period_ms": 1}, "energy.timeline_period_ms"),
-    ({"baseline": {"duration_s": -1}}, "energy.baseline.duration_s"),
-    ({"rapl": "yes"}, "energy.rapl"),
-    ({"sampling": 1}, "energy.sampling"),
-    # One behaviour with the config schema: upper-case codes only, at least one counter update.
-    ({"country_iso_code": "deu"}, "energy.country_iso_code"),
-    ({"min_counter_updates": 0}, "energy.min_counter_updates"),
-])
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        ({"pue": 0.9}, "energy.pue"),
+        ({"country_iso_code": "France"}, "energy.country_iso_code"),
+        ({"timeline_period_ms": 1}, "energy.timeline_period_ms"),
+        ({"baseline": {"duration_s": -1}}, "energy.baseline.duration_s"),
+        ({"rapl": "yes"}, "energy.rapl"),
+        ({"sampling": 1}, "energy.sampling"),
+        # One behaviour with the config schema: upper-case codes only, at least one counter update.
+        ({"country_iso_code": "deu"}, "energy.country_iso_code"),
+        ({"min_counter_updates": 0}, "energy.min_counter_updates"),
+    ],
+)
 def test_settings_errors_name_the_key(cfg, key):
     with pytest.raises(ConfigError) as error:
         EnergySettings.from_config(cfg)
@@ -254,8 +270,7 @@ def test_settings_errors_name_the_key(cfg, key):
 
 
 def test_settings_defaults_and_values():
-    settings = EnergySettings.from_config({"country_iso_code": "DEU", "pue": 1.2,
-                                           "baseline": {"duration_s": 5}})
+    settings = EnergySettings.from_config({"country_iso_code": "DEU", "pue": 1.2, "baseline": {"duration_s": 5}})
     assert settings.country_iso_code == "DEU" and settings.pue == 1.2
     assert settings.baseline.duration_s == 5.0 and settings.baseline.max_age_s == 3600.0
     assert settings.timeline_period_s == 0.1 and settings.min_counter_updates == 20
@@ -286,4 +301,6 @@ def test_operating_conditions_do_not_invalidate_a_window():
 
     assert invalidating_flags(["power_throttled", "thermal_throttled"]) == []
     assert invalidating_flags(["power_throttled", "short_window", "foreign_processes"]) == [
-        "foreign_processes", "short_window"]
+        "foreign_processes",
+        "short_window",
+    ]

@@ -8,11 +8,9 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy import hardware
 from llm_energy.artifacts import read_table_artifact, write_table_artifact
 from llm_energy.energy.nvml import NvmlEnergySource
-from tests.fake_nvml import FakeGpu, FakeNvml
 from llm_energy.energy.timeline import (
     TIMELINE_COLUMNS,
     TimelineSampler,
@@ -20,6 +18,8 @@ from llm_energy.energy.timeline import (
     frame_from_rows,
     integrate_power,
 )
+
+from tests.fake_nvml import FakeGpu, FakeNvml
 
 
 def test_integral_is_exact_for_a_known_power_sequence():
@@ -71,9 +71,13 @@ def test_sampler_reads_power_every_period_and_the_counter_about_once_a_second(tm
         source.start(measure_period=False)
         store = TimelineStore()
         slow_calls: list[float] = []
-        sampler = TimelineSampler(source.sample, store, period_s=0.02,
-                                  slow_tasks=[lambda: slow_calls.append(time.perf_counter())],
-                                  slow_period_s=0.25)
+        sampler = TimelineSampler(
+            source.sample,
+            store,
+            period_s=0.02,
+            slow_tasks=[lambda: slow_calls.append(time.perf_counter())],
+            slow_period_s=0.25,
+        )
         sampler.start()
         time.sleep(0.6)
         sampler.stop()

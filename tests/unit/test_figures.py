@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from llm_energy import plots
 
 RULES = Path(__file__).resolve().parents[2] / "workflow" / "rules"

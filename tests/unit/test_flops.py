@@ -17,6 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from llm_energy import artifacts, flops
+from llm_energy.errors import ArtifactError, ConfigError
+from llm_energy.flops import ArchitectureSpec, counted
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     GPT2Config,
@@ -33,10 +36,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from llm_energy import artifacts, flops
-from llm_energy.errors import ArtifactError, ConfigError
-from llm_energy.flops import ArchitectureSpec, counted
-
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -51,16 +50,30 @@ def offline_env(tmp_path_factory):
 
 def llama_config() -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
-        intermediate_size=688, vocab_size=512, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        intermediate_size=688,
+        vocab_size=512,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
 def gpt2_config() -> GPT2Config:
     return GPT2Config(
-        n_embd=256, n_head=4, n_layer=3, vocab_size=512, n_positions=512, n_inner=None,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        n_embd=256,
+        n_head=4,
+        n_layer=3,
+        vocab_size=512,
+        n_positions=512,
+        n_inner=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
@@ -96,8 +109,7 @@ def _count(fn) -> int:
 
 def test_spec_from_llama_config_has_gqa_and_gated_mlp():
     spec = ArchitectureSpec.from_hf_config(llama_config())
-    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (
-        256, 3, 4, 2, 64)
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (256, 3, 4, 2, 64)
     assert spec.gated_mlp and not spec.tied_embeddings
     assert spec.kv_dim == 128  # K and V projections are half the size of Q
 
@@ -110,27 +122,64 @@ def test_spec_from_gpt2_config_defaults_inner_to_four_times_hidden():
 
 
 def test_spec_is_none_for_unsupported_model_type():
-    config = OPTConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, ffn_dim=128,
-                       vocab_size=128, word_embed_proj_dim=64)
+    config = OPTConfig(
+        hidden_size=64, num_attention_heads=2, num_hidden_layers=1, ffn_dim=128, vocab_size=128, word_embed_proj_dim=64
+    )
     assert ArchitectureSpec.from_hf_config(config) is None
 
 
 ALL_FAMILIES = {
     "llama": (llama_config, LlamaForCausalLM),
     "gpt2": (gpt2_config, GPT2LMHeadModel),
-    "llama_biases": (lambda: LlamaConfig(
-        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-        intermediate_size=200, vocab_size=300, attention_bias=True, mlp_bias=True,
-        tie_word_embeddings=True), LlamaForCausalLM),
-    "mistral": (lambda: MistralConfig(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=256, vocab_size=300, head_dim=48), MistralForCausalLM),
-    "qwen2": (lambda: Qwen2Config(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=256, vocab_size=300), Qwen2ForCausalLM),
-    "qwen3": (lambda: Qwen3Config(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=256, vocab_size=300, head_dim=64), Qwen3ForCausalLM),
+    "llama_biases": (
+        lambda: LlamaConfig(
+            hidden_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_hidden_layers=2,
+            intermediate_size=200,
+            vocab_size=300,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+        ),
+        LlamaForCausalLM,
+    ),
+    "mistral": (
+        lambda: MistralConfig(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=256,
+            vocab_size=300,
+            head_dim=48,
+        ),
+        MistralForCausalLM,
+    ),
+    "qwen2": (
+        lambda: Qwen2Config(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=256,
+            vocab_size=300,
+        ),
+        Qwen2ForCausalLM,
+    ),
+    "qwen3": (
+        lambda: Qwen3Config(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=256,
+            vocab_size=300,
+            head_dim=64,
+        ),
+        Qwen3ForCausalLM,
+    ),
 }
 
 
@@ -192,9 +241,16 @@ def test_analytic_request_equals_flop_counter_over_hf_generate(llama_dir):
     model = counted.build_model(llama_dir, "weights", "eager")[0]
     input_tokens, output_tokens = 12, 6
     ids = torch.randint(3, 512, (1, input_tokens))
-    measured = _count(lambda: model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_tokens,
-        min_new_tokens=output_tokens, do_sample=False, pad_token_id=0))
+    measured = _count(
+        lambda: model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_tokens,
+            min_new_tokens=output_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    )
     spec = ArchitectureSpec.from_hf_config(model.config)
     result = flops.analytic_flops(spec, input_tokens, output_tokens, bytes_per_param=4)
     assert result["total_flops"] == measured
@@ -212,8 +268,7 @@ def test_decode_bytes_min_by_hand():
     kv_per_token = 2 * 3 * 2 * 64  # K and V, 3 layers, 2 kv heads of 64
     assert result["decode_weight_bytes_min"] == 3 * weights * 2
     assert result["decode_kv_bytes_min"] == kv_per_token * (11 + 12 + 13) * 2
-    assert result["decode_bytes_min"] == (
-        result["decode_weight_bytes_min"] + result["decode_kv_bytes_min"])
+    assert result["decode_bytes_min"] == (result["decode_weight_bytes_min"] + result["decode_kv_bytes_min"])
 
 
 def test_single_output_token_has_no_decode_step():
@@ -262,8 +317,9 @@ def _n_params(model_dir: Path) -> int:
 
 
 def _model_flops(model_dir: Path, dtype: str, **options) -> dict:
-    return flops.estimate_model_flops(model_dir, model=model_dir.name, dtype=dtype,
-                                      parameter_count=_n_params(model_dir), **options)
+    return flops.estimate_model_flops(
+        model_dir, model=model_dir.name, dtype=dtype, parameter_count=_n_params(model_dir), **options
+    )
 
 
 def _provenance() -> dict:
@@ -285,13 +341,17 @@ def test_model_estimate_with_cross_checks_applied_to_a_cycle(llama_dir, tmp_path
     assert artifacts.read_json_artifact(path, "flops_model")["data"] == document["data"]
 
     cycle = flops.cycle_flops(model, REQUESTS, batch_size=2)
-    per_request = [flops.analytic_flops(spec, i, o, bytes_per_param=4)
-                   for i, o in REQUESTS.itertuples(index=False)]
+    per_request = [flops.analytic_flops(spec, i, o, bytes_per_param=4) for i, o in REQUESTS.itertuples(index=False)]
     assert cycle["method"] == "analytic" and cycle["confidence"] == "high"
     assert cycle["total_flops"] == sum(r["total_flops"] for r in per_request)
     assert cycle["per_request_mean_flops"] == cycle["total_flops"] / 4
-    assert cycle["tokens"] == {"requests": 4, "input_tokens": 70, "output_tokens": 30,
-                               "prefill_tokens": 70, "decode_tokens": 26}
+    assert cycle["tokens"] == {
+        "requests": 4,
+        "input_tokens": 70,
+        "output_tokens": 30,
+        "prefill_tokens": 70,
+        "decode_tokens": 26,
+    }
     # batch 2: at least max(15, ceil(26 / 2)) = 15 weight reads
     assert cycle["decode_bytes_breakdown"]["decode_steps_min"] == 15
     kv = sum(r["decode_kv_bytes_min"] for r in per_request)
@@ -335,8 +395,15 @@ def test_fitted_cost_model_equals_analytic(llama_dir):
 
 def test_unknown_to_formula_uses_flop_counter_fit(tmp_path, offline_env):
     torch.manual_seed(0)
-    config = OPTConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, ffn_dim=256,
-                       vocab_size=300, word_embed_proj_dim=128, max_position_embeddings=128)
+    config = OPTConfig(
+        hidden_size=128,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        ffn_dim=256,
+        vocab_size=300,
+        word_embed_proj_dim=128,
+        max_position_embeddings=128,
+    )
     model = OPTForCausalLM(config)
     model_dir = _save(model, tmp_path / "tiny-opt")
     data = _model_flops(model_dir, "fp16")
@@ -346,9 +413,16 @@ def test_unknown_to_formula_uses_flop_counter_fit(tmp_path, offline_env):
     model.config._attn_implementation = "eager"
     model.eval()
     ids = torch.randint(3, 300, (1, 12))
-    measured = _count(lambda: model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-        do_sample=False, pad_token_id=1))
+    measured = _count(
+        lambda: model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            pad_token_id=1,
+        )
+    )
     single = flops.cycle_flops(data, pd.DataFrame({"input_tokens": [12], "output_tokens": [8]}), 1)
     assert single["total_flops"] == measured
     artifacts.validate_data("flops_model", data)
@@ -375,9 +449,15 @@ def test_unknown_architecture_falls_back_to_parameter_estimate(llama_dir, tmp_pa
 
 def test_sliding_window_exceeded_lowers_the_cycles_confidence(tmp_path, offline_env):
     torch.manual_seed(0)
-    config = MistralConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           num_hidden_layers=2, intermediate_size=256, vocab_size=300,
-                           sliding_window=16)
+    config = MistralConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        vocab_size=300,
+        sliding_window=16,
+    )
     model_dir = _save(MistralForCausalLM(config), tmp_path / "tiny-mistral")
     model = _model_flops(model_dir, "fp32", use_calflops=False)
     assert model["method"] == "analytic"
@@ -412,15 +492,18 @@ def test_schema_rejects_unknown_top_level_key(gpt2_dir):
 # Peak figures, MFU, MBU
 
 
-@pytest.mark.parametrize("name,dtype,model,flops_per_s,bandwidth", [
-    ("NVIDIA H100 80GB HBM3", "bfloat16", "H100 SXM", 989.4e12, 3.35e12),
-    ("NVIDIA H100 80GB HBM3", "float32", "H100 SXM", 66.9e12, 3.35e12),
-    ("NVIDIA H100 80GB HBM3", "tf32", "H100 SXM", 494.7e12, 3.35e12),
-    ("NVIDIA H100 PCIe", "fp16", "H100 PCIe", 756e12, 2.0e12),
-    ("NVIDIA H200", "bf16", "H200", 989.4e12, 4.8e12),
-    ("NVIDIA A100-SXM4-80GB", "bf16", "A100 SXM", 312e12, 2.039e12),
-    ("NVIDIA L40S", "float16", "L40S", 362e12, 0.864e12),
-])
+@pytest.mark.parametrize(
+    "name,dtype,model,flops_per_s,bandwidth",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", "H100 SXM", 989.4e12, 3.35e12),
+        ("NVIDIA H100 80GB HBM3", "float32", "H100 SXM", 66.9e12, 3.35e12),
+        ("NVIDIA H100 80GB HBM3", "tf32", "H100 SXM", 494.7e12, 3.35e12),
+        ("NVIDIA H100 PCIe", "fp16", "H100 PCIe", 756e12, 2.0e12),
+        ("NVIDIA H200", "bf16", "H200", 989.4e12, 4.8e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", "A100 SXM", 312e12, 2.039e12),
+        ("NVIDIA L40S", "float16", "L40S", 362e12, 0.864e12),
+    ],
+)
 def test_peak_figures(name, dtype, model, flops_per_s, bandwidth):
     peak = flops.peak_figures(name, dtype)
     assert peak["gpu_model"] == model

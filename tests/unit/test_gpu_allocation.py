@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy.gpu_allocation import GpuUnavailable, acquire, holder_of
 
 GPUS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]

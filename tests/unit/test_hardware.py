@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from llm_energy import hardware
+
 from tests.fake_nvml import LIBRARY_NOT_FOUND, FakeGpu, FakeNvml
 
 UUID0 = "GPU-11111111-aaaa-bbbb-cccc-000000000000"
@@ -80,10 +80,20 @@ def test_describe_gpus_has_the_provenance_facts(fake_nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     (facts,) = hardware.describe_gpus()
     assert facts == {
-        "name": "NVIDIA H100 80GB HBM3", "uuid": UUID0, "index": 0, "visible_index": 0,
-        "driver": "580.159.04", "cuda_driver_version": "13.0", "power_limit_w": 700.0,
-        "persistence_mode": True, "applications_clock_sm_mhz": 1980,
-        "applications_clock_mem_mhz": 2619, "ecc_enabled": True, "mig_mode": False,
-        "is_mig_instance": False, "parent_uuid": None, "temperature_c": 35,
+        "name": "NVIDIA H100 80GB HBM3",
+        "uuid": UUID0,
+        "index": 0,
+        "visible_index": 0,
+        "driver": "580.159.04",
+        "cuda_driver_version": "13.0",
+        "power_limit_w": 700.0,
+        "persistence_mode": True,
+        "applications_clock_sm_mhz": 1980,
+        "applications_clock_mem_mhz": 2619,
+        "ecc_enabled": True,
+        "mig_mode": False,
+        "is_mig_instance": False,
+        "parent_uuid": None,
+        "temperature_c": 35,
         "memory_total_bytes": 80 * 1024**3,
     }

@@ -6,10 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy.backends.base import RequestRecord
 from llm_energy.energy.attribution import attribute_energy, steady_state_energy
-from llm_energy.load import FLAG_STEADY_SHORT, LoadSpec, arrival_offsets_s, in_flight_steps, steady_state, tokens_between
+from llm_energy.load import (
+    FLAG_STEADY_SHORT,
+    LoadSpec,
+    arrival_offsets_s,
+    in_flight_steps,
+    steady_state,
+    tokens_between,
+)
 from llm_energy.metrics import goodput
 
 # -- arrivals ------------------------------------------------------------------------------------
@@ -40,10 +46,15 @@ def test_arrivals_come_from_the_seed() -> None:
     assert arrival_offsets_s(50, spec, seed=3) != arrival_offsets_s(50, spec, seed=4)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"request_rate": 0}, "request_rate"), ({"arrival": "uniform"}, "arrival"),
-    ({"arrival": "poisson", "burstiness": 2.0}, "gamma only"), ({"max_concurrency": 0}, "max_concurrency"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"request_rate": 0}, "request_rate"),
+        ({"arrival": "uniform"}, "arrival"),
+        ({"arrival": "poisson", "burstiness": 2.0}, "gamma only"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+    ],
+)
 def test_invalid_load_is_refused_with_the_setting_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         LoadSpec(**kwargs)
@@ -55,8 +66,15 @@ def test_invalid_load_is_refused_with_the_setting_named(kwargs, message) -> None
 def _record(index: int, submitted: float, finished: float, tokens: int = 10) -> RequestRecord:
     step = (finished - submitted) / tokens
     times = [submitted + step * (i + 1) for i in range(tokens)]
-    return RequestRecord(index=index, input_tokens=4, output_tokens=tokens, submitted_s=submitted,
-                         finished_s=finished, first_token_s=times[0], token_times_s=times)
+    return RequestRecord(
+        index=index,
+        input_tokens=4,
+        output_tokens=tokens,
+        submitted_s=submitted,
+        finished_s=finished,
+        first_token_s=times[0],
+        token_times_s=times,
+    )
 
 
 def _ramp_plateau_drain(n: int = 40, gap: float = 0.25, life: float = 1.0) -> list[RequestRecord]:
@@ -90,8 +108,9 @@ def test_max_concurrency_caps_the_plateau() -> None:
 def test_tokens_between_counts_arrivals_inside_the_span() -> None:
     record = _record(0, 0.0, 1.0, tokens=10)  # a token every 0.1 s from 0.1 to 1.0
     assert tokens_between([record], 0.0, 0.5) == 5
-    without_arrivals = RequestRecord(index=1, input_tokens=4, output_tokens=10, submitted_s=0.0,
-                                     finished_s=1.0, first_token_s=0.0)
+    without_arrivals = RequestRecord(
+        index=1, input_tokens=4, output_tokens=10, submitted_s=0.0, finished_s=1.0, first_token_s=0.0
+    )
     assert tokens_between([without_arrivals], 0.0, 0.5) == pytest.approx(5.0)  # spread evenly
 
 
@@ -100,8 +119,15 @@ def test_tokens_between_counts_arrivals_inside_the_span() -> None:
 
 def test_goodput_counts_requests_that_meet_every_objective_per_second() -> None:
     fast = _record(0, 0.0, 1.0)  # TTFT 0.1 s, TPOT 0.1 s
-    slow_start = RequestRecord(index=1, input_tokens=4, output_tokens=2, submitted_s=0.0, finished_s=1.0,
-                               first_token_s=0.9, token_times_s=[0.9, 1.0])  # TTFT 0.9 s
+    slow_start = RequestRecord(
+        index=1,
+        input_tokens=4,
+        output_tokens=2,
+        submitted_s=0.0,
+        finished_s=1.0,
+        first_token_s=0.9,
+        token_times_s=[0.9, 1.0],
+    )  # TTFT 0.9 s
     slow_tokens = _record(2, 0.0, 2.0, tokens=4)  # TTFT 0.5 s, TPOT 0.5 s
     out = goodput([fast, slow_start, slow_tokens], window_s=2.0, ttft_s=0.6, tpot_s=0.2)
     assert out["slo_met_requests"] == 1 and out["goodput_requests_per_s"] == 0.5
@@ -113,8 +139,11 @@ def test_goodput_counts_requests_that_meet_every_objective_per_second() -> None:
 
 
 def _window(gross_j: float, start: float, end: float) -> dict:
-    return {"start_s": start, "end_s": end, "domains": {"gpu": {
-        "available": True, "gross_j": gross_j, "devices": [{"uuid": "GPU-a", "index": 0}]}}}
+    return {
+        "start_s": start,
+        "end_s": end,
+        "domains": {"gpu": {"available": True, "gross_j": gross_j, "devices": [{"uuid": "GPU-a", "index": 0}]}},
+    }
 
 
 def _flat_timeline(start: float, end: float, power_w: float = 100.0) -> pd.DataFrame:
@@ -169,7 +198,7 @@ def test_requests_are_submitted_at_their_offsets_without_waiting_for_earlier_one
 
     results = _run_schedule(Schedule((0.0, 0.05, 0.1)), work_s=0.3)  # each outlives the next arrival
     start = results[0][1]
-    for (item, due, started, _), offset in zip(results, (0.0, 0.05, 0.1)):
+    for (_item, due, started, _), offset in zip(results, (0.0, 0.05, 0.1)):
         assert due == pytest.approx(start + offset)
         assert 0 <= started - due < 0.03
     assert results[2][2] < results[0][3]  # the third went out before the first had finished: open loop

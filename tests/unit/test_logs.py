@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from llm_energy.logs import job_logging
 
 
@@ -92,7 +91,7 @@ def test_warnings_go_to_file(tmp_path: Path) -> None:
     with job_logging(path):
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.warn("deprecated knob", UserWarning)
+            warnings.warn("deprecated knob", UserWarning, stacklevel=1)
     text = path.read_text()
     assert "py.warnings" in text and "UserWarning: deprecated knob" in text
 

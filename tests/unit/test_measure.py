@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import clock
 from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.measure import (
-    FLAG_RECOMPILED, REWARM_AFTER_IDLE_S, MeasuredWindow, differential_phases, measure_window, needs_rewarm, warm_up,
+    FLAG_RECOMPILED,
+    REWARM_AFTER_IDLE_S,
+    MeasuredWindow,
+    differential_phases,
+    measure_window,
+    needs_rewarm,
+    warm_up,
     warmup_converged,
 )
 
@@ -29,8 +34,9 @@ class SleepingBackend(Backend):
 
     name = "sleeping"
 
-    def __init__(self, batch_times_s: list[float] | None = None, batch_s: float = 0.01,
-                 compiles_on_generate: bool = False):
+    def __init__(
+        self, batch_times_s: list[float] | None = None, batch_s: float = 0.01, compiles_on_generate: bool = False
+    ):
         super().__init__({})
         self.batch_times_s = list(batch_times_s or [])
         self.batch_s = batch_s
@@ -47,17 +53,24 @@ class SleepingBackend(Backend):
     def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
         records = []
         for start in range(0, len(requests), batch_size):
-            batch = requests[start:start + batch_size]
+            batch = requests[start : start + batch_size]
             self.calls.append((len(batch), decoding.max_output_tokens))
             submitted = clock.now()
             time.sleep(self.batch_times_s.pop(0) if self.batch_times_s else self.batch_s)
             if self.compiles_on_generate:
                 self.compilations += 1
             done = clock.now()
-            records += [RequestRecord(index=r.index, input_tokens=r.input_tokens,
-                                      output_tokens=decoding.max_output_tokens, submitted_s=submitted,
-                                      finished_s=done, first_token_s=submitted + (done - submitted) / 4)
-                        for r in batch]
+            records += [
+                RequestRecord(
+                    index=r.index,
+                    input_tokens=r.input_tokens,
+                    output_tokens=decoding.max_output_tokens,
+                    submitted_s=submitted,
+                    finished_s=done,
+                    first_token_s=submitted + (done - submitted) / 4,
+                )
+                for r in batch
+            ]
         return records
 
     def compilation_count(self) -> int | None:
@@ -70,8 +83,9 @@ def requests(count: int, length: int = 5) -> list[Request]:
 
 @pytest.fixture
 def session(tmp_path: Path):
-    settings = EnergySettings.from_config({"codecarbon": False, "rapl": False, "gpu": False,
-                                           "baseline": {"duration_s": 0}})
+    settings = EnergySettings.from_config(
+        {"codecarbon": False, "rapl": False, "gpu": False, "baseline": {"duration_s": 0}}
+    )
     with EnergySession(settings, devices=[], powercap_root=tmp_path / "none") as energy:
         yield energy
 
@@ -137,15 +151,20 @@ def test_a_compilation_inside_the_window_flags_the_run(session) -> None:
 
 
 def fake_window(gross_j: float | None, records: list[RequestRecord], repeats: int = 1) -> MeasuredWindow:
-    gpu = {"available": True, "gross_j": gross_j} if gross_j is not None else {
-        "available": False, "reason": "no NVIDIA driver"}
+    gpu = (
+        {"available": True, "gross_j": gross_j}
+        if gross_j is not None
+        else {"available": False, "reason": "no NVIDIA driver"}
+    )
     record = {"domains": {"gpu": gpu}, "start_s": 5.0, "end_s": 6.0, "duration_s": 1.0, "flags": []}
     return MeasuredWindow(record, records, [0] * len(records), repeats, (None, None), {})
 
 
 def records_of(count: int, input_tokens: int, output_tokens: int) -> list[RequestRecord]:
-    return [RequestRecord(index=i, input_tokens=input_tokens, output_tokens=output_tokens, submitted_s=0.0,
-                          finished_s=1.0) for i in range(count)]
+    return [
+        RequestRecord(index=i, input_tokens=input_tokens, output_tokens=output_tokens, submitted_s=0.0, finished_s=1.0)
+        for i in range(count)
+    ]
 
 
 def test_prefill_per_input_token_from_the_prefill_window_and_decode_is_the_rest() -> None:

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from llm_energy.backends.base import RequestRecord
 from llm_energy.metrics import (
     LATENCY_METRIC_NAMES,
@@ -28,17 +27,35 @@ from llm_energy.metrics import (
 def records() -> list[RequestRecord]:
     """Three requests: two streamed (per-token times), one whose first token was not observed."""
     return [
-        RequestRecord(index=0, input_tokens=10, output_tokens=5, submitted_s=0.0, finished_s=2.5,
-                      first_token_s=0.5, token_times_s=[0.5, 1.0, 1.5, 2.0, 2.5], latency_source="host_clock"),
-        RequestRecord(index=1, input_tokens=6, output_tokens=3, submitted_s=1.0, finished_s=2.2,
-                      first_token_s=1.2, token_times_s=[1.2, 1.4, 2.2], latency_source="host_clock"),
-        RequestRecord(index=2, input_tokens=4, output_tokens=1, submitted_s=0.5, finished_s=3.5,
-                      latency_source="engine"),
+        RequestRecord(
+            index=0,
+            input_tokens=10,
+            output_tokens=5,
+            submitted_s=0.0,
+            finished_s=2.5,
+            first_token_s=0.5,
+            token_times_s=[0.5, 1.0, 1.5, 2.0, 2.5],
+            latency_source="host_clock",
+        ),
+        RequestRecord(
+            index=1,
+            input_tokens=6,
+            output_tokens=3,
+            submitted_s=1.0,
+            finished_s=2.2,
+            first_token_s=1.2,
+            token_times_s=[1.2, 1.4, 2.2],
+            latency_source="host_clock",
+        ),
+        RequestRecord(
+            index=2, input_tokens=4, output_tokens=1, submitted_s=0.5, finished_s=3.5, latency_source="engine"
+        ),
     ]
 
 
-def domain(gross_j: float, method: str = "measured", source: str = "nvml", net_j: float | None = None,
-           **extra: Any) -> dict[str, Any]:
+def domain(
+    gross_j: float, method: str = "measured", source: str = "nvml", net_j: float | None = None, **extra: Any
+) -> dict[str, Any]:
     return {"available": True, "source": source, "method": method, "gross_j": gross_j, "net_j": net_j, **extra}
 
 
@@ -49,7 +66,10 @@ def unavailable(reason: str) -> dict[str, Any]:
 def measure_window() -> dict[str, Any]:
     """GPU measured, CPU estimated (no net: no baseline), DRAM unavailable; 10 s."""
     return {
-        "name": "measure", "start_s": 0.0, "end_s": 10.0, "duration_s": 10.0,
+        "name": "measure",
+        "start_s": 0.0,
+        "end_s": 10.0,
+        "duration_s": 10.0,
         "domains": {
             "gpu": domain(100.0, net_j=60.0, baseline_w=4.0, timeline_vs_counter_rel_diff=0.02),
             "cpu": domain(50.0, method="estimated", source="codecarbon"),
@@ -96,7 +116,8 @@ def test_p99_needs_100_samples_and_p90_10() -> None:
     flat, reasons = latency_distributions({"e2e": [float(v) for v in range(99)]}, "the test requests")
     assert flat["e2e_n"] == 99 and flat["e2e_p99_s"] is None and flat["e2e_p90_s"] == pytest.approx(88.2)
     assert reasons["e2e_p99_unavailable_reason"] == (
-        "99 e2e samples pooled over the test requests; a p99 needs at least 100")
+        "99 e2e samples pooled over the test requests; a p99 needs at least 100"
+    )
     flat, reasons = latency_distributions({"e2e": [float(v) for v in range(100)]})
     assert flat["e2e_n"] == 100 and flat["e2e_p99_s"] == pytest.approx(98.01)
     assert "e2e_p99_unavailable_reason" not in reasons
@@ -122,8 +143,16 @@ def test_inter_token_latencies() -> None:
 def test_merged_chunks_give_one_gap_each_never_zero() -> None:
     """A streamed request of 6 tokens in 3 chunks (1, 3, 2 tokens): 2 ITLs, the chunk gaps; TPOT still
     divides by the 5 token gaps; the ITLs add up to e2e - TTFT."""
-    record = RequestRecord(index=0, input_tokens=4, output_tokens=6, submitted_s=10.0, finished_s=10.9,
-                           first_token_s=10.2, chunk_times_s=[10.2, 10.5, 10.9], chunk_tokens=[1, 3, 2])
+    record = RequestRecord(
+        index=0,
+        input_tokens=4,
+        output_tokens=6,
+        submitted_s=10.0,
+        finished_s=10.9,
+        first_token_s=10.2,
+        chunk_times_s=[10.2, 10.5, 10.9],
+        chunk_tokens=[1, 3, 2],
+    )
     assert inter_token_latencies_s(record) == pytest.approx([0.3, 0.4])
     assert time_per_output_token_s(record) == pytest.approx(0.7 / 5)
     assert record.e2e_s == pytest.approx(0.9) and record.ttft_s == pytest.approx(0.2)
@@ -134,11 +163,25 @@ def test_merged_chunks_give_one_gap_each_never_zero() -> None:
 
 def test_chunk_tokens_must_match_chunk_times() -> None:
     with pytest.raises(ValueError, match="chunk_tokens"):
-        RequestRecord(index=0, input_tokens=1, output_tokens=2, submitted_s=0.0, finished_s=1.0,
-                      chunk_times_s=[0.5, 1.0], chunk_tokens=[2])
+        RequestRecord(
+            index=0,
+            input_tokens=1,
+            output_tokens=2,
+            submitted_s=0.0,
+            finished_s=1.0,
+            chunk_times_s=[0.5, 1.0],
+            chunk_tokens=[2],
+        )
     with pytest.raises(ValueError, match="chunk_tokens"):
-        RequestRecord(index=0, input_tokens=1, output_tokens=2, submitted_s=0.0, finished_s=1.0,
-                      chunk_times_s=[0.5, 1.0], chunk_tokens=[2, 0])
+        RequestRecord(
+            index=0,
+            input_tokens=1,
+            output_tokens=2,
+            submitted_s=0.0,
+            finished_s=1.0,
+            chunk_times_s=[0.5, 1.0],
+            chunk_tokens=[2, 0],
+        )
 
 
 def test_eos_stopped_request_in_a_batch_uses_its_own_last_token() -> None:
@@ -146,17 +189,41 @@ def test_eos_stopped_request_in_a_batch_uses_its_own_last_token() -> None:
     EOS after 10. Each has one time per step up to its own output count and finished_s = its own last
     token (as the pytorch backend records them): request 1's TPOT is one step, not 12.7 steps."""
     steps = [1.0 + 0.01 * (i + 1) for i in range(128)]
-    full = RequestRecord(index=0, input_tokens=8, output_tokens=128, submitted_s=1.0, finished_s=steps[-1],
-                         first_token_s=steps[0], token_times_s=steps, batch_index=0)
-    stopped = RequestRecord(index=1, input_tokens=8, output_tokens=10, submitted_s=1.0, finished_s=steps[9],
-                            first_token_s=steps[0], token_times_s=steps[:10], batch_index=0)
+    full = RequestRecord(
+        index=0,
+        input_tokens=8,
+        output_tokens=128,
+        submitted_s=1.0,
+        finished_s=steps[-1],
+        first_token_s=steps[0],
+        token_times_s=steps,
+        batch_index=0,
+    )
+    stopped = RequestRecord(
+        index=1,
+        input_tokens=8,
+        output_tokens=10,
+        submitted_s=1.0,
+        finished_s=steps[9],
+        first_token_s=steps[0],
+        token_times_s=steps[:10],
+        batch_index=0,
+    )
     assert time_per_output_token_s(full) == pytest.approx(0.01)
     assert time_per_output_token_s(stopped) == pytest.approx(0.01)
     assert stopped.e2e_s == pytest.approx(0.10) and full.e2e_s == pytest.approx(1.28)
     assert inter_token_latencies_s(stopped) == pytest.approx([0.01] * 9)
     # Even a record whose finished_s is the batch end gets its own last token from its arrivals.
-    batch_end = RequestRecord(index=1, input_tokens=8, output_tokens=10, submitted_s=1.0, finished_s=2.5,
-                              first_token_s=steps[0], token_times_s=steps[:10], batch_index=0)
+    batch_end = RequestRecord(
+        index=1,
+        input_tokens=8,
+        output_tokens=10,
+        submitted_s=1.0,
+        finished_s=2.5,
+        first_token_s=steps[0],
+        token_times_s=steps[:10],
+        batch_index=0,
+    )
     assert batch_end.last_token_s == steps[9] and time_per_output_token_s(batch_end) == pytest.approx(0.01)
     flat, _ = latency_metrics([full, stopped])
     assert flat["itl_n"] == 127 + 9 and flat["tpot_n"] == 2 and flat["e2e_n"] == 2
@@ -168,8 +235,9 @@ def test_time_per_output_token() -> None:
     assert time_per_output_token_s(first) == pytest.approx(2.0 / 4)
     assert time_per_output_token_s(second) == pytest.approx(1.0 / 2)
     assert time_per_output_token_s(third) is None  # first token not observed
-    one_token = RequestRecord(index=0, input_tokens=1, output_tokens=1, submitted_s=0.0, finished_s=1.0,
-                              first_token_s=0.4)
+    one_token = RequestRecord(
+        index=0, input_tokens=1, output_tokens=1, submitted_s=0.0, finished_s=1.0, first_token_s=0.4
+    )
     assert time_per_output_token_s(one_token) is None  # no gap to divide by
 
 
@@ -191,7 +259,8 @@ def test_latency_metrics() -> None:
         # Fewer than 10 (100) samples: no p90 (p99), with the reason.
         assert flat[f"{name}_p90_s"] is None and flat[f"{name}_p99_s"] is None
         assert info[f"{name}_p99_unavailable_reason"] == (
-            f"{len(values)} {name} samples pooled over the 3 requests of the run; a p99 needs at least 100")
+            f"{len(values)} {name} samples pooled over the 3 requests of the run; a p99 needs at least 100"
+        )
     assert info["latency_source"] == "engine,host_clock"
 
 
@@ -206,20 +275,28 @@ def test_window_bounds() -> None:
 def test_energy_metrics_mixed_domains() -> None:
     numbers, info = energy_metrics(measure_window())
     assert numbers == {
-        "gpu_energy_j": 100.0, "gpu_net_energy_j": 60.0,
+        "gpu_energy_j": 100.0,
+        "gpu_net_energy_j": 60.0,
         # an estimate never fills a measured column, nor the node total
-        "cpu_energy_j": None, "cpu_net_energy_j": None, "cpu_estimated_energy_j": 50.0,
-        "dram_energy_j": None, "dram_net_energy_j": None,  # unavailable is None, never 0
+        "cpu_energy_j": None,
+        "cpu_net_energy_j": None,
+        "cpu_estimated_energy_j": 50.0,
+        "dram_energy_j": None,
+        "dram_net_energy_j": None,  # unavailable is None, never 0
         "dram_estimated_energy_j": None,
-        "node_energy_j": 100.0, "node_net_energy_j": 60.0,
+        "node_energy_j": 100.0,
+        "node_net_energy_j": 60.0,
         "host_estimated_energy_j": 50.0,
     }
     assert info == {
-        "gpu_energy_source": "nvml", "gpu_energy_method": "measured",
-        "cpu_energy_source": "codecarbon", "cpu_energy_method": "estimated",
+        "gpu_energy_source": "nvml",
+        "gpu_energy_method": "measured",
+        "cpu_energy_source": "codecarbon",
+        "cpu_energy_method": "estimated",
         "cpu_unavailable_reason": "not measured; CodeCarbon's estimate is in cpu_estimated_energy_j",
         "dram_unavailable_reason": "no RAPL: /sys/class/powercap is absent",
-        "node_energy_domains": "gpu", "node_energy_method": "measured",
+        "node_energy_domains": "gpu",
+        "node_energy_method": "measured",
         "host_estimated_energy_domains": "cpu",
         "host_estimated_energy_method": "estimated (CodeCarbon model)",
     }
@@ -278,12 +355,24 @@ def test_work_duration_without_requests_is_the_window() -> None:
 
 def setup_windows() -> list[dict[str, Any]]:
     return [
-        {"name": "load", "duration_s": 3.0,
-         "domains": {"gpu": domain(30.0, net_j=18.0), "cpu": domain(6.0, method="estimated", source="codecarbon"),
-                     "dram": unavailable("no RAPL")}},
-        {"name": "warmup", "duration_s": 1.0,
-         "domains": {"gpu": domain(10.0, net_j=6.0), "cpu": unavailable("tracker failed"),
-                     "dram": unavailable("no RAPL")}},
+        {
+            "name": "load",
+            "duration_s": 3.0,
+            "domains": {
+                "gpu": domain(30.0, net_j=18.0),
+                "cpu": domain(6.0, method="estimated", source="codecarbon"),
+                "dram": unavailable("no RAPL"),
+            },
+        },
+        {
+            "name": "warmup",
+            "duration_s": 1.0,
+            "domains": {
+                "gpu": domain(10.0, net_j=6.0),
+                "cpu": unavailable("tracker failed"),
+                "dram": unavailable("no RAPL"),
+            },
+        },
     ]
 
 
@@ -313,8 +402,13 @@ def test_run_metrics_tokens_throughput_and_energy_ratios() -> None:
     assert metrics["node_output_tokens_per_j"] == pytest.approx(9 / 100.0)
     assert metrics["node_mean_power_w"] == pytest.approx(10.0)
     assert metrics["node_net_energy_per_output_token_j"] == pytest.approx(60.0 / 9)
-    for key in ("dram_energy_j", "dram_energy_per_output_token_j", "dram_output_tokens_per_j",
-                "dram_mean_power_w", "dram_net_energy_per_output_token_j"):
+    for key in (
+        "dram_energy_j",
+        "dram_energy_per_output_token_j",
+        "dram_output_tokens_per_j",
+        "dram_mean_power_w",
+        "dram_net_energy_per_output_token_j",
+    ):
         assert metrics[key] is None, key  # unavailable stays None, never 0
     assert metrics["timeline_vs_counter_rel_diff"] == 0.02
     assert metrics["emissions_kg_co2eq"] == 1.5e-5
@@ -400,13 +494,20 @@ def test_run_metrics_phases_present() -> None:
 
 @pytest.mark.parametrize(
     ("phases", "reason"),
-    [(None, None), ({"available": False, "reason": "no GPU timeline"}, "no GPU timeline"),
-     ({"available": True, "method": "x"}, "unknown")],
+    [
+        (None, None),
+        ({"available": False, "reason": "no GPU timeline"}, "no GPU timeline"),
+        ({"available": True, "method": "x"}, "unknown"),
+    ],
 )
 def test_run_metrics_phases_absent(phases, reason) -> None:
     metrics, info = run_metrics(records(), measure_window(), phases=phases)
-    for key in ("prefill_gpu_energy_j", "decode_gpu_energy_j", "gpu_prefill_energy_per_input_token_j",
-                "gpu_decode_energy_per_output_token_j"):
+    for key in (
+        "prefill_gpu_energy_j",
+        "decode_gpu_energy_j",
+        "gpu_prefill_energy_per_input_token_j",
+        "gpu_decode_energy_per_output_token_j",
+    ):
         assert key in metrics and metrics[key] is None
     assert "phase_split_method" not in info
     assert info.get("phase_split_unavailable_reason") == reason

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import models
 from llm_energy.artifacts import read_json_artifact, validate_data
 from llm_energy.errors import ArtifactError, ConfigError, SourceUnavailableError
@@ -43,8 +42,9 @@ def built(hf_env, tmp_path_factory) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for architecture in models.BUILTIN_ARCHITECTURES:
         out_dir = tmp_path_factory.mktemp(f"builtin-{architecture}")
-        models.prepare_model(f"tiny-{architecture}", {"source": "builtin", "architecture": architecture,
-                                                      "seed": 0}, out_dir)
+        models.prepare_model(
+            f"tiny-{architecture}", {"source": "builtin", "architecture": architecture, "seed": 0}, out_dir
+        )
         out[architecture] = out_dir
     return out
 
@@ -80,13 +80,13 @@ def test_builtin_model_reloads_and_generates_exactly_n_tokens_with_left_padding(
     # Left padding: the short prompt's padding sits at the start, every row ends with real tokens.
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()
     assert batch["input_ids"][0, 0] == tokenizer.pad_token_id
-    assert (batch["input_ids"][1, 0] == tokenizer.bos_token_id)  # BOS prepended to the full-length row
+    assert batch["input_ids"][1, 0] == tokenizer.bos_token_id  # BOS prepended to the full-length row
 
     new_tokens = 7
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + new_tokens)
-    generated = out[:, batch["input_ids"].shape[1]:]
+    generated = out[:, batch["input_ids"].shape[1] :]
     assert (generated != tokenizer.pad_token_id).all()
 
     data = models.read_model_manifest(manifest_path)
@@ -107,9 +107,14 @@ def test_builtin_manifest_records_defaults_and_files(built, architecture):
     expected_kv = 2 if architecture == "llama" else 4
     expected_intermediate = 688 if architecture == "llama" else 1024
     assert data["config"] == {
-        "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": expected_kv, "head_dim": 64, "intermediate_size": expected_intermediate,
-        "vocab_size": data["tokenizer"]["vocab_size_tokens"], "max_position_embeddings": 2048,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": expected_kv,
+        "head_dim": 64,
+        "intermediate_size": expected_intermediate,
+        "vocab_size": data["tokenizer"]["vocab_size_tokens"],
+        "max_position_embeddings": 2048,
         "tie_word_embeddings": architecture == "gpt2",
     }
     assert data["architecture"]["model_type"] == architecture
@@ -154,10 +159,20 @@ def test_rebuild_replaces_weights_in_place(hf_env, tmp_path):
 
 def test_one_billion_llama_dims_count_without_building():
     """A ~1 B Llama is described by dims alone; its count matches the analytic formula exactly."""
-    spec = models.parse_spec("big", {"source": "builtin", "architecture": "llama", "hidden_size": 2048,
-                                     "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
-                                     "intermediate_size": 8192, "vocab_size": 128256,
-                                     "save_dtype": "bfloat16"})
+    spec = models.parse_spec(
+        "big",
+        {
+            "source": "builtin",
+            "architecture": "llama",
+            "hidden_size": 2048,
+            "num_layers": 16,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "intermediate_size": 8192,
+            "vocab_size": 128256,
+            "save_dtype": "bfloat16",
+        },
+    )
     config = models.builtin_model_config(spec, spec.vocab_size, {"pad": 0, "bos": 1, "eos": 2})
     start = time.perf_counter()
     count = models.count_parameters(config)
@@ -172,10 +187,20 @@ def test_one_billion_llama_dims_count_without_building():
 
 def test_llama_3_2_1b_dims_with_tied_embeddings_have_its_parameter_count():
     """tie_word_embeddings: the Llama-3.2-1B shape (1,235,814,400 parameters) from dims alone."""
-    spec = models.parse_spec("l1b", {"source": "builtin", "architecture": "llama", "hidden_size": 2048,
-                                     "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
-                                     "intermediate_size": 8192, "vocab_size": 128256,
-                                     "tie_word_embeddings": True})
+    spec = models.parse_spec(
+        "l1b",
+        {
+            "source": "builtin",
+            "architecture": "llama",
+            "hidden_size": 2048,
+            "num_layers": 16,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "intermediate_size": 8192,
+            "vocab_size": 128256,
+            "tie_word_embeddings": True,
+        },
+    )
     config = models.builtin_model_config(spec, spec.vocab_size, {"pad": 0, "bos": 1, "eos": 2})
     assert config.tie_word_embeddings is True
     assert models.count_parameters(config).total == 1_235_814_400
@@ -264,7 +289,9 @@ def _local_copy_with_config(built: Path, dest: Path, **changes) -> Path:
 
 def test_local_custom_code_needs_trust_remote_code(built, tmp_path):
     folder = _local_copy_with_config(
-        built["llama"], tmp_path / "custom", model_type="xmodel",
+        built["llama"],
+        tmp_path / "custom",
+        model_type="xmodel",
         auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"},
     )
     with pytest.raises(ConfigError, match="own code") as info:
@@ -284,8 +311,7 @@ def test_safetensors_header_fallback_agrees_with_meta_count(built, architecture)
     data = models.read_model_manifest(built[architecture])
     count = models.count_parameters_from_headers(built[architecture] / "weights")
     assert count.method == "safetensors_header"
-    assert (count.total, count.non_embedding) == (data["parameter_count"],
-                                                  data["non_embedding_parameter_count"])
+    assert (count.total, count.non_embedding) == (data["parameter_count"], data["non_embedding_parameter_count"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,22 @@ def test_a_wheel_validates_configs_and_artifacts_outside_the_source_tree(tmp_pat
         shutil.copy(ROOT / part, source / part)
     for part in ("workflow/llm_energy", "workflow/schemas"):
         shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("llm_energy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     schemas = sorted(p.name for p in (ROOT / "workflow" / "schemas").glob("*.schema.json"))
@@ -38,8 +52,9 @@ def test_a_wheel_validates_configs_and_artifacts_outside_the_source_tree(tmp_pat
     assert "llm_energy/data/bundled_prompts.jsonl" in names
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                    str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
     probe = (
         "import llm_energy.artifacts as a, llm_energy.config_schema as c, llm_energy.datasets as d\n"
         f"assert a.SCHEMA_DIR == __import__('pathlib').Path({str(target)!r}).resolve() / 'llm_energy' / 'schemas', a.SCHEMA_DIR\n"
@@ -53,6 +68,5 @@ def test_a_wheel_validates_configs_and_artifacts_outside_the_source_tree(tmp_pat
     )
     # Only the installed copy may be importable: no source tree on the path, cwd outside it.
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
-                               text=True)
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr

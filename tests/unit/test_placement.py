@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from llm_energy import gpu_allocation, hardware, placement, topology
 from llm_energy.backends import backend_class
 from llm_energy.config import load_campaign
@@ -19,6 +18,7 @@ from llm_energy.energy.host_share import FLAG_HOST_SHARED, HostShareWatch
 from llm_energy.energy.validity import flag_effect, invalidating_flags
 from llm_energy.errors import ConfigError
 from llm_energy.metrics import energy_metrics
+
 from tests.fake_nvml import FakeGpu, FakeNvml
 
 UUIDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc", "GPU-33333333-dddd"]
@@ -43,9 +43,15 @@ TOPO_PCIE = (
 
 
 def _campaign(**settings) -> dict:
-    return load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-                          "backends": ["pytorch"], "grid": {"batch_size": [1, 2]},
-                          "backend_settings": {"pytorch": settings}})
+    return load_campaign(
+        {
+            "models": {"m": {"source": "builtin"}},
+            "datasets": {"d": {"source": "bundled"}},
+            "backends": ["pytorch"],
+            "grid": {"batch_size": [1, 2]},
+            "backend_settings": {"pytorch": settings},
+        }
+    )
 
 
 def _spec(tmp_path: Path, **values) -> placement.GpuJobsSpec:
@@ -71,11 +77,16 @@ def four_gpus():
 
 def test_defaults_and_ids_unchanged() -> None:
     campaign = _campaign()
-    assert campaign.config["campaign"]["gpus"] == {"devices": None, "jobs": "parallel", "wait_s": 600,
-                                                   "lock_dir": "/tmp/llm-energy-gpu-locks"}
+    assert campaign.config["campaign"]["gpus"] == {
+        "devices": None,
+        "jobs": "parallel",
+        "wait_s": 600,
+        "lock_dir": "/tmp/llm-energy-gpu-locks",
+    }
     # data_parallel: 1 (the default) leaves the ids as they were before the key existed
-    assert list(campaign.experiments) == list(_campaign(data_parallel=1, tensor_parallel=1,
-                                                        data_parallel_timeout_s=5).experiments)
+    assert list(campaign.experiments) == list(
+        _campaign(data_parallel=1, tensor_parallel=1, data_parallel_timeout_s=5).experiments
+    )
     assert set(campaign.experiments).isdisjoint(_campaign(data_parallel=2).experiments)
 
 
@@ -122,10 +133,19 @@ def test_an_experiment_needing_more_gpus_than_the_box_is_refused(tmp_path: Path)
 
 
 def test_a_parallelism_the_backend_does_not_declare_is_refused_before_any_job() -> None:
-    with pytest.raises(ConfigError, match=r"backend_settings\.vllm\.extra_engine_args\.data_parallel_size.*does not "
-                                          r"support.*backends with data parallel: pytorch"):
-        load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-                       "backends": ["vllm"], "backend_settings": {"vllm": {"extra_engine_args": {"data_parallel_size": 2}}}})
+    with pytest.raises(
+        ConfigError,
+        match=r"backend_settings\.vllm\.extra_engine_args\.data_parallel_size.*does not "
+        r"support.*backends with data parallel: pytorch",
+    ):
+        load_campaign(
+            {
+                "models": {"m": {"source": "builtin"}},
+                "datasets": {"d": {"source": "bundled"}},
+                "backends": ["vllm"],
+                "backend_settings": {"vllm": {"extra_engine_args": {"data_parallel_size": 2}}},
+            }
+        )
     with pytest.raises(ConfigError, match=r"backend_settings\.pytorch\.data_parallel.*device_map"):
         backend_class("pytorch").check_settings({"data_parallel": 2, "device_map": "auto"})
 
@@ -197,16 +217,23 @@ def test_no_gpu_allocates_nothing(tmp_path: Path) -> None:
 
 
 def _window() -> dict:
-    return {"duration_s": 1.0, "flags": [],
-            "domains": {"gpu": {"available": True, "gross_j": 100.0, "net_j": 50.0, "method": "measured", "source": "nvml"},
-                        "cpu": {"available": True, "gross_j": 30.0, "net_j": 10.0, "method": "measured", "source": "rapl"},
-                        "dram": {"available": True, "gross_j": 5.0, "net_j": 1.0, "method": "measured", "source": "rapl"}}}
+    return {
+        "duration_s": 1.0,
+        "flags": [],
+        "domains": {
+            "gpu": {"available": True, "gross_j": 100.0, "net_j": 50.0, "method": "measured", "source": "nvml"},
+            "cpu": {"available": True, "gross_j": 30.0, "net_j": 10.0, "method": "measured", "source": "rapl"},
+            "dram": {"available": True, "gross_j": 5.0, "net_j": 1.0, "method": "measured", "source": "rapl"},
+        },
+    }
 
 
 def _hold_in_other_process(lock_dir: Path, uuid: str, seconds: float) -> subprocess.Popen:
-    code = ("import sys, time; from pathlib import Path; from llm_energy import gpu_allocation as g; "
-            f"lease = g.acquire([{uuid!r}], 1, Path({str(lock_dir)!r}), holder='other-experiment'); "
-            f"print('held', flush=True); time.sleep({seconds})")
+    code = (
+        "import sys, time; from pathlib import Path; from llm_energy import gpu_allocation as g; "
+        f"lease = g.acquire([{uuid!r}], 1, Path({str(lock_dir)!r}), holder='other-experiment'); "
+        f"print('held', flush=True); time.sleep({seconds})"
+    )
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
     assert process.stdout.readline().strip() == "held"
     return process
@@ -261,9 +288,16 @@ def test_topo_matrix_is_parsed() -> None:
 
 def test_topology_of_the_gpus_used(four_gpus) -> None:
     used = [four_gpus[0], four_gpus[2]]
-    record = topology.describe(used, {"mode": "parallel"}, [{"role": "harness", "pid": 1, "gpus": [UUIDS[0]]}],
-                               {UUIDS[0]: {1}, UUIDS[2]: set()}, run_command=lambda: (TOPO_4_GPUS, None))
-    assert record["interconnect"]["pairs"] == [{"gpus": [0, 2], "link": "NV18", "meaning": "NVLink (NV<n>: n bonded links)"}]
+    record = topology.describe(
+        used,
+        {"mode": "parallel"},
+        [{"role": "harness", "pid": 1, "gpus": [UUIDS[0]]}],
+        {UUIDS[0]: {1}, UUIDS[2]: set()},
+        run_command=lambda: (TOPO_4_GPUS, None),
+    )
+    assert record["interconnect"]["pairs"] == [
+        {"gpus": [0, 2], "link": "NV18", "meaning": "NVLink (NV<n>: n bonded links)"}
+    ]
     assert record["interconnect"]["numa_affinity"] == {"0": "0", "2": "1"}
     assert [g["uuid"] for g in record["gpus"]] == [UUIDS[0], UUIDS[2]] and record["mig_instances"] == []
     assert record["nvml_compute_processes"] == {UUIDS[0]: [1], UUIDS[2]: []}
@@ -289,16 +323,30 @@ def test_a_job_measures_its_own_gpus_per_gpu_and_summed(tmp_path: Path) -> None:
     never the 200 W of the neighbours."""
     from llm_energy.energy import EnergySession, EnergySettings
 
-    hardware.set_nvml_module(FakeNvml([FakeGpu(UUIDS[0], power_w=300.0), FakeGpu(UUIDS[1], power_w=200.0),
-                                       FakeGpu(UUIDS[2], power_w=50.0), FakeGpu(UUIDS[3], power_w=200.0)]))
+    hardware.set_nvml_module(
+        FakeNvml(
+            [
+                FakeGpu(UUIDS[0], power_w=300.0),
+                FakeGpu(UUIDS[1], power_w=200.0),
+                FakeGpu(UUIDS[2], power_w=50.0),
+                FakeGpu(UUIDS[3], power_w=200.0),
+            ]
+        )
+    )
     try:
         experiment = next(iter(_campaign(data_parallel=2).experiments.values()))
         with placement.placed(experiment, {"lock_dir": str(tmp_path / "locks"), "devices": [0, 2]}) as placed:
             assert os.environ["CUDA_VISIBLE_DEVICES"] == f"{UUIDS[0]},{UUIDS[2]}"
-            settings = EnergySettings.from_config({"rapl": False, "codecarbon": False, "align_counter_edges": True,
-                                                   "baseline": {"duration_s": 0}})
-            with EnergySession(settings, devices=hardware.visible_gpus(), powercap_root=tmp_path / "none",
-                               measure_counter_period=False, sampler="thread") as session:
+            settings = EnergySettings.from_config(
+                {"rapl": False, "codecarbon": False, "align_counter_edges": True, "baseline": {"duration_s": 0}}
+            )
+            with EnergySession(
+                settings,
+                devices=hardware.visible_gpus(),
+                powercap_root=tmp_path / "none",
+                measure_counter_period=False,
+                sampler="thread",
+            ) as session:
                 assert session.bind_to_process_gpus() == placed.visible
                 handle = session.open_window("inference")
                 time.sleep(0.5)
@@ -328,8 +376,13 @@ def test_a_cuda_context_before_an_engine_that_forbids_it_is_refused(monkeypatch)
     from llm_energy.errors import BackendError
     from llm_energy.measure import require_cuda_untouched
 
-    campaign = load_campaign({"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}},
-                              "backends": ["vllm", "pytorch"]})
+    campaign = load_campaign(
+        {
+            "models": {"m": {"source": "builtin"}},
+            "datasets": {"d": {"source": "bundled"}},
+            "backends": ["vllm", "pytorch"],
+        }
+    )
     vllm, pytorch = (next(e for e in campaign.experiments.values() if e.backend == b) for b in ("vllm", "pytorch"))
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(is_initialized=lambda: True)))
     with pytest.raises(BackendError, match="backend 'vllm' starts its engine in processes of its own"):

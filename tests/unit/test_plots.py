@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy import artifacts, plots
 from llm_energy.statistics import describe
 from llm_energy.summary import build_tables
@@ -25,30 +24,67 @@ def draw(name: str, summary: pd.DataFrame | Path, png: Path, svg: Path, runs_dir
     plots.plot(name, summary, png, svg, runs_dir=runs_dir)
 
 
-GPU_INFO = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "measured",
-            "cpu_unavailable_reason": "no RAPL", "dram_unavailable_reason": "no RAPL",
-            "node_energy_domains": "gpu", "node_energy_method": "measured"}
-CPU_INFO = {"gpu_unavailable_reason": "no NVIDIA GPU", "cpu_energy_source": "codecarbon_estimate",
-            "cpu_energy_method": "estimated", "dram_energy_source": "codecarbon_estimate",
-            "dram_energy_method": "estimated", "node_energy_domains": "none",
-            "node_energy_method": "none", "host_estimated_energy_domains": "cpu+dram",
-            "host_estimated_energy_method": "estimated (CodeCarbon model)"}
+GPU_INFO = {
+    "gpu_energy_source": "nvml_energy_counter",
+    "gpu_energy_method": "measured",
+    "cpu_unavailable_reason": "no RAPL",
+    "dram_unavailable_reason": "no RAPL",
+    "node_energy_domains": "gpu",
+    "node_energy_method": "measured",
+}
+CPU_INFO = {
+    "gpu_unavailable_reason": "no NVIDIA GPU",
+    "cpu_energy_source": "codecarbon_estimate",
+    "cpu_energy_method": "estimated",
+    "dram_energy_source": "codecarbon_estimate",
+    "dram_energy_method": "estimated",
+    "node_energy_domains": "none",
+    "node_energy_method": "none",
+    "host_estimated_energy_domains": "cpu+dram",
+    "host_estimated_energy_method": "estimated (CodeCarbon model)",
+}
 
 
-def _result(experiment_id: str, model: str, backend: str, batch_size: int, cycles: dict[str, list],
-            info: dict[str, str], status: str = "ok") -> dict[str, Any]:
+def _result(
+    experiment_id: str,
+    model: str,
+    backend: str,
+    batch_size: int,
+    cycles: dict[str, list],
+    info: dict[str, str],
+    status: str = "ok",
+) -> dict[str, Any]:
     return {
-        "experiment_id": experiment_id, "status": status,
-        "experiment": {"model": model, "backend": backend, "dataset": "builtin", "parameters": {
-            "batch_size": batch_size, "dtype": "bf16", "max_input_tokens": 128, "max_output_tokens": 64,
-            "decoding_mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-            "output_length": "fixed", "batching": "fixed", "token_budget": None}},
+        "experiment_id": experiment_id,
+        "status": status,
+        "experiment": {
+            "model": model,
+            "backend": backend,
+            "dataset": "builtin",
+            "parameters": {
+                "batch_size": batch_size,
+                "dtype": "bf16",
+                "max_input_tokens": 128,
+                "max_output_tokens": 64,
+                "decoding_mode": "greedy",
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "output_length": "fixed",
+                "batching": "fixed",
+                "token_budget": None,
+            },
+        },
         "gpu_name": "NVIDIA H100 80GB HBM3" if "gpu_energy_j" in cycles else None,
-        "gpu_count": 1, "cycles_ok": 0 if status == "failed" else 3, "cycles_ok_list": [],
+        "gpu_count": 1,
+        "cycles_ok": 0 if status == "failed" else 3,
+        "cycles_ok_list": [],
         "cycles_failed": [{"cycle": 1, "error": "OOM"}] if status == "failed" else [],
-        "cycles_invalid": [], "flags": {},
+        "cycles_invalid": [],
+        "flags": {},
         "metrics": {} if status == "failed" else {k: describe(v) for k, v in cycles.items()},
-        "metrics_info": info, "flops": None,
+        "metrics_info": info,
+        "flops": None,
     }
 
 
@@ -56,16 +92,16 @@ def gpu_cycles(batch_size: int, scale: float = 1.0) -> dict[str, list]:
     """Plausible H100 numbers: J/token falls and tokens/s rises with the batch size."""
     rng = np.random.default_rng(batch_size)
     jitter = lambda: list(1 + 0.03 * rng.standard_normal(3))  # noqa: E731
-    tokens_per_s = 80.0 * batch_size ** 0.85 / scale
-    j_per_token = 1.7 * scale * batch_size ** -0.75
+    tokens_per_s = 80.0 * batch_size**0.85 / scale
+    j_per_token = 1.7 * scale * batch_size**-0.75
     return {
         "gpu_energy_j": [j_per_token * 512 * f for f in jitter()],
         "gpu_energy_per_output_token_j": [j_per_token * f for f in jitter()],
         "cpu_energy_per_output_token_j": [None] * 3,
         "dram_energy_per_output_token_j": [None] * 3,
         "output_tokens_per_s": [tokens_per_s * f for f in jitter()],
-        "ttft_p50_s": [0.01 * batch_size ** 0.5 * f for f in jitter()],
-        "ttft_p90_s": [0.015 * batch_size ** 0.5 * f for f in jitter()],
+        "ttft_p50_s": [0.01 * batch_size**0.5 * f for f in jitter()],
+        "ttft_p90_s": [0.015 * batch_size**0.5 * f for f in jitter()],
         "e2e_p50_s": [0.8 * f for f in jitter()],
         "e2e_p90_s": [1.1 * f for f in jitter()],
     }
@@ -79,8 +115,7 @@ def cpu_cycles(batch_size: int) -> dict[str, list]:
         "node_energy_per_output_token_j": [None] * 3,
         "cpu_estimated_energy_per_output_token_j": [0.4 / batch_size, 0.41 / batch_size, 0.39 / batch_size],
         "dram_estimated_energy_per_output_token_j": [0.2 / batch_size] * 3,
-        "host_estimated_energy_per_output_token_j": [0.6 / batch_size, 0.62 / batch_size,
-                                                     0.59 / batch_size],
+        "host_estimated_energy_per_output_token_j": [0.6 / batch_size, 0.62 / batch_size, 0.59 / batch_size],
         "output_tokens_per_s": [50.0 * batch_size] * 3,
         "e2e_p50_s": [2.0, 2.1, 2.05],
     }
@@ -151,9 +186,9 @@ def test_empty_and_all_failed_summaries(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", PLOTS)
 def test_cpu_only_campaign_with_missing_metrics(tmp_path: Path, name: str) -> None:
     """No measured energy, no TTFT, estimated CPU/DRAM: estimated host boundary, labelled so."""
-    summary = summary_of(tmp_path, [
-        _result(f"tiny.pytorch.bs{bs}", "tiny", "pytorch", bs, cpu_cycles(bs), CPU_INFO) for bs in (1, 2, 4)
-    ])
+    summary = summary_of(
+        tmp_path, [_result(f"tiny.pytorch.bs{bs}", "tiny", "pytorch", bs, cpu_cycles(bs), CPU_INFO) for bs in (1, 2, 4)]
+    )
     png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
     draw(name, summary, png, svg)
     text = assert_figure_files(png, svg)

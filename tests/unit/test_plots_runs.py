@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy import artifacts, plots, synthetic
 from llm_energy.plots import breakdown, data, latency, runs, timeline
 from llm_energy.summary import TablePaths, build_tables, write_tables
@@ -61,16 +60,28 @@ def test_pareto_front_is_drawn_per_panel(summary: pd.DataFrame) -> None:
     lay = data.layout(summary)
     for ax in figure.axes:
         rows = summary.loc[lay.facets == ax.get_title()]
-        front = data.pareto_front(data.column(rows, "output_tokens_per_s").to_numpy(),
-                                  data.column(rows, "gpu_energy_per_output_token_j").to_numpy())
+        front = data.pareto_front(
+            data.column(rows, "output_tokens_per_s").to_numpy(),
+            data.column(rows, "gpu_energy_per_output_token_j").to_numpy(),
+        )
         dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
         assert len(dashed) == 1 and len(dashed[0].get_xdata()) == len(front)
 
 
 def test_phase_energies_split_the_window_above_idle_by_the_prefill_share() -> None:
-    row = pd.DataFrame([{"setup_model_load_gpu_energy_j": 10.0, "setup_compile_gpu_energy_j": 5.0,
-                         "setup_warmup_gpu_energy_j": 3.0, "gpu_energy_j": 100.0, "gpu_net_energy_j": 60.0,
-                         "prefill_gpu_energy_j": 20.0, "decode_gpu_energy_j": 80.0}])
+    row = pd.DataFrame(
+        [
+            {
+                "setup_model_load_gpu_energy_j": 10.0,
+                "setup_compile_gpu_energy_j": 5.0,
+                "setup_warmup_gpu_energy_j": 3.0,
+                "gpu_energy_j": 100.0,
+                "gpu_net_energy_j": 60.0,
+                "prefill_gpu_energy_j": 20.0,
+                "decode_gpu_energy_j": 80.0,
+            }
+        ]
+    )
     parts = breakdown.phase_energies(row, "gpu")
     assert parts["baseline"] == pytest.approx(40.0)  # gross - net: active-idle power x window
     assert parts["prefill"] == pytest.approx(12.0) and parts["decode"] == pytest.approx(48.0)
@@ -82,10 +93,26 @@ def test_phase_energies_split_the_window_above_idle_by_the_prefill_share() -> No
 
 
 def test_time_parts_put_the_unaccounted_rest_into_gaps() -> None:
-    rows = pd.DataFrame([{"job_wall_s": 100.0, "job_windows_s": 40.0, "job_model_load_s": 20.0,
-                          "job_compile_s": 10.0, "job_warmup_s": 15.0, "job_baseline_s": 5.0},
-                         {"job_wall_s": 50.0, "job_windows_s": 30.0, "job_model_load_s": 10.0,
-                          "job_compile_s": np.nan, "job_warmup_s": 5.0, "job_baseline_s": 2.0}])
+    rows = pd.DataFrame(
+        [
+            {
+                "job_wall_s": 100.0,
+                "job_windows_s": 40.0,
+                "job_model_load_s": 20.0,
+                "job_compile_s": 10.0,
+                "job_warmup_s": 15.0,
+                "job_baseline_s": 5.0,
+            },
+            {
+                "job_wall_s": 50.0,
+                "job_windows_s": 30.0,
+                "job_model_load_s": 10.0,
+                "job_compile_s": np.nan,
+                "job_warmup_s": 5.0,
+                "job_baseline_s": 2.0,
+            },
+        ]
+    )
     parts = breakdown.time_parts(rows)
     assert parts["windows"] == 70.0 and parts["compile"] == 10.0
     assert parts["gaps"] == pytest.approx(150.0 - (70 + 30 + 10 + 20 + 7))
@@ -93,11 +120,25 @@ def test_time_parts_put_the_unaccounted_rest_into_gaps() -> None:
 
 def test_many_experiments_become_one_bar_per_facet_and_series() -> None:
     summary = data.load(build_tables([]))
-    few = pd.DataFrame({"experiment_id": [f"e{i}" for i in range(3)], "model": "m", "backend": ["a", "b", "a"],
-                        "dataset": "d", "batch_size": [1, 2, 4]})
+    few = pd.DataFrame(
+        {
+            "experiment_id": [f"e{i}" for i in range(3)],
+            "model": "m",
+            "backend": ["a", "b", "a"],
+            "dataset": "d",
+            "batch_size": [1, 2, 4],
+        }
+    )
     assert len(breakdown.bar_groups(few).labels) == 3 and breakdown.bar_groups(few).per_experiment
-    many = pd.DataFrame({"experiment_id": [f"e{i}" for i in range(90)], "model": ["m1", "m2", "m3"] * 30,
-                         "backend": ["a", "b"] * 45, "dataset": "d", "batch_size": range(90)})
+    many = pd.DataFrame(
+        {
+            "experiment_id": [f"e{i}" for i in range(90)],
+            "model": ["m1", "m2", "m3"] * 30,
+            "backend": ["a", "b"] * 45,
+            "dataset": "d",
+            "batch_size": range(90),
+        }
+    )
     bars = breakdown.bar_groups(many)
     assert not bars.per_experiment and len(bars.labels) == 6 and sum(len(r) for r in bars.rows) == 90
     assert summary.empty
@@ -145,7 +186,10 @@ def test_run_spans_cover_setup_baseline_windows_with_their_counter_energy(tree: 
     window = run.result["window"]
     inference = spans[kinds.index("inference")]
     assert (inference.start_s, inference.end_s, inference.gpu_j) == (
-        window["start_s"], window["end_s"], window["domains"]["gpu"]["gross_j"])
+        window["start_s"],
+        window["end_s"],
+        window["domains"]["gpu"]["gross_j"],
+    )
     baseline = spans[kinds.index("baseline")]
     assert baseline.gpu_j == pytest.approx(125.0 * 3.0)  # idle power x its duration
     # an older run: no prefill-window timestamps, the baseline only as unix end time -> said, or derived
@@ -166,24 +210,37 @@ def test_prefill_spans_are_merged_where_requests_overlap() -> None:
     assert timeline.prefill_spans(requests) == [(1.0, 1.0), (3.0, pytest.approx(0.2))]
 
 
-def test_one_timeline_per_experiment_and_reused_baselines_are_named_not_drawn(tree: Path, tmp_path: Path,
-                                                                               summary: pd.DataFrame) -> None:
+def test_one_timeline_per_experiment_and_reused_baselines_are_named_not_drawn(
+    tree: Path, tmp_path: Path, summary: pd.DataFrame
+) -> None:
     out = tmp_path / "timelines"
     skipped = plots.plot_run_timelines(tree / "summary.parquet", tree / "runs", out, workers=2)
     assert skipped == []
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(summary["experiment_id"])
     assert len(list(out.glob("*.svg"))) == len(summary)
     text = next(out.glob("*.svg")).read_text()
-    for label in ("model load", "compile", "warm-up", "idle baseline", "measured window", "prefill-only window",
-                  "prefill spans (requests)", "GPU power (W)", "SM clock (MHz)", "Temperature"):
+    for label in (
+        "model load",
+        "compile",
+        "warm-up",
+        "idle baseline",
+        "measured window",
+        "prefill-only window",
+        "prefill spans (requests)",
+        "GPU power (W)",
+        "SM clock (MHz)",
+        "Temperature",
+    ):
         assert label in text, label
     # a static baseline measured long before this job is listed under the plot, not drawn
     eid = sorted(summary["experiment_id"])[0]
     run, _ = runs.first_cycle(tree / "runs", eid)
     result = json.loads(json.dumps(run.result))
     result["setup"]["baseline"]["static_idle"] = {
-        "measured_unix_s": result["window"]["start_unix_s"] - 5000.0, "duration_s": 10.0,
-        "domains": {"gpu": {"power_w": 72.0, "method": "measured"}}}
+        "measured_unix_s": result["window"]["start_unix_s"] - 5000.0,
+        "duration_s": 10.0,
+        "domains": {"gpu": {"power_w": 72.0, "method": "measured"}},
+    }
     figure = timeline.draw_run_timeline(runs.CycleRun(1, result, run.timeline, run.requests), "t", "gpu", "")
     notes = " ".join(t.get_text() for t in figure.texts)
     assert "measured outside this job's timeline (reused), 720 J in 10.0 s" in notes
@@ -193,8 +250,13 @@ def test_one_timeline_per_experiment_and_reused_baselines_are_named_not_drawn(tr
 
 def test_archive_without_runs_gets_figures_that_say_so(tmp_path: Path, tree: Path) -> None:
     for name in ("latency", "timeline_overview"):
-        plots.plot(name, tree / "summary.parquet", tmp_path / f"{name}.png", tmp_path / f"{name}.svg",
-                   runs_dir=tmp_path / "absent")
+        plots.plot(
+            name,
+            tree / "summary.parquet",
+            tmp_path / f"{name}.png",
+            tmp_path / f"{name}.svg",
+            runs_dir=tmp_path / "absent",
+        )
         text = (tmp_path / f"{name}.svg").read_text()
         assert "not archived" in text, name
     out = tmp_path / "timelines"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
 from llm_energy import plots
 from llm_energy.plots import serving
 
@@ -14,17 +13,36 @@ def summary(rates=(2.0, 6.0), backends=("openai_server", "vllm")) -> pd.DataFram
     rows = []
     for backend in backends:
         for rate in rates:
-            rows.append({
-                "experiment_id": f"m.{backend}.d.rate{rate:g}.0000000{len(rows)}", "model": "m", "dataset": "d",
-                "backend": backend, "backend_variant": None, "engine_path": "default", "status": "ok",
-                "batch_size": 4, "dtype": "float32", "flags": "", "gpu_name": "NVIDIA H200", "gpu_count": 1,
-                "request_rate_per_s": rate, "max_concurrency": None,
-                "ttft_p50_s": 0.02 * rate, "ttft_p90_s": 0.04 * rate, "tpot_p50_s": 0.005, "tpot_p90_s": 0.007,
-                "request_throughput_per_s": 0.9 * rate, "goodput_requests_per_s": 0.7 * rate,
-                "steady_state_gpu_energy_per_output_token_j": 1.0 / rate,
-                "gpu_energy_per_output_token_j": 1.2 / rate, "gpu_energy_method": "measured",
-                "gpu_energy_source": "nvml_energy_counter", "slo_ttft_s": "0.5", "slo_tpot_s": "0.1",
-            })
+            rows.append(
+                {
+                    "experiment_id": f"m.{backend}.d.rate{rate:g}.0000000{len(rows)}",
+                    "model": "m",
+                    "dataset": "d",
+                    "backend": backend,
+                    "backend_variant": None,
+                    "engine_path": "default",
+                    "status": "ok",
+                    "batch_size": 4,
+                    "dtype": "float32",
+                    "flags": "",
+                    "gpu_name": "NVIDIA H200",
+                    "gpu_count": 1,
+                    "request_rate_per_s": rate,
+                    "max_concurrency": None,
+                    "ttft_p50_s": 0.02 * rate,
+                    "ttft_p90_s": 0.04 * rate,
+                    "tpot_p50_s": 0.005,
+                    "tpot_p90_s": 0.007,
+                    "request_throughput_per_s": 0.9 * rate,
+                    "goodput_requests_per_s": 0.7 * rate,
+                    "steady_state_gpu_energy_per_output_token_j": 1.0 / rate,
+                    "gpu_energy_per_output_token_j": 1.2 / rate,
+                    "gpu_energy_method": "measured",
+                    "gpu_energy_source": "nvml_energy_counter",
+                    "slo_ttft_s": "0.5",
+                    "slo_tpot_s": "0.1",
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -7,9 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
-
 import llm_energy
+import pytest
 from llm_energy import provenance
 from llm_energy.artifacts import read_json_artifact, write_json_artifact
 
@@ -42,7 +41,7 @@ def test_collect_has_every_key() -> None:
     assert isinstance(result["gpus"], list)
     created = dt.datetime.fromisoformat(result["created_utc"])
     assert created.utcoffset() == dt.timedelta(0)
-    assert abs((dt.datetime.now(dt.timezone.utc) - created).total_seconds()) < 60
+    assert abs((dt.datetime.now(dt.UTC) - created).total_seconds()) < 60
 
 
 def test_defaults_and_extra() -> None:
@@ -104,14 +103,39 @@ def test_provenance_goes_into_an_artifact(tmp_path: Path) -> None:
     result = provenance.collect(experiment="e", config_sha256="a" * 64, inputs=[__file__])
     path = tmp_path / "run.json"
     data = {
-        "experiment_id": "e", "cycle": 1, "status": "failed", "error": "boom",
-        "experiment": {"model": "m", "backend": "pytorch", "dataset": "d",
-                       "parameters": {k: None for k in ("batch_size", "dtype", "max_input_tokens",
-                                                        "max_output_tokens", "decoding_mode", "temperature",
-                                                        "top_p", "top_k", "output_length", "batching",
-                                                        "token_budget")}},
-        "load": None, "setup": {"duration_s": 0.0, "windows": []}, "window": None, "tokens": None,
-        "metrics": {}, "metrics_info": {}, "phases": None, "energy_sources": {},
+        "experiment_id": "e",
+        "cycle": 1,
+        "status": "failed",
+        "error": "boom",
+        "experiment": {
+            "model": "m",
+            "backend": "pytorch",
+            "dataset": "d",
+            "parameters": {
+                k: None
+                for k in (
+                    "batch_size",
+                    "dtype",
+                    "max_input_tokens",
+                    "max_output_tokens",
+                    "decoding_mode",
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "output_length",
+                    "batching",
+                    "token_budget",
+                )
+            },
+        },
+        "load": None,
+        "setup": {"duration_s": 0.0, "windows": []},
+        "window": None,
+        "tokens": None,
+        "metrics": {},
+        "metrics_info": {},
+        "phases": None,
+        "energy_sources": {},
         "validity": {"flags": ["failed"], "valid": False},
     }
     write_json_artifact(path, "run_result", data, result)

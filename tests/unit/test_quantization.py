@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from llm_energy import models
 from llm_energy.backends import quantization, require_installed
 from llm_energy.backends.base import DecodingSettings
@@ -23,8 +22,9 @@ def _load(tiny_llama, method: str) -> tuple[PytorchBackend, dict]:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
-@pytest.mark.parametrize("method, weight_type", [("torchao_int8_weight_only", "Int8Tensor"),
-                                                  ("bnb_8bit", "Int8Params")])
+@pytest.mark.parametrize(
+    "method, weight_type", [("torchao_int8_weight_only", "Int8Tensor"), ("bnb_8bit", "Int8Params")]
+)
 def test_quantized_generate_on_cpu_stores_int8_weights(tiny_llama, method, weight_type):
     if importlib.util.find_spec(quantization.METHODS[method].package) is None:
         pytest.skip(f"{quantization.METHODS[method].package} not installed")
@@ -50,8 +50,9 @@ def test_quantized_generate_on_cpu_stores_int8_weights(tiny_llama, method, weigh
 
 def test_prejob_check_names_the_key_and_what_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError) as error:
         require_installed(["pytorch"], {"pytorch": {"quantization": "torchao_int8_weight_only", "device": "cpu"}})
     assert error.value.key == "backend_settings.pytorch.quantization"
@@ -70,8 +71,12 @@ def _campaign_settings(pytorch_settings: dict) -> dict:
     """backend_settings as common.smk passes them: validated, variants as written."""
     from llm_energy.config import load_campaign
 
-    raw = {"models": {"m": {"source": "builtin"}}, "datasets": {"d": {"source": "bundled"}}, "backends": ["pytorch"],
-           "backend_settings": {"pytorch": pytorch_settings}}
+    raw = {
+        "models": {"m": {"source": "builtin"}},
+        "datasets": {"d": {"source": "bundled"}},
+        "backends": ["pytorch"],
+        "backend_settings": {"pytorch": pytorch_settings},
+    }
     return load_campaign(raw).config["backend_settings"]
 
 
@@ -85,8 +90,9 @@ def test_prejob_check_refuses_a_variant_that_cannot_run_here_naming_its_key():
 
 def test_prejob_check_names_the_shared_key_when_a_variant_inherits_the_method():
     # The variant changes only the device; the method that cannot run on CPU is the shared one.
-    settings = _campaign_settings({"quantization": "torchao_int4_weight_only",
-                                   "variants": {"on_cpu": {"device": "cpu"}}})
+    settings = _campaign_settings(
+        {"quantization": "torchao_int4_weight_only", "variants": {"on_cpu": {"device": "cpu"}}}
+    )
     with pytest.raises(ConfigError) as error:
         require_installed(["pytorch"], settings)
     assert error.value.key == quantization.SETTING_KEY and "variant 'on_cpu'" in str(error.value)
@@ -95,11 +101,18 @@ def test_prejob_check_names_the_shared_key_when_a_variant_inherits_the_method():
 def test_prejob_check_passes_variants_that_run_here(monkeypatch):
     checked = []
     real = quantization.unsupported_reason
-    monkeypatch.setattr(quantization, "unsupported_reason",
-                        lambda method, device=None: checked.append((method, device)) or real(method, device))
-    runnable = [m for m, spec in quantization.METHODS.items()
-                if spec.runs_on_cpu and importlib.util.find_spec(spec.package) is not None]
-    settings = _campaign_settings({"device": "cpu",
-                                   "variants": {"none": {}, **{m: {"quantization": m} for m in runnable}}})
+    monkeypatch.setattr(
+        quantization,
+        "unsupported_reason",
+        lambda method, device=None: checked.append((method, device)) or real(method, device),
+    )
+    runnable = [
+        m
+        for m, spec in quantization.METHODS.items()
+        if spec.runs_on_cpu and importlib.util.find_spec(spec.package) is not None
+    ]
+    settings = _campaign_settings(
+        {"device": "cpu", "variants": {"none": {}, **{m: {"quantization": m} for m in runnable}}}
+    )
     require_installed(["pytorch"], settings)
     assert checked == [("none", "cpu"), *((m, "cpu") for m in runnable)]  # every variant was checked

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from llm_energy import provenance, report, synthetic
 from llm_energy.energy.validity import FLAG_DESCRIPTIONS
 from llm_energy.summary import build_tables
@@ -49,16 +48,30 @@ def tables_of(page: str) -> dict[str, list[list[str]]]:
     return parser.tables
 
 
-@pytest.mark.parametrize("column, unit", [
-    ("gpu_energy_per_output_token_j", "J/output token"),
-    ("gpu_energy_per_output_token_j_ci95_low", "J/output token"),
-    ("gpu_energy_j", "J"), ("setup_model_load_gpu_energy_j", "J"), ("gpu_mean_power_w", "W"),
-    ("ttft_p50_s", "s"), ("job_wall_s", "s"), ("output_tokens_per_s", "tokens/s"),
-    ("gpu_output_tokens_per_j", "output tokens/J"), ("achieved_flops_per_s", "FLOP/s"),
-    ("gpu_flops_per_j", "FLOP/J"), ("memory_peak_allocated_bytes", "bytes"), ("ttft_n", "count"),
-    ("mfu", "ratio (0-1)"), ("output_tokens_per_s_cv", "ratio (std/mean)"), ("emissions_kg_co2eq", "kg CO2eq"),
-    ("gpu_prefill_energy_per_input_token_j", "J/input token"), ("batch_size", "requests"), ("model", "-"),
-])
+@pytest.mark.parametrize(
+    "column, unit",
+    [
+        ("gpu_energy_per_output_token_j", "J/output token"),
+        ("gpu_energy_per_output_token_j_ci95_low", "J/output token"),
+        ("gpu_energy_j", "J"),
+        ("setup_model_load_gpu_energy_j", "J"),
+        ("gpu_mean_power_w", "W"),
+        ("ttft_p50_s", "s"),
+        ("job_wall_s", "s"),
+        ("output_tokens_per_s", "tokens/s"),
+        ("gpu_output_tokens_per_j", "output tokens/J"),
+        ("achieved_flops_per_s", "FLOP/s"),
+        ("gpu_flops_per_j", "FLOP/J"),
+        ("memory_peak_allocated_bytes", "bytes"),
+        ("ttft_n", "count"),
+        ("mfu", "ratio (0-1)"),
+        ("output_tokens_per_s_cv", "ratio (std/mean)"),
+        ("emissions_kg_co2eq", "kg CO2eq"),
+        ("gpu_prefill_energy_per_input_token_j", "J/input token"),
+        ("batch_size", "requests"),
+        ("model", "-"),
+    ],
+)
 def test_units_come_from_the_column_names(column: str, unit: str) -> None:
     assert report.unit_of(column) == unit
 

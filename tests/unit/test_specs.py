@@ -5,14 +5,13 @@ a property. Defaults live in the schema only."""
 import dataclasses
 import typing
 
-import pytest
-
 # The modules that define specs; importing them registers their specs in SPEC_NODES.
 import llm_energy.backends.pytorch  # noqa: F401
-import llm_energy.config  # noqa: F401
 import llm_energy.backends.vllm  # noqa: F401
+import llm_energy.config  # noqa: F401
 import llm_energy.energy  # noqa: F401
 import llm_energy.placement  # noqa: F401
+import pytest
 from llm_energy.config_schema import config_schema, schema_node
 from llm_energy.errors import ConfigError
 from llm_energy.specs import SPEC_NODES, schema_spec, section_spec
@@ -49,7 +48,8 @@ def test_defaults_live_in_the_schema_only(spec):
     pointer, _ = SPEC_NODES[spec]
     for field in dataclasses.fields(spec):
         assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, (
-            f"{spec.__name__}.{field.name} has a default of its own; put it in the schema at {pointer}")
+            f"{spec.__name__}.{field.name} has a default of its own; put it in the schema at {pointer}"
+        )
     built = section_spec(spec, {})
     hints = typing.get_type_hints(spec)
     for name, node in schema_node(pointer)["properties"].items():

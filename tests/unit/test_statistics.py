@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from llm_energy.statistics import DESCRIBE_KEYS, describe
+from scipy import stats
 
 
 def test_describe_matches_scipy_t_interval() -> None:
@@ -50,8 +49,15 @@ def test_missing_values_are_dropped_and_counted() -> None:
 def test_single_value_has_no_spread() -> None:
     result = describe([4.5])
     assert result == {
-        "n": 1, "n_missing": 0, "mean": 4.5, "std": None, "ci95_low": None, "ci95_high": None,
-        "cv": None, "min": 4.5, "max": 4.5,
+        "n": 1,
+        "n_missing": 0,
+        "mean": 4.5,
+        "std": None,
+        "ci95_low": None,
+        "ci95_high": None,
+        "cv": None,
+        "min": 4.5,
+        "max": 4.5,
     }
 
 

@@ -9,12 +9,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
 from llm_energy import artifacts
 from llm_energy.errors import ArtifactError
 from llm_energy.statistics import describe
-from llm_energy.summary import (ALWAYS_COLUMNS, HEADLINE_LATENCY, HEADLINE_METRICS, METRICS_COLUMNS, TablePaths,
-                                build_tables, read_summary, read_tables, write_tables)
+from llm_energy.summary import (
+    ALWAYS_COLUMNS,
+    HEADLINE_LATENCY,
+    HEADLINE_METRICS,
+    METRICS_COLUMNS,
+    TablePaths,
+    build_tables,
+    read_summary,
+    read_tables,
+    write_tables,
+)
 from llm_energy.units import unit_of
 
 
@@ -33,19 +41,44 @@ def experiment_result_data(
     """experiment_result `data` as llm_energy.aggregate writes it."""
     ok = [] if status == "failed" else [1, 2, 3][: max(len(v) for v in cycle_metrics.values())]
     return {
-        "experiment_id": experiment_id, "status": status,
-        "experiment": {"model": model, "backend": "pytorch", "dataset": "builtin", "parameters": {
-            "batch_size": batch_size, "dtype": "bf16", "max_input_tokens": 128, "max_output_tokens": 64,
-            "decoding_mode": "greedy", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-            "output_length": "fixed", "batching": "token_budget" if token_budget else "fixed",
-            "token_budget": token_budget}},
-        "gpu_name": gpu_name, "gpu_count": 1 if gpu_name else 0,
-        "cycles_ok": len(ok), "cycles_ok_list": ok,
-        "cycles_failed": failures or [], "cycles_invalid": [],
+        "experiment_id": experiment_id,
+        "status": status,
+        "experiment": {
+            "model": model,
+            "backend": "pytorch",
+            "dataset": "builtin",
+            "parameters": {
+                "batch_size": batch_size,
+                "dtype": "bf16",
+                "max_input_tokens": 128,
+                "max_output_tokens": 64,
+                "decoding_mode": "greedy",
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "output_length": "fixed",
+                "batching": "token_budget" if token_budget else "fixed",
+                "token_budget": token_budget,
+            },
+        },
+        "gpu_name": gpu_name,
+        "gpu_count": 1 if gpu_name else 0,
+        "cycles_ok": len(ok),
+        "cycles_ok_list": ok,
+        "cycles_failed": failures or [],
+        "cycles_invalid": [],
         "metrics": {} if status == "failed" else {k: describe(v) for k, v in cycle_metrics.items()},
-        "metrics_info": info or {}, "flags": flags or {},
-        "flops": {"method": "analytic", "confidence": "high", "total_flops": 1e12, "decode_bytes_min": None,
-                  "cycles": [{"cycle": 1, "window_flops": 1e12, "decode_bytes_min": 0.0, "requests": 8, "confidence": "high"}]},
+        "metrics_info": info or {},
+        "flags": flags or {},
+        "flops": {
+            "method": "analytic",
+            "confidence": "high",
+            "total_flops": 1e12,
+            "decode_bytes_min": None,
+            "cycles": [
+                {"cycle": 1, "window_flops": 1e12, "decode_bytes_min": 0.0, "requests": 8, "confidence": "high"}
+            ],
+        },
     }
 
 
@@ -59,21 +92,46 @@ def write_experiment(directory: Path, data: dict[str, Any]) -> Path:
 def experiment_paths(tmp_path: Path) -> list[Path]:
     info = {"gpu_energy_source": "nvml_energy_counter", "gpu_energy_method": "measured"}
     return [
-        write_experiment(tmp_path, experiment_result_data(
-            "b.bs8", "model-b", 8, {"gpu_energy_per_output_token_j": [0.11, 0.12, 0.13],
-                                     "output_tokens_per_s": [900.0, 910.0, 920.0]}, info,
-            flags={"short_window": 1, "clock_throttled": 2})),
-        write_experiment(tmp_path, experiment_result_data(
-            "a.bs16", "model-a", 16, {"gpu_energy_per_output_token_j": [0.05, 0.06, 0.055],
-                                       "output_tokens_per_s": [2000.0, 2100.0, 2050.0]},
-            {**info, "latency_source": "host_clock"}, token_budget=4096)),
-        write_experiment(tmp_path, experiment_result_data(
-            "a.bs1", "model-a", 1, {"gpu_energy_per_output_token_j": [0.9],
-                                     "ttft_p50_s": [0.02]}, info)),
-        write_experiment(tmp_path, experiment_result_data(
-            "a.bs64", "model-a", 64, {"x": [None]}, status="failed",
-            failures=[{"cycle": 1, "error": "CUDA out of memory"}, {"cycle": 2, "error": "CUDA out of memory"}],
-            flags={"failed": 2})),
+        write_experiment(
+            tmp_path,
+            experiment_result_data(
+                "b.bs8",
+                "model-b",
+                8,
+                {"gpu_energy_per_output_token_j": [0.11, 0.12, 0.13], "output_tokens_per_s": [900.0, 910.0, 920.0]},
+                info,
+                flags={"short_window": 1, "clock_throttled": 2},
+            ),
+        ),
+        write_experiment(
+            tmp_path,
+            experiment_result_data(
+                "a.bs16",
+                "model-a",
+                16,
+                {"gpu_energy_per_output_token_j": [0.05, 0.06, 0.055], "output_tokens_per_s": [2000.0, 2100.0, 2050.0]},
+                {**info, "latency_source": "host_clock"},
+                token_budget=4096,
+            ),
+        ),
+        write_experiment(
+            tmp_path,
+            experiment_result_data(
+                "a.bs1", "model-a", 1, {"gpu_energy_per_output_token_j": [0.9], "ttft_p50_s": [0.02]}, info
+            ),
+        ),
+        write_experiment(
+            tmp_path,
+            experiment_result_data(
+                "a.bs64",
+                "model-a",
+                64,
+                {"x": [None]},
+                status="failed",
+                failures=[{"cycle": 1, "error": "CUDA out of memory"}, {"cycle": 2, "error": "CUDA out of memory"}],
+                flags={"failed": 2},
+            ),
+        ),
     ]
 
 
@@ -114,8 +172,11 @@ def test_summary_columns_order_and_types(experiment_paths: list[Path]) -> None:
 
 def test_summary_is_narrow_units_in_the_names_and_no_constant_settings(experiment_paths: list[Path]) -> None:
     frame = build_tables(experiment_paths).summary
-    metric_columns = [*HEADLINE_METRICS, *(m + s for m in HEADLINE_METRICS for s in ("_ci95_low", "_ci95_high")),
-                      *HEADLINE_LATENCY]
+    metric_columns = [
+        *HEADLINE_METRICS,
+        *(m + s for m in HEADLINE_METRICS for s in ("_ci95_low", "_ci95_high")),
+        *HEADLINE_LATENCY,
+    ]
     assert set(metric_columns) <= set(frame.columns)
     assert 25 <= len(HEADLINE_METRICS) + len(HEADLINE_LATENCY) <= 40 and len(frame.columns) < 150
     assert all(unit_of(c) != "-" for c in metric_columns), [c for c in metric_columns if unit_of(c) == "-"]
@@ -124,8 +185,18 @@ def test_summary_is_narrow_units_in_the_names_and_no_constant_settings(experimen
     assert "x" not in frame.columns
     # settings shared by every experiment are left out (each experiment JSON has them), and so is a
     # backend_variant column when no backend has variants
-    for constant in ("max_input_tokens", "max_output_tokens", "temperature", "top_p", "top_k", "decoding_mode",
-                     "output_length", "total_flops", "backend_variant", "request_rate_per_s"):
+    for constant in (
+        "max_input_tokens",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "decoding_mode",
+        "output_length",
+        "total_flops",
+        "backend_variant",
+        "request_rate_per_s",
+    ):
         assert constant not in frame.columns, constant
 
 
@@ -133,10 +204,16 @@ def test_metrics_table_one_row_per_experiment_and_metric(experiment_paths: list[
     table = build_tables(experiment_paths).metrics
     assert list(table.columns) == list(METRICS_COLUMNS)  # no settings repeated on every row
     assert not table.duplicated(["experiment_id", "metric"]).any()
-    assert sorted(zip(table["experiment_id"], table["metric"])) == sorted([
-        ("a.bs1", "gpu_energy_per_output_token_j"), ("a.bs1", "ttft_p50_s"),
-        ("a.bs16", "gpu_energy_per_output_token_j"), ("a.bs16", "output_tokens_per_s"),
-        ("b.bs8", "gpu_energy_per_output_token_j"), ("b.bs8", "output_tokens_per_s")])
+    assert sorted(zip(table["experiment_id"], table["metric"])) == sorted(
+        [
+            ("a.bs1", "gpu_energy_per_output_token_j"),
+            ("a.bs1", "ttft_p50_s"),
+            ("a.bs16", "gpu_energy_per_output_token_j"),
+            ("a.bs16", "output_tokens_per_s"),
+            ("b.bs8", "gpu_energy_per_output_token_j"),
+            ("b.bs8", "output_tokens_per_s"),
+        ]
+    )
     assert table["experiment_id"].tolist()[:2] == ["a.bs1", "a.bs1"]  # in the summary's order
     row = table.set_index(["experiment_id", "metric"]).loc[("a.bs16", "gpu_energy_per_output_token_j")]
     stats = describe([0.05, 0.06, 0.055])
@@ -152,8 +229,10 @@ def test_csv_equals_parquet(tmp_path: Path, experiment_paths: list[Path]) -> Non
     paths = TablePaths.in_dir(tmp_path)
     write_tables(tables, paths, {"experiment": None, "inputs": {}})
     back = read_tables(paths.summary_parquet)
-    for frame, from_parquet, csv_path, schema in ((tables.summary, back.summary, paths.summary_csv, "summary_table"),
-                                                  (tables.metrics, back.metrics, paths.metrics_csv, "metrics_table")):
+    for frame, from_parquet, csv_path, schema in (
+        (tables.summary, back.summary, paths.summary_csv, "summary_table"),
+        (tables.metrics, back.metrics, paths.metrics_csv, "metrics_table"),
+    ):
         _, meta = artifacts.read_table_artifact(csv_path.with_suffix(".parquet"), schema)
         assert meta["schema"] == f"llm_energy/{schema}"
         pd.testing.assert_frame_equal(from_parquet, frame)
@@ -166,8 +245,9 @@ def test_csv_equals_parquet(tmp_path: Path, experiment_paths: list[Path]) -> Non
             table = table.astype(object).where(table.notna(), None)
             return table.replace("", None)
 
-        pd.testing.assert_frame_equal(normalised(from_csv), normalised(from_parquet), check_dtype=False,
-                                      check_exact=True)
+        pd.testing.assert_frame_equal(
+            normalised(from_csv), normalised(from_parquet), check_dtype=False, check_exact=True
+        )
     assert read_summary(paths.summary_parquet)["experiment_id"].tolist() == tables.summary["experiment_id"].tolist()
 
 
@@ -238,10 +318,15 @@ def test_backend_variant_quantization_and_weight_bytes_columns(tmp_path: Path) -
     for variant, method, weight_bytes in (("none", "none", 15803648), ("int8", "torchao_int8_weight_only", 7151744)):
         data = experiment_result_data(f"m.pytorch-{variant}.bs1", "m", 1, {"output_tokens_per_s": [10.0]})
         data["experiment"]["variant"] = variant
-        data["load"] = {"device": "cpu", "dtype": "float32",
-                        "details": {"quantization": method, "weight_bytes": weight_bytes}}
+        data["load"] = {
+            "device": "cpu",
+            "dtype": "float32",
+            "details": {"quantization": method, "weight_bytes": weight_bytes},
+        }
         paths.append(write_experiment(tmp_path, data))
-    paths.append(write_experiment(tmp_path, experiment_result_data("m.pytorch.bs1", "m", 1, {"output_tokens_per_s": [9.0]})))
+    paths.append(
+        write_experiment(tmp_path, experiment_result_data("m.pytorch.bs1", "m", 1, {"output_tokens_per_s": [9.0]}))
+    )
     frame = build_tables(paths).summary
     columns = list(frame.columns)
     assert columns.index("backend_variant") == columns.index("backend") + 1

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,18 +31,44 @@ def copy_workflow(dest: Path) -> Path:
 
 def test_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "CODECARBON_LOG_LEVEL": "error", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "CODECARBON_LOG_LEVEL": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def run_snakemake(workdir: Path, *args: str, timeout_s: float = 900, label: str | None = None,
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def no_controller_slurm_conf() -> dict[str, str]:
+    """SLURM_CONF for snakemake runs that never use SLURM. Snakemake's SLURM executor plugin builds its
+    help text at every start and runs `scontrol show config` for it; where SLURM's client tools are
+    installed (CI installs them for the SLURM test) but no controller runs, that call waits about 9 s,
+    on every snakemake start of the suite. A configuration naming a controller and nothing else makes
+    it fail at once. tests/workflow/test_slurm.py runs its own snakemake with the real configuration."""
+    if shutil.which("scontrol") is None:
+        return {}
+    path = Path(tempfile.gettempdir()) / "llm-energy-tests-no-slurm-controller.conf"
+    if not path.is_file():
+        path.write_text("ClusterName=none\nSlurmctldHost=localhost\nMessageTimeout=1\n")
+    return {"SLURM_CONF": str(path)}
+
+
+def run_snakemake(
+    workdir: Path, *args: str, timeout_s: float = 900, label: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     start = time.perf_counter()
     completed = subprocess.run(
-        [SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout_s,
-        env=test_environment(env),
+        [SNAKEMAKE, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=test_environment({**no_controller_slurm_conf(), **(env or {})}),
     )
     if label:
         MEASURED_TIMES_S[label] = time.perf_counter() - start

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
-
 from llm_energy import artifacts
+
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, run_campaign
 
 pytestmark = pytest.mark.workflow
@@ -22,8 +21,12 @@ def comparison(tmp_path_factory):
     config["datasets"]["bundled"]["sample_size"] = 8
     # A model vLLM refuses (context longer than its position embeddings): that experiment must fail
     # with the engine's reason while every other experiment goes on.
-    config["models"]["tiny-llama-too-long"] = {"source": "builtin", "architecture": "llama", "seed": 0,
-                                               "max_model_len": 100000}
+    config["models"]["tiny-llama-too-long"] = {
+        "source": "builtin",
+        "architecture": "llama",
+        "seed": 0,
+        "max_model_len": 100000,
+    }
     return workdir, run_campaign(workdir, config, "backend comparison (pytorch + vllm, 4 experiments)")
 
 
@@ -36,8 +39,9 @@ def test_both_backends_report_the_same_token_counts(comparison):
     # engine: the tokens of one pass over the set must be the same.
     per_pass = {}
     for backend, eid in ok["experiment_id"].items():
-        tokens = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "result.json",
-                                              "run_result")["data"]["tokens"]
+        tokens = artifacts.read_json_artifact(
+            workdir / "results" / "runs" / eid / "cycle-1" / "result.json", "run_result"
+        )["data"]["tokens"]
         assert tokens["output_tokens"] == ok.loc[backend, "output_tokens"]
         per_pass[backend] = (tokens["input_tokens"] / tokens["repeats"], tokens["output_tokens"] / tokens["repeats"])
     assert per_pass["pytorch"] == per_pass["vllm"] and per_pass["vllm"][0] > 0
@@ -50,11 +54,15 @@ def test_both_backends_report_the_same_token_counts(comparison):
 def test_vllm_run_artifact_has_engine_setup_outside_the_window(comparison):
     workdir, summary = comparison
     eid = summary[(summary["model"] == "tiny-llama") & (summary["backend"] == "vllm")]["experiment_id"].item()
-    data = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "result.json", "run_result")["data"]
+    data = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "result.json", "run_result")[
+        "data"
+    ]
     load_window = data["setup"]["windows"][0]
     assert load_window["name"] == "model_load" and load_window["duration_s"] > 0
     assert load_window["end_s"] <= data["window"]["start_s"]
-    requests, _ = artifacts.read_table_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "requests.parquet", "requests_table")
+    requests, _ = artifacts.read_table_artifact(
+        workdir / "results" / "runs" / eid / "cycle-1" / "requests.parquet", "requests_table"
+    )
     assert (requests["ttft_s"] > 0).all() and (requests["ttft_s"] <= requests["e2e_s"]).all()
 
 
@@ -63,9 +71,14 @@ def test_engine_error_marks_only_that_experiment_failed(comparison):
     failed = summary[summary["status"] != "ok"]
     assert list(failed["backend"]) == ["vllm"] and list(failed["model"]) == ["tiny-llama-too-long"]
     eid = failed["experiment_id"].item()
-    data = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "result.json", "run_result")["data"]
+    data = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycle-1" / "result.json", "run_result")[
+        "data"
+    ]
     assert data["status"] == "failed" and "max_model_len" in data["error"]
     log = (workdir / "results" / "logs" / "run_inference" / f"{eid}.log").read_text()
     assert "failed" in log and "max_model_len" in log
     # The pytorch experiment of the same model ran fine.
-    assert summary[(summary["model"] == "tiny-llama-too-long") & (summary["backend"] == "pytorch")]["status"].item() == "ok"
+    assert (
+        summary[(summary["model"] == "tiny-llama-too-long") & (summary["backend"] == "pytorch")]["status"].item()
+        == "ok"
+    )

@@ -14,11 +14,28 @@ from tests.workflow.helpers import test_environment as job_environment
 def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "workflow" / "benchmarks" / "harness_overhead.py"),
-         "--configfile", str(REPO_ROOT / "config" / "config.yaml"), "--resources", str(tmp_path / "resources"),
-         "--experiments", "tiny-llama", "--batch-sizes", "4", "--windows", "2", "--window-s", "0.2",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=job_environment(),
+        [
+            sys.executable,
+            str(REPO_ROOT / "workflow" / "benchmarks" / "harness_overhead.py"),
+            "--configfile",
+            str(REPO_ROOT / "config" / "config.yaml"),
+            "--resources",
+            str(tmp_path / "resources"),
+            "--experiments",
+            "tiny-llama",
+            "--batch-sizes",
+            "4",
+            "--windows",
+            "2",
+            "--window-s",
+            "0.2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=job_environment(),
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "harness throughput / transformers' own generate" in completed.stdout

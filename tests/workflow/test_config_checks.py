@@ -26,7 +26,9 @@ def test_lint_is_clean(workdir):
 
 @pytest.mark.parametrize("config_path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_dry_run_of_every_shipped_config(workdir, config_path):
-    completed = run_snakemake(workdir, "-n", "--cores", "1", "--configfile", str(workdir / config_path.relative_to(REPO_ROOT)))
+    completed = run_snakemake(
+        workdir, "-n", "--cores", "1", "--configfile", str(workdir / config_path.relative_to(REPO_ROOT))
+    )
     assert completed.returncode == 0, describe(completed)
     assert "run_inference" in completed.stdout
 
@@ -37,12 +39,19 @@ BROKEN = {
     "unknown backend": ({"backends": ["tensorflow"]}, "backends[0]"),
     "missing models": ({"models": None}, "models"),
     "hub model without revision": ({"models": {"m": {"source": "hub", "id": "org/model"}}}, "models.m.revision"),
-    "unknown key in a backend variant": ({"backend_settings": {"pytorch": {"variants": {"int8": {"quantisation": "fp8"}}}}},
-                                         "backend_settings.pytorch.variants.int8.quantisation"),
+    "unknown key in a backend variant": (
+        {"backend_settings": {"pytorch": {"variants": {"int8": {"quantisation": "fp8"}}}}},
+        "backend_settings.pytorch.variants.int8.quantisation",
+    ),
     # bitsandbytes 4-bit cannot generate on CPU: refused before any job, the variant's key named
     "backend variant that cannot run here": (
-        {"backend_settings": {"pytorch": {"device": "cpu", "variants": {"none": {}, "nf4": {"quantization": "bnb_4bit"}}}}},
-        "backend_settings.pytorch.variants.nf4.quantization"),
+        {
+            "backend_settings": {
+                "pytorch": {"device": "cpu", "variants": {"none": {}, "nf4": {"quantization": "bnb_4bit"}}}
+            }
+        },
+        "backend_settings.pytorch.variants.nf4.quantization",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llm_energy import artifacts
 from llm_energy.config import load_campaign
+
 from tests.workflow.helpers import copy_workflow, run_campaign
 from tests.workflow.test_resume import CAMPAIGN
 

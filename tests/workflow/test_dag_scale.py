@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from llm_energy import plots
+
 from tests.workflow.helpers import REPO_ROOT
 from tests.workflow.helpers import test_environment as job_environment
 
@@ -20,12 +20,23 @@ pytestmark = pytest.mark.workflow
 
 def test_dag_scale_times_the_dry_run_and_figures_only_mode(tmp_path: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "workflow" / "benchmarks" / "dag_scale.py"), "--experiments", "20",
-         "--cycles", "2", "--keep", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=900, env=job_environment(),
+        [
+            sys.executable,
+            str(REPO_ROOT / "workflow" / "benchmarks" / "dag_scale.py"),
+            "--experiments",
+            "20",
+            "--cycles",
+            "2",
+            "--keep",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=job_environment(),
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    report = json.loads(completed.stdout[completed.stdout.index("{"):completed.stdout.rindex("}") + 1])
+    report = json.loads(completed.stdout[completed.stdout.index("{") : completed.stdout.rindex("}") + 1])
     dry, figures = report["dry_run"], report["figures_only"]
     # 2 models x 1 batch size x 10 output lengths; per experiment run_inference + aggregate, plus the
     # models, their FLOPs, the dataset and the campaign's summary, figures and report pages

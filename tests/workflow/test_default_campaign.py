@@ -7,9 +7,9 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-
 from llm_energy import artifacts, plots, report_browser
 from llm_energy.config import load_campaign_file
+
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, describe, run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -65,9 +65,12 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
         experiment = campaign.experiments[eid]
         model_flops = artifacts.read_json_artifact(
             workdir / "resources" / "models" / experiment.model / f"flops-{experiment.parameters['dtype']}.json",
-            "flops_model")
+            "flops_model",
+        )
         assert model_flops["data"]["method"] == "analytic" and model_flops["data"]["confidence"] == "high"
-        aggregated = artifacts.read_json_artifact(workdir / "results" / "experiments" / f"{eid}.json", "experiment_result")
+        aggregated = artifacts.read_json_artifact(
+            workdir / "results" / "experiments" / f"{eid}.json", "experiment_result"
+        )
         assert aggregated["data"]["cycles_ok"] == campaign.cycles
         # Every cycle's FLOPs come from its own requests (all its passes over the request set).
         flops_cycles = aggregated["data"]["flops"]["cycles"]

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import yaml
-
 from llm_energy import artifacts
 from llm_energy.backends import quantization
+
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, run_campaign
 
 pytestmark = pytest.mark.workflow
@@ -31,7 +31,9 @@ def quantized(tmp_path_factory, shipped):
     workdir = copy_workflow(tmp_path_factory.mktemp("quantization"))
     config = dict(shipped)
     config["campaign"] = {**shipped["campaign"], "cycles": 1}  # one cycle: the rows, not their spread
-    return workdir, run_campaign(workdir, config, "quantization-cpu campaign (4 pytorch variants x 2 batch sizes, 1 cycle)")
+    return workdir, run_campaign(
+        workdir, config, "quantization-cpu campaign (4 pytorch variants x 2 batch sizes, 1 cycle)"
+    )
 
 
 def test_one_ok_row_per_variant_and_batch_size(quantized, shipped):
@@ -39,7 +41,8 @@ def test_one_ok_row_per_variant_and_batch_size(quantized, shipped):
     variants = list(shipped["backend_settings"]["pytorch"]["variants"])
     assert variants == ["none", "torchao_int8_weight_only", "fp8", "bnb_8bit"]
     assert sorted(zip(summary["backend_variant"], summary["batch_size"])) == sorted(
-        (v, b) for v in variants for b in shipped["grid"]["batch_size"])
+        (v, b) for v in variants for b in shipped["grid"]["batch_size"]
+    )
     assert (summary["status"] == "ok").all() and (summary["backend"] == "pytorch").all()
     for _, row in summary.iterrows():
         assert f".pytorch-{row['backend_variant']}." in row["experiment_id"]
@@ -77,8 +80,9 @@ def test_each_row_has_energy_and_throughput(quantized, shipped):
 def test_the_run_artifact_names_the_variant_and_its_weights(quantized):
     workdir, summary = quantized
     row = summary[(summary["backend_variant"] == "torchao_int8_weight_only") & (summary["batch_size"] == 1)].iloc[0]
-    run = artifacts.read_json_artifact(workdir / "results" / "runs" / row["experiment_id"] / "cycle-1" / "result.json",
-                                       "run_result")["data"]
+    run = artifacts.read_json_artifact(
+        workdir / "results" / "runs" / row["experiment_id"] / "cycle-1" / "result.json", "run_result"
+    )["data"]
     assert run["experiment"]["backend"] == "pytorch" and run["experiment"]["variant"] == "torchao_int8_weight_only"
     assert run["load"]["details"]["quantization"] == "torchao_int8_weight_only"
     assert run["load"]["details"]["quantized_weight_type"].startswith("Int8Tensor")

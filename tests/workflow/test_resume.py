@@ -15,20 +15,31 @@ import time
 from pathlib import Path
 
 import yaml
-
 from llm_energy import artifacts
 from llm_energy.config import load_campaign
+
 from tests.workflow.helpers import SNAKEMAKE, copy_workflow, describe, run_snakemake
 from tests.workflow.helpers import test_environment as job_environment
 
 CAMPAIGN = {
-    "campaign": {"name": "resume", "cycles": 3, "min_window_s": 1.0,
-                 "warmup": {"min_batches": 2, "stable_batches": 2, "tolerance": 0.5, "max_s": 10}, "seed": 1},
+    "campaign": {
+        "name": "resume",
+        "cycles": 3,
+        "min_window_s": 1.0,
+        "warmup": {"min_batches": 2, "stable_batches": 2, "tolerance": 0.5, "max_s": 10},
+        "seed": 1,
+    },
     "models": {"tiny-llama": {"source": "builtin", "architecture": "llama", "seed": 0}},
     "datasets": {"bundled": {"source": "bundled", "sample_size": 4, "seed": 0}},
     "backends": ["pytorch"],
-    "grid": {"batch_size": [2], "dtype": ["float32"], "max_input_tokens": [64], "max_output_tokens": [8],
-             "decoding": [{"mode": "greedy"}], "output_length": ["fixed"]},
+    "grid": {
+        "batch_size": [2],
+        "dtype": ["float32"],
+        "max_input_tokens": [64],
+        "max_output_tokens": [8],
+        "decoding": [{"mode": "greedy"}],
+        "output_length": ["fixed"],
+    },
     "energy": {"baseline": {"duration_s": 0.5}},
 }
 
@@ -45,9 +56,15 @@ def test_a_job_killed_after_cycle_1_resumes_at_cycle_2(tmp_path: Path) -> None:
     runs = workdir / "results" / "runs" / experiment_id
     first = runs / "cycle-1" / "result.json"
 
-    process = subprocess.Popen([SNAKEMAKE, "--cores", "2", "--configfile", str(campaign_file)], cwd=workdir,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=job_environment(), start_new_session=True)
+    process = subprocess.Popen(
+        [SNAKEMAKE, "--cores", "2", "--configfile", str(campaign_file)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=job_environment(),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -71,6 +88,7 @@ def test_a_job_killed_after_cycle_1_resumes_at_cycle_2(tmp_path: Path) -> None:
     for cycle in (2, 3):
         data = artifacts.read_json_artifact(runs / f"cycle-{cycle}" / "result.json", "run_result")["data"]
         assert data["status"] == "ok" and data["window"]["duration_s"] >= 1.0
-    experiment = artifacts.read_json_artifact(workdir / "results" / "experiments" / f"{experiment_id}.json",
-                                              "experiment_result")["data"]
+    experiment = artifacts.read_json_artifact(
+        workdir / "results" / "experiments" / f"{experiment_id}.json", "experiment_result"
+    )["data"]
     assert experiment["cycles_ok"] == 3

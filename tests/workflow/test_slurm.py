@@ -26,9 +26,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from llm_energy.artifacts import read_json_artifact
 from llm_energy.config import load_campaign_file
+
 from tests import slurm_cluster
 from tests.workflow.helpers import MEASURED_TIMES_S, REPO_ROOT, SNAKEMAKE, copy_workflow, describe
 from tests.workflow.helpers import test_environment as offline_environment  # (not collected as a test)
@@ -98,21 +98,29 @@ def make_workdir(root: Path, name: str, cluster: slurm_cluster.SlurmCluster) -> 
     return workdir
 
 
-def run_snakemake(workdir: Path, configfile: str, *extra: str, label: str | None = None
-                  ) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, configfile: str, *extra: str, label: str | None = None) -> subprocess.CompletedProcess:
     """The real snakemake with the CI layer of the SLURM profile, offline, outside any SLURM job."""
-    env = offline_environment({"HF_HOME": str(workdir.parent / "hf"),
-                            # Jobs inherit this environment (sbatch --export=ALL): the venv first.
-                            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])})
+    env = offline_environment(
+        {
+            "HF_HOME": str(workdir.parent / "hf"),
+            # Jobs inherit this environment (sbatch --export=ALL): the venv first.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+    )
     # When pytest itself runs inside a SLURM job, its SLURM_* variables must not leak into the
     # submit-host steps (they would look like SLURM jobs).
     for key in [k for k in env if k.startswith("SLURM_")]:
         del env[key]
-    argv = [SNAKEMAKE, "--workflow-profile", str(workdir.parent / "profiles" / "slurm-ci"),
-            "--configfile", configfile, *extra]
+    argv = [
+        SNAKEMAKE,
+        "--workflow-profile",
+        str(workdir.parent / "profiles" / "slurm-ci"),
+        "--configfile",
+        configfile,
+        *extra,
+    ]
     started = time.monotonic()
-    proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=SNAKEMAKE_TIMEOUT_S)
+    proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=SNAKEMAKE_TIMEOUT_S)
     if label:
         MEASURED_TIMES_S[label] = time.monotonic() - started
     return proc
@@ -123,8 +131,7 @@ def submissions(output: str) -> list[tuple[str, str, Path]]:
     puts the log at .snakemake/slurm_logs/rule_<rule>/<wildcard values joined by _>/<jobid>.log."""
     found = []
     for job_id, log_path in SUBMITTED_RE.findall(output):
-        rule = next((part.removeprefix("rule_") for part in Path(log_path).parts if part.startswith("rule_")),
-                    None)
+        rule = next((part.removeprefix("rule_") for part in Path(log_path).parts if part.startswith("rule_")), None)
         found.append((rule, job_id, Path(log_path)))
     return found
 
@@ -144,8 +151,9 @@ def dry_run_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
 
 def scontrol_job(job_id: str) -> dict[str, str]:
     """Fields of a (finished, still remembered: MinJobAge) job as `scontrol show job` prints them."""
-    out = subprocess.run(["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True,
-                         timeout=15, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True, timeout=15, check=True
+    ).stdout
     return dict(token.split("=", 1) for token in out.split() if "=" in token)
 
 
@@ -222,8 +230,10 @@ def test_campaign_runs_on_slurm_and_failures_are_isolated(cluster, tmp_path):
             assert scontrol_job(job_id)["Partition"] == shipped["estimate_flops"]["slurm_partition"].strip("'")
 
     # Models and datasets were prepared on the submit host, not in a SLURM job.
-    for manifest, artifact in [(workdir / "resources/models/tiny-llama/manifest.json", "model_manifest"),
-                               (workdir / "resources/datasets/bundled/manifest.json", "dataset_manifest")]:
+    for manifest, artifact in [
+        (workdir / "resources/models/tiny-llama/manifest.json", "model_manifest"),
+        (workdir / "resources/datasets/bundled/manifest.json", "dataset_manifest"),
+    ]:
         provenance = read_json_artifact(manifest, artifact)["provenance"]
         assert "SLURM_JOB_ID" not in json.dumps(provenance), manifest
         assert "job" not in provenance or "slurm_job_id" not in provenance["job"]
@@ -257,8 +267,9 @@ def test_campaign_runs_on_slurm_and_failures_are_isolated(cluster, tmp_path):
     assert str(failed_log.relative_to(workdir)) in proc.stderr
     # The truncated weights file is what the job's log blames (safetensors refuses to load it).
     assert "safetensorerror" in failed_log.read_text().lower()
-    failed_submissions = [(rule, job_id, log) for rule, job_id, log in submissions(proc.stderr)
-                          if broken_id in str(log)]
+    failed_submissions = [
+        (rule, job_id, log) for rule, job_id, log in submissions(proc.stderr) if broken_id in str(log)
+    ]
     assert [rule for rule, _, _ in failed_submissions] == ["run_inference"]
     (_, failed_job_id, failed_slurm_log) = failed_submissions[0]
     assert f"SLURM-job '{failed_job_id}' failed" in proc.stderr

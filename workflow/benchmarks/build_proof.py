@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,18 +54,22 @@ def experiment_rows(results_dir: Path) -> tuple[list[dict], dict[str, Any]]:
         metrics = data.get("metrics") or {}
         backend = experiment.get("backend")
         energy = metrics.get("gpu_energy_per_output_token_j") or {}
-        rows.append({
-            "experiment_id": data["experiment_id"], "backend": backend,
-            "batch_size": experiment.get("parameters", {}).get("batch_size"),
-            "pytorch_path": experiment.get("engine_path") if backend == "pytorch" else None,
-            "cycles": data.get("cycles_ok"),
-            "window_s_min": (metrics.get("window_duration_s") or {}).get("min"),
-            "gpu_energy_per_output_token_j": energy.get("mean"),
-            "gpu_energy_per_output_token_cv": energy.get("cv"),
-            "output_tokens_per_s": _mean(metrics.get("output_tokens_per_s")),
-            "gpu_mean_power_w": _mean(metrics.get("gpu_mean_power_w")),
-            "mbu": _mean(metrics.get("mbu")), "flags": sorted(data.get("flags") or []),
-        })
+        rows.append(
+            {
+                "experiment_id": data["experiment_id"],
+                "backend": backend,
+                "batch_size": experiment.get("parameters", {}).get("batch_size"),
+                "pytorch_path": experiment.get("engine_path") if backend == "pytorch" else None,
+                "cycles": data.get("cycles_ok"),
+                "window_s_min": (metrics.get("window_duration_s") or {}).get("min"),
+                "gpu_energy_per_output_token_j": energy.get("mean"),
+                "gpu_energy_per_output_token_cv": energy.get("cv"),
+                "output_tokens_per_s": _mean(metrics.get("output_tokens_per_s")),
+                "gpu_mean_power_w": _mean(metrics.get("gpu_mean_power_w")),
+                "mbu": _mean(metrics.get("mbu")),
+                "flags": sorted(data.get("flags") or []),
+            }
+        )
         facts.setdefault("gpu_name", data.get("gpu_name"))
         # Versions and code of the machine that measured: a measured cycle's provenance (the experiment
         # result may have been aggregated elsewhere).
@@ -101,9 +105,12 @@ def window_facts(results_dir: Path) -> dict[str, Any]:
                 diff = ((window.get("domains") or {}).get("gpu") or {}).get("timeline_vs_counter_rel_diff")
                 if diff is not None and (worst is None or abs(diff) > worst):
                     worst = abs(diff)
-    return {"gpu_time_in_windows_share": windows_s / total_s if total_s else None,
-            "jobs_wall_s": total_s, "jobs_windows_s": windows_s,
-            "timeline_vs_counter_max_abs_rel_diff": worst}
+    return {
+        "gpu_time_in_windows_share": windows_s / total_s if total_s else None,
+        "jobs_wall_s": total_s,
+        "jobs_windows_s": windows_s,
+        "timeline_vs_counter_max_abs_rel_diff": worst,
+    }
 
 
 def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
@@ -116,31 +123,47 @@ def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
     for path in paths:
         run = json.loads(path.read_text())
         for r in run.get("rows", []):
-            rows[(r["pytorch_path"], r["batch_size"], r["arm"])] = {**r, "git_commit": run.get("git_commit"),
-                                                                   "source": path.name}
+            rows[(r["pytorch_path"], r["batch_size"], r["arm"])] = {
+                **r,
+                "git_commit": run.get("git_commit"),
+                "source": path.name,
+            }
         bandwidth = bandwidth or run.get("measured_copy_bandwidth_bytes_per_s")
     return {"rows": list(rows.values()), "measured_copy_bandwidth_bytes_per_s": bandwidth}
 
 
-def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: str | None = None,
-          commit_aliases: dict[str, str] | None = None) -> dict[str, Any]:
+def build(
+    results_dir: Path,
+    overhead_paths: Sequence[Path] = (),
+    git_commit: str | None = None,
+    commit_aliases: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """`commit_aliases` maps a wrong commit label found in artifacts (a copy of the tree with a stale
     .git labelled its runs with an older commit and -dirty) to the commit that really ran."""
     rows, facts = experiment_rows(results_dir)
     for row in rows:
         row["git_commit"] = (commit_aliases or {}).get(row.get("git_commit"), row.get("git_commit"))
-    proof: dict[str, Any] = {"gpu_name": facts.get("gpu_name"), "git_commit": git_commit or facts.get("git_commit"),
-                             "git_commit_in_artifacts": facts.get("git_commit"),
-                             "versions": facts.get("versions", {}), "experiments": rows}
+    proof: dict[str, Any] = {
+        "gpu_name": facts.get("gpu_name"),
+        "git_commit": git_commit or facts.get("git_commit"),
+        "git_commit_in_artifacts": facts.get("git_commit"),
+        "versions": facts.get("versions", {}),
+        "experiments": rows,
+    }
     overhead = load_overhead(overhead_paths)
     for row in overhead["rows"]:
         row["git_commit"] = (commit_aliases or {}).get(row["git_commit"], row["git_commit"])
     keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
-    proof["harness_overhead"] = [{k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"]
-                                 if r["arm"] == "full"]
-    proof["harness_overhead_arms"] = [{k: r[k] for k in (*keys, "arm", "n", "bare_output_tokens_per_s",
-                                                          "arm_output_tokens_per_s", "git_commit", "source")}
-                                      for r in overhead["rows"]]
+    proof["harness_overhead"] = [
+        {k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"] if r["arm"] == "full"
+    ]
+    proof["harness_overhead_arms"] = [
+        {
+            k: r[k]
+            for k in (*keys, "arm", "n", "bare_output_tokens_per_s", "arm_output_tokens_per_s", "git_commit", "source")
+        }
+        for r in overhead["rows"]
+    ]
     proof.update(window_facts(results_dir))
     bandwidth = overhead["measured_copy_bandwidth_bytes_per_s"]
     proof["measured_copy_bandwidth_bytes_per_s"] = bandwidth
@@ -150,8 +173,9 @@ def build(results_dir: Path, overhead_paths: Sequence[Path] = (), git_commit: st
 
         peak = peak_figures(proof["gpu_name"], "bfloat16")
         peak_bytes = (peak or {}).get("memory_bytes_per_s")
-        proof["mbu_bs1_fast_vs_measured_bandwidth"] = (fast_bs1[0]["mbu"] * peak_bytes / bandwidth
-                                                       if peak_bytes else None)
+        proof["mbu_bs1_fast_vs_measured_bandwidth"] = (
+            fast_bs1[0]["mbu"] * peak_bytes / bandwidth if peak_bytes else None
+        )
     proof["targets"] = targets(proof)
     return proof
 
@@ -161,38 +185,79 @@ def targets(proof: dict[str, Any]) -> list[dict[str, Any]]:
     for r in proof["experiments"]:
         if (r["pytorch_path"] == "fast" or r["backend"] == "vllm") and (r["batch_size"] or 0) >= 8:
             cv = r["gpu_energy_per_output_token_cv"]
-            checks.append({"target": f"cv <= {CV_TARGET}", "experiment_id": r["experiment_id"], "value": cv,
-                           "met": cv is not None and cv <= CV_TARGET})
+            checks.append(
+                {
+                    "target": f"cv <= {CV_TARGET}",
+                    "experiment_id": r["experiment_id"],
+                    "value": cv,
+                    "met": cv is not None and cv <= CV_TARGET,
+                }
+            )
     for r in proof["harness_overhead_arms"]:
         # The mean decides "met"; "conclusive" says whether the 95 % CI lies on one side of the target.
         low, high = r["ci95_low"], r["ci95_high"]
-        checks.append({"target": f"{r['arm']} harness / bare >= {RATIO_TARGET}",
-                       "batch_size": r["batch_size"], "pytorch_path": r["pytorch_path"], "value": r["ratio"],
-                       "ci95_low": low, "ci95_high": high,
-                       "met": r["ratio"] is not None and r["ratio"] >= RATIO_TARGET,
-                       "conclusive": low is not None and (low >= RATIO_TARGET or high < RATIO_TARGET)})
+        checks.append(
+            {
+                "target": f"{r['arm']} harness / bare >= {RATIO_TARGET}",
+                "batch_size": r["batch_size"],
+                "pytorch_path": r["pytorch_path"],
+                "value": r["ratio"],
+                "ci95_low": low,
+                "ci95_high": high,
+                "met": r["ratio"] is not None and r["ratio"] >= RATIO_TARGET,
+                "conclusive": low is not None and (low >= RATIO_TARGET or high < RATIO_TARGET),
+            }
+        )
     share = proof["gpu_time_in_windows_share"]
-    checks.append({"target": f"gpu_time_in_windows_share >= {SHARE_TARGET}", "value": share,
-                   "met": share is not None and share >= SHARE_TARGET})
+    checks.append(
+        {
+            "target": f"gpu_time_in_windows_share >= {SHARE_TARGET}",
+            "value": share,
+            "met": share is not None and share >= SHARE_TARGET,
+        }
+    )
     diff = proof["timeline_vs_counter_max_abs_rel_diff"]
-    checks.append({"target": f"timeline within {TIMELINE_TARGET} of the counter", "value": diff,
-                   "met": diff is not None and diff <= TIMELINE_TARGET})
+    checks.append(
+        {
+            "target": f"timeline within {TIMELINE_TARGET} of the counter",
+            "value": diff,
+            "met": diff is not None and diff <= TIMELINE_TARGET,
+        }
+    )
     mbu = proof.get("mbu_bs1_fast_vs_measured_bandwidth")
-    checks.append({"target": f"MBU at batch 1 (fast) >= {MBU_TARGET} of the measured copy bandwidth",
-                   "value": mbu, "met": mbu is not None and mbu >= MBU_TARGET})
+    checks.append(
+        {
+            "target": f"MBU at batch 1 (fast) >= {MBU_TARGET} of the measured copy bandwidth",
+            "value": mbu,
+            "met": mbu is not None and mbu >= MBU_TARGET,
+        }
+    )
     return checks
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", required=True, type=Path)
-    parser.add_argument("--overhead", type=Path, nargs="*", default=[],
-                        help="harness_overhead.py's --out JSON files, oldest first (rows keep their run's commit; "
-                             "a later run's row replaces an earlier one for the same path, batch and arm)")
-    parser.add_argument("--git-commit", help="the commit whose tree ran, where the artifacts' own is wrong (a "
-                                             "copy of the tree whose .git was stale; LLM_ENERGY_GIT_COMMIT avoids it)")
-    parser.add_argument("--commit-alias", action="append", default=[], metavar="LABEL=COMMIT",
-                        help="read the commit LABEL found in artifacts as COMMIT (repeatable)")
+    parser.add_argument(
+        "--overhead",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="harness_overhead.py's --out JSON files, oldest first (rows keep their run's commit; "
+        "a later run's row replaces an earlier one for the same path, batch and arm)",
+    )
+    parser.add_argument(
+        "--git-commit",
+        help="the commit whose tree ran, where the artifacts' own is wrong (a "
+        "copy of the tree whose .git was stale; LLM_ENERGY_GIT_COMMIT avoids it)",
+    )
+    parser.add_argument(
+        "--commit-alias",
+        action="append",
+        default=[],
+        metavar="LABEL=COMMIT",
+        help="read the commit LABEL found in artifacts as COMMIT (repeatable)",
+    )
     args = parser.parse_args(argv)
     aliases = {}
     for alias in args.commit_alias:
@@ -205,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     for check in proof["targets"]:
         value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
         where = check.get("experiment_id") or " ".join(
-            f"{k}={check[k]}" for k in ("pytorch_path", "batch_size") if k in check)
+            f"{k}={check[k]}" for k in ("pytorch_path", "batch_size") if k in check
+        )
         ci = f" (95 % CI {check['ci95_low']:.3f}-{check['ci95_high']:.3f})" if check.get("ci95_low") is not None else ""
         print(f"{'met   ' if check['met'] else 'MISSED'} {check['target']:55} {value:>8} {where}{ci}")
     return 0

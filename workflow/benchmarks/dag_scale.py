@@ -44,8 +44,10 @@ from llm_energy import synthetic  # noqa: E402
 DRY_RUN_TARGET_S = 15.0
 FIGURES_TARGET_S = 60.0
 OUTPUT_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 72, 80)
-MODELS = {"tiny-llama": {"source": "builtin", "architecture": "llama", "seed": 0},
-          "tiny-gpt2": {"source": "builtin", "architecture": "gpt2", "seed": 0}}
+MODELS = {
+    "tiny-llama": {"source": "builtin", "architecture": "llama", "seed": 0},
+    "tiny-gpt2": {"source": "builtin", "architecture": "gpt2", "seed": 0},
+}
 
 
 def campaign(experiments: int, cycles: int) -> dict:
@@ -56,9 +58,15 @@ def campaign(experiments: int, cycles: int) -> dict:
         "models": MODELS,
         "datasets": {"bundled": {"source": "bundled", "sample_size": 8, "seed": 0}},
         "backends": ["pytorch"],
-        "grid": {"batch_size": batch_sizes, "dtype": ["float32"], "max_input_tokens": [128],
-                 "max_output_tokens": list(OUTPUT_LENGTHS), "decoding": [{"mode": "greedy"}],
-                 "output_length": ["fixed"], "batching": ["fixed"]},
+        "grid": {
+            "batch_size": batch_sizes,
+            "dtype": ["float32"],
+            "max_input_tokens": [128],
+            "max_output_tokens": list(OUTPUT_LENGTHS),
+            "decoding": [{"mode": "greedy"}],
+            "output_length": ["fixed"],
+            "batching": ["fixed"],
+        },
         "backend_settings": {"pytorch": {"device": "cpu"}},
     }
 
@@ -71,13 +79,25 @@ class Snakemake:
         self.command = [str(found) if found.exists() else "snakemake"]
         self.workdir = workdir
         self.cores = cores
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "workflow"),
-                                                                                os.environ.get("PYTHONPATH")]))}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "workflow"), os.environ.get("PYTHONPATH")])),
+        }
 
     def timed(self, *args: str, snakefile: Path = REPO / "Snakefile") -> tuple[float, str]:
         """(wall seconds, stdout) of one snakemake run; stops the benchmark if it fails."""
-        command = [*self.command, "-s", str(snakefile), "-d", str(self.workdir), "--cores", str(self.cores),
-                   "--quiet", "rules", *args]
+        command = [
+            *self.command,
+            "-s",
+            str(snakefile),
+            "-d",
+            str(self.workdir),
+            "--cores",
+            str(self.cores),
+            "--quiet",
+            "rules",
+            *args,
+        ]
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=self.workdir, env=self.env, capture_output=True, text=True)
         wall_s = time.perf_counter() - started
@@ -93,13 +113,18 @@ def dry_run(workdir: Path, experiments: int, cycles: int, snakemake: Snakemake) 
     wall_s, out = snakemake.timed("--configfile", str(config), "-n")
     jobs = re.search(r"^run_inference\s+(\d+)$", out, re.MULTILINE)
     total = re.search(r"^total\s+(\d+)$", out, re.MULTILINE)
-    return {"wall_s": round(wall_s, 1), "experiments": int(jobs.group(1)) if jobs else None,
-            "jobs": int(total.group(1)) if total else None, "target_s": DRY_RUN_TARGET_S,
-            "within_target": wall_s <= DRY_RUN_TARGET_S}
+    return {
+        "wall_s": round(wall_s, 1),
+        "experiments": int(jobs.group(1)) if jobs else None,
+        "jobs": int(total.group(1)) if total else None,
+        "target_s": DRY_RUN_TARGET_S,
+        "within_target": wall_s <= DRY_RUN_TARGET_S,
+    }
 
 
-def figures_only(workdir: Path, experiments: int, cycles: int, snakemake: Snakemake, timelines: bool,
-                 reuse: bool) -> dict:
+def figures_only(
+    workdir: Path, experiments: int, cycles: int, snakemake: Snakemake, timelines: bool, reuse: bool
+) -> dict:
     tree = workdir / "tree"
     started = time.perf_counter()
     if reuse and (tree / "experiments").is_dir():
@@ -109,17 +134,25 @@ def figures_only(workdir: Path, experiments: int, cycles: int, snakemake: Snakem
         ids = synthetic.write_tree(tree, experiments, cycles=cycles)
     for derived in ("figures", "logs", "report"):
         shutil.rmtree(tree / derived, ignore_errors=True)
-    print(f"synthesised {len(ids)} experiments x {cycles} cycles in {time.perf_counter() - started:.1f} s "
-          "(not timed)", flush=True)
+    print(
+        f"synthesised {len(ids)} experiments x {cycles} cycles in {time.perf_counter() - started:.1f} s (not timed)",
+        flush=True,
+    )
     options = ("--config", "figures_only=true", "results_dir=tree")
     figures_s, _ = snakemake.timed(*options, "--forceall", "figures")
-    report = {"wall_s": round(figures_s, 1), "experiments": len(ids), "target_s": FIGURES_TARGET_S,
-              "within_target": figures_s <= FIGURES_TARGET_S,
-              "campaign_figures": sorted(p.name for p in (tree / "figures").glob("*.png"))}
+    report = {
+        "wall_s": round(figures_s, 1),
+        "experiments": len(ids),
+        "target_s": FIGURES_TARGET_S,
+        "within_target": figures_s <= FIGURES_TARGET_S,
+        "campaign_figures": sorted(p.name for p in (tree / "figures").glob("*.png")),
+    }
     if timelines:
         timelines_s, _ = snakemake.timed(*options)
-        report.update(timelines_wall_s=round(timelines_s, 1),
-                      timeline_figures=len(list((tree / "figures" / "timelines").glob("*.png"))))
+        report.update(
+            timelines_wall_s=round(timelines_s, 1),
+            timeline_figures=len(list((tree / "figures" / "timelines").glob("*.png"))),
+        )
     report["jobs_s"] = job_times(tree / "logs")
     return report
 
@@ -163,24 +196,43 @@ def main() -> int:
         start_s = snakemake_start(workdir, snakemake)
         print(f"snakemake's own start (one-rule Snakefile, dry run): {start_s:.1f} s", flush=True)
         dry = dry_run(workdir, args.experiments, args.cycles, snakemake)
-        print(f"snakemake -n, {dry['experiments']} experiments x {args.cycles} cycles ({dry['jobs']} jobs): "
-              f"{dry['wall_s']:.1f} s", flush=True)
-        figures = figures_only(workdir, args.experiments, args.cycles, snakemake, args.timelines,
-                               reuse=args.reuse and args.keep is not None)
+        print(
+            f"snakemake -n, {dry['experiments']} experiments x {args.cycles} cycles ({dry['jobs']} jobs): "
+            f"{dry['wall_s']:.1f} s",
+            flush=True,
+        )
+        figures = figures_only(
+            workdir,
+            args.experiments,
+            args.cycles,
+            snakemake,
+            args.timelines,
+            reuse=args.reuse and args.keep is not None,
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = {"cores": args.cores, "cycles": args.cycles, "snakemake_start_s": start_s, "dry_run": dry,
-              "figures_only": figures}
+    report = {
+        "cores": args.cores,
+        "cycles": args.cycles,
+        "snakemake_start_s": start_s,
+        "dry_run": dry,
+        "figures_only": figures,
+    }
     print(json.dumps(report, indent=1))
     verdict = {True: "met", False: "missed"}
-    print(f"{args.cores} cores: snakemake -n on {dry['experiments']} experiments x {args.cycles} cycles "
-          f"{dry['wall_s']:.1f} s (target {DRY_RUN_TARGET_S:.0f} s: {verdict[dry['within_target']]}); "
-          f"figures-only over {figures['experiments']} experiment results {figures['wall_s']:.1f} s "
-          f"(target {FIGURES_TARGET_S:.0f} s: {verdict[figures['within_target']]}); "
-          f"snakemake's own start {start_s:.1f} s of each"
-          + (f"; + {figures['timeline_figures']} per-experiment timelines {figures['timelines_wall_s']:.1f} s"
-             if args.timelines else ""))
+    print(
+        f"{args.cores} cores: snakemake -n on {dry['experiments']} experiments x {args.cycles} cycles "
+        f"{dry['wall_s']:.1f} s (target {DRY_RUN_TARGET_S:.0f} s: {verdict[dry['within_target']]}); "
+        f"figures-only over {figures['experiments']} experiment results {figures['wall_s']:.1f} s "
+        f"(target {FIGURES_TARGET_S:.0f} s: {verdict[figures['within_target']]}); "
+        f"snakemake's own start {start_s:.1f} s of each"
+        + (
+            f"; + {figures['timeline_figures']} per-experiment timelines {figures['timelines_wall_s']:.1f} s"
+            if args.timelines
+            else ""
+        )
+    )
     return 0
 
 

@@ -97,22 +97,38 @@ def main() -> int:
     from llm_energy import artifacts
 
     results_dir = REPO_ROOT / args.results_dir
-    command = [sys.executable, "-m", "snakemake", "--cores", args.cores, "--configfile", args.configfile,
-               "--config", f"results_dir={args.results_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        args.cores,
+        "--configfile",
+        args.configfile,
+        "--config",
+        f"results_dir={args.results_dir}",
+    ]
     print("running:", " ".join(command), flush=True)
     with CounterLog(args.gpu_index) as log:
         started = time.time()
         completed = subprocess.run(command, cwd=REPO_ROOT)
         elapsed = time.time() - started
-    print(f"snakemake exit {completed.returncode} after {elapsed:.0f} s; independent counter reads: "
-          f"{len(log.samples)} ({len(log.samples) / max(elapsed, 1e-9):.0f}/s)", flush=True)
+    print(
+        f"snakemake exit {completed.returncode} after {elapsed:.0f} s; independent counter reads: "
+        f"{len(log.samples)} ({len(log.samples) / max(elapsed, 1e-9):.0f}/s)",
+        flush=True,
+    )
     ticks = log.ticks()
     tick_times = [t for t, _ in ticks]
 
     rows = []
     for path in sorted(results_dir.glob("runs/*/cycle-*/result.json")):
         result = artifacts.read_json_artifact(path, "run_result")
-        offset = result["data"]["window"]["start_unix_s"] - result["data"]["window"]["start_s"] if result["data"].get("window") else None
+        offset = (
+            result["data"]["window"]["start_unix_s"] - result["data"]["window"]["start_s"]
+            if result["data"].get("window")
+            else None
+        )
         if offset is None:
             continue
         for window in windows_of(result):
@@ -122,15 +138,20 @@ def main() -> int:
             start_mj, start_dt = counter_at_edge(ticks, tick_times, window["start_s"] + offset)
             end_mj, end_dt = counter_at_edge(ticks, tick_times, window["end_s"] + offset)
             independent_j = (end_mj - start_mj) / 1000.0
-            rows.append({
-                "experiment": result["data"]["experiment_id"], "cycle": result["data"]["cycle"],
-                "window": window["name"], "duration_s": window["duration_s"],
-                "pipeline_gpu_j": gpu["gross_j"], "independent_gpu_j": independent_j,
-                "rel_diff": (gpu["gross_j"] - independent_j) / independent_j if independent_j else None,
-                "edge_offsets_ms": [round(start_dt * 1000, 2), round(end_dt * 1000, 2)],
-                "timeline_vs_counter_rel_diff": gpu.get("timeline_vs_counter_rel_diff"),
-                "flags": window.get("flags", []),
-            })
+            rows.append(
+                {
+                    "experiment": result["data"]["experiment_id"],
+                    "cycle": result["data"]["cycle"],
+                    "window": window["name"],
+                    "duration_s": window["duration_s"],
+                    "pipeline_gpu_j": gpu["gross_j"],
+                    "independent_gpu_j": independent_j,
+                    "rel_diff": (gpu["gross_j"] - independent_j) / independent_j if independent_j else None,
+                    "edge_offsets_ms": [round(start_dt * 1000, 2), round(end_dt * 1000, 2)],
+                    "timeline_vs_counter_rel_diff": gpu.get("timeline_vs_counter_rel_diff"),
+                    "flags": window.get("flags", []),
+                }
+            )
     metrics_path = results_dir / "metrics.csv"  # every metric's cv (the summary has the headline CIs only)
     cv = {}
     if metrics_path.is_file():
@@ -142,27 +163,42 @@ def main() -> int:
     inference = [r for r in rows if r["window"] == "inference"]
     worst = max((abs(r["rel_diff"]) for r in rows if r["rel_diff"] is not None), default=None)
     report = {
-        "gpu_uuid": log.uuid, "tolerance": args.tolerance, "snakemake_exit": completed.returncode,
-        "independent_reads": len(log.samples), "windows_checked": len(rows),
+        "gpu_uuid": log.uuid,
+        "tolerance": args.tolerance,
+        "snakemake_exit": completed.returncode,
+        "independent_reads": len(log.samples),
+        "windows_checked": len(rows),
         "max_abs_rel_diff": worst,
         "max_abs_timeline_vs_counter_rel_diff": max(
-            (abs(r["timeline_vs_counter_rel_diff"]) for r in inference if r["timeline_vs_counter_rel_diff"] is not None),
-            default=None),
-        "gpu_energy_per_output_token_cv": cv, "windows": rows,
+            (
+                abs(r["timeline_vs_counter_rel_diff"])
+                for r in inference
+                if r["timeline_vs_counter_rel_diff"] is not None
+            ),
+            default=None,
+        ),
+        "gpu_energy_per_output_token_cv": cv,
+        "windows": rows,
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "energy_agreement.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\n{'experiment':<70} {'cyc':>3} {'window':<10} {'s':>6} {'pipeline J':>11} {'independent J':>13} "
-          f"{'diff %':>8} {'timeline %':>10}")
+    print(
+        f"\n{'experiment':<70} {'cyc':>3} {'window':<10} {'s':>6} {'pipeline J':>11} {'independent J':>13} "
+        f"{'diff %':>8} {'timeline %':>10}"
+    )
     for r in rows:
         tl = r["timeline_vs_counter_rel_diff"]
-        print(f"{r['experiment']:<70} {r['cycle']:>3} {r['window']:<10} {r['duration_s']:>6.2f} {r['pipeline_gpu_j']:>11.2f} "
-              f"{r['independent_gpu_j']:>13.2f} {100 * r['rel_diff']:>8.4f} {'' if tl is None else f'{100 * tl:.2f}':>10}")
+        print(
+            f"{r['experiment']:<70} {r['cycle']:>3} {r['window']:<10} {r['duration_s']:>6.2f} {r['pipeline_gpu_j']:>11.2f} "
+            f"{r['independent_gpu_j']:>13.2f} {100 * r['rel_diff']:>8.4f} {'' if tl is None else f'{100 * tl:.2f}':>10}"
+        )
     for eid, value in cv.items():
         print(f"CV of GPU energy per output token over cycles, {eid}: {value:.4f}")
-    print(f"\nwindows checked: {len(rows)}; max |pipeline - independent| / independent = "
-          f"{'n/a' if worst is None else f'{100 * worst:.4f} %'} (tolerance {100 * args.tolerance:.2f} %)")
+    print(
+        f"\nwindows checked: {len(rows)}; max |pipeline - independent| / independent = "
+        f"{'n/a' if worst is None else f'{100 * worst:.4f} %'} (tolerance {100 * args.tolerance:.2f} %)"
+    )
     ok = completed.returncode == 0 and rows and worst is not None and worst <= args.tolerance
     return 0 if ok else 1
 

@@ -32,7 +32,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "workflow"))
@@ -81,12 +80,12 @@ def bare_window(backend, calls: list[tuple[dict, dict]], output_tokens_per_pass:
             if time.perf_counter() - started >= window_s:
                 break
     elapsed = time.perf_counter() - started
-    return {"output_tokens_per_s": passes * output_tokens_per_pass / elapsed, "duration_s": elapsed,
-            "repeats": passes}
+    return {"output_tokens_per_s": passes * output_tokens_per_pass / elapsed, "duration_s": elapsed, "repeats": passes}
 
 
-def harness_window(backend, energy_config: dict, overrides: dict, measured, batches, batch_size: int, decoding,
-                   window_s: float) -> dict:
+def harness_window(
+    backend, energy_config: dict, overrides: dict, measured, batches, batch_size: int, decoding, window_s: float
+) -> dict:
     """The pipeline's measured window, in an energy session started (and stopped) outside it; the
     session's start leaves the GPU idle for a second, so one batch runs before the window (as the
     pipeline does before each cycle's window, and as the bare arm does too)."""
@@ -94,8 +93,7 @@ def harness_window(backend, energy_config: dict, overrides: dict, measured, batc
     from llm_energy.energy import EnergySession, EnergySettings
     from llm_energy.measure import measure_window, rewarm
 
-    settings = EnergySettings.from_config({**energy_config, **overrides,
-                                           "baseline": {"duration_s": 0, "max_age_s": 0}})
+    settings = EnergySettings.from_config({**energy_config, **overrides, "baseline": {"duration_s": 0, "max_age_s": 0}})
     session = EnergySession(settings, devices=hardware.visible_gpus())
     session.start()
     try:
@@ -105,9 +103,13 @@ def harness_window(backend, energy_config: dict, overrides: dict, measured, batc
     finally:
         session.stop()
     run_metrics, _ = metrics.run_metrics(window.requests, window.record, [], {})
-    return {"output_tokens_per_s": run_metrics["output_tokens_per_s"], "duration_s": window.record["duration_s"],
-            "repeats": window.repeats, "gpu_energy_per_output_token_j": run_metrics.get("gpu_energy_per_output_token_j"),
-            "flags": window.record.get("flags", [])}
+    return {
+        "output_tokens_per_s": run_metrics["output_tokens_per_s"],
+        "duration_s": window.record["duration_s"],
+        "repeats": window.repeats,
+        "gpu_energy_per_output_token_j": run_metrics.get("gpu_energy_per_output_token_j"),
+        "flags": window.record.get("flags", []),
+    }
 
 
 def measure_copy_bandwidth_bytes_per_s(size_bytes: int = 2**30, iterations: int = 50) -> float | None:
@@ -132,12 +134,26 @@ def measure_copy_bandwidth_bytes_per_s(size_bytes: int = 2**30, iterations: int 
     return 2 * size_bytes * iterations / seconds
 
 
-def measure_experiment_overhead(campaign, experiment, resources: Path, windows: int, window_s: float,
-                                log: logging.Logger, arms: tuple[str, ...] = ARMS) -> tuple[list[dict], dict]:
+def measure_experiment_overhead(
+    campaign,
+    experiment,
+    resources: Path,
+    windows: int,
+    window_s: float,
+    log: logging.Logger,
+    arms: tuple[str, ...] = ARMS,
+) -> tuple[list[dict], dict]:
     from llm_energy import clock, statistics
     from llm_energy.backends import create_backend
-    from llm_energy.measure import (backend_settings, batches_of, decoding_settings, max_model_len, rewarm,
-                                    select_requests, warm_up)
+    from llm_energy.measure import (
+        backend_settings,
+        batches_of,
+        decoding_settings,
+        max_model_len,
+        rewarm,
+        select_requests,
+        warm_up,
+    )
 
     p = experiment.parameters
     if p["output_length"] != "fixed":
@@ -167,18 +183,30 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
     t0 = clock.now()
     window_total_s = 0.0
     for round_index in range(windows):
-        order = arms[round_index % len(arms):] + arms[: round_index % len(arms)]
+        order = arms[round_index % len(arms) :] + arms[: round_index % len(arms)]
         for arm in order:
             if arm == "bare":
                 rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
                 sample = bare_window(backend, calls, output_tokens_per_pass, window_s)
             else:
-                sample = harness_window(backend, campaign.config["energy"], HARNESS_ARMS[arm], measured,
-                                        batches, p["batch_size"], decoding, window_s)
+                sample = harness_window(
+                    backend,
+                    campaign.config["energy"],
+                    HARNESS_ARMS[arm],
+                    measured,
+                    batches,
+                    p["batch_size"],
+                    decoding,
+                    window_s,
+                )
             window_total_s += sample["duration_s"]
             samples[arm].append(sample)
-        log.info("round %d/%d: %s", round_index + 1, windows,
-                 {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in arms})
+        log.info(
+            "round %d/%d: %s",
+            round_index + 1,
+            windows,
+            {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in arms},
+        )
     timing["windows_s"] = window_total_s
     timing["other_s"] = clock.now() - t0 - window_total_s
     path = backend.engine_path
@@ -188,18 +216,27 @@ def measure_experiment_overhead(campaign, experiment, resources: Path, windows: 
     for arm in arms[1:]:
         ratios = [s["output_tokens_per_s"] / b for s, b in zip(samples[arm], bare)]
         stats = statistics.describe(ratios)
-        rows.append({
-            "experiment_id": experiment.id, "batch_size": p["batch_size"], "pytorch_path": path, "arm": arm,
-            "ratio": stats["mean"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"], "n": stats["n"],
-            "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
-            "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
-            "arm_gpu_energy_per_output_token_j": statistics.describe(
-                s["gpu_energy_per_output_token_j"] for s in samples[arm])["mean"],
-            "ratios": ratios,
-            # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
-            "arm_window_output_tokens_per_s": [s["output_tokens_per_s"] for s in samples[arm]],
-            "bare_window_output_tokens_per_s": bare,
-        })
+        rows.append(
+            {
+                "experiment_id": experiment.id,
+                "batch_size": p["batch_size"],
+                "pytorch_path": path,
+                "arm": arm,
+                "ratio": stats["mean"],
+                "ci95_low": stats["ci95_low"],
+                "ci95_high": stats["ci95_high"],
+                "n": stats["n"],
+                "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
+                "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
+                "arm_gpu_energy_per_output_token_j": statistics.describe(
+                    s["gpu_energy_per_output_token_j"] for s in samples[arm]
+                )["mean"],
+                "ratios": ratios,
+                # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
+                "arm_window_output_tokens_per_s": [s["output_tokens_per_s"] for s in samples[arm]],
+                "bare_window_output_tokens_per_s": bare,
+            }
+        )
     total = sum(timing.values())
     timing["share_in_windows"] = timing["windows_s"] / total if total else None
     return rows, timing
@@ -221,8 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="*", help="only these batch sizes")
     parser.add_argument("--experiments", nargs="*", help="only experiment ids containing one of these strings")
     parser.add_argument("--copy-bandwidth", action="store_true", help="also measure device-to-device copy bandwidth")
-    parser.add_argument("--arms", nargs="+", choices=ARMS[1:], default=list(ARMS[1:]),
-                        help="harness arms to run beside bare (fewer arms buy more rounds in the same time)")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS[1:],
+        default=list(ARMS[1:]),
+        help="harness arms to run beside bare (fewer arms buy more rounds in the same time)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,14 +274,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import transformers
-
     from llm_energy.config import load_campaign_file
     from llm_energy.provenance import git_commit
 
     campaign = load_campaign_file(args.configfile)
-    chosen = [e for e in campaign.experiments.values() if e.backend == "pytorch"
-              and (not args.batch_sizes or e.parameters["batch_size"] in args.batch_sizes)
-              and (not args.experiments or any(s in e.id for s in args.experiments))]
+    chosen = [
+        e
+        for e in campaign.experiments.values()
+        if e.backend == "pytorch"
+        and (not args.batch_sizes or e.parameters["batch_size"] in args.batch_sizes)
+        and (not args.experiments or any(s in e.id for s in args.experiments))
+    ]
     if not chosen:
         parser.error(f"{args.configfile}: no pytorch experiment matches")
     bandwidth = measure_copy_bandwidth_bytes_per_s() if args.copy_bandwidth else None
@@ -247,27 +292,47 @@ def main(argv: list[str] | None = None) -> int:
     rows, timings = [], []
     for experiment in chosen:
         log.info("experiment %s", experiment.id)
-        experiment_rows, timing = measure_experiment_overhead(campaign, experiment, args.resources, args.windows,
-                                                              args.window_s, log, ("bare", *args.arms))
+        experiment_rows, timing = measure_experiment_overhead(
+            campaign, experiment, args.resources, args.windows, args.window_s, log, ("bare", *args.arms)
+        )
         rows += experiment_rows
         timings.append({"experiment_id": experiment.id, **timing})
         if args.out:  # after every experiment: a run cut short keeps what it measured
-            write_json(args.out, {"gpu_name": gpu, "git_commit": git_commit(), "torch": torch.__version__,
-                                  "transformers": transformers.__version__, "windows": args.windows,
-                                  "window_s": args.window_s, "measured_copy_bandwidth_bytes_per_s": bandwidth,
-                                  "rows": rows, "time_accounting": timings})
-    print(f"\nharness throughput / transformers' own generate, {args.windows} interleaved windows of "
-          f">= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, commit {git_commit()}")
+            write_json(
+                args.out,
+                {
+                    "gpu_name": gpu,
+                    "git_commit": git_commit(),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "windows": args.windows,
+                    "window_s": args.window_s,
+                    "measured_copy_bandwidth_bytes_per_s": bandwidth,
+                    "rows": rows,
+                    "time_accounting": timings,
+                },
+            )
+    print(
+        f"\nharness throughput / transformers' own generate, {args.windows} interleaved windows of "
+        f">= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, commit {git_commit()}"
+    )
     print(f"{'path':6} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10}")
     for r in rows:
         ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"
-        print(f"{r['pytorch_path']:6} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
-              f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f}")
-    print("\nwhere the time went (s): " + "; ".join(
-        f"{t['experiment_id'].split('.')[3]}: load {t['load_s']:.0f}, compile {t['compile_s']:.0f}, warm-up "
-        f"{t['warmup_s']:.0f}, windows {t['windows_s']:.0f}, other {t['other_s']:.0f} "
-        f"(share in windows {t['share_in_windows']:.2f})" for t in timings))
+        print(
+            f"{r['pytorch_path']:6} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
+            f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f}"
+        )
+    print(
+        "\nwhere the time went (s): "
+        + "; ".join(
+            f"{t['experiment_id'].split('.')[3]}: load {t['load_s']:.0f}, compile {t['compile_s']:.0f}, warm-up "
+            f"{t['warmup_s']:.0f}, windows {t['windows_s']:.0f}, other {t['other_s']:.0f} "
+            f"(share in windows {t['share_in_windows']:.2f})"
+            for t in timings
+        )
+    )
     if bandwidth is not None:
         print(f"device-to-device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
     return 0

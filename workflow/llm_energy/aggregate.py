@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 # Energy domains whose per-output-token energy is derived (per cycle) when a run lacks it.
 ENERGY_DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram", "node")
 FLOPS_DERIVED_METRICS: tuple[str, ...] = (
-    "gpu_flops_per_j", "node_flops_per_j", "achieved_flops_per_s", "mfu", "mbu",
+    "gpu_flops_per_j",
+    "node_flops_per_j",
+    "achieved_flops_per_s",
+    "mfu",
+    "mbu",
 )
 REQUESTS_TABLE = "requests.parquet"  # written beside each cycle's result.json
 ABSENT = "(absent)"  # marks cycles that lack a metrics_info key when the others have it
@@ -127,11 +131,17 @@ def _measured_gpu_names(data: Mapping[str, Any]) -> list[str]:
     Provenance lists every GPU the process could see, seven idle neighbours included on an 8-GPU
     box without CUDA_VISIBLE_DEVICES; MFU/MBU must use the peaks of the GPUs the job used.
     """
-    sources = (data.get("energy_sources") or {})
+    sources = data.get("energy_sources") or {}
     if not isinstance(sources, Mapping):
         return []
-    nvml = next((s for s in sources.get("sources") or [] if isinstance(s, Mapping)
-                 and s.get("name") == "nvml" and s.get("available")), None)
+    nvml = next(
+        (
+            s
+            for s in sources.get("sources") or []
+            if isinstance(s, Mapping) and s.get("name") == "nvml" and s.get("available")
+        ),
+        None,
+    )
     devices = (nvml or {}).get("devices") or []
     return [str(d["name"]) for d in devices if isinstance(d, Mapping) and d.get("name")]
 
@@ -150,8 +160,7 @@ def _read_cycle(path: Path) -> _Cycle:
         status = data["status"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(
-            f"{path}: run_result lacks a usable experiment_id/cycle/status ({exc!r}); "
-            f"re-run the cycle to re-create it"
+            f"{path}: run_result lacks a usable experiment_id/cycle/status ({exc!r}); re-run the cycle to re-create it"
         ) from None
     metrics: dict[str, float | None] = {}
     for name, value in (data.get("metrics") or {}).items():
@@ -208,8 +217,9 @@ def _read_flops_model(flops_path: Path | None) -> tuple[dict[str, Any] | None, s
     return read_json_artifact(flops_path, "flops_model")["data"], None
 
 
-def _cycle_flops(model_flops: Mapping[str, Any], cycle: _Cycle,
-                 batch_size: int) -> tuple[dict[str, Any] | None, str | None]:
+def _cycle_flops(
+    model_flops: Mapping[str, Any], cycle: _Cycle, batch_size: int
+) -> tuple[dict[str, Any] | None, str | None]:
     """The FLOPs of one cycle's window: the cost model over every row of its requests table (each
     pass of a repeated window, with its own output lengths). (record, None) or (None, reason)."""
     path = cycle.path.parent / REQUESTS_TABLE
@@ -226,8 +236,9 @@ def _cycle_flops(model_flops: Mapping[str, Any], cycle: _Cycle,
 _CONFIDENCE_ORDER = ("low", "medium", "high")
 
 
-def _flops_section(model_flops: Mapping[str, Any],
-                   per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None]]) -> dict[str, Any] | None:
+def _flops_section(
+    model_flops: Mapping[str, Any], per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None]]
+) -> dict[str, Any] | None:
     """experiment_result.flops: the cost model's method, the lowest confidence of the cycles, one pass
     over the request set (mean over the cycles that have FLOPs) and every cycle's window."""
     counted = [(c, r) for c, r in per_cycle if r is not None]
@@ -240,9 +251,16 @@ def _flops_section(model_flops: Mapping[str, Any],
         "confidence": min((r["confidence"] for _, r in counted), key=_CONFIDENCE_ORDER.index),
         "total_flops": sum(passes) / len(passes),
         "decode_bytes_min": sum(bytes_per_pass) / len(bytes_per_pass),
-        "cycles": [{"cycle": c.cycle, "window_flops": r["total_flops"],
-                    "decode_bytes_min": r["decode_bytes_min"], "requests": r["tokens"]["requests"],
-                    "confidence": r["confidence"]} for c, r in counted],
+        "cycles": [
+            {
+                "cycle": c.cycle,
+                "window_flops": r["total_flops"],
+                "decode_bytes_min": r["decode_bytes_min"],
+                "requests": r["tokens"]["requests"],
+                "confidence": r["confidence"],
+            }
+            for c, r in counted
+        ],
     }
 
 
@@ -321,8 +339,10 @@ def _describe_peaks(peaks: Mapping[str, Any], gpu_name: str, gpu_count: int, dty
     precision = peaks.get("dtype") or dtype
     flops = _finite(peaks.get("flops_per_s"))
     bandwidth = _finite(peaks.get("memory_bytes_per_s"))
-    text = (f"{gpu_count} x {model} at {precision}: "
-            f"{'%.4g' % flops if flops else 'n/a'} FLOP/s, {'%.4g' % bandwidth if bandwidth else 'n/a'} B/s")
+    text = (
+        f"{gpu_count} x {model} at {precision}: "
+        f"{f'{flops:.4g}' if flops else 'n/a'} FLOP/s, {f'{bandwidth:.4g}' if bandwidth else 'n/a'} B/s"
+    )
     return text + (f" ({peaks['source']})" if peaks.get("source") else "")
 
 
@@ -338,7 +358,8 @@ def _decode_bytes_min(record: Mapping[str, Any], cycle: _Cycle) -> float | None:
 
 
 def _derive_flops_metrics(
-    per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None, str | None]], dtype: str,
+    per_cycle: Sequence[tuple[_Cycle, dict[str, Any] | None, str | None]],
+    dtype: str,
     peak_descriptions: list[str],
 ) -> dict[str, _DerivedSeries]:
     """gpu_flops_per_j, node_flops_per_j, achieved_flops_per_s, MFU and MBU of every ok cycle, each
@@ -357,11 +378,13 @@ def _derive_flops_metrics(
         gpu_energy = _finite(c.metrics.get("gpu_energy_j"))
         node_energy = _finite(c.metrics.get("node_energy_j"))
         series["gpu_flops_per_j"].add(
-            c.cycle, _ratio(total_flops, gpu_energy),
+            c.cycle,
+            _ratio(total_flops, gpu_energy),
             "gpu_energy_j unavailable" if gpu_energy is None else "gpu_energy_j not positive",
         )
         series["node_flops_per_j"].add(
-            c.cycle, _ratio(total_flops, node_energy),
+            c.cycle,
+            _ratio(total_flops, node_energy),
             "node_energy_j unavailable" if node_energy is None else "node_energy_j not positive",
         )
         achieved = _ratio(total_flops, window)
@@ -379,7 +402,8 @@ def _derive_flops_metrics(
             series["mfu"].add(c.cycle, None, peak_reason)
         else:
             series["mfu"].add(
-                c.cycle, mfu(total_flops, window, peak_flops * gpu_count if peak_flops else None),
+                c.cycle,
+                mfu(total_flops, window, peak_flops * gpu_count if peak_flops else None),
                 f"no peak flops_per_s for {c.gpu_names[0]} at {dtype}",
             )
         if decode_bytes is None:
@@ -390,7 +414,8 @@ def _derive_flops_metrics(
             series["mbu"].add(c.cycle, None, peak_reason)
         else:
             series["mbu"].add(
-                c.cycle, mbu(decode_bytes, window, peak_bytes * gpu_count if peak_bytes else None),
+                c.cycle,
+                mbu(decode_bytes, window, peak_bytes * gpu_count if peak_bytes else None),
                 f"no peak memory_bytes_per_s for {c.gpu_names[0]} at {dtype}",
             )
     return series
@@ -401,8 +426,9 @@ def _cycle_latency_samples(cycle: _Cycle) -> dict[str, list[float]]:
     path = cycle.path.parent / REQUESTS_TABLE
     frame, _ = read_table_artifact(path, "requests_table")
     if "itl_s" not in frame.columns:
-        raise ArtifactError(f"{path} has no itl_s column (written before per-chunk ITLs were recorded); "
-                            f"re-run cycle {cycle.cycle}")
+        raise ArtifactError(
+            f"{path} has no itl_s column (written before per-chunk ITLs were recorded); re-run cycle {cycle.cycle}"
+        )
 
     def column(name: str) -> list[float]:
         return [float(v) for v in frame[name] if v is not None and math.isfinite(float(v))]
@@ -431,8 +457,9 @@ def _pooled_latency(ok: Sequence[_Cycle]) -> tuple[dict[str, float | None], dict
         # Pooling some cycles only would describe another set of requests than the other metrics.
         reason = "; ".join(problems) if problems else "no ok cycle"
         flat, _ = metric_definitions.latency_distributions({})
-        return flat, {f"{name}_unavailable_reason": f"not pooled: {reason}"
-                      for name in metric_definitions.LATENCY_NAMES}
+        return flat, {
+            f"{name}_unavailable_reason": f"not pooled: {reason}" for name in metric_definitions.LATENCY_NAMES
+        }
     where = f"the requests of cycles {', '.join(str(c.cycle) for c in ok)}"
     flat, info = metric_definitions.latency_distributions(pooled, where)
     info["latency_pooled_over"] = f"every row of {REQUESTS_TABLE} of {where} ({len(pooled['e2e'])} requests)"
@@ -456,9 +483,7 @@ def _check_one_experiment(cycles: Sequence[_Cycle]) -> str:
     return ids[0]
 
 
-def aggregate_experiment(
-    run_result_paths: Iterable[Path | str], flops_path: Path | str | None
-) -> dict[str, Any]:
+def aggregate_experiment(run_result_paths: Iterable[Path | str], flops_path: Path | str | None) -> dict[str, Any]:
     """Aggregate the cycles of one experiment; returns the data of an `experiment_result` artifact."""
     paths = [Path(p) for p in run_result_paths]
     if not paths:
@@ -475,8 +500,11 @@ def aggregate_experiment(
 
     metric_names: list[str] = []
     for c in ok:
-        metric_names.extend(name for name in c.metrics if name not in metric_names
-                            and name not in metric_definitions.LATENCY_METRIC_NAMES)
+        metric_names.extend(
+            name
+            for name in c.metrics
+            if name not in metric_names and name not in metric_definitions.LATENCY_METRIC_NAMES
+        )
     metrics = {name: describe([c.metrics.get(name) for c in ok]) for name in sorted(metric_names)}
     info = _merge_info(ok or cycles)
     # The experiment's latency is pooled over all requests; the cycles' own reasons do not apply to it.
@@ -537,7 +565,5 @@ def aggregate_experiment(
         "latency": latency,
         "run_results": [str(c.path) for c in cycles],
     }
-    log.info(
-        "%s: %d ok, %d failed cycle(s), %d metrics", experiment_id, len(ok), len(failed), len(metrics)
-    )
+    log.info("%s: %d ok, %d failed cycle(s), %d metrics", experiment_id, len(ok), len(failed), len(metrics))
     return result

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ from llm_energy.errors import ArtifactError
 # Installed (wheel): the schemas ship as llm_energy/schemas/; in the source tree (and an editable
 # install) they are workflow/schemas/, beside the package folder. pyproject.toml maps one to the other.
 _PACKAGE_DIR = Path(__file__).resolve().parent
-SCHEMA_DIR = (_PACKAGE_DIR / "schemas" if (_PACKAGE_DIR / "schemas").is_dir()
-              else _PACKAGE_DIR.parent / "schemas")
+SCHEMA_DIR = _PACKAGE_DIR / "schemas" if (_PACKAGE_DIR / "schemas").is_dir() else _PACKAGE_DIR.parent / "schemas"
 SCHEMA_PREFIX = "llm_energy/"
 PARQUET_METADATA_KEY = b"llm_energy"
 
@@ -55,11 +54,12 @@ MIGRATIONS: dict[tuple[str, int], Callable[[dict], dict]] = {
     # v2: FLOPs per cycle, from the model's cost model applied to each cycle's own requests; v1 had
     # cycle 1's total only, which is what its flops.total_flops still says.
     ("experiment_result", 1): lambda data: (
-        data if data.get("flops") is None else {**data, "flops": {**data["flops"], "cycles": None}}),
+        data if data.get("flops") is None else {**data, "flops": {**data["flops"], "cycles": None}}
+    ),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict:
     path = SCHEMA_DIR / f"{name}.schema.json"
     if not path.is_file():
@@ -80,7 +80,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(name: str):
     """One checked validator per schema (jsonschema.validate would check the schema and build a
     validator on every call: most of the time of reading a run result, which figures of 1,000
@@ -132,9 +132,7 @@ def atomic_write_bytes(path: Path | str, payload: bytes) -> None:
         os.close(dir_fd)
 
 
-def write_json_artifact(
-    path: Path | str, name: str, data: Mapping[str, Any], provenance: Mapping[str, Any]
-) -> dict:
+def write_json_artifact(path: Path | str, name: str, data: Mapping[str, Any], provenance: Mapping[str, Any]) -> dict:
     """Validate `data`, wrap it in the envelope and write it atomically. Returns the document."""
     data = _json_safe(dict(data))
     validate_data(name, data, where=str(path))
@@ -147,9 +145,7 @@ def _check_envelope(document: Any, name: str, where: str) -> int:
     if not isinstance(document, dict) or "schema" not in document:
         raise ArtifactError(f"{where}: not an llm_energy artifact (no 'schema' field)")
     if document["schema"] != SCHEMA_PREFIX + name:
-        raise ArtifactError(
-            f"{where}: is a '{document['schema']}' artifact, expected '{SCHEMA_PREFIX}{name}'"
-        )
+        raise ArtifactError(f"{where}: is a '{document['schema']}' artifact, expected '{SCHEMA_PREFIX}{name}'")
     version = document.get("schema_version")
     current = SCHEMA_VERSIONS[name]
     if not isinstance(version, int):
@@ -232,9 +228,7 @@ def validate_table(name: str, frame, where: str = "", columns: Sequence[str] | N
         if str(dtype).startswith("string"):
             kind = "O"
         if kinds and kind not in kinds and not (len(frame) == 0 and kind == "O"):
-            raise ArtifactError(
-                f"{where}: column '{column}' of table '{name}' has dtype {dtype}, expected {types}"
-            )
+            raise ArtifactError(f"{where}: column '{column}' of table '{name}' has dtype {dtype}, expected {types}")
 
 
 def write_table_artifact(
@@ -289,8 +283,7 @@ def read_table_artifact(path: Path | str, name: str, columns: Sequence[str] | No
     return frame, meta
 
 
-def read_table_artifacts(paths: Sequence[Path | str], name: str, columns: Sequence[str], key: str,
-                         keys: Sequence[Any]):
+def read_table_artifacts(paths: Sequence[Path | str], name: str, columns: Sequence[str], key: str, keys: Sequence[Any]):
     """Many Parquet artifacts of one type as one DataFrame of `columns`, plus column `key` holding
     keys[i] on the rows of paths[i]. Each envelope is checked; the rows are joined as Arrow, then
     converted and validated once (a figure pooling 3,000 request tables spent most of its time

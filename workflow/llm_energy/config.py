@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from llm_energy.artifacts import sha256_json
 from llm_energy.backends import BACKENDS, backend_class
 from llm_energy.backends.base import LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL
@@ -29,8 +28,16 @@ from llm_energy.load import LoadSpec
 from llm_energy.specs import build_spec, schema_spec, section_spec
 
 GRID_KEYS = (
-    "batch_size", "dtype", "max_input_tokens", "max_output_tokens", "decoding", "output_length",
-    "batching", "token_budget", "request_rate", "max_concurrency",
+    "batch_size",
+    "dtype",
+    "max_input_tokens",
+    "max_output_tokens",
+    "decoding",
+    "output_length",
+    "batching",
+    "token_budget",
+    "request_rate",
+    "max_concurrency",
 )
 OFFLINE_RATE = "inf"
 
@@ -80,8 +87,11 @@ def _variant_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
     settings = config.get("backend_settings")
     if not isinstance(settings, Mapping):
         return {}
-    return {backend: copy.deepcopy(value["variants"]) for backend, value in settings.items()
-            if isinstance(value, Mapping) and "variants" in value}
+    return {
+        backend: copy.deepcopy(value["variants"])
+        for backend, value in settings.items()
+        if isinstance(value, Mapping) and "variants" in value
+    }
 
 
 def backend_variants(settings: Mapping[str, Any] | None) -> dict[str | None, dict[str, Any]]:
@@ -116,13 +126,15 @@ def _check_semantics(config: dict) -> None:
     for index, backend in enumerate(config["backends"]):
         if backend not in BACKENDS:
             raise ConfigError(
-                f"backends[{index}]", f"'{backend}' is not an implemented backend",
+                f"backends[{index}]",
+                f"'{backend}' is not an implemented backend",
                 f"Use one of: {', '.join(sorted(BACKENDS))}.",
             )
     grid = config["grid"]
     if "token_budget" in grid["batching"] and not any(b for b in grid["token_budget"]):
         raise ConfigError(
-            "grid.token_budget", "batching 'token_budget' needs a token budget",
+            "grid.token_budget",
+            "batching 'token_budget' needs a token budget",
             "Give grid.token_budget a list of integers, e.g. [4096].",
         )
     variant_names = set()
@@ -130,13 +142,18 @@ def _check_semantics(config: dict) -> None:
         for name, overrides in (settings.get("variants") or {}).items():
             variant_names.add(name)
             if "variants" in overrides:
-                raise ConfigError(f"backend_settings.{backend}.variants.{name}.variants",
-                                  "a variant cannot have variants of its own",
-                                  f"Give each variant its own name under backend_settings.{backend}.variants.")
+                raise ConfigError(
+                    f"backend_settings.{backend}.variants.{name}.variants",
+                    "a variant cannot have variants of its own",
+                    f"Give each variant its own name under backend_settings.{backend}.variants.",
+                )
     for index, rule in enumerate(config["exclude"]):  # its keys are the schema's to check
         if rule.get("variant") is not None and rule["variant"] not in variant_names:
-            raise ConfigError(f"exclude[{index}].variant", f"'{rule['variant']}' is not a variant of any backend",
-                              f"Use one of: {', '.join(sorted(variant_names)) or '(no backend has variants)'}.")
+            raise ConfigError(
+                f"exclude[{index}].variant",
+                f"'{rule['variant']}' is not a variant of any backend",
+                f"Use one of: {', '.join(sorted(variant_names)) or '(no backend has variants)'}.",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +212,18 @@ def _decoding_label(decoding: Mapping[str, Any]) -> str:
     return label + (f"-k{decoding['top_k']}" if decoding["top_k"] else "")
 
 
-def experiment_id(model: str, backend: str, dataset: str, parameters: Mapping[str, Any], identity: Any,
-                  variant: str | None = None) -> str:
+def experiment_id(
+    model: str, backend: str, dataset: str, parameters: Mapping[str, Any], identity: Any, variant: str | None = None
+) -> str:
     """`model.backend.dataset.bs8-float32-in512-out64-greedy.<hash8>`, the backend part reading
     `backend-variant` (pytorch-int8) for a variant: neither a backend nor a variant name holds '-' or
     '.', so the part splits back at its first '-'. The hash covers everything that changes the
     measurement, so a changed parameter never reuses an old folder."""
     p = parameters
     label = f"bs{p['batch_size']}-{p['dtype']}-in{p['max_input_tokens']}-out{p['max_output_tokens']}"
-    label += "-" + _decoding_label({"mode": p["decoding_mode"], "temperature": p["temperature"],
-                                    "top_p": p["top_p"], "top_k": p["top_k"]})
+    label += "-" + _decoding_label(
+        {"mode": p["decoding_mode"], "temperature": p["temperature"], "top_p": p["top_p"], "top_k": p["top_k"]}
+    )
     if p["output_length"] != "fixed":
         label += f"-{p['output_length']}"
     if p["batching"] != "fixed":
@@ -238,7 +257,8 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
     warmup = build_spec(WarmupSpec, campaign["warmup"])  # validated with the campaign already
     for model, backend, dataset in itertools.product(config["models"], config["backends"], config["datasets"]):
         for (variant, backend_settings), combo in itertools.product(
-                backend_variants(config["backend_settings"].get(backend)).items(), itertools.product(*values)):
+            backend_variants(config["backend_settings"].get(backend)).items(), itertools.product(*values)
+        ):
             point = dict(zip(GRID_KEYS, combo))
             if point["batching"] != "token_budget":
                 if point["token_budget"] is not None and point["token_budget"] != grid["token_budget"][0]:
@@ -246,8 +266,9 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 point["token_budget"] = None
             elif point["token_budget"] is None:
                 continue
-            if _excluded(config["exclude"], {"model": model, "backend": backend, "variant": variant,
-                                             "dataset": dataset, **point}):
+            if _excluded(
+                config["exclude"], {"model": model, "backend": backend, "variant": variant, "dataset": dataset, **point}
+            ):
                 continue
             decoding = point.pop("decoding")
             rate, cap = point.pop("request_rate"), point.pop("max_concurrency")
@@ -259,12 +280,17 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 "top_k": decoding["top_k"] if decoding["mode"] == "sampling" else 0,
             }
             identity = {
-                "model": config["models"][model], "dataset": config["datasets"][dataset],
-                "backend": backend, "backend_settings": backend_class(backend).identity_settings(backend_settings),
+                "model": config["models"][model],
+                "dataset": config["datasets"][dataset],
+                "backend": backend,
+                "backend_settings": backend_class(backend).identity_settings(backend_settings),
                 "parameters": parameters,
-                "warmup": campaign["warmup"], "min_window_s": campaign["min_window_s"],
-                "cycle_isolation": campaign["cycle_isolation"], "phase_split": config["energy"]["phase_split"],
-                "requests_per_cycle": campaign["requests_per_cycle"], "seed": campaign["seed"],
+                "warmup": campaign["warmup"],
+                "min_window_s": campaign["min_window_s"],
+                "cycle_isolation": campaign["cycle_isolation"],
+                "phase_split": config["energy"]["phase_split"],
+                "requests_per_cycle": campaign["requests_per_cycle"],
+                "seed": campaign["seed"],
             }
             if variant is not None:  # only then: the ids of campaigns without variants stay as they were
                 identity["variant"] = variant
@@ -273,20 +299,36 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
                 parameters.update(request_rate=rate, max_concurrency=cap)
                 identity["load"] = config["load"]
                 try:
-                    load = LoadSpec(request_rate=float(rate), arrival=config["load"]["arrival"],
-                                    burstiness=float(config["load"]["burstiness"]), max_concurrency=cap)
+                    load = LoadSpec(
+                        request_rate=float(rate),
+                        arrival=config["load"]["arrival"],
+                        burstiness=float(config["load"]["burstiness"]),
+                        max_concurrency=cap,
+                    )
                 except ValueError as exc:  # across keys (burstiness without arrival: gamma): the schema cannot say
-                    raise ConfigError("load", str(exc), "Set load.arrival: gamma, or leave load.burstiness out.") from None
+                    raise ConfigError(
+                        "load", str(exc), "Set load.arrival: gamma, or leave load.burstiness out."
+                    ) from None
                 _check_backend_takes_arrivals(backend, variant, backend_settings)
             _check_backend_parallelism(backend, variant, backend_settings, under_load=load is not None)
             eid = experiment_id(model, backend, dataset, parameters, identity, variant)
             experiments[eid] = Experiment(
-                id=eid, model=model, backend=backend, dataset=dataset, parameters=parameters,
-                model_spec=dict(config["models"][model]), dataset_spec=dict(config["datasets"][dataset]),
-                backend_settings=dict(backend_settings), warmup=warmup,
-                requests_per_cycle=campaign["requests_per_cycle"], seed=campaign["seed"], variant=variant,
-                min_window_s=float(campaign["min_window_s"]), cycle_isolation=campaign["cycle_isolation"],
-                load=load, slo=dict(config["slo"]),
+                id=eid,
+                model=model,
+                backend=backend,
+                dataset=dataset,
+                parameters=parameters,
+                model_spec=dict(config["models"][model]),
+                dataset_spec=dict(config["datasets"][dataset]),
+                backend_settings=dict(backend_settings),
+                warmup=warmup,
+                requests_per_cycle=campaign["requests_per_cycle"],
+                seed=campaign["seed"],
+                variant=variant,
+                min_window_s=float(campaign["min_window_s"]),
+                cycle_isolation=campaign["cycle_isolation"],
+                load=load,
+                slo=dict(config["slo"]),
             )
     if not experiments and not config.get("figures_only"):
         raise ConfigError("exclude", "every experiment of the campaign is excluded", "Loosen the exclude rules.")
@@ -294,8 +336,10 @@ def expand_experiments(config: Mapping[str, Any]) -> dict[str, Experiment]:
 
 
 # What a backend that takes arrivals needs for it, in the refusal's advice.
-_ARRIVAL_CONDITIONS = {"vllm": "vllm with streaming: true",
-                       "pytorch": "pytorch through transformers' continuous batching, uncompiled, on one device"}
+_ARRIVAL_CONDITIONS = {
+    "vllm": "vllm with streaming: true",
+    "pytorch": "pytorch through transformers' continuous batching, uncompiled, on one device",
+}
 
 
 def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: Mapping[str, Any]) -> None:
@@ -307,12 +351,16 @@ def _check_backend_takes_arrivals(backend: str, variant: str | None, settings: M
     conditions = "; ".join(condition for name, condition in _ARRIVAL_CONDITIONS.items() if name in able)
     can = ", ".join(able) + (f" ({conditions})" if conditions else "")
     where = backend if variant is None else f"{backend} (variant {variant})"
-    raise ConfigError("grid.request_rate", f"backend '{where}' cannot take requests at a rate: {reason}",
-                      f"Backends that can: {can}; or exclude {{backend: {backend}}} from the rates, or use "
-                      "grid.request_rate: [inf].")
+    raise ConfigError(
+        "grid.request_rate",
+        f"backend '{where}' cannot take requests at a rate: {reason}",
+        f"Backends that can: {can}; or exclude {{backend: {backend}}} from the rates, or use grid.request_rate: [inf].",
+    )
 
 
-def _check_backend_parallelism(backend: str, variant: str | None, settings: Mapping[str, Any], under_load: bool) -> None:
+def _check_backend_parallelism(
+    backend: str, variant: str | None, settings: Mapping[str, Any], under_load: bool
+) -> None:
     """A parallelism the backend does not declare support for (Backend.execution) is refused before any
     job, naming the key that asked for it."""
     cls = backend_class(backend)
@@ -320,22 +368,29 @@ def _check_backend_parallelism(backend: str, variant: str | None, settings: Mapp
     where = backend if variant is None else f"{backend} (variant {variant})"
     prefix = f"backend_settings.{backend}" + (f".variants.{variant}" if variant else "")
     # parallelism -> the declaration that allows it (pipeline stages split a model as tensor parallel does)
-    support = {"data_parallel": "supports_data_parallel", "tensor_parallel": "supports_tensor_parallel",
-               "pipeline_parallel": "supports_tensor_parallel"}
+    support = {
+        "data_parallel": "supports_data_parallel",
+        "tensor_parallel": "supports_tensor_parallel",
+        "pipeline_parallel": "supports_tensor_parallel",
+    }
     for name, attribute in support.items():
         size = getattr(execution, name)
         if size > 1 and not getattr(cls, attribute):
             able = [b for b in sorted(BACKENDS) if getattr(backend_class(b), attribute)]
-            raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
-                              f"asks backend '{where}' for {name.replace('_', ' ')} of {size}, which it does not support",
-                              f"Set it to 1; backends with {name.replace('_', ' ')}: {', '.join(able) or 'none'}.")
+            raise ConfigError(
+                f"{prefix}.{execution.keys.get(name, name)}",
+                f"asks backend '{where}' for {name.replace('_', ' ')} of {size}, which it does not support",
+                f"Set it to 1; backends with {name.replace('_', ' ')}: {', '.join(able) or 'none'}.",
+            )
     # Worker processes launched by the harness (llm_energy.data_parallel) take static batches only.
     if under_load and execution.launch in (LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL):
         name = "data_parallel" if execution.launch == LAUNCH_DATA_PARALLEL else "tensor_parallel"
-        raise ConfigError(f"{prefix}.{execution.keys.get(name, name)}",
-                          f"{name.replace('_', ' ')} of {getattr(execution, name)} runs static batches only (the "
-                          "harness's worker processes), but the campaign has a request rate",
-                          f"Use grid.request_rate: [inf] for this backend, or {name.replace('_', ' ')} 1.")
+        raise ConfigError(
+            f"{prefix}.{execution.keys.get(name, name)}",
+            f"{name.replace('_', ' ')} of {getattr(execution, name)} runs static batches only (the "
+            "harness's worker processes), but the campaign has a request rate",
+            f"Use grid.request_rate: [inf] for this backend, or {name.replace('_', ' ')} 1.",
+        )
 
 
 @dataclass
@@ -366,5 +421,7 @@ def load_campaign_file(path: Path | str) -> Campaign:
     except FileNotFoundError:
         raise ConfigError("(file)", f"config file {path} does not exist", "Pass an existing --configfile.") from None
     except yaml.YAMLError as exc:
-        raise ConfigError("(file)", f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown.") from None
+        raise ConfigError(
+            "(file)", f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown."
+        ) from None
     return load_campaign(raw or {})

@@ -19,8 +19,12 @@ from llm_energy.artifacts import SCHEMA_DIR
 from llm_energy.errors import ConfigError
 
 CONFIG_SCHEMA_PATH = SCHEMA_DIR / "config.schema.json"
-_BOUNDS = {"minimum": "below the minimum of", "maximum": "above the maximum of",
-           "exclusiveMinimum": "not above", "exclusiveMaximum": "not below"}
+_BOUNDS = {
+    "minimum": "below the minimum of",
+    "maximum": "above the maximum of",
+    "exclusiveMinimum": "not above",
+    "exclusiveMaximum": "not below",
+}
 _FIX_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 
 
@@ -83,8 +87,7 @@ def _allowed_keys(schema: Mapping, instance_path: list) -> list[str]:
     return sorted(keys)
 
 
-def error_to_config_error(error: jsonschema.ValidationError, schema: dict,
-                          prefix: tuple = ()) -> ConfigError:
+def error_to_config_error(error: jsonschema.ValidationError, schema: dict, prefix: tuple = ()) -> ConfigError:
     """The ConfigError of one schema error; `prefix` is where the validated instance sits in the config."""
     path = [*prefix, *error.absolute_path]
     key = _dotted(path)
@@ -95,7 +98,8 @@ def error_to_config_error(error: jsonschema.ValidationError, schema: dict,
         close = difflib.get_close_matches(bad, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return ConfigError(
-            _dotted(path + [bad]), "unknown key",
+            _dotted(path + [bad]),
+            "unknown key",
             f"{hint}Remove it or use one of: {', '.join(allowed)}.",
         )
     # A schema node may say how to fix what it rejects: "x-fix" (its value), "x-fix-required" (per
@@ -111,23 +115,33 @@ def error_to_config_error(error: jsonschema.ValidationError, schema: dict,
         return ConfigError(key, f"{json.dumps(error.instance)} is not allowed", f"Use one of: {options}.")
     if error.validator == "pattern":
         if "propertyNames" in error.schema_path:  # a name chosen by the user (a model, a variant)
-            return ConfigError(_dotted(path + [str(error.instance)]),
-                               f"the name does not match the pattern {error.validator_value}",
-                               "Rename it with the characters the pattern allows.")
-        return ConfigError(key, f"{json.dumps(error.instance)} does not match the pattern {error.validator_value}",
-                           node.get("x-fix", "Change it to match the pattern."))
+            return ConfigError(
+                _dotted(path + [str(error.instance)]),
+                f"the name does not match the pattern {error.validator_value}",
+                "Rename it with the characters the pattern allows.",
+            )
+        return ConfigError(
+            key,
+            f"{json.dumps(error.instance)} does not match the pattern {error.validator_value}",
+            node.get("x-fix", "Change it to match the pattern."),
+        )
     if error.validator in _BOUNDS:
         bound = error.validator_value
-        return ConfigError(key, f"{json.dumps(error.instance)} is {_BOUNDS[error.validator]} {bound}",
-                           node.get("x-fix", f"Use a value {_FIX_BOUNDS[error.validator]} {bound}."))
+        return ConfigError(
+            key,
+            f"{json.dumps(error.instance)} is {_BOUNDS[error.validator]} {bound}",
+            node.get("x-fix", f"Use a value {_FIX_BOUNDS[error.validator]} {bound}."),
+        )
     if error.validator == "type":
         expected = error.validator_value
         return ConfigError(
-            key, f"has type {type(error.instance).__name__} ({json.dumps(error.instance)})",
+            key,
+            f"has type {type(error.instance).__name__} ({json.dumps(error.instance)})",
             f"It must be of type {expected}.",
         )
-    return ConfigError(key, error.message,
-                       node.get("x-fix", "See workflow/schemas/config.schema.json for what it accepts."))
+    return ConfigError(
+        key, error.message, node.get("x-fix", "See workflow/schemas/config.schema.json for what it accepts.")
+    )
 
 
 def raise_first_error(validator: Any, instance: Any, schema: dict, prefix: tuple = ()) -> None:

@@ -39,7 +39,14 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from multiprocessing.connection import AuthenticationError, Client, Connection, answer_challenge, deliver_challenge, wait
+from multiprocessing.connection import (
+    AuthenticationError,
+    Client,
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+    wait,
+)
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +71,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def deal_batches(batches: Sequence[Sequence[Request]], replicas: int, start: int) -> list[list[tuple[int, list[Request]]]]:
+def deal_batches(
+    batches: Sequence[Sequence[Request]], replicas: int, start: int
+) -> list[list[tuple[int, list[Request]]]]:
     """(global batch index, batch) per replica: batch k goes to replica (start + k) % replicas."""
     dealt: list[list[tuple[int, list[Request]]]] = [[] for _ in range(replicas)]
     for position, batch in enumerate(batches):
@@ -82,8 +91,15 @@ class DataParallelBackend(Backend):
     batches), or tensor parallel (mode TENSOR: the workers form their own torch.distributed group, which
     transformers' tp_plan splits the model over, and every call goes to all of them)."""
 
-    def __init__(self, name: str, settings: dict[str, Any], replicas: int, timeout_s: float,
-                 gpus: Sequence[str] | None = None, mode: str = DATA):
+    def __init__(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        replicas: int,
+        timeout_s: float,
+        gpus: Sequence[str] | None = None,
+        mode: str = DATA,
+    ):
         super().__init__(settings)
         self.name = name
         self.replicas = replicas
@@ -93,10 +109,16 @@ class DataParallelBackend(Backend):
         # The job's GPUs, one per worker; none on a machine without GPUs (the replicas share the CPU).
         if gpus is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            gpus = [g for g in visible.split(",") if g] if visible is not None else [d.uuid for d in hardware.visible_gpus()]
+            gpus = (
+                [g for g in visible.split(",") if g]
+                if visible is not None
+                else [d.uuid for d in hardware.visible_gpus()]
+            )
         if gpus and len(gpus) < replicas:
-            raise BackendError(f"backend_settings.{name}.{key} is {replicas} but the job sees {len(gpus)} GPUs "
-                               f"({','.join(gpus)}): one GPU per process is needed")
+            raise BackendError(
+                f"backend_settings.{name}.{key} is {replicas} but the job sees {len(gpus)} GPUs "
+                f"({','.join(gpus)}): one GPU per process is needed"
+            )
         self.gpus = list(gpus)[:replicas] if gpus else []
         self.workers: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -117,8 +139,14 @@ class DataParallelBackend(Backend):
             # them, each rank on GPU LOCAL_RANK of the job's GPUs (all of them visible to every rank).
             if self.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
-            env.update(RANK=str(rank - 1), LOCAL_RANK=str(rank - 1), WORLD_SIZE=str(self.replicas),
-                       LOCAL_WORLD_SIZE=str(self.replicas), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(engine_port))
+            env.update(
+                RANK=str(rank - 1),
+                LOCAL_RANK=str(rank - 1),
+                WORLD_SIZE=str(self.replicas),
+                LOCAL_WORLD_SIZE=str(self.replicas),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(engine_port),
+            )
         return env
 
     def _start(self) -> None:
@@ -133,18 +161,36 @@ class DataParallelBackend(Backend):
             for rank in range(1, self.replicas + 1):
                 path = log_dir / f"{prefix}-rank{rank}.log"
                 handle = open(path, "w")  # noqa: SIM115 (the worker writes it; closed once it is started)
-                payload = json.dumps({"backend": self.name, "settings": self.settings, "rank": rank,
-                                      "control": server.getsockname()[1], "authkey": authkey.hex()})
-                process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=handle,
-                                           stderr=subprocess.STDOUT, env=self._environment(rank, engine_port), text=True)
+                payload = json.dumps(
+                    {
+                        "backend": self.name,
+                        "settings": self.settings,
+                        "rank": rank,
+                        "control": server.getsockname()[1],
+                        "authkey": authkey.hex(),
+                    }
+                )
+                process = subprocess.Popen(
+                    [sys.executable, "-m", WORKER_MODULE],
+                    stdin=subprocess.PIPE,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env=self._environment(rank, engine_port),
+                    text=True,
+                )
                 handle.close()
                 assert process.stdin is not None
                 process.stdin.write(payload)
                 process.stdin.close()
                 self.workers.append(process)
                 self.logs.append(path)
-            log.info("%s: %d workers (pids %s) on %s", prefix, self.replicas, [p.pid for p in self.workers],
-                     self.gpus or "the CPU")
+            log.info(
+                "%s: %d workers (pids %s) on %s",
+                prefix,
+                self.replicas,
+                [p.pid for p in self.workers],
+                self.gpus or "the CPU",
+            )
             by_rank: dict[int, Connection] = {}
             try:
                 while len(by_rank) < self.replicas:
@@ -174,8 +220,10 @@ class DataParallelBackend(Backend):
             tail = self.logs[rank - 1].read_text(errors="replace")[-1500:] if self.logs[rank - 1].exists() else ""
             parts.append(f"worker rank {rank} (pid {process.pid}) {how}; its log ends: {tail.strip()}")
         if not parts:
-            parts.append(f"no worker exited, but {exc} (backend_settings.{self.name}.data_parallel_timeout_s "
-                         f"is {self.timeout_s:g} s)")
+            parts.append(
+                f"no worker exited, but {exc} (backend_settings.{self.name}.data_parallel_timeout_s "
+                f"is {self.timeout_s:g} s)"
+            )
         return BackendError(f"{self.mode} parallel ({self.replicas} processes), {what}: " + " | ".join(parts))
 
     def _call(self, method: str, per_rank: Sequence[Any] | None = None, common: Any = None) -> list[Any]:
@@ -192,8 +240,9 @@ class DataParallelBackend(Backend):
             while waiting:
                 ready = wait(list(waiting), timeout=max(deadline - time.monotonic(), 0.0))
                 if not ready:
-                    raise TimeoutError(f"ranks {sorted(waiting.values())} did not answer {method!r} within "
-                                       f"{self.timeout_s:g} s")
+                    raise TimeoutError(
+                        f"ranks {sorted(waiting.values())} did not answer {method!r} within {self.timeout_s:g} s"
+                    )
                 for connection in ready:
                     replies[waiting.pop(connection)] = connection.recv()  # EOFError: that worker is gone
         except (OSError, EOFError, TimeoutError) as exc:  # never wait on a dead or stuck worker
@@ -226,9 +275,16 @@ class DataParallelBackend(Backend):
 
     def processes(self) -> list[dict[str, Any]]:
         role = "data_parallel_worker" if self.mode == DATA else "tensor_parallel_rank"
-        return [{"role": role, "rank": rank, "pid": p.pid,
-                 "gpus": ([self.gpus[rank - 1]] if self.gpus else []), "log": str(self.logs[rank - 1])}
-                for rank, p in enumerate(self.workers, start=1)]
+        return [
+            {
+                "role": role,
+                "rank": rank,
+                "pid": p.pid,
+                "gpus": ([self.gpus[rank - 1]] if self.gpus else []),
+                "log": str(self.logs[rank - 1]),
+            }
+            for rank, p in enumerate(self.workers, start=1)
+        ]
 
     # -- the Backend interface --------------------------------------------------------------------
 
@@ -243,19 +299,33 @@ class DataParallelBackend(Backend):
         if self.mode == TENSOR:  # each rank stores its shard: the model's weights are all of them
             for key in ("weight_bytes", "matmul_weight_bytes"):
                 details[key] = _sum_or_none([r.details.get(key) for r in reports])
-        return LoadReport(device=first.device, dtype=first.dtype,
-                          details={**details, f"{self.mode}_parallel": self.replicas,
-                                   "replicas": [{"rank": rank, "device": r.device, "details": r.details}
-                                                for rank, r in enumerate(reports, start=1)],
-                                   "processes": self.processes()})
+        return LoadReport(
+            device=first.device,
+            dtype=first.dtype,
+            details={
+                **details,
+                f"{self.mode}_parallel": self.replicas,
+                "replicas": [
+                    {"rank": rank, "device": r.device, "details": r.details} for rank, r in enumerate(reports, start=1)
+                ],
+                "processes": self.processes(),
+            },
+        )
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         # Every replica has the same tokenizer; each tokenizes (cheap, and keeps the calls collective).
         return self._call("tokenize", common=(prompts, max_input_tokens))[0]
 
-    def _deal(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[list[tuple[int, list[Request]]]]:
-        batches = make_batches(requests, batch_size, self.settings.get("batching", "fixed"),
-                               self.settings.get("token_budget"), decoding.max_output_tokens)
+    def _deal(
+        self, requests: list[Request], batch_size: int, decoding: DecodingSettings
+    ) -> list[list[tuple[int, list[Request]]]]:
+        batches = make_batches(
+            requests,
+            batch_size,
+            self.settings.get("batching", "fixed"),
+            self.settings.get("token_budget"),
+            decoding.max_output_tokens,
+        )
         dealt = deal_batches(batches, self.replicas, self._next_replica)
         self._next_replica = (self._next_replica + len(batches)) % self.replicas
         return dealt
@@ -285,8 +355,11 @@ class DataParallelBackend(Backend):
     def memory_report(self) -> dict[str, Any]:
         reports = self._call("memory_report")
         keys = {k for r in reports for k in r}
-        summed = {k: _sum_or_none([r.get(k) for r in reports]) for k in keys
-                  if all(isinstance(r.get(k), (int, float, type(None))) for r in reports)}
+        summed = {
+            k: _sum_or_none([r.get(k) for r in reports])
+            for k in keys
+            if all(isinstance(r.get(k), (int, float, type(None))) for r in reports)
+        }
         return {**summed, "per_replica": reports}
 
     def synchronize(self) -> None:

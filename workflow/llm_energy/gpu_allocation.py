@@ -107,7 +107,8 @@ def acquire(uuids: Sequence[str], count: int, lock_dir: Path, holder: str = "", 
             busy = {u: holder_of(lock_dir, u) for u in uuids}
             raise GpuUnavailable(
                 f"{count} of {len(uuids)} GPUs asked for, fewer were free within {timeout_s:g} s; held: "
-                + ", ".join(f"{u} by {b.get('holder') or 'pid'} {b.get('pid')}" for u, b in busy.items() if b))
+                + ", ".join(f"{u} by {b.get('holder') or 'pid'} {b.get('pid')}" for u, b in busy.items() if b)
+            )
         time.sleep(POLL_S)
 
 

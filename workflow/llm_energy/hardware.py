@@ -187,8 +187,13 @@ def _physical_gpus(nv: Any) -> list[_Physical]:
 
 def _device(gpu: _Physical, visible_index: int) -> GpuDevice:
     return GpuDevice(
-        index=gpu.index, uuid=gpu.uuid, name=gpu.name, visible_index=visible_index,
-        mig_mode_enabled=gpu.mig_mode_enabled, handle=gpu.handle, counter_handle=gpu.handle,
+        index=gpu.index,
+        uuid=gpu.uuid,
+        name=gpu.name,
+        visible_index=visible_index,
+        mig_mode_enabled=gpu.mig_mode_enabled,
+        handle=gpu.handle,
+        counter_handle=gpu.handle,
     )
 
 
@@ -196,14 +201,20 @@ def _mig_device(nv: Any, mig_id: str, gpus: Sequence[_Physical], visible_index: 
     """A MIG instance named `MIG-<uuid>` (or the legacy `MIG-GPU-<uuid>/gi/ci`)."""
     if mig_id.startswith("MIG-GPU-"):
         # Legacy form names the parent GPU and the instance ids; its counter is the parent's.
-        parent_uuid = mig_id[len("MIG-"):].split("/", 1)[0]
+        parent_uuid = mig_id[len("MIG-") :].split("/", 1)[0]
         parent = next((g for g in gpus if g.uuid == parent_uuid), None)
         if parent is None:
             return None
         return GpuDevice(
-            index=parent.index, uuid=mig_id, name=parent.name, visible_index=visible_index,
-            is_mig_instance=True, parent_uuid=parent.uuid, mig_mode_enabled=True,
-            handle=parent.handle, counter_handle=parent.handle,
+            index=parent.index,
+            uuid=mig_id,
+            name=parent.name,
+            visible_index=visible_index,
+            is_mig_instance=True,
+            parent_uuid=parent.uuid,
+            mig_mode_enabled=True,
+            handle=parent.handle,
+            counter_handle=parent.handle,
         )
     handle = nvml_query(nv, nv.nvmlDeviceGetHandleByUUID, mig_id)
     if handle is None:
@@ -226,9 +237,7 @@ def _mig_device(nv: Any, mig_id: str, gpus: Sequence[_Physical], visible_index: 
     )
 
 
-def parse_visible_devices(
-    value: str | None, nv: Any, gpus: Sequence[_Physical]
-) -> tuple[list[GpuDevice], str | None]:
+def parse_visible_devices(value: str | None, nv: Any, gpus: Sequence[_Physical]) -> tuple[list[GpuDevice], str | None]:
     """Apply CUDA's rules for CUDA_VISIBLE_DEVICES. Returns (devices, why the list stopped early).
 
     Like the CUDA runtime, the list stops at the first entry that matches no device (or repeats
@@ -299,9 +308,7 @@ def visible_gpus() -> list[GpuDevice]:
         logger.warning(stopped)
     _warn_device_order(devices, value)
     if not devices:
-        _LAST_REASON["reason"] = (
-            stopped or f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU of this machine"
-        )
+        _LAST_REASON["reason"] = stopped or f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU of this machine"
     else:
         _LAST_REASON["reason"] = None
     return devices
@@ -349,16 +356,13 @@ def describe_gpus(devices: Sequence[GpuDevice] | None = None) -> list[dict[str, 
                 "cuda_driver_version": _cuda_version_text(cuda_driver),
                 "power_limit_w": limit_mw / 1000.0 if limit_mw is not None else None,
                 "persistence_mode": bool(persistence) if persistence is not None else None,
-                "applications_clock_sm_mhz": nvml_query(
-                    nv, nv.nvmlDeviceGetApplicationsClock, h, NVML_CLOCK_SM),
-                "applications_clock_mem_mhz": nvml_query(
-                    nv, nv.nvmlDeviceGetApplicationsClock, h, NVML_CLOCK_MEM),
+                "applications_clock_sm_mhz": nvml_query(nv, nv.nvmlDeviceGetApplicationsClock, h, NVML_CLOCK_SM),
+                "applications_clock_mem_mhz": nvml_query(nv, nv.nvmlDeviceGetApplicationsClock, h, NVML_CLOCK_MEM),
                 "ecc_enabled": bool(ecc[0]) if ecc is not None else None,
                 "mig_mode": bool(mig[0]) if mig is not None else None,
                 "is_mig_instance": device.is_mig_instance,
                 "parent_uuid": device.parent_uuid,
-                "temperature_c": nvml_query(
-                    nv, nv.nvmlDeviceGetTemperature, h, NVML_TEMPERATURE_GPU),
+                "temperature_c": nvml_query(nv, nv.nvmlDeviceGetTemperature, h, NVML_TEMPERATURE_GPU),
                 "memory_total_bytes": int(memory.total) if memory is not None else None,
             }
         )

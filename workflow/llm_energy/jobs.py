@@ -25,8 +25,9 @@ def config_sha256(config: Mapping[str, Any]) -> str | None:
     return artifacts.sha256_json(dict(config))
 
 
-def prepare_dataset_job(name: str, spec: Mapping[str, Any], out_dir: Path, tokenizer_manifest: Path | None,
-                        config_sha256: str) -> dict:
+def prepare_dataset_job(
+    name: str, spec: Mapping[str, Any], out_dir: Path, tokenizer_manifest: Path | None, config_sha256: str
+) -> dict:
     from llm_energy import datasets, models
 
     tokenizer_dir = models.resolve_model_path(tokenizer_manifest) if tokenizer_manifest else None
@@ -53,9 +54,16 @@ def compile_cache_dir(resources_dir: Path | str = "resources") -> Path:
     return Path(resources_dir) / "compile-cache" / socket.gethostname()
 
 
-def experiment_run(experiment_id: str, config: Mapping[str, Any], model_manifest: Path, dataset_dir: Path,
-                   experiment_dir: Path, baseline_path: Path | None = None,
-                   compile_cache: Path | None = None, placement: Mapping[str, Any] | None = None):
+def experiment_run(
+    experiment_id: str,
+    config: Mapping[str, Any],
+    model_manifest: Path,
+    dataset_dir: Path,
+    experiment_dir: Path,
+    baseline_path: Path | None = None,
+    compile_cache: Path | None = None,
+    placement: Mapping[str, Any] | None = None,
+):
     """Everything measure.measure_experiment needs, from the job's arguments."""
     from llm_energy import datasets, measure, models
     from llm_energy.config import load_campaign
@@ -63,22 +71,33 @@ def experiment_run(experiment_id: str, config: Mapping[str, Any], model_manifest
     campaign = load_campaign(config)
     exp = campaign.experiments[experiment_id]
     prov = provenance.collect(
-        experiment=exp.id, config_sha256=campaign.sha256,
+        experiment=exp.id,
+        config_sha256=campaign.sha256,
         inputs=[Path(model_manifest), Path(dataset_dir) / "manifest.json", Path(dataset_dir) / "prompts.jsonl"],
         extra={"job": measure.job_provenance()},
     )
     return measure.ExperimentRun(
-        experiment=exp, model_dir=models.resolve_model_path(Path(model_manifest)),
+        experiment=exp,
+        model_dir=models.resolve_model_path(Path(model_manifest)),
         prompts=[p["prompt"] for p in datasets.load_prompts(Path(dataset_dir))],
-        energy_config=dict(campaign.config["energy"]), experiment_dir=Path(experiment_dir), provenance=prov,
+        energy_config=dict(campaign.config["energy"]),
+        experiment_dir=Path(experiment_dir),
+        provenance=prov,
         baseline_path=Path(baseline_path) if baseline_path else None,
         compile_cache_dir=Path(compile_cache) if compile_cache else None,
         placement=dict(placement) if placement else None,
     ), campaign
 
 
-def run_inference_job(experiment_id: str, config: Mapping[str, Any], model_manifest: Path, dataset_dir: Path,
-                      run_set: Path, baseline_path: Path | None = None, compile_cache: Path | None = None) -> dict:
+def run_inference_job(
+    experiment_id: str,
+    config: Mapping[str, Any],
+    model_manifest: Path,
+    dataset_dir: Path,
+    run_set: Path,
+    baseline_path: Path | None = None,
+    compile_cache: Path | None = None,
+) -> dict:
     """Measure every cycle of one experiment and write its run set (the list of its cycles).
 
     The cycles' own artifacts (runs/{experiment}/cycle-{n}/) are written as each cycle completes and
@@ -93,11 +112,16 @@ def run_inference_job(experiment_id: str, config: Mapping[str, Any], model_manif
     # cycles', the data-parallel workers') inherit CUDA_VISIBLE_DEVICES, and the locks are held until
     # this function returns or the process dies.
     with placement.placed(campaign.experiments[experiment_id], campaign.config["campaign"]["gpus"]) as placed:
-        arguments = {"experiment_id": experiment_id, "config": dict(config), "model_manifest": str(model_manifest),
-                     "dataset_dir": str(dataset_dir), "experiment_dir": str(run_set.parent),
-                     "baseline_path": str(baseline_path) if baseline_path else None,
-                     "compile_cache": str(compile_cache) if compile_cache else None,
-                     "placement": placed.describe()}
+        arguments = {
+            "experiment_id": experiment_id,
+            "config": dict(config),
+            "model_manifest": str(model_manifest),
+            "dataset_dir": str(dataset_dir),
+            "experiment_dir": str(run_set.parent),
+            "baseline_path": str(baseline_path) if baseline_path else None,
+            "compile_cache": str(compile_cache) if compile_cache else None,
+            "placement": placed.describe(),
+        }
         run, campaign = experiment_run(**arguments)
         cycles = list(range(1, campaign.cycles + 1))
         if run.experiment.cycle_isolation == "process":
@@ -108,10 +132,20 @@ def run_inference_job(experiment_id: str, config: Mapping[str, Any], model_manif
     for cycle in cycles:
         paths = measure.RunPaths.in_dir(measure.cycle_dir(run.experiment_dir, cycle))
         document = artifacts.read_json_artifact(paths.result, "run_result")
-        entries.append({"cycle": cycle, "result": str(paths.result.relative_to(run_set.parent)),
-                        "status": document["data"]["status"]})
-    data = {"experiment_id": experiment_id, "cycle_isolation": run.experiment.cycle_isolation,
-            "cycles": entries, "measured_now": report["measured_cycles"], "timing": report["timing"]}
+        entries.append(
+            {
+                "cycle": cycle,
+                "result": str(paths.result.relative_to(run_set.parent)),
+                "status": document["data"]["status"],
+            }
+        )
+    data = {
+        "experiment_id": experiment_id,
+        "cycle_isolation": run.experiment.cycle_isolation,
+        "cycles": entries,
+        "measured_now": report["measured_cycles"],
+        "timing": report["timing"],
+    }
     artifacts.write_json_artifact(run_set, "run_set", data, run.provenance)
     return data
 
@@ -127,15 +161,20 @@ def estimate_flops_job(model: str, model_manifest: Path, dtype: str, out: Path, 
     from llm_energy import flops, models
 
     manifest = models.read_model_manifest(Path(model_manifest))
-    data = flops.estimate_model_flops(models.resolve_model_path(Path(model_manifest)), model=model,
-                                      dtype=dtype, parameter_count=manifest["parameter_count"])
+    data = flops.estimate_model_flops(
+        models.resolve_model_path(Path(model_manifest)),
+        model=model,
+        dtype=dtype,
+        parameter_count=manifest["parameter_count"],
+    )
     prov = provenance.collect(config_sha256=config_sha256, inputs=[Path(model_manifest)], include_gpus=False)
     artifacts.write_json_artifact(out, "flops_model", data, prov)
     return data
 
 
-def aggregate_job(experiment_id: str, run_set: Path, flops_path: Path | None, out: Path,
-                  config_sha256: str | None) -> dict:
+def aggregate_job(
+    experiment_id: str, run_set: Path, flops_path: Path | None, out: Path, config_sha256: str | None
+) -> dict:
     from llm_energy import aggregate
 
     run_results = run_results_of(Path(run_set))
@@ -143,8 +182,7 @@ def aggregate_job(experiment_id: str, run_set: Path, flops_path: Path | None, ou
     # Where the job's wall time went (load, compile, warm-up, baseline, windows, the rest).
     data["time_accounting"] = artifacts.read_json_artifact(Path(run_set), "run_set")["data"]["timing"]
     inputs = [Path(run_set), *run_results] + ([Path(flops_path)] if flops_path else [])
-    prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256, inputs=inputs,
-                              include_gpus=False)
+    prov = provenance.collect(experiment=experiment_id, config_sha256=config_sha256, inputs=inputs, include_gpus=False)
     artifacts.write_json_artifact(out, "experiment_result", data, prov)
     return data
 
@@ -158,14 +196,19 @@ def summarize_job(experiment_results: Sequence[Path], outputs: Mapping[str, Path
     log.info("summary: reading %d experiment results", len(paths))
     tables = summary.build_tables(paths)
     prov = provenance.collect(config_sha256=config_sha256, inputs=paths, include_gpus=False)
-    paths_out = summary.TablePaths(Path(outputs["summary_csv"]), Path(outputs["summary_parquet"]),
-                                   Path(outputs["metrics_csv"]), Path(outputs["metrics_parquet"]))
+    paths_out = summary.TablePaths(
+        Path(outputs["summary_csv"]),
+        Path(outputs["summary_parquet"]),
+        Path(outputs["metrics_csv"]),
+        Path(outputs["metrics_parquet"]),
+    )
     summary.write_tables(tables, paths_out, prov)
     log.info("summary: %d experiments -> %s", len(tables.summary), outputs["summary_csv"])
 
 
-def plot_job(figure: str, summary_parquet: Path, metrics_parquet: Path, png: Path, svg: Path,
-             runs_dir: Path | None) -> None:
+def plot_job(
+    figure: str, summary_parquet: Path, metrics_parquet: Path, png: Path, svg: Path, runs_dir: Path | None
+) -> None:
     """One campaign figure (llm_energy.plots.FIGURES) from the summary and metrics tables and, where it
     needs them, the raw runs under runs_dir."""
     from llm_energy import plots, summary
@@ -185,11 +228,11 @@ def plot_timelines_job(summary_parquet: Path, runs_dir: Path, out_dir: Path, wor
     log.info("timelines: %d experiments, %d without a figure", len(frame), len(skipped))
 
 
-def report_pages_job(summary_parquet: Path, experiment_results: Sequence[Path], runs_dir: Path,
-                     outputs: Mapping[str, Path]) -> None:
+def report_pages_job(
+    summary_parquet: Path, experiment_results: Sequence[Path], runs_dir: Path, outputs: Mapping[str, Path]
+) -> None:
     """The report's summary, flags and provenance pages."""
     from llm_energy import report
-
     from llm_energy.summary import read_summary
 
     log.info("report pages: reading %s and %d experiment results", summary_parquet, len(experiment_results))
@@ -199,5 +242,6 @@ def report_pages_job(summary_parquet: Path, experiment_results: Sequence[Path], 
         document = artifacts.read_json_artifact(Path(path), "experiment_result")
         experiment_provenance[document["data"]["experiment_id"]] = document.get("provenance") or {}
     rendered_by = provenance.collect(include_gpus=False)
-    report.write_pages(frame, experiment_provenance, Path(runs_dir), rendered_by,
-                       {name: Path(path) for name, path in outputs.items()})
+    report.write_pages(
+        frame, experiment_provenance, Path(runs_dir), rendered_by, {name: Path(path) for name, path in outputs.items()}
+    )

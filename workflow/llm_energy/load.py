@@ -35,7 +35,7 @@ from llm_energy import clock
 from llm_energy.backends.base import RequestRecord
 
 T = TypeVar("T")
-I = TypeVar("I")
+Item = TypeVar("Item")
 
 ARRIVALS = ("poisson", "gamma", "constant")
 FLAG_STEADY_SHORT = "steady_state_short"
@@ -70,9 +70,13 @@ class LoadSpec:
         return math.isfinite(self.request_rate)
 
     def describe(self) -> dict[str, Any]:
-        return {"request_rate_per_s": None if not self.open_loop else self.request_rate,
-                "request_rate": "inf" if not self.open_loop else self.request_rate,
-                "arrival": self.arrival, "burstiness": self.burstiness, "max_concurrency": self.max_concurrency}
+        return {
+            "request_rate_per_s": None if not self.open_loop else self.request_rate,
+            "request_rate": "inf" if not self.open_loop else self.request_rate,
+            "arrival": self.arrival,
+            "burstiness": self.burstiness,
+            "max_concurrency": self.max_concurrency,
+        }
 
 
 def arrival_offsets_s(count: int, spec: LoadSpec, seed: int) -> list[float]:
@@ -107,8 +111,9 @@ class Schedule:
         return cls(tuple(arrival_offsets_s(count, spec, seed)), spec.max_concurrency)
 
 
-async def run_on_schedule(items: Sequence[I], schedule: Schedule,
-                          submit: Callable[[I, float], Awaitable[T]]) -> list[T]:
+async def run_on_schedule(
+    items: Sequence[Item], schedule: Schedule, submit: Callable[[Item, float], Awaitable[T]]
+) -> list[T]:
     """Call `submit(item, due_s)` for each item at its due time (clock.now() scale), never waiting for
     earlier items to finish (open loop), at most schedule.max_concurrency at a time: an item due while
     that many are in flight waits for a free slot, and its queueing is submitted_s - due_s."""
@@ -117,7 +122,7 @@ async def run_on_schedule(items: Sequence[I], schedule: Schedule,
     start = clock.now()
     slots = asyncio.Semaphore(schedule.max_concurrency) if schedule.max_concurrency else None
 
-    async def one(item: I, offset: float) -> T:
+    async def one(item: Item, offset: float) -> T:
         due = start + offset
         delay = due - clock.now()
         if delay > 0:
@@ -136,8 +141,9 @@ async def run_on_schedule(items: Sequence[I], schedule: Schedule,
 
 def in_flight_steps(records: Sequence[RequestRecord]) -> tuple[np.ndarray, np.ndarray]:
     """The number of requests in flight as a step function: (times, count from each time on)."""
-    events = sorted([(r.submitted_s, 1) for r in records] + [(r.last_token_s, -1) for r in records],
-                    key=lambda e: (e[0], e[1]))  # a request ending at t is out before one starting at t
+    events = sorted(
+        [(r.submitted_s, 1) for r in records] + [(r.last_token_s, -1) for r in records], key=lambda e: (e[0], e[1])
+    )  # a request ending at t is out before one starting at t
     times = np.array([t for t, _ in events], dtype=float)
     counts = np.cumsum([d for _, d in events])
     return times, counts
@@ -167,9 +173,14 @@ class SteadyState:
         return self.end_s - self.start_s
 
     def describe(self) -> dict[str, Any]:
-        return {"start_s": self.start_s, "end_s": self.end_s, "duration_s": self.duration_s,
-                "plateau_in_flight": self.plateau_in_flight, "completed_requests": self.completed_requests,
-                "flags": list(self.flags)}
+        return {
+            "start_s": self.start_s,
+            "end_s": self.end_s,
+            "duration_s": self.duration_s,
+            "plateau_in_flight": self.plateau_in_flight,
+            "completed_requests": self.completed_requests,
+            "flags": list(self.flags),
+        }
 
 
 def steady_state(records: Sequence[RequestRecord], max_concurrency: int | None = None) -> SteadyState | None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -64,8 +64,9 @@ class RunPaths:
 
     @classmethod
     def in_dir(cls, run_dir: Path) -> RunPaths:
-        return cls(result=run_dir / "result.json", requests=run_dir / "requests.parquet",
-                   timeline=run_dir / "timeline.parquet")
+        return cls(
+            result=run_dir / "result.json", requests=run_dir / "requests.parquet", timeline=run_dir / "timeline.parquet"
+        )
 
 
 def cycle_dir(experiment_dir: Path, cycle: int) -> Path:
@@ -75,8 +76,12 @@ def cycle_dir(experiment_dir: Path, cycle: int) -> Path:
 def decoding_settings(experiment: Experiment, cycle: int) -> DecodingSettings:
     p = experiment.parameters
     return DecodingSettings(
-        mode=p["decoding_mode"], temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"],
-        output_length=p["output_length"], max_output_tokens=p["max_output_tokens"],
+        mode=p["decoding_mode"],
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        top_k=p["top_k"],
+        output_length=p["output_length"],
+        max_output_tokens=p["max_output_tokens"],
         # Each cycle samples with its own seed, so sampled cycles are independent yet reproducible.
         seed=experiment.seed + cycle,
     )
@@ -87,8 +92,9 @@ def prefill_only(decoding: DecodingSettings) -> DecodingSettings:
     return dataclasses.replace(decoding, max_output_tokens=1, output_length="fixed")
 
 
-def backend_settings(experiment: Experiment, compile_cache_dir: Path | None = None,
-                     log_dir: Path | None = None) -> dict[str, Any]:
+def backend_settings(
+    experiment: Experiment, compile_cache_dir: Path | None = None, log_dir: Path | None = None
+) -> dict[str, Any]:
     settings = dict(experiment.backend_settings)
     settings["trust_remote_code"] = experiment.model_spec["trust_remote_code"]
     settings["batching"] = experiment.parameters["batching"]
@@ -143,14 +149,19 @@ class WarmupResult:
     prefill_batches: int = 0
 
     def describe(self, settings: WarmupSpec | Mapping[str, Any]) -> dict[str, Any]:
-        return {"batches": len(self.batch_times_s), "batch_times_s": self.batch_times_s,
-                "batch_shapes": [list(s) for s in self.batch_shapes], "converged": self.converged,
-                "prefill_only_batches": self.prefill_batches,
-                "settings": dataclasses.asdict(WarmupSpec.of(settings))}
+        return {
+            "batches": len(self.batch_times_s),
+            "batch_times_s": self.batch_times_s,
+            "batch_shapes": [list(s) for s in self.batch_shapes],
+            "converged": self.converged,
+            "prefill_only_batches": self.prefill_batches,
+            "settings": dataclasses.asdict(WarmupSpec.of(settings)),
+        }
 
 
-def warmup_converged(times_s: Sequence[float], shapes: Sequence[tuple[int, int]], min_batches: int,
-                     stable_batches: int, tolerance: float) -> bool:
+def warmup_converged(
+    times_s: Sequence[float], shapes: Sequence[tuple[int, int]], min_batches: int, stable_batches: int, tolerance: float
+) -> bool:
     """At least `min_batches` batches, and the last `stable_batches` batches of the most common shape
     agree within `tolerance` (max/min - 1): batches of another shape (a partial last batch) are not
     compared with full ones."""
@@ -166,9 +177,14 @@ def warmup_converged(times_s: Sequence[float], shapes: Sequence[tuple[int, int]]
     return max(same) / min(same) - 1.0 <= tolerance
 
 
-def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, decoding: DecodingSettings,
-            settings: WarmupSpec | Mapping[str, Any],
-            prefill_decoding: DecodingSettings | None = None) -> WarmupResult:
+def warm_up(
+    backend: Backend,
+    batches: list[list[Request]],
+    batch_size: int,
+    decoding: DecodingSettings,
+    settings: WarmupSpec | Mapping[str, Any],
+    prefill_decoding: DecodingSettings | None = None,
+) -> WarmupResult:
     """Run the measured batches round-robin until their times settle and every shape has run
     (`settings`: campaign.warmup).
 
@@ -190,13 +206,17 @@ def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, dec
         result.batch_times_s.append(clock.now() - t0)
         result.batch_shapes.append(shape_of(batch))
         seen.add(shape_of(batch))
-        result.converged = warmup_converged(result.batch_times_s, result.batch_shapes, settings.min_batches,
-                                            settings.stable_batches, settings.tolerance)
+        result.converged = warmup_converged(
+            result.batch_times_s, result.batch_shapes, settings.min_batches, settings.stable_batches, settings.tolerance
+        )
         if result.converged and needed_shapes <= seen:
             break
         if clock.now() - started > settings.max_s and needed_shapes <= seen:
-            log.warning("warm-up did not converge within campaign.warmup.max_s=%s s (last batch times %s)",
-                        settings.max_s, [round(t, 4) for t in result.batch_times_s[-5:]])
+            log.warning(
+                "warm-up did not converge within campaign.warmup.max_s=%s s (last batch times %s)",
+                settings.max_s,
+                [round(t, 4) for t in result.batch_times_s[-5:]],
+            )
             break
     if prefill_decoding is not None:
         shapes_done: set[tuple[int, int]] = set()
@@ -207,8 +227,12 @@ def warm_up(backend: Backend, batches: list[list[Request]], batch_size: int, dec
             backend.generate(batch, batch_size, prefill_decoding)
             result.prefill_batches += 1
         backend.synchronize()
-    log.info("warm-up: %d batches in %.1f s, converged: %s", len(result.batch_times_s), clock.now() - started,
-             result.converged)
+    log.info(
+        "warm-up: %d batches in %.1f s, converged: %s",
+        len(result.batch_times_s),
+        clock.now() - started,
+        result.converged,
+    )
     return result
 
 
@@ -258,8 +282,13 @@ class MeasuredWindow:
     memory: dict[str, Any]
 
 
-def _measured(session: EnergySession, backend: Backend, name: str, work: Callable[[], Any],
-              host_share: HostShareWatch | None = None) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
+def _measured(
+    session: EnergySession,
+    backend: Backend,
+    name: str,
+    work: Callable[[], Any],
+    host_share: HostShareWatch | None = None,
+) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
     """The edges every measured window shares around `work` (the backend's calls, nothing else):
     a fresh peak-memory interval, a settled heap, the compilation and GC counters read at both edges,
     and (beside other jobs on the box) whether the host's energy was shared with them (host_shared).
@@ -284,9 +313,16 @@ def _measured(session: EnergySession, backend: Backend, name: str, work: Callabl
     return record, value, (compiled_before, compiled_after), backend.memory_report()
 
 
-def measure_window(session: EnergySession, backend: Backend, name: str, requests: list[Request], batch_size: int,
-                   decoding: DecodingSettings, min_window_s: float,
-                   host_share: HostShareWatch | None = None) -> MeasuredWindow:
+def measure_window(
+    session: EnergySession,
+    backend: Backend,
+    name: str,
+    requests: list[Request],
+    batch_size: int,
+    decoding: DecodingSettings,
+    min_window_s: float,
+    host_share: HostShareWatch | None = None,
+) -> MeasuredWindow:
     """One measured window: the request set, repeated until the window lasts `min_window_s`.
 
     Between the edges only the backend runs; the loop's own work is one clock read per repeat.
@@ -316,18 +352,30 @@ def load_requests(requests: Sequence[Request], load: LoadSpec, min_window_s: flo
     return cycled, [position // len(requests) for position in range(count)]
 
 
-def measure_load_window(session: EnergySession, backend: Backend, requests: list[Request],
-                        decoding: DecodingSettings, load: LoadSpec, min_window_s: float, seed: int,
-                        host_share: HostShareWatch | None = None) -> MeasuredWindow:
+def measure_load_window(
+    session: EnergySession,
+    backend: Backend,
+    requests: list[Request],
+    decoding: DecodingSettings,
+    load: LoadSpec,
+    min_window_s: float,
+    seed: int,
+    host_share: HostShareWatch | None = None,
+) -> MeasuredWindow:
     """One measured window of open-loop arrivals (llm_energy.load): every request submitted at its
     arrival time, drawn from `seed`, the window from the first submission to the last token."""
     cycled, passes = load_requests(requests, load, min_window_s)
     schedule = Schedule.open_loop(len(cycled), load, seed)
     record, records, compilations, memory = _measured(
-        session, backend, "inference", lambda: backend.serve(cycled, decoding, schedule), host_share)
+        session, backend, "inference", lambda: backend.serve(cycled, decoding, schedule), host_share
+    )
     record["repeats"] = max(passes) + 1
-    record["load"] = {**load.describe(), "requests": len(cycled), "seed": seed,
-                      "last_arrival_offset_s": schedule.offsets_s[-1]}
+    record["load"] = {
+        **load.describe(),
+        "requests": len(cycled),
+        "seed": seed,
+        "last_arrival_offset_s": schedule.offsets_s[-1],
+    }
     return MeasuredWindow(record, records, passes, max(passes) + 1, compilations, memory)
 
 
@@ -336,8 +384,9 @@ def load_seed(experiment: Experiment, cycle: int) -> int:
     return experiment.seed * 1_000_003 + cycle
 
 
-def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None = None,
-                   extra: Mapping[str, Sequence[Any]] | None = None) -> pd.DataFrame:
+def requests_frame(
+    records: list[RequestRecord], repeats: Sequence[int] | None = None, extra: Mapping[str, Sequence[Any]] | None = None
+) -> pd.DataFrame:
     """One row per request; latencies as llm_energy.metrics defines them. `itl_s` holds the request's
     every ITL sample (one per chunk gap), so that aggregation can pool the samples over cycles;
     `repeat` says which repetition of the request set (campaign.min_window_s) the row belongs to."""
@@ -346,32 +395,55 @@ def requests_frame(records: list[RequestRecord], repeats: Sequence[int] | None =
         itl = metrics.inter_token_latencies_s(r)
         tpot = metrics.time_per_output_token_s(r)
         chunk_times, chunk_tokens = r.arrivals()
-        rows.append({
-            "request_index": r.index,
-            "repeat": 0 if repeats is None else int(repeats[position]),
-            "batch_index": -1 if r.batch_index is None else r.batch_index,
-            "input_tokens": r.input_tokens,
-            "output_tokens": r.output_tokens,
-            "submitted_s": r.submitted_s,
-            "first_token_s": float("nan") if r.first_token_s is None else r.first_token_s,
-            "finished_s": r.finished_s,
-            "e2e_s": r.e2e_s,
-            "ttft_s": float("nan") if r.ttft_s is None else r.ttft_s,
-            "tpot_s": float("nan") if tpot is None else tpot,
-            "itl_mean_s": sum(itl) / len(itl) if itl else float("nan"),
-            "token_times_s": list(r.token_times_s or []),
-            "chunk_times_s": chunk_times,
-            "chunk_tokens": chunk_tokens,
-            "itl_s": itl,
-            "latency_source": r.latency_source,
-            "due_s": float("nan") if r.due_s is None else r.due_s,
-            "queue_s": float("nan") if r.queue_s is None else r.queue_s,
-            **{name: (float("nan") if values[position] is None else values[position])
-               for name, values in (extra or {}).items()},
-        })
-    columns = ["request_index", "repeat", "batch_index", "input_tokens", "output_tokens", "submitted_s",
-               "first_token_s", "finished_s", "e2e_s", "ttft_s", "tpot_s", "itl_mean_s", "token_times_s",
-               "chunk_times_s", "chunk_tokens", "itl_s", "latency_source", "due_s", "queue_s", *(extra or {})]
+        rows.append(
+            {
+                "request_index": r.index,
+                "repeat": 0 if repeats is None else int(repeats[position]),
+                "batch_index": -1 if r.batch_index is None else r.batch_index,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "submitted_s": r.submitted_s,
+                "first_token_s": float("nan") if r.first_token_s is None else r.first_token_s,
+                "finished_s": r.finished_s,
+                "e2e_s": r.e2e_s,
+                "ttft_s": float("nan") if r.ttft_s is None else r.ttft_s,
+                "tpot_s": float("nan") if tpot is None else tpot,
+                "itl_mean_s": sum(itl) / len(itl) if itl else float("nan"),
+                "token_times_s": list(r.token_times_s or []),
+                "chunk_times_s": chunk_times,
+                "chunk_tokens": chunk_tokens,
+                "itl_s": itl,
+                "latency_source": r.latency_source,
+                "due_s": float("nan") if r.due_s is None else r.due_s,
+                "queue_s": float("nan") if r.queue_s is None else r.queue_s,
+                **{
+                    name: (float("nan") if values[position] is None else values[position])
+                    for name, values in (extra or {}).items()
+                },
+            }
+        )
+    columns = [
+        "request_index",
+        "repeat",
+        "batch_index",
+        "input_tokens",
+        "output_tokens",
+        "submitted_s",
+        "first_token_s",
+        "finished_s",
+        "e2e_s",
+        "ttft_s",
+        "tpot_s",
+        "itl_mean_s",
+        "token_times_s",
+        "chunk_times_s",
+        "chunk_tokens",
+        "itl_s",
+        "latency_source",
+        "due_s",
+        "queue_s",
+        *(extra or {}),
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -391,8 +463,11 @@ def differential_phases(full: MeasuredWindow, prefill: MeasuredWindow) -> dict[s
     gpu_prefill = prefill.record["domains"]["gpu"]
     if not gpu_full.get("available") or not gpu_prefill.get("available"):
         reason = gpu_full.get("reason") or gpu_prefill.get("reason") or "not measured"
-        return {"available": False, "method": "differential",
-                "reason": f"differential phases need measured GPU energy in both windows ({reason})"}
+        return {
+            "available": False,
+            "method": "differential",
+            "reason": f"differential phases need measured GPU energy in both windows ({reason})",
+        }
     prefill_input = sum(r.input_tokens for r in prefill.requests)
     full_input = sum(r.input_tokens for r in full.requests)
     decode_tokens = sum(max(r.output_tokens - 1, 0) for r in full.requests)
@@ -403,19 +478,28 @@ def differential_phases(full: MeasuredWindow, prefill: MeasuredWindow) -> dict[s
     decode_j = float(gpu_full["gross_j"]) - prefill_j
     flags = ["prefill_exceeds_window"] if decode_j < 0 else []
     return {
-        "available": True, "method": "differential",
-        "description": ("prefill: a prefill-only window (same batches, one output token, repeated to "
-                        "campaign.min_window_s) gives GPU energy per input token; decode: the full window's "
-                        "GPU energy minus that prefill energy, per decode token (output tokens after each "
-                        "request's first)"),
-        "prefill_j": prefill_j, "decode_j": decode_j,
+        "available": True,
+        "method": "differential",
+        "description": (
+            "prefill: a prefill-only window (same batches, one output token, repeated to "
+            "campaign.min_window_s) gives GPU energy per input token; decode: the full window's "
+            "GPU energy minus that prefill energy, per decode token (output tokens after each "
+            "request's first)"
+        ),
+        "prefill_j": prefill_j,
+        "decode_j": decode_j,
         "prefill_energy_per_input_token_j": per_input_j,
         "decode_energy_per_decode_token_j": decode_j / decode_tokens if decode_tokens else None,
         "decode_tokens": decode_tokens,
-        "prefill_window": {"start_s": prefill.record["start_s"], "end_s": prefill.record["end_s"],
-                           "duration_s": prefill.record["duration_s"], "repeats": prefill.repeats,
-                           "gross_j": float(gpu_prefill["gross_j"]), "input_tokens": prefill_input,
-                           "flags": prefill.record.get("flags", [])},
+        "prefill_window": {
+            "start_s": prefill.record["start_s"],
+            "end_s": prefill.record["end_s"],
+            "duration_s": prefill.record["duration_s"],
+            "repeats": prefill.repeats,
+            "gross_j": float(gpu_prefill["gross_j"]),
+            "input_tokens": prefill_input,
+            "flags": prefill.record.get("flags", []),
+        },
         "flags": flags,
     }
 
@@ -475,9 +559,14 @@ class _Timing:
         total = clock.now() - self.started_s
         accounted = sum(self.phases_s.values())
         windows = self.phases_s.get("windows", 0.0)
-        return {"started_unix_s": self.started_unix_s, "total_s": total, "phases_s": dict(self.phases_s),
-                "other_s": max(total - accounted, 0.0), "windows_s": windows,
-                "share_in_windows": windows / total if total > 0 else None}
+        return {
+            "started_unix_s": self.started_unix_s,
+            "total_s": total,
+            "phases_s": dict(self.phases_s),
+            "other_s": max(total - accounted, 0.0),
+            "windows_s": windows,
+            "share_in_windows": windows / total if total > 0 else None,
+        }
 
 
 def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, Any]:
@@ -496,8 +585,13 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
     setup_windows: list[dict[str, Any]] = []
     gpu_state = {"start": hardware.describe_gpus(devices), "end": []}  # temperatures, clocks, limits
     backend: Backend | None = None
-    log.info("experiment %s: cycles %s, %d prompts, GPUs visible: %s", experiment.id, todo, len(run.prompts),
-             [d.uuid for d in devices] or "none")
+    log.info(
+        "experiment %s: cycles %s, %d prompts, GPUs visible: %s",
+        experiment.id,
+        todo,
+        len(run.prompts),
+        [d.uuid for d in devices] or "none",
+    )
 
     def setup_window(name: str, work: Callable[[], Any]) -> Any:
         handle = session.open_window(name)
@@ -515,10 +609,14 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
         static_baseline = session.ensure_baseline()
         timing.add("baseline", clock.now() - t0)
         try:
-            backend = create_backend(experiment.backend, backend_settings(experiment, run.compile_cache_dir, run.experiment_dir))
+            backend = create_backend(
+                experiment.backend, backend_settings(experiment, run.compile_cache_dir, run.experiment_dir)
+            )
             require_cuda_untouched(experiment)
-            load_report = setup_window("model_load", lambda: backend.load(
-                run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]))
+            load_report = setup_window(
+                "model_load",
+                lambda: backend.load(run.model_dir, p["dtype"], max_model_len(experiment), p["batch_size"]),
+            )
             # Only the GPUs holding this job's engine are measured (an attached server names its own).
             session.bind_to_process_gpus(backend.measured_gpus(devices))
             measured = select_requests(backend.tokenize(run.prompts, p["max_input_tokens"]), experiment)
@@ -526,13 +624,27 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             first_decoding = decoding_settings(experiment, todo[0])
             # Under a request rate there is no prefill-only window (see _measure_cycle): nothing to warm for it.
             phase_split = settings.phase_split if experiment.load is None else "off"
-            placed = {**(run.placement or {}), "topology": topology.describe(
-                devices, run.placement, [{"role": "harness", "pid": os.getpid(), "gpus": [d.uuid for d in devices]},
-                                         *backend.processes()], session.compute_processes())}
+            placed = {
+                **(run.placement or {}),
+                "topology": topology.describe(
+                    devices,
+                    run.placement,
+                    [{"role": "harness", "pid": os.getpid(), "gpus": [d.uuid for d in devices]}, *backend.processes()],
+                    session.compute_processes(),
+                ),
+            }
             compile_facts = setup_window("compile", lambda: backend.compile(batches, first_decoding))
-            warmup = setup_window("warmup", lambda: warm_up(
-                backend, batches, p["batch_size"], first_decoding, experiment.warmup,
-                prefill_only(first_decoding) if phase_split == "differential" else None))
+            warmup = setup_window(
+                "warmup",
+                lambda: warm_up(
+                    backend,
+                    batches,
+                    p["batch_size"],
+                    first_decoding,
+                    experiment.warmup,
+                    prefill_only(first_decoding) if phase_split == "differential" else None,
+                ),
+            )
             t0 = clock.now()
             active_baseline = _active_idle_baseline(session, settings)
             timing.add("baseline", clock.now() - t0)
@@ -540,9 +652,24 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
             busy_until_s = None  # the baseline just ran: the first cycle rewarms
             for cycle in todo:
                 result, busy_until_s = _measure_cycle(
-                    run, cycle, measured, batches, session, backend, devices, load_report, compile_facts, warmup,
-                    setup_windows, {"static_idle": static_baseline, "active_idle": active_baseline},
-                    gpu_state, phase_split, timing, busy_until_s, placed)
+                    run,
+                    cycle,
+                    measured,
+                    batches,
+                    session,
+                    backend,
+                    devices,
+                    load_report,
+                    compile_facts,
+                    warmup,
+                    setup_windows,
+                    {"static_idle": static_baseline, "active_idle": active_baseline},
+                    gpu_state,
+                    phase_split,
+                    timing,
+                    busy_until_s,
+                    placed,
+                )
                 statuses.append({"cycle": cycle, "status": result["status"]})
         except BackendError as exc:
             log.error("experiment %s failed: %s", experiment.id, exc)
@@ -569,8 +696,10 @@ def require_cuda_untouched(experiment: Experiment) -> None:
         return
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        raise BackendError(f"backend '{experiment.backend}' starts its engine in processes of its own, which need "
-                           "the first CUDA context, but this process created one before the engine started")
+        raise BackendError(
+            f"backend '{experiment.backend}' starts its engine in processes of its own, which need "
+            "the first CUDA context, but this process created one before the engine started"
+        )
 
 
 def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> dict[str, Any] | None:
@@ -584,20 +713,32 @@ def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> d
     return record
 
 
-def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batches: list[list[Request]],
-                   session: EnergySession, backend: Backend, devices: list[hardware.GpuDevice], load_report: Any,
-                   compile_facts: dict[str, Any], warmup: WarmupResult, setup_windows: list[dict[str, Any]],
-                   baselines: dict[str, Any], gpu_state: dict[str, Any], phase_split: str,
-                   timing: _Timing, busy_until_s: float | None,
-                   placed: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
+def _measure_cycle(
+    run: ExperimentRun,
+    cycle: int,
+    measured: list[Request],
+    batches: list[list[Request]],
+    session: EnergySession,
+    backend: Backend,
+    devices: list[hardware.GpuDevice],
+    load_report: Any,
+    compile_facts: dict[str, Any],
+    warmup: WarmupResult,
+    setup_windows: list[dict[str, Any]],
+    baselines: dict[str, Any],
+    gpu_state: dict[str, Any],
+    phase_split: str,
+    timing: _Timing,
+    busy_until_s: float | None,
+    placed: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], float]:
     """Measure one cycle and write its artifacts. Returns the result and when the GPU last worked
     (the end of the cycle's last window), which decides whether the next cycle rewarms."""
     experiment = run.experiment
     p = experiment.parameters
     paths = RunPaths.in_dir(cycle_dir(run.experiment_dir, cycle))
     decoding = decoding_settings(experiment, cycle)
-    log.info("cycle %d: measuring %d requests, window at least %.1f s", cycle, len(measured),
-             experiment.min_window_s)
+    log.info("cycle %d: measuring %d requests, window at least %.1f s", cycle, len(measured), experiment.min_window_s)
     t0 = clock.now()
     idle_before_s = None if busy_until_s is None else t0 - busy_until_s
     rewarmed = needs_rewarm(busy_until_s, t0)
@@ -606,25 +747,45 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
         timing.add("warmup", clock.now() - t0)
     host_share = run.host_share_watch()
     if experiment.load is not None:
-        window = measure_load_window(session, backend, measured, decoding, experiment.load,
-                                     experiment.min_window_s, load_seed(experiment, cycle), host_share)
+        window = measure_load_window(
+            session,
+            backend,
+            measured,
+            decoding,
+            experiment.load,
+            experiment.min_window_s,
+            load_seed(experiment, cycle),
+            host_share,
+        )
     else:
-        window = measure_window(session, backend, "inference", measured, p["batch_size"], decoding,
-                                experiment.min_window_s, host_share)
+        window = measure_window(
+            session, backend, "inference", measured, p["batch_size"], decoding, experiment.min_window_s, host_share
+        )
     timing.add("windows", window.record["duration_s"])
     phases: dict[str, Any]
     prefill = None
     if phase_split == "differential":
-        prefill = measure_window(session, backend, "prefill_only", measured, p["batch_size"], prefill_only(decoding),
-                                 experiment.min_window_s, host_share)
+        prefill = measure_window(
+            session,
+            backend,
+            "prefill_only",
+            measured,
+            p["batch_size"],
+            prefill_only(decoding),
+            experiment.min_window_s,
+            host_share,
+        )
         timing.add("windows", prefill.record["duration_s"])
         phases = differential_phases(window, prefill)
     last = prefill or window
     busy_until_s = last.record["end_s"]
     if experiment.load is not None:
-        phases = {"available": False, "method": "off",
-                  "reason": "under a request rate: a prefill-only pass would not see the same batches (energy.phase_split "
-                            "applies to static batches)"}
+        phases = {
+            "available": False,
+            "method": "off",
+            "reason": "under a request rate: a prefill-only pass would not see the same batches (energy.phase_split "
+            "applies to static batches)",
+        }
     elif phase_split != "differential":
         phases = {"available": False, "method": "off", "reason": "energy.phase_split: off"}
     # Collected once, after both windows: the timeline split and the cycle's timeline.parquet.
@@ -633,8 +794,9 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     if experiment.load is not None:
         from llm_energy.energy.attribution import load_window_results
 
-        under_load = load_window_results(window.requests, timeline, window.record,
-                                         experiment.load.max_concurrency, experiment.slo)
+        under_load = load_window_results(
+            window.requests, timeline, window.record, experiment.load.max_concurrency, experiment.slo
+        )
     if phase_split in ("timeline", "differential"):
         from llm_energy.energy.phases import split_prefill_decode
 
@@ -665,21 +827,41 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
         "cycle": cycle,
         "status": "ok",
         "error": None,
-        "experiment": {"model": experiment.model, "backend": experiment.backend, "variant": experiment.variant,
-                       "dataset": experiment.dataset, "parameters": experiment.parameters,
-                       "engine_path": backend.engine_path},
+        "experiment": {
+            "model": experiment.model,
+            "backend": experiment.backend,
+            "variant": experiment.variant,
+            "dataset": experiment.dataset,
+            "parameters": experiment.parameters,
+            "engine_path": backend.engine_path,
+        },
         "load": {"device": load_report.device, "dtype": load_report.dtype, "details": load_report.details},
-        "setup": {"duration_s": sum(w["duration_s"] for w in setup_windows), "windows": setup_windows,
-                  "shared_by_cycles": True, "baseline": baselines, "compile": compile_facts,
-                  "warmup": warmup.describe(experiment.warmup)},
-        "window": {**window.record, "start_unix_s": window.record["start_s"] + clock.wall_offset_s(),
-                   "first_request_submitted_s": first_submitted, "last_token_received_s": last_finished,
-                   "min_window_s": experiment.min_window_s, "rewarmed": rewarmed, "idle_before_s": idle_before_s,
-                   "compilation_count": {"before": window.compilations[0], "after": window.compilations[1]}},
+        "setup": {
+            "duration_s": sum(w["duration_s"] for w in setup_windows),
+            "windows": setup_windows,
+            "shared_by_cycles": True,
+            "baseline": baselines,
+            "compile": compile_facts,
+            "warmup": warmup.describe(experiment.warmup),
+        },
+        "window": {
+            **window.record,
+            "start_unix_s": window.record["start_s"] + clock.wall_offset_s(),
+            "first_request_submitted_s": first_submitted,
+            "last_token_received_s": last_finished,
+            "min_window_s": experiment.min_window_s,
+            "rewarmed": rewarmed,
+            "idle_before_s": idle_before_s,
+            "compilation_count": {"before": window.compilations[0], "after": window.compilations[1]},
+        },
         "memory": window.memory,
-        "tokens": {"requests": len(window.requests), "input_tokens": int(run_metrics["input_tokens"]),
-                   "output_tokens": int(run_metrics["output_tokens"]), "repeats": window.repeats,
-                   "distinct_requests": len(measured)},
+        "tokens": {
+            "requests": len(window.requests),
+            "input_tokens": int(run_metrics["input_tokens"]),
+            "output_tokens": int(run_metrics["output_tokens"]),
+            "repeats": window.repeats,
+            "distinct_requests": len(measured),
+        },
         "metrics": run_metrics,
         "metrics_info": info,
         "phases": phases,
@@ -692,31 +874,68 @@ def _measure_cycle(run: ExperimentRun, cycle: int, measured: list[Request], batc
     if placed is not None:
         result["placement"] = placed
     _write_cycle(paths, result, window, timeline, run.provenance, under_load["per_request"] if under_load else None)
-    log.info("cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s", cycle,
-             run_metrics["output_tokens_per_s"] or 0, window.record["duration_s"], window.repeats, flags or "none")
+    log.info(
+        "cycle %d done: %.1f output tokens/s, window %.2f s (%d repeats), flags %s",
+        cycle,
+        run_metrics["output_tokens_per_s"] or 0,
+        window.record["duration_s"],
+        window.repeats,
+        flags or "none",
+    )
     return result, busy_until_s
 
 
-def _write_cycle(paths: RunPaths, result: dict[str, Any], window: MeasuredWindow, timeline: pd.DataFrame,
-                 provenance: dict[str, Any], per_request: Mapping[str, Sequence[Any]] | None = None) -> None:
+def _write_cycle(
+    paths: RunPaths,
+    result: dict[str, Any],
+    window: MeasuredWindow,
+    timeline: pd.DataFrame,
+    provenance: dict[str, Any],
+    per_request: Mapping[str, Sequence[Any]] | None = None,
+) -> None:
     paths.result.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_table_artifact(paths.requests, "requests_table",
-                                   requests_frame(window.requests, window.repeat_of_request, per_request), provenance)
+    artifacts.write_table_artifact(
+        paths.requests,
+        "requests_table",
+        requests_frame(window.requests, window.repeat_of_request, per_request),
+        provenance,
+    )
     artifacts.write_table_artifact(paths.timeline, "timeline_table", timeline, provenance)
     # The result is written last: its presence marks a complete cycle.
     artifacts.write_json_artifact(paths.result, "run_result", result, provenance)
 
 
-def _write_failed(run: ExperimentRun, cycle: int, error: str, setup: list[dict], session: EnergySession,
-                  gpu_state: dict, paths: RunPaths) -> None:
+def _write_failed(
+    run: ExperimentRun,
+    cycle: int,
+    error: str,
+    setup: list[dict],
+    session: EnergySession,
+    gpu_state: dict,
+    paths: RunPaths,
+) -> None:
     experiment = run.experiment
     result = {
-        "experiment_id": experiment.id, "cycle": cycle, "status": "failed", "error": error,
-        "experiment": {"model": experiment.model, "backend": experiment.backend, "variant": experiment.variant,
-                       "dataset": experiment.dataset, "parameters": experiment.parameters},
-        "load": None, "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
-        "window": None, "tokens": None, "metrics": {}, "metrics_info": {}, "phases": None,
-        "energy_sources": session.describe(), "gpu_state": gpu_state,
+        "experiment_id": experiment.id,
+        "cycle": cycle,
+        "status": "failed",
+        "error": error,
+        "experiment": {
+            "model": experiment.model,
+            "backend": experiment.backend,
+            "variant": experiment.variant,
+            "dataset": experiment.dataset,
+            "parameters": experiment.parameters,
+        },
+        "load": None,
+        "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
+        "window": None,
+        "tokens": None,
+        "metrics": {},
+        "metrics_info": {},
+        "phases": None,
+        "energy_sources": session.describe(),
+        "gpu_state": gpu_state,
         "validity": {"flags": ["failed"], "valid": False},
     }
     paths.result.parent.mkdir(parents=True, exist_ok=True)
@@ -736,12 +955,18 @@ def measure_cycles_isolated(run_args: dict[str, Any], cycles: Sequence[int]) -> 
     statuses = []
     for cycle in cycles:
         payload = json.dumps({**run_args, "cycles": [cycle]})
-        completed = subprocess.run([sys.executable, "-m", "llm_energy.measure_process"], input=payload, text=True,
-                                   capture_output=True, env=dict(os.environ))
+        completed = subprocess.run(
+            [sys.executable, "-m", "llm_energy.measure_process"],
+            input=payload,
+            text=True,
+            capture_output=True,
+            env=dict(os.environ),
+        )
         sys.stderr.write(completed.stderr)
         if completed.returncode != 0:
-            raise RuntimeError(f"the process measuring cycle {cycle} exited with {completed.returncode}: "
-                               f"{completed.stderr[-2000:]}")
+            raise RuntimeError(
+                f"the process measuring cycle {cycle} exited with {completed.returncode}: {completed.stderr[-2000:]}"
+            )
         report = json.loads(completed.stdout.strip().splitlines()[-1])
         timings.append(report["timing"])
         statuses.extend(report["measured_cycles"])
@@ -755,9 +980,15 @@ def combine_timings(timings: Sequence[dict[str, Any]]) -> dict[str, Any]:
             phases[name] = phases.get(name, 0.0) + seconds
     total = sum(t["total_s"] for t in timings)
     windows = phases.get("windows", 0.0)
-    return {"started_unix_s": min((t["started_unix_s"] for t in timings), default=None), "total_s": total,
-            "phases_s": phases, "other_s": sum(t["other_s"] for t in timings), "windows_s": windows,
-            "share_in_windows": windows / total if total > 0 else None, "processes": len(timings)}
+    return {
+        "started_unix_s": min((t["started_unix_s"] for t in timings), default=None),
+        "total_s": total,
+        "phases_s": phases,
+        "other_s": sum(t["other_s"] for t in timings),
+        "windows_s": windows,
+        "share_in_windows": windows / total if total > 0 else None,
+        "processes": len(timings),
+    }
 
 
 def job_provenance() -> dict[str, Any]:

@@ -47,19 +47,21 @@ PERCENTILES = tuple(PERCENTILE_MIN_SAMPLES)
 LATENCY_NAMES = ("e2e", "ttft", "itl", "tpot")
 # Every metric key and metrics_info reason key the latency distributions produce.
 LATENCY_METRIC_NAMES: tuple[str, ...] = tuple(
-    key for name in LATENCY_NAMES
-    for key in (f"{name}_mean_s", *(f"{name}_p{p}_s" for p in PERCENTILES), f"{name}_n")
+    key for name in LATENCY_NAMES for key in (f"{name}_mean_s", *(f"{name}_p{p}_s" for p in PERCENTILES), f"{name}_n")
 )
 LATENCY_REASON_KEYS: tuple[str, ...] = tuple(
-    key for name in LATENCY_NAMES
+    key
+    for name in LATENCY_NAMES
     for key in (f"{name}_unavailable_reason", *(f"{name}_p{p}_unavailable_reason" for p in PERCENTILES))
 )
 # Why a latency has no sample at all (the records say where their timestamps came from).
 NO_SAMPLE_REASONS: dict[str, str] = {
     "e2e": "no request was measured",
     "ttft": "the backend did not observe any request's first token",
-    "itl": ("no request has two or more chunk arrival times (the backend reports only first and last token, "
-            "or every request was one chunk)"),
+    "itl": (
+        "no request has two or more chunk arrival times (the backend reports only first and last token, "
+        "or every request was one chunk)"
+    ),
     "tpot": "no request has an observed first token and two or more output tokens",
 }
 
@@ -100,7 +102,8 @@ def latency_samples(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
 
 
 def latency_distributions(
-    samples: Mapping[str, Sequence[float]], where: str = "",
+    samples: Mapping[str, Sequence[float]],
+    where: str = "",
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """The latency metrics (LATENCY_METRIC_NAMES) of pooled samples, and the reasons of those that are None.
     `where` says what was pooled (for the reasons)."""
@@ -116,7 +119,8 @@ def latency_distributions(
             flat[f"{name}_p{p}_s"] = stats[f"p{p}"]
             if 0 < n < needed:
                 reasons[f"{name}_p{p}_unavailable_reason"] = (
-                    f"{n} {name} samples{pooled}; a p{p} needs at least {needed}")
+                    f"{n} {name} samples{pooled}; a p{p} needs at least {needed}"
+                )
         if n == 0:
             reasons[f"{name}_unavailable_reason"] = NO_SAMPLE_REASONS[name]
     return flat, reasons
@@ -130,8 +134,9 @@ def latency_metrics(records: Sequence[RequestRecord]) -> tuple[dict[str, float |
     return flat, info
 
 
-def goodput(records: Sequence[RequestRecord], window_s: float | None, ttft_s: float | None,
-            tpot_s: float | None) -> dict[str, float | int | None]:
+def goodput(
+    records: Sequence[RequestRecord], window_s: float | None, ttft_s: float | None, tpot_s: float | None
+) -> dict[str, float | int | None]:
     """Request throughput and goodput under latency objectives, as vLLM's serving benchmark defines
     them: goodput = requests meeting every objective that is set (TTFT <= ttft_s and TPOT <= tpot_s)
     per second of the window. A request without a TPOT (one output token) meets the TPOT objective;
@@ -144,9 +149,12 @@ def goodput(records: Sequence[RequestRecord], window_s: float | None, ttft_s: fl
         ok_tpot = tpot_s is None or tpot is None or tpot <= tpot_s
         met += ok_ttft and ok_tpot
     rate = window_s if window_s and window_s > 0 else None
-    return {"request_throughput_per_s": len(records) / rate if rate else None,
-            "goodput_requests_per_s": met / rate if rate else None,
-            "slo_met_requests": met, "slo_met_share": met / len(records) if records else None}
+    return {
+        "request_throughput_per_s": len(records) / rate if rate else None,
+        "goodput_requests_per_s": met / rate if rate else None,
+        "slo_met_requests": met,
+        "slo_met_share": met / len(records) if records else None,
+    }
 
 
 def window_bounds(records: Sequence[RequestRecord]) -> tuple[float, float]:
@@ -196,8 +204,8 @@ def energy_metrics(window: Mapping[str, Any], prefix: str = "") -> tuple[dict[st
                 info[f"{domain}_energy_source"] = record.get("source", "unknown")
                 info[f"{domain}_energy_method"] = "estimated"
                 info[f"{domain}_unavailable_reason"] = (
-                    "not measured; CodeCarbon's estimate is in "
-                    f"{domain}_estimated_energy_j")
+                    f"not measured; CodeCarbon's estimate is in {domain}_estimated_energy_j"
+                )
         elif record.get("available"):
             gross = float(record["gross_j"])
             net = record.get("net_j")
@@ -215,11 +223,8 @@ def energy_metrics(window: Mapping[str, Any], prefix: str = "") -> tuple[dict[st
             if not prefix:
                 info[f"{domain}_unavailable_reason"] = record.get("reason", "unknown")
     numbers[f"{prefix}node_energy_j"] = sum(node_gross) if node_gross else None
-    numbers[f"{prefix}node_net_energy_j"] = (
-        sum(node_net) if node_net and all(v is not None for v in node_net) else None
-    )
-    numbers[f"{prefix}host_estimated_energy_j"] = (
-        sum(estimated.values()) if estimated else None)
+    numbers[f"{prefix}node_net_energy_j"] = sum(node_net) if node_net and all(v is not None for v in node_net) else None
+    numbers[f"{prefix}host_estimated_energy_j"] = sum(estimated.values()) if estimated else None
     if not prefix:
         info["node_energy_domains"] = "+".join(node_domains) if node_domains else "none"
         info["node_energy_method"] = "measured" if node_domains else "none"
@@ -266,14 +271,12 @@ def run_metrics(
         metrics[f"{boundary}_output_tokens_per_j"] = _ratio(output_tokens, energy[f"{boundary}_energy_j"])
         metrics[f"{boundary}_mean_power_w"] = _ratio(energy[f"{boundary}_energy_j"], duration)
     for estimate in ("cpu_estimated", "dram_estimated", "host_estimated"):
-        metrics[f"{estimate}_energy_per_output_token_j"] = _ratio(energy[f"{estimate}_energy_j"],
-                                                                  output_tokens)
+        metrics[f"{estimate}_energy_per_output_token_j"] = _ratio(energy[f"{estimate}_energy_j"], output_tokens)
     gpu = window.get("domains", {}).get("gpu", {})
     metrics["timeline_vs_counter_rel_diff"] = gpu.get("timeline_vs_counter_rel_diff") if gpu.get("available") else None
     for setup in setup_windows:
         setup_energy, _ = energy_metrics(setup, prefix=f"setup_{setup['name']}_")
-        metrics.update({k: v for k, v in setup_energy.items()
-                        if "net" not in k and "estimated" not in k})
+        metrics.update({k: v for k, v in setup_energy.items() if "net" not in k and "estimated" not in k})
         metrics[f"setup_{setup['name']}_duration_s"] = float(setup["duration_s"])
     for boundary in ("gpu", "node"):
         values = [metrics.get(f"setup_{w['name']}_{boundary}_energy_j") for w in setup_windows]
@@ -292,8 +295,12 @@ def run_metrics(
             metrics["gpu_decode_energy_per_output_token_j"] = _ratio(phases["decode_j"], output_tokens)
         info["phase_split_method"] = str(phases.get("method", "unknown"))
     else:
-        for key in ("prefill_gpu_energy_j", "decode_gpu_energy_j", "gpu_prefill_energy_per_input_token_j",
-                    "gpu_decode_energy_per_output_token_j"):
+        for key in (
+            "prefill_gpu_energy_j",
+            "decode_gpu_energy_j",
+            "gpu_prefill_energy_per_input_token_j",
+            "gpu_decode_energy_per_output_token_j",
+        ):
             metrics[key] = None
         if phases:
             info["phase_split_unavailable_reason"] = str(phases.get("reason", "unknown"))

@@ -64,15 +64,22 @@ def box_gpus(spec: GpuJobsSpec, devices: Sequence[hardware.GpuDevice] | None = N
         if not devices:
             uuid = text
         else:
-            matches = [d.uuid for d in devices
-                       if (text.isdigit() and d.index == int(text) and not d.is_mig_instance) or d.uuid.startswith(text)]
+            matches = [
+                d.uuid
+                for d in devices
+                if (text.isdigit() and d.index == int(text) and not d.is_mig_instance) or d.uuid.startswith(text)
+            ]
             if len(matches) != 1:
-                raise ConfigError(f"{KEY}.devices[{position}]",
-                                  f"{entry!r} matches {'no' if not matches else 'more than one'} GPU of this machine",
-                                  "Use NVML indices or UUIDs of: " + ", ".join(f"{d.index} {d.uuid}" for d in devices))
+                raise ConfigError(
+                    f"{KEY}.devices[{position}]",
+                    f"{entry!r} matches {'no' if not matches else 'more than one'} GPU of this machine",
+                    "Use NVML indices or UUIDs of: " + ", ".join(f"{d.index} {d.uuid}" for d in devices),
+                )
             uuid = matches[0]
         if uuid in chosen:
-            raise ConfigError(f"{KEY}.devices[{position}]", f"{entry!r} names a GPU listed before", "List each GPU once.")
+            raise ConfigError(
+                f"{KEY}.devices[{position}]", f"{entry!r} names a GPU listed before", "List each GPU once."
+            )
         chosen.append(uuid)
     return chosen
 
@@ -116,12 +123,17 @@ def check_fits(experiments: Mapping[str, Any], box: int, spec: GpuJobsSpec) -> N
     for experiment in experiments.values():
         execution = execution_of(experiment)
         if execution.gpus > box:
-            asked = ", ".join(f"backend_settings.{experiment.backend}.{key}: {getattr(execution, name)}"
-                              for name, key in execution.keys.items() if getattr(execution, name) > 1)
+            asked = ", ".join(
+                f"backend_settings.{experiment.backend}.{key}: {getattr(execution, name)}"
+                for name, key in execution.keys.items()
+                if getattr(execution, name) > 1
+            )
             raise ConfigError(
                 asked.split(":")[0] if asked else f"{KEY}.devices",
                 f"experiment {experiment.id} needs {execution.gpus} GPUs ({asked or 'its backend'}) but the "
-                f"campaign has {box}", f"Lower it, or give {KEY}.devices more GPUs of this machine.")
+                f"campaign has {box}",
+                f"Lower it, or give {KEY}.devices more GPUs of this machine.",
+            )
 
 
 @dataclass
@@ -145,18 +157,33 @@ class Placement:
         return self.lock_dir is not None and bool(set(self.box) - set(self.held))
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "box_gpus": list(self.box), "held_gpus": list(self.held),
-                "visible_gpus": list(self.visible), "cuda_visible_devices": self.cuda_visible_devices,
-                "lock_dir": self.lock_dir, "waited_s": self.waited_s, "execution": dict(self.execution),
-                "reason": self.reason, "since_unix_s": self.since_unix_s}
+        return {
+            "mode": self.mode,
+            "box_gpus": list(self.box),
+            "held_gpus": list(self.held),
+            "visible_gpus": list(self.visible),
+            "cuda_visible_devices": self.cuda_visible_devices,
+            "lock_dir": self.lock_dir,
+            "waited_s": self.waited_s,
+            "execution": dict(self.execution),
+            "reason": self.reason,
+            "since_unix_s": self.since_unix_s,
+        }
 
     @classmethod
     def from_description(cls, described: Mapping[str, Any]) -> Placement:
-        return cls(mode=described["mode"], box=list(described["box_gpus"]), held=list(described["held_gpus"]),
-                   visible=list(described["visible_gpus"]), cuda_visible_devices=described["cuda_visible_devices"],
-                   lock_dir=described["lock_dir"], waited_s=described["waited_s"],
-                   execution=dict(described["execution"]), reason=described.get("reason"),
-                   since_unix_s=described["since_unix_s"])
+        return cls(
+            mode=described["mode"],
+            box=list(described["box_gpus"]),
+            held=list(described["held_gpus"]),
+            visible=list(described["visible_gpus"]),
+            cuda_visible_devices=described["cuda_visible_devices"],
+            lock_dir=described["lock_dir"],
+            waited_s=described["waited_s"],
+            execution=dict(described["execution"]),
+            reason=described.get("reason"),
+            since_unix_s=described["since_unix_s"],
+        )
 
 
 @contextlib.contextmanager
@@ -166,8 +193,17 @@ def placed(experiment: Any, campaign_gpus: GpuJobsSpec | Mapping[str, Any] | Non
     execution = execution_of(experiment)
     box = box_gpus(spec)
     if not box:
-        yield Placement(spec.jobs, [], [], [], None, None, 0.0, execution.describe(),
-                        reason=hardware.gpu_unavailable_reason() or "no GPU on this machine: nothing to allocate")
+        yield Placement(
+            spec.jobs,
+            [],
+            [],
+            [],
+            None,
+            None,
+            0.0,
+            execution.describe(),
+            reason=hardware.gpu_unavailable_reason() or "no GPU on this machine: nothing to allocate",
+        )
         return
     count = len(box) if takes_whole_box(execution, spec) else execution.gpus
     lock_dir = Path(spec.lock_dir)
@@ -175,10 +211,13 @@ def placed(experiment: Any, campaign_gpus: GpuJobsSpec | Mapping[str, Any] | Non
     try:
         lease = gpu_allocation.acquire(box, count, lock_dir, holder=experiment.id, timeout_s=spec.wait_s)
     except gpu_allocation.GpuUnavailable as exc:
-        raise ConfigError(f"{KEY}.wait_s", f"experiment {experiment.id}: {exc}",
-                          "Wait for the other jobs, raise the wait, or name free GPUs in campaign.gpus.devices.") from None
+        raise ConfigError(
+            f"{KEY}.wait_s",
+            f"experiment {experiment.id}: {exc}",
+            "Wait for the other jobs, raise the wait, or name free GPUs in campaign.gpus.devices.",
+        ) from None
     waited_s = time.monotonic() - started
-    visible = lease.uuids[:max(execution.gpus, 1)]
+    visible = lease.uuids[: max(execution.gpus, 1)]
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
     # Set unless the process already sees exactly its one GPU: a single-GPU box's job sees what it saw
     # before (the same artifacts as without an allocator), yet still holds its GPU's lock against other
@@ -189,8 +228,9 @@ def placed(experiment: Any, campaign_gpus: GpuJobsSpec | Mapping[str, Any] | Non
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     log.info("experiment %s: GPUs %s (held %s, waited %.1f s)", experiment.id, visible, lease.uuids, waited_s)
     try:
-        yield Placement(spec.jobs, box, list(lease.uuids), visible, cuda_visible, str(lock_dir), waited_s,
-                        execution.describe())
+        yield Placement(
+            spec.jobs, box, list(lease.uuids), visible, cuda_visible, str(lock_dir), waited_s, execution.describe()
+        )
     finally:
         lease.release()
         if cuda_visible is not None:

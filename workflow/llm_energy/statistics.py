@@ -16,7 +16,15 @@ from scipy import stats as _scipy_stats
 
 # The keys of every `describe` result, in order. Schemas and the summary table rely on this list.
 DESCRIBE_KEYS: tuple[str, ...] = (
-    "n", "n_missing", "mean", "std", "ci95_low", "ci95_high", "cv", "min", "max",
+    "n",
+    "n_missing",
+    "mean",
+    "std",
+    "ci95_low",
+    "ci95_high",
+    "cv",
+    "min",
+    "max",
 )
 CONFIDENCE_LEVEL = 0.95
 

@@ -84,38 +84,94 @@ SETTING_COLUMNS: dict[str, str] = {
     "errors": "str",
 }
 ALWAYS_COLUMNS: tuple[str, ...] = (
-    "experiment_id", "model", "backend", "engine_path", "dataset", "batch_size", "dtype", "status", "cycles_ok",
-    "cycles_failed", "flags", "gpu_name", "gpu_count",
+    "experiment_id",
+    "model",
+    "backend",
+    "engine_path",
+    "dataset",
+    "batch_size",
+    "dtype",
+    "status",
+    "cycles_ok",
+    "cycles_failed",
+    "flags",
+    "gpu_name",
+    "gpu_count",
 )
 # Where the experiment's job spent its wall time (the run set's timing): total, inside measured
 # windows, their share, then each setup phase as job_<phase>_s.
 TIME_PHASES = ("baseline", "model_load", "compile", "warmup")
-TIME_COLUMNS: dict[str, str] = {"job_wall_s": "float", "job_windows_s": "float", "job_share_in_windows": "float",
-                                **{f"job_{phase}_s": "float" for phase in TIME_PHASES}}
+TIME_COLUMNS: dict[str, str] = {
+    "job_wall_s": "float",
+    "job_windows_s": "float",
+    "job_share_in_windows": "float",
+    **{f"job_{phase}_s": "float" for phase in TIME_PHASES},
+}
 # The summary's metrics (mean and 95 % CI each), always present (null where not measured) so the table
 # has the same columns in every campaign. Energy first, then speed, efficiency, then the window.
 HEADLINE_METRICS: tuple[str, ...] = (
-    "gpu_energy_per_output_token_j", "gpu_net_energy_per_output_token_j", "node_energy_per_output_token_j",
-    "host_estimated_energy_per_output_token_j", "gpu_prefill_energy_per_input_token_j",
-    "gpu_decode_energy_per_output_token_j", "steady_state_gpu_energy_per_output_token_j",
-    "gpu_output_tokens_per_j", "gpu_energy_j", "node_energy_j", "gpu_mean_power_w", "node_mean_power_w",
-    "emissions_kg_co2eq", "output_tokens_per_s", "input_tokens_per_s", "requests_per_s",
-    "request_throughput_per_s", "goodput_requests_per_s", "achieved_flops_per_s", "gpu_flops_per_j", "mfu", "mbu",
-    "window_duration_s", "output_tokens", "setup_duration_s", "setup_gpu_energy_j", "timeline_vs_counter_rel_diff",
+    "gpu_energy_per_output_token_j",
+    "gpu_net_energy_per_output_token_j",
+    "node_energy_per_output_token_j",
+    "host_estimated_energy_per_output_token_j",
+    "gpu_prefill_energy_per_input_token_j",
+    "gpu_decode_energy_per_output_token_j",
+    "steady_state_gpu_energy_per_output_token_j",
+    "gpu_output_tokens_per_j",
+    "gpu_energy_j",
+    "node_energy_j",
+    "gpu_mean_power_w",
+    "node_mean_power_w",
+    "emissions_kg_co2eq",
+    "output_tokens_per_s",
+    "input_tokens_per_s",
+    "requests_per_s",
+    "request_throughput_per_s",
+    "goodput_requests_per_s",
+    "achieved_flops_per_s",
+    "gpu_flops_per_j",
+    "mfu",
+    "mbu",
+    "window_duration_s",
+    "output_tokens",
+    "setup_duration_s",
+    "setup_gpu_energy_j",
+    "timeline_vs_counter_rel_diff",
 )
 HEADLINE_LATENCY: tuple[str, ...] = (
-    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "itl_p50_s", "e2e_p50_s", "e2e_p90_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "itl_p50_s",
+    "e2e_p50_s",
+    "e2e_p90_s",
 )
 # The metrics_info strings that say how the energy columns were obtained (the figures name them too).
 ENERGY_PROVENANCE: tuple[str, ...] = (
-    "gpu_energy_source", "gpu_energy_method", "cpu_energy_source", "cpu_energy_method", "dram_energy_source",
-    "dram_energy_method", "node_energy_domains", "node_energy_method", "host_estimated_energy_domains",
+    "gpu_energy_source",
+    "gpu_energy_method",
+    "cpu_energy_source",
+    "cpu_energy_method",
+    "dram_energy_source",
+    "dram_energy_method",
+    "node_energy_domains",
+    "node_energy_method",
+    "host_estimated_energy_domains",
     "host_estimated_energy_method",
 )
 INTERVAL_SUFFIXES: tuple[str, ...] = ("_ci95_low", "_ci95_high")
 METRICS_COLUMNS: dict[str, str] = {
-    "experiment_id": "str", "metric": "str", "unit": "str", "n": "int", "mean": "float", "std": "float",
-    "ci95_low": "float", "ci95_high": "float", "cv": "float",
+    "experiment_id": "str",
+    "metric": "str",
+    "unit": "str",
+    "n": "int",
+    "mean": "float",
+    "std": "float",
+    "ci95_low": "float",
+    "ci95_high": "float",
+    "cv": "float",
 }
 SORT_COLUMNS = ["model", "backend", "backend_variant", "dataset", "batch_size", "experiment_id"]
 
@@ -155,8 +211,12 @@ class TablePaths:
     @classmethod
     def in_dir(cls, directory: Path | str) -> TablePaths:
         directory = Path(directory)
-        return cls(directory / "summary.csv", directory / "summary.parquet", directory / "metrics.csv",
-                   directory / "metrics.parquet")
+        return cls(
+            directory / "summary.csv",
+            directory / "summary.parquet",
+            directory / "metrics.csv",
+            directory / "metrics.parquet",
+        )
 
 
 def _typed(values: list[Any], kind: str) -> pd.Series:
@@ -200,7 +260,8 @@ def _settings(data: Mapping[str, Any]) -> dict[str, Any]:
         "total_flops": flops.get("total_flops"),
         "decode_bytes_min": flops.get("decode_bytes_min"),
         "errors": "; ".join(f"cycle {f.get('cycle')}: {f.get('error')}" for f in failures) or None,
-        "job_wall_s": timing.get("total_s"), "job_windows_s": timing.get("windows_s"),
+        "job_wall_s": timing.get("total_s"),
+        "job_windows_s": timing.get("windows_s"),
         "job_share_in_windows": timing.get("share_in_windows"),
         **{f"job_{phase}_s": phases.get(phase) for phase in TIME_PHASES},
     }
@@ -209,9 +270,19 @@ def _settings(data: Mapping[str, Any]) -> dict[str, Any]:
 def _metric_rows(experiment_id: str, data: Mapping[str, Any]) -> list[tuple]:
     """(experiment_id, metric, n, mean, std, ci95_low, ci95_high, cv) for every metric of one
     experiment_result, then its pooled latency statistics (one value over n requests)."""
-    rows = [(experiment_id, name, stats.get("n"), stats.get("mean"), stats.get("std"), stats.get("ci95_low"),
-             stats.get("ci95_high"), stats.get("cv"))
-            for name, stats in sorted((data.get("metrics") or {}).items())]
+    rows = [
+        (
+            experiment_id,
+            name,
+            stats.get("n"),
+            stats.get("mean"),
+            stats.get("std"),
+            stats.get("ci95_low"),
+            stats.get("ci95_high"),
+            stats.get("cv"),
+        )
+        for name, stats in sorted((data.get("metrics") or {}).items())
+    ]
     latency = data.get("latency") or {}
     for name in LATENCY_METRIC_NAMES:
         if name.endswith("_n") or name not in latency:
@@ -263,13 +334,18 @@ def build_tables(experiment_result_paths: Iterable[Path | str]) -> Tables:
 
     summary = pd.DataFrame(columns)
     if len(summary):
-        summary = summary.sort_values([c for c in SORT_COLUMNS if c in summary.columns], kind="stable",
-                                      na_position="last").reset_index(drop=True)
+        summary = summary.sort_values(
+            [c for c in SORT_COLUMNS if c in summary.columns], kind="stable", na_position="last"
+        ).reset_index(drop=True)
     table = _metrics_frame(metric_rows)
     if len(table):
         order = pd.Series(range(len(summary)), index=summary["experiment_id"])
-        table = (table.assign(_order=order.reindex(table["experiment_id"]).to_numpy())
-                 .sort_values(["_order", "metric"], kind="stable").drop(columns="_order").reset_index(drop=True))
+        table = (
+            table.assign(_order=order.reindex(table["experiment_id"]).to_numpy())
+            .sort_values(["_order", "metric"], kind="stable")
+            .drop(columns="_order")
+            .reset_index(drop=True)
+        )
     log.info("summary: %d experiments, %d columns; metrics: %d rows", len(summary), len(summary.columns), len(table))
     return Tables(summary, table)
 
@@ -294,10 +370,13 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def write_tables(tables: Tables, paths: TablePaths, provenance: Mapping[str, Any]) -> None:
     """Write the summary (`summary_table`) and the metrics table (`metrics_table`) as Parquet artifacts
     and as CSV with the same columns."""
-    for frame, name, parquet, csv in ((tables.summary, "summary_table", paths.summary_parquet, paths.summary_csv),
-                                      (tables.metrics, "metrics_table", paths.metrics_parquet, paths.metrics_csv)):
-        write_table_artifact(parquet, name, frame, provenance,
-                             extra={"rows": len(frame), "columns": len(frame.columns)})
+    for frame, name, parquet, csv in (
+        (tables.summary, "summary_table", paths.summary_parquet, paths.summary_csv),
+        (tables.metrics, "metrics_table", paths.metrics_parquet, paths.metrics_csv),
+    ):
+        write_table_artifact(
+            parquet, name, frame, provenance, extra={"rows": len(frame), "columns": len(frame.columns)}
+        )
         _write_csv(frame, Path(csv))
 
 
@@ -312,8 +391,10 @@ def read_tables(summary_parquet: Path | str, metrics_parquet: Path | str | None 
     summary_parquet = Path(summary_parquet)
     metrics_parquet = Path(metrics_parquet) if metrics_parquet else summary_parquet.with_name("metrics.parquet")
     if not metrics_parquet.is_file():
-        raise ArtifactError(f"{metrics_parquet}: not found beside {summary_parquet.name}; a summary written before "
-                            "the metrics table existed: run the rule summarize again (figures-only mode: "
-                            "snakemake --config figures_only=true results_dir=<tree> --forcerun summarize)")
+        raise ArtifactError(
+            f"{metrics_parquet}: not found beside {summary_parquet.name}; a summary written before "
+            "the metrics table existed: run the rule summarize again (figures-only mode: "
+            "snakemake --config figures_only=true results_dir=<tree> --forcerun summarize)"
+        )
     metrics, _meta = read_table_artifact(metrics_parquet, "metrics_table")
     return Tables(read_summary(summary_parquet), metrics)

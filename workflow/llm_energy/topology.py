@@ -19,10 +19,13 @@ from llm_energy import hardware
 TOPO_COMMAND = ("nvidia-smi", "topo", "-m")
 TOPO_TIMEOUT_S = 20.0
 LINK_MEANINGS = {
-    "X": "self", "SYS": "PCIe and the SMP interconnect between NUMA nodes (e.g. QPI/UPI)",
+    "X": "self",
+    "SYS": "PCIe and the SMP interconnect between NUMA nodes (e.g. QPI/UPI)",
     "NODE": "PCIe and the interconnect between PCIe host bridges within a NUMA node",
-    "PHB": "PCIe and a PCIe host bridge (typically the CPU)", "PXB": "several PCIe bridges",
-    "PIX": "at most one PCIe bridge", "NV": "NVLink (NV<n>: n bonded links)",
+    "PHB": "PCIe and a PCIe host bridge (typically the CPU)",
+    "PXB": "several PCIe bridges",
+    "PIX": "at most one PCIe bridge",
+    "NV": "NVLink (NV<n>: n bonded links)",
 }
 
 
@@ -55,7 +58,7 @@ def parse_topo_matrix(text: str) -> dict[str, Any]:
     links: dict[tuple[int, int], str] = {}
     cpu: dict[int, str] = {}
     numa: dict[int, str] = {}
-    for line in lines[header_at + 1:]:
+    for line in lines[header_at + 1 :]:
         if line.startswith("Legend"):
             break
         cells = [c.strip() for c in line.split("\t")]
@@ -63,10 +66,10 @@ def parse_topo_matrix(text: str) -> dict[str, Any]:
         if not name.startswith("GPU") or not name[3:].isdigit():
             continue
         row = int(name[3:])
-        for column, value in zip(devices, cells[1:1 + len(devices)]):
+        for column, value in zip(devices, cells[1 : 1 + len(devices)]):
             if column.startswith("GPU") and int(column[3:]) != row:
                 links[(row, int(column[3:]))] = value
-        rest = [c for c in cells[1 + len(devices):] if c]
+        rest = [c for c in cells[1 + len(devices) :] if c]
         if "CPU Affinity" in columns and rest:
             cpu[row] = rest[0]
         if "NUMA Affinity" in columns and len(rest) > 1:
@@ -78,8 +81,9 @@ def _link_meaning(link: str) -> str:
     return LINK_MEANINGS.get("NV" if link.startswith("NV") else link, "unknown link type")
 
 
-def interconnect(devices: Sequence[hardware.GpuDevice],
-                 run_command: Callable[[], tuple[str | None, str | None]] = run_topo_command) -> dict[str, Any]:
+def interconnect(
+    devices: Sequence[hardware.GpuDevice], run_command: Callable[[], tuple[str | None, str | None]] = run_topo_command
+) -> dict[str, Any]:
     """How the job's GPUs are connected to each other and to the CPUs (nvidia-smi's matrix)."""
     if not devices:
         return {"available": False, "reason": "unavailable, because this job uses no GPU"}
@@ -91,10 +95,16 @@ def interconnect(devices: Sequence[hardware.GpuDevice],
     except ValueError as exc:
         return {"available": False, "reason": f"unavailable, because the output was not understood ({exc})"}
     physical = sorted({d.index for d in devices})
-    pairs = [{"gpus": [i, j], "link": matrix["links"][(i, j)], "meaning": _link_meaning(matrix["links"][(i, j)])}
-             for i in physical for j in physical if i < j and (i, j) in matrix["links"]]
+    pairs = [
+        {"gpus": [i, j], "link": matrix["links"][(i, j)], "meaning": _link_meaning(matrix["links"][(i, j)])}
+        for i in physical
+        for j in physical
+        if i < j and (i, j) in matrix["links"]
+    ]
     record: dict[str, Any] = {
-        "available": True, "source": " ".join(TOPO_COMMAND), "pairs": pairs,
+        "available": True,
+        "source": " ".join(TOPO_COMMAND),
+        "pairs": pairs,
         "cpu_affinity": {str(i): matrix["cpu_affinity"].get(i) for i in physical},
         "numa_affinity": {str(i): matrix["numa_affinity"].get(i) for i in physical},
     }
@@ -103,22 +113,39 @@ def interconnect(devices: Sequence[hardware.GpuDevice],
     return record
 
 
-def describe(devices: Sequence[hardware.GpuDevice], placement: Mapping[str, Any] | None,
-             processes: Sequence[Mapping[str, Any]], compute_pids: Mapping[str, set[int]] | None = None,
-             run_command: Callable[[], tuple[str | None, str | None]] = run_topo_command) -> dict[str, Any]:
+def describe(
+    devices: Sequence[hardware.GpuDevice],
+    placement: Mapping[str, Any] | None,
+    processes: Sequence[Mapping[str, Any]],
+    compute_pids: Mapping[str, set[int]] | None = None,
+    run_command: Callable[[], tuple[str | None, str | None]] = run_topo_command,
+) -> dict[str, Any]:
     """The topology record of a run. `processes`: the job's processes and the GPUs each was given
     ({role, pid, gpus}); `compute_pids`: NVML's compute processes per measured GPU, as observed."""
-    gpus = [{"visible_index": d.visible_index, "nvml_index": d.index, "uuid": d.uuid, "name": d.name,
-             "mig_instance": d.is_mig_instance, "parent_uuid": d.parent_uuid} for d in devices]
+    gpus = [
+        {
+            "visible_index": d.visible_index,
+            "nvml_index": d.index,
+            "uuid": d.uuid,
+            "name": d.name,
+            "mig_instance": d.is_mig_instance,
+            "parent_uuid": d.parent_uuid,
+        }
+        for d in devices
+    ]
     mig = [{"uuid": d.uuid, "parent_uuid": d.parent_uuid, "nvml_index": d.index} for d in devices if d.is_mig_instance]
     return {
         "gpus": gpus,
         "interconnect": interconnect(devices, run_command),
         "mig_instances": mig,
-        "mig_note": ("MIG instances are measured through their parent GPU's counter (flag mig_shared_counter)"
-                     if mig else "no MIG instance in use"),
+        "mig_note": (
+            "MIG instances are measured through their parent GPU's counter (flag mig_shared_counter)"
+            if mig
+            else "no MIG instance in use"
+        ),
         "processes": [dict(p) for p in processes],
-        "nvml_compute_processes": ({uuid: sorted(pids) for uuid, pids in compute_pids.items()}
-                                   if compute_pids is not None else None),
+        "nvml_compute_processes": (
+            {uuid: sorted(pids) for uuid, pids in compute_pids.items()} if compute_pids is not None else None
+        ),
         "allocation": dict(placement) if placement else None,
     }

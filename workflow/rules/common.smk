@@ -38,8 +38,11 @@ def _check_backends_installed():
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method or CAMPAIGN.config["figures_only"]:
         return
     try:
-        require_installed(CAMPAIGN.config["backends"], CAMPAIGN.config["backend_settings"],
-                          used={e.backend for e in CAMPAIGN.experiments.values()})
+        require_installed(
+            CAMPAIGN.config["backends"],
+            CAMPAIGN.config["backend_settings"],
+            used={e.backend for e in CAMPAIGN.experiments.values()},
+        )
     except ConfigError as error:
         raise WorkflowError(f"Invalid configuration: {error}") from None
 
@@ -54,7 +57,6 @@ CONFIG = CAMPAIGN.config
 EXPERIMENTS = CAMPAIGN.experiments
 RESULTS = CONFIG["results_dir"]
 FIGURES_ONLY = CONFIG["figures_only"]
-
 
 
 def _gpu_slots():
@@ -84,6 +86,8 @@ def inference_threads(wildcards):
     if not workflow.local_exec:
         return 1
     return job_threads(os.cpu_count() or 1, GPU_SLOTS.get(wildcards.experiment, 1), BOX_GPUS)
+
+
 # One gpu slot per GPU of the campaign (1 without GPUs: CPU measurements never overlap either), unless
 # --resources or a profile says otherwise.
 if workflow.local_exec and "gpu" not in workflow.global_resources:
@@ -105,6 +109,7 @@ REPORT_PAGE_NAMES = report_pages.PAGE_NAMES
 REPORT_PAGE_TITLES = report_pages.PAGE_TITLES
 REPORT_PAGE_CAPTIONS = report_pages.PAGE_CAPTIONS
 REPORT_PAGES = expand(f"{RESULTS}/report/{{page}}.html", page=REPORT_PAGE_NAMES)
+
 
 wildcard_constraints:
     experiment=r"[^/]+",

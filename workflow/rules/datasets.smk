@@ -8,11 +8,11 @@ rule prepare_dataset:
     output:
         prompts="resources/datasets/{dataset}/prompts.jsonl",
         manifest="resources/datasets/{dataset}/manifest.json",
-    params:
-        spec=lambda wc: CONFIG["datasets"][wc.dataset],
     log:
         "resources/logs/prepare_dataset/{dataset}.log",
     conda:
         "../../envs/pytorch.yaml"
+    params:
+        spec=lambda wc: CONFIG["datasets"][wc.dataset],
     script:
         "../scripts/prepare_dataset.py"

@@ -9,8 +9,11 @@
 # and a rerun must keep the completed cycles and measure only the missing ones.
 
 # openai_server is a client (transformers tokenizer + aiohttp): the server it launches brings its own.
-BACKEND_ENVS = {"pytorch": "../../envs/pytorch.yaml", "vllm": "../../envs/vllm.yaml",
-                "openai_server": "../../envs/pytorch.yaml"}
+BACKEND_ENVS = {
+    "pytorch": "../../envs/pytorch.yaml",
+    "vllm": "../../envs/vllm.yaml",
+    "openai_server": "../../envs/pytorch.yaml",
+}
 
 
 rule run_inference:
@@ -20,6 +23,10 @@ rule run_inference:
         dataset=lambda wc: ancient(f"resources/datasets/{experiment_of(wc).dataset}/manifest.json"),
     output:
         run_set=f"{RESULTS}/runs/{{experiment}}/cycles.json",
+    log:
+        f"{RESULTS}/logs/run_inference/{{experiment}}.log",
+    conda:
+        lambda wc: BACKEND_ENVS[experiment_of(wc).backend]
     # No params: the job looks its experiment up by id in the campaign it receives, and the id already
     # hashes every parameter that changes the measurement. A finished measurement is never rerun
     # because unrelated campaign settings (energy reporting, other experiments) changed.
@@ -30,9 +37,5 @@ rule run_inference:
     threads: inference_threads
     resources:
         gpu=lambda wc: GPU_SLOTS.get(wc.experiment, 1),
-    log:
-        f"{RESULTS}/logs/run_inference/{{experiment}}.log",
-    conda:
-        lambda wc: BACKEND_ENVS[experiment_of(wc).backend]
     script:
         "../scripts/run_inference.py"

@@ -4,11 +4,11 @@
 rule download_model:
     output:
         manifest="resources/models/{model}/manifest.json",
-    params:
-        spec=lambda wc: CONFIG["models"][wc.model],
     log:
         "resources/logs/download_model/{model}.log",
     conda:
         "../../envs/pytorch.yaml"
+    params:
+        spec=lambda wc: CONFIG["models"][wc.model],
     script:
         "../scripts/download_model.py"

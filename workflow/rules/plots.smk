@@ -18,13 +18,13 @@ rule plot:
             labels={"figure": "{figure}"},
         ),
         svg=f"{RESULTS}/figures/{{figure}}.svg",
-    params:
-        runs_dir=RUNS_DIR,
-        caption=lambda wc: PLOT_FIGURES[wc.figure].caption,
     log:
         f"{RESULTS}/logs/plot/{{figure}}.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        runs_dir=RUNS_DIR,
+        caption=lambda wc: PLOT_FIGURES[wc.figure].caption,
     script:
         "../scripts/plot.py"
 
@@ -40,14 +40,14 @@ rule plot_timelines:
             category="Power timelines",
             labels={"experiment": "{experiment}"},
         ),
-    params:
-        runs_dir=RUNS_DIR,
-        caption=RUN_TIMELINE_CAPTION,
-    threads: 2
     log:
         f"{RESULTS}/logs/plot_timelines.log",
     conda:
         "../../envs/analysis.yaml"
+    threads: 2
+    params:
+        runs_dir=RUNS_DIR,
+        caption=RUN_TIMELINE_CAPTION,
     script:
         "../scripts/plot_timelines.py"
 
@@ -66,12 +66,12 @@ rule report_pages:
             )
             for page in REPORT_PAGE_NAMES
         },
-    params:
-        runs_dir=RUNS_DIR,
-        caption=lambda wc, output: "\n\n".join(REPORT_PAGE_CAPTIONS[p] for p in REPORT_PAGE_NAMES),
     log:
         f"{RESULTS}/logs/report_pages.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        runs_dir=RUNS_DIR,
+        caption=lambda wc, output: "\n\n".join(REPORT_PAGE_CAPTIONS[p] for p in REPORT_PAGE_NAMES),
     script:
         "../scripts/report_pages.py"

@@ -39,13 +39,13 @@ def create_backend(name: str, settings: dict | None = None) -> Backend:
 
         if execution.launch == LAUNCH_DATA_PARALLEL:
             return DataParallelBackend(name, dict(settings or {}), execution.data_parallel, execution.barrier_timeout_s)
-        return DataParallelBackend(name, dict(settings or {}), execution.tensor_parallel, execution.barrier_timeout_s,
-                                   mode=TENSOR)
+        return DataParallelBackend(
+            name, dict(settings or {}), execution.tensor_parallel, execution.barrier_timeout_s, mode=TENSOR
+        )
     return cls(settings)
 
 
-def require_installed(names: list[str], backend_settings: dict | None = None,
-                      used: set[str] | None = None) -> None:
+def require_installed(names: list[str], backend_settings: dict | None = None, used: set[str] | None = None) -> None:
     """Stop before any job runs when a selected backend, or one of its settings (backend_settings.<name>),
     cannot run in this environment: the backend's settings, and those of each of its variants.
     `used`: the backends that have experiments (a backend every experiment of which is excluded runs
@@ -60,7 +60,8 @@ def require_installed(names: list[str], backend_settings: dict | None = None,
         reason = cls.unavailable_reason()
         if reason:
             raise ConfigError(
-                f"backends[{index}]", f"backend '{name}' is selected but cannot run in this environment: {reason}",
+                f"backends[{index}]",
+                f"backend '{name}' is selected but cannot run in this environment: {reason}",
                 "Install it as said, or run with --software-deployment-method conda (envs/ brings each engine).",
             )
         configured = (backend_settings or {}).get(name) or {}

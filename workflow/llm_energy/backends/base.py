@@ -85,8 +85,10 @@ class RequestRecord:
         if self.chunk_times_s is not None:
             tokens = self.chunk_tokens if self.chunk_tokens is not None else [1] * len(self.chunk_times_s)
             if len(tokens) != len(self.chunk_times_s) or any(n < 1 for n in tokens):
-                raise ValueError(f"request {self.index}: chunk_tokens {tokens} must give a count >= 1 for "
-                                 f"each of the {len(self.chunk_times_s)} chunk_times_s")
+                raise ValueError(
+                    f"request {self.index}: chunk_tokens {tokens} must give a count >= 1 for "
+                    f"each of the {len(self.chunk_times_s)} chunk_times_s"
+                )
             self.chunk_tokens = list(tokens)
 
     def arrivals(self) -> tuple[list[float], list[int]]:
@@ -130,8 +132,12 @@ class LoadReport:
 # a job is given, whether the harness launches one process per data-parallel shard, and whether it may
 # create a CUDA context in its own process before the engine starts.
 LAUNCH_IN_PROCESS = "in_process"  # the engine runs in the harness's process (transformers)
-LAUNCH_DATA_PARALLEL = "data_parallel_workers"  # the harness launches one worker process per GPU (llm_energy.data_parallel)
-LAUNCH_TENSOR_PARALLEL = "tensor_parallel_workers"  # the harness launches the ranks of one split model (llm_energy.data_parallel)
+LAUNCH_DATA_PARALLEL = (
+    "data_parallel_workers"  # the harness launches one worker process per GPU (llm_energy.data_parallel)
+)
+LAUNCH_TENSOR_PARALLEL = (
+    "tensor_parallel_workers"  # the harness launches the ranks of one split model (llm_energy.data_parallel)
+)
 LAUNCH_ENGINE_PROCESSES = "engine_processes"  # the engine starts worker processes of its own (vLLM)
 LAUNCH_SERVER = "server"  # a server process, launched as setup or attached (openai_server)
 LAUNCH_MODES = (LAUNCH_IN_PROCESS, LAUNCH_DATA_PARALLEL, LAUNCH_TENSOR_PARALLEL, LAUNCH_ENGINE_PROCESSES, LAUNCH_SERVER)
@@ -168,9 +174,15 @@ class Execution:
         return self.data_parallel * self.tensor_parallel * self.pipeline_parallel
 
     def describe(self) -> dict[str, Any]:
-        return {"launch": self.launch, "harness_may_init_cuda": self.harness_may_init_cuda,
-                "data_parallel": self.data_parallel, "tensor_parallel": self.tensor_parallel,
-                "pipeline_parallel": self.pipeline_parallel, "gpus": self.gpus, "whole_box": self.whole_box}
+        return {
+            "launch": self.launch,
+            "harness_may_init_cuda": self.harness_may_init_cuda,
+            "data_parallel": self.data_parallel,
+            "tensor_parallel": self.tensor_parallel,
+            "pipeline_parallel": self.pipeline_parallel,
+            "gpus": self.gpus,
+            "whole_box": self.whole_box,
+        }
 
 
 # Keys the harness adds to a backend's configured settings (llm_energy.measure.backend_settings): the
@@ -178,8 +190,7 @@ class Execution:
 # the compile cache folder of the run, the run's folder for a backend's own logs (a server's), and
 # `serving`: true when the windows submit through serve() (a request rate or a concurrency cap), for
 # an engine that starts another path for it. Everything else is backend_settings.<backend> as configured.
-HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir", "log_dir",
-                    "serving")
+HARNESS_SETTINGS = ("seed", "trust_remote_code", "batching", "token_budget", "compile_cache_dir", "log_dir", "serving")
 
 
 class Backend(ABC):
@@ -213,9 +224,7 @@ class Backend(ABC):
         """Turn prompts into requests with the model's tokenizer, truncated to max_input_tokens."""
 
     @abstractmethod
-    def generate(
-        self, requests: list[Request], batch_size: int, decoding: DecodingSettings
-    ) -> list[RequestRecord]:
+    def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
         """Generate for all requests (batched as the backend and `batch_size` allow)."""
 
     # -- how the engine runs (Execution): launch mode, CUDA in the harness, parallelism --
@@ -239,8 +248,12 @@ class Backend(ABC):
     @classmethod
     def identity_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
         """The settings an experiment's id hashes."""
-        return {k: v for k, v in settings.items() if k not in cls.id_excluded_settings
-                and not (k in cls.id_neutral_settings and cls.id_neutral_settings[k] == v)}
+        return {
+            k: v
+            for k, v in settings.items()
+            if k not in cls.id_excluded_settings
+            and not (k in cls.id_neutral_settings and cls.id_neutral_settings[k] == v)
+        }
 
     # -- load: requests submitted at arrival times (llm_energy.load) --
 

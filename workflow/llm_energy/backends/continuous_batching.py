@@ -72,9 +72,14 @@ DEFAULT_MAX_BATCH_TOKENS = 8192
 # How often a wait for a request's last token checks that the engine thread is still alive.
 LIVENESS_CHECK_S = 1.0
 # The manager methods and arguments serve() relies on.
-_MANAGER_API = {"add_request": ("input_ids", "request_id", "max_new_tokens", "streaming", "eos_token_id"),
-                "register_result_handler": ("request_id", "callback"),
-                "cancel_request": ("request_id",), "start": (), "stop": (), "is_running": ()}
+_MANAGER_API = {
+    "add_request": ("input_ids", "request_id", "max_new_tokens", "streaming", "eos_token_id"),
+    "register_result_handler": ("request_id", "callback"),
+    "cancel_request": ("request_id",),
+    "start": (),
+    "stop": (),
+    "is_running": (),
+}
 _CONFIG_FIELDS = ("num_blocks", "max_batch_tokens", "max_requests_per_batch", "allow_block_sharing", "safety_margin")
 
 
@@ -91,8 +96,10 @@ def unavailable_reason() -> str | None:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching import ContinuousBatchingManager
     except ImportError as exc:
-        return (f"transformers {version} has no continuous batching ({exc}); install one that has "
-                "(5.17.0 and 5.19.0 were tried)")
+        return (
+            f"transformers {version} has no continuous batching ({exc}); install one that has "
+            "(5.17.0 and 5.19.0 were tried)"
+        )
     fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     missing = [f"ContinuousBatchingConfig.{name}" for name in _CONFIG_FIELDS if name not in fields]
     if not fields & {"page_size", "block_size"}:
@@ -105,8 +112,10 @@ def unavailable_reason() -> str | None:
         parameters = inspect.signature(function).parameters
         missing += [f"ContinuousBatchingManager.{method}({a}=)" for a in arguments if a not in parameters]
     if missing:
-        return (f"transformers {version}'s continuous batching lacks {', '.join(missing)}; install one that "
-                "has them (5.17.0 and 5.19.0 were tried)")
+        return (
+            f"transformers {version}'s continuous batching lacks {', '.join(missing)}; install one that "
+            "has them (5.17.0 and 5.19.0 were tried)"
+        )
     return None
 
 
@@ -114,14 +123,20 @@ def settings_refusal(settings: Any) -> str | None:
     """Why these backend_settings.pytorch cannot run through continuous batching (None: they can).
     `settings`: a PytorchSettings."""
     if settings.compile not in ("auto", False):
-        return (f"{SETTINGS_KEY}.compile is '{settings.compile}', but a request rate runs through transformers' "
-                "continuous batching, which this backend runs uncompiled: set compile to auto or false")
+        return (
+            f"{SETTINGS_KEY}.compile is '{settings.compile}', but a request rate runs through transformers' "
+            "continuous batching, which this backend runs uncompiled: set compile to auto or false"
+        )
     if settings.cache_implementation != "auto":
-        return (f"{SETTINGS_KEY}.cache_implementation is '{settings.cache_implementation}', but under a request "
-                "rate transformers' continuous batching keeps the KV cache in its own paged cache: set it to auto")
+        return (
+            f"{SETTINGS_KEY}.cache_implementation is '{settings.cache_implementation}', but under a request "
+            "rate transformers' continuous batching keeps the KV cache in its own paged cache: set it to auto"
+        )
     if settings.device_map is not None:
-        return (f"{SETTINGS_KEY}.device_map is '{settings.device_map}', but transformers' continuous batching keeps "
-                "its paged cache on one device: set device_map to null")
+        return (
+            f"{SETTINGS_KEY}.device_map is '{settings.device_map}', but transformers' continuous batching keeps "
+            "its paged cache on one device: set device_map to null"
+        )
     return None
 
 
@@ -137,8 +152,12 @@ class EngineSizes:
     @classmethod
     def of(cls, batch_size: int, max_model_len: int, page_size: int) -> EngineSizes:
         blocks_per_request = math.ceil(max_model_len / page_size)
-        return cls(max_requests_per_batch=batch_size, num_blocks=batch_size * blocks_per_request,
-                   page_size=page_size, max_batch_tokens=min(batch_size * max_model_len, DEFAULT_MAX_BATCH_TOKENS))
+        return cls(
+            max_requests_per_batch=batch_size,
+            num_blocks=batch_size * blocks_per_request,
+            page_size=page_size,
+            max_batch_tokens=min(batch_size * max_model_len, DEFAULT_MAX_BATCH_TOKENS),
+        )
 
 
 def engine_config(sizes: EngineSizes, seed: int) -> Any:
@@ -147,9 +166,12 @@ def engine_config(sizes: EngineSizes, seed: int) -> Any:
 
     fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     kwargs: dict[str, Any] = {
-        "num_blocks": sizes.num_blocks, "max_batch_tokens": sizes.max_batch_tokens,
-        "max_requests_per_batch": sizes.max_requests_per_batch, "allow_block_sharing": False,
-        "safety_margin": 0.0, "seed": seed,
+        "num_blocks": sizes.num_blocks,
+        "max_batch_tokens": sizes.max_batch_tokens,
+        "max_requests_per_batch": sizes.max_requests_per_batch,
+        "allow_block_sharing": False,
+        "safety_margin": 0.0,
+        "seed": seed,
         # 5.19 calls it page_size (block_size deprecated); 5.17 block_size.
         "page_size" if "page_size" in fields else "block_size": sizes.page_size,
     }
@@ -168,19 +190,29 @@ def default_page_size() -> int:
 def decoding_key(decoding: DecodingSettings, eos_ids: set[int]) -> tuple:
     """What the engine's logits processors depend on: a change starts a new engine (the seed and the
     output length do not: the seed is set per call, the length per request)."""
-    return (decoding.mode, decoding.temperature, decoding.top_p, decoding.top_k, decoding.fixed_length,
-            tuple(sorted(eos_ids)))
+    return (
+        decoding.mode,
+        decoding.temperature,
+        decoding.top_p,
+        decoding.top_k,
+        decoding.fixed_length,
+        tuple(sorted(eos_ids)),
+    )
 
 
 def generation_config(model: Any, decoding: DecodingSettings, eos_ids: set[int], pad_token_id: int) -> Any:
     """The model's own generation config with the campaign's decoding over it, as the offline path's
     generate() call merges its keyword arguments over it."""
     config = copy.deepcopy(model.generation_config)
-    updates: dict[str, Any] = {"pad_token_id": pad_token_id, "eos_token_id": sorted(eos_ids),
-                               "max_new_tokens": decoding.max_output_tokens}
+    updates: dict[str, Any] = {
+        "pad_token_id": pad_token_id,
+        "eos_token_id": sorted(eos_ids),
+        "max_new_tokens": decoding.max_output_tokens,
+    }
     if decoding.mode == "sampling":
-        updates.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p,
-                       top_k=decoding.top_k or None)
+        updates.update(
+            do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k or None
+        )
     else:
         updates.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     # Fixed length: EOS masked at every step, the equivalent of min_new_tokens = max_new_tokens.
@@ -192,20 +224,31 @@ def generation_config(model: Any, decoding: DecodingSettings, eos_ids: set[int],
 def _check_processors(model: Any, config: Any) -> None:
     """Continuous batching drops the logits processors marked `supports_continuous_batching = False` (a
     repetition penalty, say): one of those in the generation config would change the decoding."""
-    dropped = [type(p).__name__ for p in model._get_logits_processor(config)
-               if getattr(p, "supports_continuous_batching", None) is False]
+    dropped = [
+        type(p).__name__
+        for p in model._get_logits_processor(config)
+        if getattr(p, "supports_continuous_batching", None) is False
+    ]
     if dropped:
         raise BackendError(
             f"transformers' continuous batching drops {', '.join(dropped)} of the model's generation config, so it "
-            "would not decode as the offline path does; run this model at grid.request_rate: [inf]")
+            "would not decode as the offline path does; run this model at grid.request_rate: [inf]"
+        )
 
 
 class ContinuousBatchingEngine:
     """One running ContinuousBatchingManager for one decoding (see decoding_key), and the asyncio loop
     its outputs are delivered to. Started outside the measured windows (the harness's compile window)."""
 
-    def __init__(self, model: Any, decoding: DecodingSettings, eos_ids: set[int], pad_token_id: int,
-                 sizes: EngineSizes, seed: int):
+    def __init__(
+        self,
+        model: Any,
+        decoding: DecodingSettings,
+        eos_ids: set[int],
+        pad_token_id: int,
+        sizes: EngineSizes,
+        seed: int,
+    ):
         self.key = decoding_key(decoding, eos_ids)
         self.eos_ids = set(eos_ids)
         self.sizes = sizes
@@ -214,8 +257,9 @@ class ContinuousBatchingEngine:
         config = generation_config(model, decoding, eos_ids, pad_token_id)
         _check_processors(model, config)
         started = clock.now()
-        self._manager = model.init_continuous_batching(generation_config=config,
-                                                       continuous_batching_config=engine_config(sizes, seed))
+        self._manager = model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=engine_config(sizes, seed)
+        )
         self._manager.warmup()  # the paged cache, and CUDA graphs where transformers uses them
         self._manager.start()
         self._loop = asyncio.new_event_loop()
@@ -246,8 +290,9 @@ class ContinuousBatchingEngine:
         found = [t for t in tensors if t is not None]
         return sum(int(t.numel() * t.element_size()) for t in found) if found else None
 
-    def run(self, requests: list[Request], decoding: DecodingSettings,
-            schedule: Schedule | None) -> list[RequestRecord]:
+    def run(
+        self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule | None
+    ) -> list[RequestRecord]:
         """Submit each request at its due time (all at once without a schedule) and stream its tokens."""
         import torch
 
@@ -277,19 +322,26 @@ class ContinuousBatchingEngine:
 
             self._manager.register_result_handler(request_id, on_output)
             submitted = clock.now()
-            accepted = self._manager.add_request(list(request.prompt_token_ids), request_id=request_id,
-                                                 max_new_tokens=decoding.max_output_tokens, streaming=True,
-                                                 eos_token_id=eos)
+            accepted = self._manager.add_request(
+                list(request.prompt_token_ids),
+                request_id=request_id,
+                max_new_tokens=decoding.max_output_tokens,
+                streaming=True,
+                eos_token_id=eos,
+            )
             if accepted is None:
-                raise BackendError(f"transformers' continuous batching refused request {request.index} "
-                                   "(its engine thread is stopping or died; its log is above)")
+                raise BackendError(
+                    f"transformers' continuous batching refused request {request.index} "
+                    "(its engine thread is stopping or died; its log is above)"
+                )
             try:
                 output = await self._wait(finished)
             finally:
                 if not finished.done():
                     self._manager.cancel_request(request_id)
-            return self._record(request, output, submitted, chunk_times, chunk_tokens, decoding,
-                                due_s if arrivals else None)
+            return self._record(
+                request, output, submitted, chunk_times, chunk_tokens, decoding, due_s if arrivals else None
+            )
 
         async def run_all() -> list[RequestRecord]:
             try:
@@ -314,22 +366,39 @@ class ContinuousBatchingEngine:
                 error = self._manager.background_thread_status.fatal_error
                 raise BackendError(f"transformers' continuous batching stopped with requests in flight: {error!r}")
 
-    def _record(self, request: Request, output: Any, submitted: float, chunk_times: list[float],
-                chunk_tokens: list[int], decoding: DecodingSettings, due_s: float | None) -> RequestRecord:
+    def _record(
+        self,
+        request: Request,
+        output: Any,
+        submitted: float,
+        chunk_times: list[float],
+        chunk_tokens: list[int],
+        decoding: DecodingSettings,
+        due_s: float | None,
+    ) -> RequestRecord:
         if output.error is not None:
             raise BackendError(f"transformers' continuous batching failed request {request.index}: {output.error}")
         tokens = list(output.generated_tokens)
         if decoding.fixed_length and len(tokens) != decoding.max_output_tokens:
-            raise BackendError(f"transformers' continuous batching returned {len(tokens)} tokens for request "
-                               f"{request.index}, not the fixed {decoding.max_output_tokens}")
+            raise BackendError(
+                f"transformers' continuous batching returned {len(tokens)} tokens for request "
+                f"{request.index}, not the fixed {decoding.max_output_tokens}"
+            )
         if sum(chunk_tokens) != len(tokens):
             raise BackendError(f"request {request.index}: {sum(chunk_tokens)} tokens streamed, {len(tokens)} returned")
         return RequestRecord(
-            index=request.index, input_tokens=request.input_tokens, output_tokens=len(tokens),
-            submitted_s=submitted, finished_s=chunk_times[-1] if chunk_times else submitted,
+            index=request.index,
+            input_tokens=request.input_tokens,
+            output_tokens=len(tokens),
+            submitted_s=submitted,
+            finished_s=chunk_times[-1] if chunk_times else submitted,
             first_token_s=chunk_times[0] if chunk_times else None,
-            chunk_times_s=chunk_times, chunk_tokens=chunk_tokens, output_token_ids=tokens,
-            batch_index=None, latency_source=LATENCY_SOURCE, due_s=due_s,
+            chunk_times_s=chunk_times,
+            chunk_tokens=chunk_tokens,
+            output_token_ids=tokens,
+            batch_index=None,
+            latency_source=LATENCY_SOURCE,
+            due_s=due_s,
         )
 
     def close(self) -> None:

@@ -43,7 +43,14 @@ from typing import Any
 
 from llm_energy import clock
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, LAUNCH_SERVER, Backend, DecodingSettings, Execution, LoadReport, Request, RequestRecord,
+    HARNESS_SETTINGS,
+    LAUNCH_SERVER,
+    Backend,
+    DecodingSettings,
+    Execution,
+    LoadReport,
+    Request,
+    RequestRecord,
     tokenize_prompts,
 )
 from llm_energy.config_schema import validate_section
@@ -96,9 +103,13 @@ class ServerProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True,
-                                        env={**os.environ, **{k: str(v) for k, v in (env or {}).items()}})
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **{k: str(v) for k, v in (env or {}).items()}},
+        )
 
     def exited(self, within_s: float = 0.0) -> int | None:
         """The exit code, or None while it runs; waits up to within_s for it to exit (a server whose
@@ -127,7 +138,9 @@ class OpenAIServerBackend(Backend):
     def __init__(self, settings: dict[str, Any] | None = None):
         super().__init__(settings)
         # backend_settings.openai_server with the schema's defaults (the harness's own keys left out)
-        self.config = validate_section(SCHEMA_NODE, {k: v for k, v in self.settings.items() if k not in HARNESS_SETTINGS})
+        self.config = validate_section(
+            SCHEMA_NODE, {k: v for k, v in self.settings.items() if k not in HARNESS_SETTINGS}
+        )
         self.server_settings: dict[str, Any] = self.config["server"]
         self.base_url: str | None = None
         self.model_name: str | None = None
@@ -153,27 +166,36 @@ class OpenAIServerBackend(Backend):
     def check_settings(cls, settings: dict[str, Any]) -> None:
         server = settings.get("server") or {}
         if bool(server.get("command")) == bool(server.get("url")):
-            raise ConfigError(f"{KEY}.server", "set exactly one of server.command (launch a server as setup) and "
-                              "server.url (attach to a running one)",
-                              "e.g. server: {command: 'vllm serve {model_dir} --port {port}'} or "
-                              "server: {url: 'http://127.0.0.1:8000', gpus: [0]}")
+            raise ConfigError(
+                f"{KEY}.server",
+                "set exactly one of server.command (launch a server as setup) and server.url (attach to a running one)",
+                "e.g. server: {command: 'vllm serve {model_dir} --port {port}'} or "
+                "server: {url: 'http://127.0.0.1:8000', gpus: [0]}",
+            )
         if server.get("url") and not str(server["url"]).startswith(("http://", "https://")):
-            raise ConfigError(f"{KEY}.server.url", f"{server['url']!r} is not an http(s) URL",
-                              "write it as http://host:port")
+            raise ConfigError(
+                f"{KEY}.server.url", f"{server['url']!r} is not an http(s) URL", "write it as http://host:port"
+            )
 
     # -- load: launch or attach ------------------------------------------------------------------
 
     def command(self, model_dir: Path, dtype: str, max_model_len: int) -> list[str]:
         raw = self.server_settings["command"]
         parts = shlex.split(raw) if isinstance(raw, str) else [str(p) for p in raw]
-        values = {"python": sys.executable, "model_dir": str(model_dir), "port": str(self.server_settings["port"]),
-                  "dtype": dtype,
-                  "max_model_len": str(max_model_len), "model_name": self.config["model_name"] or "model"}
+        values = {
+            "python": sys.executable,
+            "model_dir": str(model_dir),
+            "port": str(self.server_settings["port"]),
+            "dtype": dtype,
+            "max_model_len": str(max_model_len),
+            "model_name": self.config["model_name"] or "model",
+        }
         try:
             return [p.format(**values) for p in parts]
         except KeyError as exc:
-            raise ConfigError(f"{KEY}.server.command", f"unknown placeholder {exc} in {raw!r}",
-                              f"use only {{{'}, {'.join(values)}}}") from None
+            raise ConfigError(
+                f"{KEY}.server.command", f"unknown placeholder {exc} in {raw!r}", f"use only {{{'}, {'.join(values)}}}"
+            ) from None
 
     def load(self, model_dir: Path, dtype: str, max_model_len: int, batch_size: int) -> LoadReport:
         from transformers import AutoTokenizer
@@ -183,25 +205,39 @@ class OpenAIServerBackend(Backend):
         if launched:
             port = int(self.server_settings["port"])
             if port_in_use(port):
-                raise BackendError(f"{KEY}.server.port: port {port} is already in use on this machine; stop what "
-                                   f"listens there or choose another server.port")
+                raise BackendError(
+                    f"{KEY}.server.port: port {port} is already in use on this machine; stop what "
+                    f"listens there or choose another server.port"
+                )
             self.base_url = f"http://127.0.0.1:{port}"
             log_dir = Path(self.settings.get("log_dir") or ".")
             log_path = Path(self.server_settings["log"] or log_dir / "server.log")
-            self.process = ServerProcess(self.command(model_dir, dtype, max_model_len), log_path,
-                                         self.server_settings["env"])
-            log.info("started server (pid %d): %s; log %s", self.process.process.pid,
-                     shlex.join(self.process.command), log_path)
+            self.process = ServerProcess(
+                self.command(model_dir, dtype, max_model_len), log_path, self.server_settings["env"]
+            )
+            log.info(
+                "started server (pid %d): %s; log %s",
+                self.process.process.pid,
+                shlex.join(self.process.command),
+                log_path,
+            )
         else:
             self.base_url = str(self.server_settings["url"]).rstrip("/")
         self._wait_ready(launched)
         self.model_name = self.config["model_name"] or self._served_model()
         self._loop = asyncio.new_event_loop()
-        return LoadReport(device="server", dtype=dtype, details={
-            "server_url": self.base_url, "launched": launched, "model_name": self.model_name,
-            "server_command": shlex.join(self.process.command) if self.process else None,
-            "server_log": str(self.process.log_path) if self.process else None,
-            "server_gpus": self.server_settings["gpus"]})
+        return LoadReport(
+            device="server",
+            dtype=dtype,
+            details={
+                "server_url": self.base_url,
+                "launched": launched,
+                "model_name": self.model_name,
+                "server_command": shlex.join(self.process.command) if self.process else None,
+                "server_log": str(self.process.log_path) if self.process else None,
+                "server_gpus": self.server_settings["gpus"],
+            },
+        )
 
     def _wait_ready(self, launched: bool) -> None:
         url = self.base_url + self.server_settings["ready_path"]
@@ -212,8 +248,10 @@ class OpenAIServerBackend(Backend):
             if self.process is not None and self.process.exited() is not None:
                 code = self.process.exited()
                 self.close()
-                raise BackendError(f"the server exited with code {code} before it was ready "
-                                   f"({KEY}.server.command); its log ends:\n{log_tail(self.process.log_path)}")
+                raise BackendError(
+                    f"the server exited with code {code} before it was ready "
+                    f"({KEY}.server.command); its log ends:\n{log_tail(self.process.log_path)}"
+                )
             try:
                 status, _ = _http_get(url, timeout_s=5.0)
                 if status == 200:
@@ -225,8 +263,10 @@ class OpenAIServerBackend(Backend):
         if self.process is not None:
             tail = log_tail(self.process.log_path)
             self.close()
-            raise BackendError(f"the server did not answer {url} within {KEY}.server.ready_timeout_s="
-                               f"{timeout_s:g} s ({last_error}); it was stopped. Its log ends:\n{tail}")
+            raise BackendError(
+                f"the server did not answer {url} within {KEY}.server.ready_timeout_s="
+                f"{timeout_s:g} s ({last_error}); it was stopped. Its log ends:\n{tail}"
+            )
         raise BackendError(f"{KEY}.server.url: {url} does not answer ({last_error}); is the server running?")
 
     def _served_model(self) -> str:
@@ -245,8 +285,9 @@ class OpenAIServerBackend(Backend):
         chosen = [d.uuid for d in devices if d.index in wanted or d.uuid in wanted]
         unknown = [g for g in wanted if not any(g in (d.index, d.uuid) for d in devices)]
         if unknown:
-            raise BackendError(f"{KEY}.server.gpus: {unknown} match no GPU this job sees "
-                               f"({[(d.index, d.uuid) for d in devices]})")
+            raise BackendError(
+                f"{KEY}.server.gpus: {unknown} match no GPU this job sees ({[(d.index, d.uuid) for d in devices]})"
+            )
         return chosen
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
@@ -256,9 +297,12 @@ class OpenAIServerBackend(Backend):
 
     def request_body(self, request: Request, decoding: DecodingSettings) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model_name, "prompt": list(request.prompt_token_ids),
-            "max_tokens": decoding.max_output_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "return_token_ids": True,
+            "model": self.model_name,
+            "prompt": list(request.prompt_token_ids),
+            "max_tokens": decoding.max_output_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,
             "temperature": 0.0 if decoding.mode == "greedy" else decoding.temperature,
         }
         if decoding.mode != "greedy":
@@ -277,12 +321,16 @@ class OpenAIServerBackend(Backend):
         token_ids: list[int] = []
         usage: dict[str, Any] | None = None
         submitted = clock.now()
-        async with self._session.post(self.base_url + "/v1/completions", json=self.request_body(request, decoding),
-                                      timeout=aiohttp.ClientTimeout(total=float(
-                                          self.config["request_timeout_s"]))) as response:
+        async with self._session.post(
+            self.base_url + "/v1/completions",
+            json=self.request_body(request, decoding),
+            timeout=aiohttp.ClientTimeout(total=float(self.config["request_timeout_s"])),
+        ) as response:
             if response.status != 200:
-                raise BackendError(f"the server answered HTTP {response.status} to request {request.index}: "
-                                   f"{(await response.text())[:500]}")
+                raise BackendError(
+                    f"the server answered HTTP {response.status} to request {request.index}: "
+                    f"{(await response.text())[:500]}"
+                )
             async for raw in response.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -305,15 +353,24 @@ class OpenAIServerBackend(Backend):
                     chunk_times.append(arrived)
                     chunk_tokens.append(count)
         if usage is None:
-            raise BackendError(f"the server sent no usage for request {request.index} (it must honour "
-                               "stream_options.include_usage): token counts would be guesses")
+            raise BackendError(
+                f"the server sent no usage for request {request.index} (it must honour "
+                "stream_options.include_usage): token counts would be guesses"
+            )
         return RequestRecord(
-            index=request.index, input_tokens=int(usage["prompt_tokens"]),
-            output_tokens=int(usage["completion_tokens"]), submitted_s=submitted,
+            index=request.index,
+            input_tokens=int(usage["prompt_tokens"]),
+            output_tokens=int(usage["completion_tokens"]),
+            submitted_s=submitted,
             finished_s=chunk_times[-1] if chunk_times else submitted,
-            first_token_s=chunk_times[0] if chunk_times else None, chunk_times_s=chunk_times,
-            chunk_tokens=chunk_tokens, output_token_ids=token_ids, batch_index=None,
-            latency_source="openai_stream_arrival_at_caller", due_s=due_s)
+            first_token_s=chunk_times[0] if chunk_times else None,
+            chunk_times_s=chunk_times,
+            chunk_tokens=chunk_tokens,
+            output_token_ids=token_ids,
+            batch_index=None,
+            latency_source="openai_stream_arrival_at_caller",
+            due_s=due_s,
+        )
 
     supports_schedule = True
 
@@ -333,16 +390,21 @@ class OpenAIServerBackend(Backend):
             return await run_on_schedule(requests, schedule, lambda r, due: self._one(r, decoding, due))
 
         if self.process is not None and self.process.exited() is not None:
-            raise BackendError(f"the server exited with code {self.process.exited()} during the run; its log "
-                               f"ends:\n{log_tail(self.process.log_path)}")
+            raise BackendError(
+                f"the server exited with code {self.process.exited()} during the run; its log "
+                f"ends:\n{log_tail(self.process.log_path)}"
+            )
         try:
             records = self._loop.run_until_complete(run_all())
         except BackendError:
             raise
         except Exception as exc:
             code = self.process.exited(within_s=DISCONNECT_GRACE_S) if self.process is not None else None
-            why = (f"the server exited with code {code}; its log ends:\n{log_tail(self.process.log_path)}"
-                   if code is not None else f"{type(exc).__name__}: {exc}")
+            why = (
+                f"the server exited with code {code}; its log ends:\n{log_tail(self.process.log_path)}"
+                if code is not None
+                else f"{type(exc).__name__}: {exc}"
+            )
             raise BackendError(f"streaming from {self.base_url} failed: {why}") from exc
         return sorted(records, key=lambda r: r.index)
 

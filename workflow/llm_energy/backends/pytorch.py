@@ -33,8 +33,17 @@ from typing import Any
 from llm_energy import clock
 from llm_energy.backends import continuous_batching, quantization
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, LAUNCH_DATA_PARALLEL, LAUNCH_IN_PROCESS, LAUNCH_TENSOR_PARALLEL, Backend, DecodingSettings, Execution, LoadReport,
-    Request, RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS,
+    LAUNCH_DATA_PARALLEL,
+    LAUNCH_IN_PROCESS,
+    LAUNCH_TENSOR_PARALLEL,
+    Backend,
+    DecodingSettings,
+    Execution,
+    LoadReport,
+    Request,
+    RequestRecord,
+    tokenize_prompts,
 )
 from llm_energy.backends.batching import make_batches
 from llm_energy.errors import BackendError, ConfigError
@@ -94,7 +103,7 @@ class EnginePath:
 
 
 def resolve_engine_path(settings: PytorchSettings | Mapping[str, Any], device: str) -> EnginePath:
-    """"auto" means the fast path on CUDA and eager dynamic elsewhere; an explicit compile mode implies
+    """ "auto" means the fast path on CUDA and eager dynamic elsewhere; an explicit compile mode implies
     the static cache (transformers compiles only over a static cache)."""
     config = PytorchSettings.of(settings)
     if config.compile == "auto":
@@ -112,29 +121,38 @@ def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
     config = PytorchSettings.of(settings)
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
-            f"{SETTINGS_KEY}.attn_implementation", "is 'flash_attention_2' but the flash_attn package is not installed",
+            f"{SETTINGS_KEY}.attn_implementation",
+            "is 'flash_attention_2' but the flash_attn package is not installed",
             "Install it on the GPU machine (pip install flash-attn --no-build-isolation, with a CUDA build of "
             "torch), or use 'sdpa'.",
         )
     if config.compile not in ("auto", False) and config.cache_implementation == "dynamic":
         raise ConfigError(
-            f"{SETTINGS_KEY}.compile", f"is '{config.compile}' but cache_implementation is 'dynamic'",
+            f"{SETTINGS_KEY}.compile",
+            f"is '{config.compile}' but cache_implementation is 'dynamic'",
             "transformers compiles generate only over a static cache: set cache_implementation to 'static' "
             "or 'auto', or compile to false.",
         )
     reason = quantization.unsupported_reason(config.quantization, config.device)
     if reason:
         raise ConfigError(quantization.SETTING_KEY, reason, "Install what is named, or choose another method.")
-    if config.tensor_parallel > 1 and (config.data_parallel > 1 or config.device_map is not None
-                                       or config.quantization != "none"):
-        raise ConfigError(f"{SETTINGS_KEY}.tensor_parallel", f"is {config.tensor_parallel} with data_parallel "
-                          f"{config.data_parallel}, device_map {config.device_map!r}, quantization {config.quantization!r}: "
-                          "tp_plan splits one unquantized model over the processes on its own",
-                          "Use tensor_parallel alone (data_parallel 1, device_map null, quantization none).")
+    if config.tensor_parallel > 1 and (
+        config.data_parallel > 1 or config.device_map is not None or config.quantization != "none"
+    ):
+        raise ConfigError(
+            f"{SETTINGS_KEY}.tensor_parallel",
+            f"is {config.tensor_parallel} with data_parallel "
+            f"{config.data_parallel}, device_map {config.device_map!r}, quantization {config.quantization!r}: "
+            "tp_plan splits one unquantized model over the processes on its own",
+            "Use tensor_parallel alone (data_parallel 1, device_map null, quantization none).",
+        )
     if config.data_parallel > 1 and config.device_map is not None:
-        raise ConfigError(f"{SETTINGS_KEY}.data_parallel", f"is {config.data_parallel} with device_map "
-                          f"{config.device_map!r}: each data-parallel replica runs on one GPU of its own",
-                          "Leave device_map null, or data_parallel at 1.")
+        raise ConfigError(
+            f"{SETTINGS_KEY}.data_parallel",
+            f"is {config.data_parallel} with device_map "
+            f"{config.device_map!r}: each data-parallel replica runs on one GPU of its own",
+            "Leave device_map null, or data_parallel at 1.",
+        )
 
 
 def compilation_counter() -> int:
@@ -253,11 +271,21 @@ class PytorchBackend(Backend):
     @classmethod
     def execution(cls, settings: dict[str, Any]) -> Execution:
         config = PytorchSettings.of(settings)
-        launch = (LAUNCH_TENSOR_PARALLEL if config.tensor_parallel > 1
-                  else LAUNCH_DATA_PARALLEL if config.data_parallel > 1 else LAUNCH_IN_PROCESS)
-        return Execution(launch=launch, harness_may_init_cuda=True, data_parallel=config.data_parallel,
-                         tensor_parallel=config.tensor_parallel, barrier_timeout_s=config.data_parallel_timeout_s,
-                         keys={"data_parallel": "data_parallel", "tensor_parallel": "tensor_parallel"})
+        launch = (
+            LAUNCH_TENSOR_PARALLEL
+            if config.tensor_parallel > 1
+            else LAUNCH_DATA_PARALLEL
+            if config.data_parallel > 1
+            else LAUNCH_IN_PROCESS
+        )
+        return Execution(
+            launch=launch,
+            harness_may_init_cuda=True,
+            data_parallel=config.data_parallel,
+            tensor_parallel=config.tensor_parallel,
+            barrier_timeout_s=config.data_parallel_timeout_s,
+            keys={"data_parallel": "data_parallel", "tensor_parallel": "tensor_parallel"},
+        )
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -342,11 +370,19 @@ class PytorchBackend(Backend):
         self.batch_size = int(batch_size)
         if self.serving:
             if self.settings.get("batching", "fixed") != "fixed":
-                log.info("grid.batching=%s has no effect under a request rate: continuous batching forms the "
-                         "batches", self.settings.get("batching"))
+                log.info(
+                    "grid.batching=%s has no effect under a request rate: continuous batching forms the batches",
+                    self.settings.get("batching"),
+                )
             # self.path stays the uncompiled dynamic default: no static cache, nothing compiled by us.
-            return {"engine_path": continuous_batching.ENGINE_PATH, "cache_implementation": "paged",
-                    "compile_mode": None, "compile_backend": None, "static_cache_len": None, "compile_cache_dirs": {}}
+            return {
+                "engine_path": continuous_batching.ENGINE_PATH,
+                "cache_implementation": "paged",
+                "compile_mode": None,
+                "compile_backend": None,
+                "static_cache_len": None,
+                "compile_cache_dirs": {},
+            }
         self.path = resolve_engine_path(self.config, self.device)
         cache_dirs: dict[str, str] = {}
         if self.path.compiled:
@@ -394,8 +430,9 @@ class PytorchBackend(Backend):
             # min_new_tokens masks EOS until the limit: exactly max_output_tokens per request.
             kwargs["min_new_tokens"] = decoding.max_output_tokens
         if decoding.mode == "sampling":
-            kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p,
-                          top_k=decoding.top_k or None)
+            kwargs.update(
+                do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k or None
+            )
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.path.cache_implementation == "static":
@@ -460,8 +497,11 @@ class PytorchBackend(Backend):
     def plan_batches(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[list[Request]]:
         """The batches generate() runs for these requests (the harness passes them to compile())."""
         return make_batches(
-            requests, batch_size, self.settings.get("batching", "fixed"),
-            self.settings.get("token_budget"), decoding.max_output_tokens,
+            requests,
+            batch_size,
+            self.settings.get("batching", "fixed"),
+            self.settings.get("token_budget"),
+            decoding.max_output_tokens,
         )
 
     def _rows(self, batch: list[Request], batch_size: int) -> list[Request]:
@@ -534,15 +574,22 @@ class PytorchBackend(Backend):
             for request, generated in zip(batch, new_tokens):
                 n = self.count_output_tokens(generated, decoding.fixed_length)
                 times = step_times[:n]
-                records.append(RequestRecord(
-                    index=request.index, input_tokens=request.input_tokens, output_tokens=n,
-                    # A request is finished when its own last counted token arrived (with EOS, rows of
-                    # one batch end at different steps even though generate returns once for all).
-                    submitted_s=submitted, finished_s=times[-1] if times else submitted,
-                    first_token_s=times[0] if times else None, token_times_s=times,
-                    output_token_ids=generated[:n], batch_index=batch_index,
-                    latency_source="host_clock_per_step",
-                ))
+                records.append(
+                    RequestRecord(
+                        index=request.index,
+                        input_tokens=request.input_tokens,
+                        output_tokens=n,
+                        # A request is finished when its own last counted token arrived (with EOS, rows of
+                        # one batch end at different steps even though generate returns once for all).
+                        submitted_s=submitted,
+                        finished_s=times[-1] if times else submitted,
+                        first_token_s=times[0] if times else None,
+                        token_times_s=times,
+                        output_token_ids=generated[:n],
+                        batch_index=batch_index,
+                        latency_source="host_clock_per_step",
+                    )
+                )
         return sorted(records, key=lambda r: r.index)
 
     # -- under a request rate: transformers' continuous batching --
@@ -550,8 +597,10 @@ class PytorchBackend(Backend):
     def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule) -> list[RequestRecord]:
         """Each request submitted to the continuous-batching engine at its due time."""
         if not self.serving:
-            raise BackendError("the pytorch backend serves arrival times through continuous batching, which it "
-                               "starts only with settings['serving'] true (llm_energy.measure.backend_settings)")
+            raise BackendError(
+                "the pytorch backend serves arrival times through continuous batching, which it "
+                "starts only with settings['serving'] true (llm_energy.measure.backend_settings)"
+            )
         return self._run_continuous(requests, decoding, schedule)
 
     def _continuous_engine(self, decoding: DecodingSettings) -> continuous_batching.ContinuousBatchingEngine:
@@ -565,18 +614,25 @@ class PytorchBackend(Backend):
             log.info("decoding changed (%s -> %s): restarting continuous batching", engine.key, key)
             self._cb_engine = None
             engine.close()
-        sizes = continuous_batching.EngineSizes.of(self.batch_size or 1, self.max_cache_len or 1,
-                                                   continuous_batching.default_page_size())
+        sizes = continuous_batching.EngineSizes.of(
+            self.batch_size or 1, self.max_cache_len or 1, continuous_batching.default_page_size()
+        )
         try:
             self._cb_engine = continuous_batching.ContinuousBatchingEngine(
-                self.model, decoding, eos_ids, self.tokenizer.pad_token_id, sizes,
-                seed=int(self.settings.get("seed") or 0))
+                self.model,
+                decoding,
+                eos_ids,
+                self.tokenizer.pad_token_id,
+                sizes,
+                seed=int(self.settings.get("seed") or 0),
+            )
         except (ValueError, RuntimeError, MemoryError) as exc:  # transformers' own refusals of the config
             raise BackendError(f"transformers' continuous batching could not start: {exc}") from exc
         return self._cb_engine
 
-    def _run_continuous(self, requests: list[Request], decoding: DecodingSettings,
-                        schedule: Schedule | None) -> list[RequestRecord]:
+    def _run_continuous(
+        self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule | None
+    ) -> list[RequestRecord]:
         if not requests:
             return []
         longest = max(r.input_tokens for r in requests)
@@ -584,7 +640,8 @@ class PytorchBackend(Backend):
             raise BackendError(
                 f"a prompt of {longest} tokens plus max_output_tokens {decoding.max_output_tokens} exceeds "
                 f"max_model_len {self.max_cache_len}, what the paged cache holds per request; raise max_model_len "
-                "or lower max_input_tokens / max_output_tokens")
+                "or lower max_input_tokens / max_output_tokens"
+            )
         records = self._continuous_engine(decoding).run(requests, decoding, schedule)
         return sorted(records, key=lambda r: r.index)
 
@@ -623,19 +680,28 @@ class PytorchBackend(Backend):
         self._run_batch(self._rows(narrowest, rows), fixed, kwargs)
         end, after_second = clock.now(), compilation_counter()
         if after_second != after_first:
-            log.warning("the second compile call recompiled (%d frames): the window may recompile too",
-                        after_second - after_first)
-        facts.update({
-            "seconds": end - start,
-            "first_call_s": first_done - start,
-            "second_call_s": end - first_done,
-            "shapes_compiled": [{"batch_size": rows, "static_cache_len": self.max_cache_len,
-                                 "prompt_widths_run": sorted({_width(widest), _width(narrowest)})}],
-            "compilations": after_first - before,
-            "recompilations": after_second - after_first,
-            "compile_mode": self.path.compile_mode,
-            "compile_backend": self.path.compile_backend,
-        })
+            log.warning(
+                "the second compile call recompiled (%d frames): the window may recompile too",
+                after_second - after_first,
+            )
+        facts.update(
+            {
+                "seconds": end - start,
+                "first_call_s": first_done - start,
+                "second_call_s": end - first_done,
+                "shapes_compiled": [
+                    {
+                        "batch_size": rows,
+                        "static_cache_len": self.max_cache_len,
+                        "prompt_widths_run": sorted({_width(widest), _width(narrowest)}),
+                    }
+                ],
+                "compilations": after_first - before,
+                "recompilations": after_second - after_first,
+                "compile_mode": self.path.compile_mode,
+                "compile_backend": self.path.compile_backend,
+            }
+        )
         return facts
 
     def compilation_count(self) -> int | None:

@@ -34,12 +34,17 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "bnb_4bit": Method("bitsandbytes", BITSANDBYTES_PIN, False,
-                       "bitsandbytes 4-bit fails to generate on CPU (its CPU kernel); it needs a CUDA GPU here"),
+    "bnb_4bit": Method(
+        "bitsandbytes",
+        BITSANDBYTES_PIN,
+        False,
+        "bitsandbytes 4-bit fails to generate on CPU (its CPU kernel); it needs a CUDA GPU here",
+    ),
     "bnb_8bit": Method("bitsandbytes", BITSANDBYTES_PIN, True),
     "torchao_int8_weight_only": Method("torchao", TORCHAO_PIN, True),
-    "torchao_int4_weight_only": Method("torchao", TORCHAO_PIN, False,
-                                       "torchao int4 weight-only has no CPU layout; it needs a CUDA GPU"),
+    "torchao_int4_weight_only": Method(
+        "torchao", TORCHAO_PIN, False, "torchao int4 weight-only has no CPU layout; it needs a CUDA GPU"
+    ),
     "fp8": Method("torchao", TORCHAO_PIN, True),
 }
 
@@ -68,8 +73,10 @@ def unsupported_reason(method: str, device: str | None = None) -> str | None:
             return f"'{method}' is set for device cuda but torch sees no CUDA GPU"
         return None if spec.runs_on_cpu else f"{spec.why_not_cpu} (this run is on CPU)"
     if method == "fp8" and capability < FP8_MIN_COMPUTE_CAPABILITY:
-        return (f"'fp8' needs a GPU of compute capability 8.9 or more (Ada, Hopper); this one is "
-                f"{capability[0]}.{capability[1]}: use torchao_int8_weight_only or bnb_8bit")
+        return (
+            f"'fp8' needs a GPU of compute capability 8.9 or more (Ada, Hopper); this one is "
+            f"{capability[0]}.{capability[1]}: use torchao_int8_weight_only or bnb_8bit"
+        )
     return None
 
 
@@ -87,8 +94,11 @@ def quantization_config(method: str, dtype: Any) -> Any | None:
     from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    config = {"torchao_int8_weight_only": Int8WeightOnlyConfig, "torchao_int4_weight_only": Int4WeightOnlyConfig,
-              "fp8": Float8WeightOnlyConfig}[method]()
+    config = {
+        "torchao_int8_weight_only": Int8WeightOnlyConfig,
+        "torchao_int4_weight_only": Int4WeightOnlyConfig,
+        "fp8": Float8WeightOnlyConfig,
+    }[method]()
     return TorchAoConfig(config)
 
 
@@ -123,8 +133,11 @@ def weight_bytes(model: Any) -> dict[str, int]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += stored_bytes(tensor)
-    matmul = sum(stored_bytes(m.weight) for m in model.modules()
-                 if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    matmul = sum(
+        stored_bytes(m.weight)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear8bitLt", "Linear4bit")
+    )
     return {"weight_bytes": int(total), "matmul_weight_bytes": int(matmul)}
 
 
@@ -141,5 +154,8 @@ def quantized_weight_type(model: Any) -> str:
 
 def load_details(method: str, model: Any) -> dict[str, Any]:
     """What the load report records about the weights: method, weight type and stored bytes."""
-    return {"quantization": method or NONE, "quantized_weight_type": quantized_weight_type(model),
-            **weight_bytes(model)}
+    return {
+        "quantization": method or NONE,
+        "quantized_weight_type": quantized_weight_type(model),
+        **weight_bytes(model),
+    }

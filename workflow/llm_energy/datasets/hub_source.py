@@ -14,7 +14,6 @@ from llm_energy.datasets.records import LoadedSource, _key
 from llm_energy.datasets.sources import _records_from_rows
 from llm_energy.errors import ConfigError, SourceUnavailableError
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -59,24 +58,34 @@ class HubAlias:
 
 HUB_ALIASES: dict[str, HubAlias] = {
     "alpaca": HubAlias(
-        repo_id="tatsu-lab/alpaca", config_name=None, split="train",
+        repo_id="tatsu-lab/alpaca",
+        config_name=None,
+        split="train",
         extract_prompt=_alpaca_prompt,
         description="instruction, followed by its input when there is one",
     ),
     "sharegpt": HubAlias(
-        repo_id="anon8231489123/ShareGPT_Vicuna_unfiltered", config_name=None, split="train",
+        repo_id="anon8231489123/ShareGPT_Vicuna_unfiltered",
+        config_name=None,
+        split="train",
         extract_prompt=_first_human_turn,
         # The repository holds several JSON files; this is the one inference benchmarks use.
         data_files="ShareGPT_V3_unfiltered_cleaned_split.json",
         description="first human turn of `conversations`",
     ),
     "gsm8k": HubAlias(
-        repo_id="openai/gsm8k", config_name="main", split="test",
-        extract_prompt=_column("question"), description="column `question`",
+        repo_id="openai/gsm8k",
+        config_name="main",
+        split="test",
+        extract_prompt=_column("question"),
+        description="column `question`",
     ),
     "mmlu": HubAlias(
-        repo_id="cais/mmlu", config_name="all", split="test",
-        extract_prompt=_column("question"), extract_category=_column("subject"),
+        repo_id="cais/mmlu",
+        config_name="all",
+        split="test",
+        extract_prompt=_column("question"),
+        extract_category=_column("subject"),
         description="column `question`, category from `subject`",
     ),
 }
@@ -109,8 +118,11 @@ def resolve_hub_target(name: str, spec: Mapping[str, Any]) -> HubTarget:
     dataset_id = spec["id"]
     alias = HUB_ALIASES.get(str(dataset_id).lower())
     if alias is None and str(dataset_id).count("/") != 1:
-        raise ConfigError(_key(name, "id"), f"{dataset_id!r} is neither a known alias nor a repo id",
-                          f"use one of {sorted(HUB_ALIASES)} or 'owner/name'")
+        raise ConfigError(
+            _key(name, "id"),
+            f"{dataset_id!r} is neither a known alias nor a repo id",
+            f"use one of {sorted(HUB_ALIASES)} or 'owner/name'",
+        )
     return HubTarget(
         repo_id=alias.repo_id if alias else str(dataset_id),
         config_name=spec.get("config_name") or (alias.config_name if alias else None),
@@ -139,8 +151,11 @@ def _hub_load_error(name: str, target: HubTarget, exc: Exception) -> Exception:
     if "Unknown split" in message:
         return ConfigError(_key(name, "split"), f"{target.repo_id}: {message}", "set split to one of them")
     if "BuilderConfig" in message or "Config name is missing" in message:
-        return ConfigError(_key(name, "config_name"), f"{target.repo_id}: {message}",
-                           "set config_name to one of the available configurations")
+        return ConfigError(
+            _key(name, "config_name"),
+            f"{target.repo_id}: {message}",
+            "set config_name to one of the available configurations",
+        )
     return SourceUnavailableError(f"data set '{name}' ({target.repo_id}): load_dataset failed: {message}")
 
 
@@ -153,8 +168,11 @@ def _load_hub_dataset(name: str, target: HubTarget) -> tuple[Any, str | None]:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub.utils import httpx as hub_httpx
 
-    load_kwargs: dict[str, Any] = {"name": target.config_name, "split": target.split,
-                                   "cache_dir": str(_datasets_cache_dir())}
+    load_kwargs: dict[str, Any] = {
+        "name": target.config_name,
+        "split": target.split,
+        "cache_dir": str(_datasets_cache_dir()),
+    }
     if target.data_files:
         load_kwargs["data_files"] = target.data_files
 
@@ -165,15 +183,21 @@ def _load_hub_dataset(name: str, target: HubTarget) -> tuple[Any, str | None]:
         except hub_errors.GatedRepoError:
             raise SourceUnavailableError(
                 f"data set '{name}' ({target.repo_id}) is gated: accept its terms on the hub and set "
-                f"HF_TOKEN in the environment") from None
+                f"HF_TOKEN in the environment"
+            ) from None
         except hub_errors.RevisionNotFoundError:
-            raise ConfigError(_key(name, "revision"), f"revision {target.revision!r} does not exist for "
-                              f"{target.repo_id}", "use a branch, tag or commit of that repository") from None
+            raise ConfigError(
+                _key(name, "revision"),
+                f"revision {target.revision!r} does not exist for {target.repo_id}",
+                "use a branch, tag or commit of that repository",
+            ) from None
         except hub_errors.RepositoryNotFoundError:
-            raise ConfigError(_key(name, "id"), f"data set {target.repo_id!r} does not exist on the hub "
-                              "(or is private)", "check the repo id; private sets need HF_TOKEN") from None
-        except (hub_httpx.ConnectError, hub_httpx.TimeoutException, hub_errors.OfflineModeIsEnabled,
-                OSError) as exc:
+            raise ConfigError(
+                _key(name, "id"),
+                f"data set {target.repo_id!r} does not exist on the hub (or is private)",
+                "check the repo id; private sets need HF_TOKEN",
+            ) from None
+        except (hub_httpx.ConnectError, hub_httpx.TimeoutException, hub_errors.OfflineModeIsEnabled, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("hub unreachable for %s (%s); trying the local cache", target.repo_id, reason)
         else:
@@ -186,8 +210,15 @@ def _load_hub_dataset(name: str, target: HubTarget) -> tuple[Any, str | None]:
     # Offline: the hub cache snapshot first. It holds the repository files, README included, so
     # load_dataset on the folder sees the same configurations as on the hub.
     try:
-        snapshot = Path(snapshot_download(target.repo_id, repo_type="dataset", revision=target.revision,
-                                          cache_dir=str(hub.cache_dir()), local_files_only=True))
+        snapshot = Path(
+            snapshot_download(
+                target.repo_id,
+                repo_type="dataset",
+                revision=target.revision,
+                cache_dir=str(hub.cache_dir()),
+                local_files_only=True,
+            )
+        )
     except (hub_errors.LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         logger.info("no hub cache snapshot of %s (%s)", target.repo_id, exc)
     else:
@@ -227,10 +258,18 @@ def _load_hub(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSourc
     rows = ((f"{target.repo_id}:{target.split}:{i}", row) for i, row in enumerate(dataset))
     alias = target.alias
     records, prompt_column = _records_from_rows(
-        rows, columns, requested_column=spec.get("prompt_column"), key=_key(name, "prompt_column"),
-        where=where, extract_prompt=alias.extract_prompt if alias else None,
+        rows,
+        columns,
+        requested_column=spec.get("prompt_column"),
+        key=_key(name, "prompt_column"),
+        where=where,
+        extract_prompt=alias.extract_prompt if alias else None,
         extract_category=alias.extract_category if alias else None,
     )
-    resolved = {"repo_id": target.repo_id, "config_name": target.config_name, "split": target.split,
-                "prompt_column": prompt_column}
+    resolved = {
+        "repo_id": target.repo_id,
+        "config_name": target.config_name,
+        "split": target.split,
+        "prompt_column": prompt_column,
+    }
     return LoadedSource(records=records, resolved_spec=resolved, hub_revision=revision)

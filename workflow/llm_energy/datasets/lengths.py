@@ -14,7 +14,6 @@ from llm_energy.datasets.records import LoadedSource, PromptRecord, _key
 from llm_energy.datasets.sources import BUNDLED_PROMPTS_PATH
 from llm_energy.errors import ConfigError
 
-
 TOKEN_LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
 INPUT_TOKENS_SCHEMA = "#/$defs/input_tokens"
 
@@ -26,9 +25,7 @@ def _uniform_int(rng: random.Random, low: int, high: int) -> int:
     return low + min(int(rng.random() * (high - low + 1)), high - low)
 
 
-def draw_token_lengths(
-    input_tokens: Mapping[str, Any], count: int, rng: random.Random, key: str
-) -> list[int]:
+def draw_token_lengths(input_tokens: Mapping[str, Any], count: int, rng: random.Random, key: str) -> list[int]:
     """Draw `count` prompt lengths (tokens, >= 1) from the `input_tokens` distribution, the mapping
     at config key `key` (its shape is the config schema's `$defs/input_tokens`, checked here):
 
@@ -90,8 +87,25 @@ class ExactLengthPromptBuilder:
     candidate is re-encoded and checked, so the result is exact for any tokenizer.
     """
 
-    FILLER_PIECES = (" the", " a", " and", ".", ",", " of", " to", " is", " in", " it", "!", "?", " x",
-                     " I", "a", "e", " ")
+    FILLER_PIECES = (
+        " the",
+        " a",
+        " and",
+        ".",
+        ",",
+        " of",
+        " to",
+        " is",
+        " in",
+        " it",
+        "!",
+        "?",
+        " x",
+        " I",
+        "a",
+        "e",
+        " ",
+    )
 
     def __init__(self, tokenizer: Any, words: Sequence[str]):
         if not words:
@@ -155,8 +169,9 @@ def _load_synthetic(name: str, spec: Mapping[str, Any], tokenizer: Any) -> Loade
     key = _key(name, "input_tokens")
     if tokenizer is None:
         raise ConfigError(
-            key, "a synthetic data set needs a tokenizer to build prompts of exact token lengths, "
-                 "but prepare_dataset got no tokenizer_dir",
+            key,
+            "a synthetic data set needs a tokenizer to build prompts of exact token lengths, "
+            "but prepare_dataset got no tokenizer_dir",
             "pass the tokenizer (folder of the model the prompts are meant for) as tokenizer_dir",
         )
     count = spec["count"]
@@ -166,13 +181,15 @@ def _load_synthetic(name: str, spec: Mapping[str, Any], tokenizer: Any) -> Loade
     records = []
     from tqdm import tqdm
 
-    for i, target in enumerate(tqdm(lengths, desc=f"synthetic prompts ({name})", mininterval=5,
-                                    disable=count < 50)):
+    for i, target in enumerate(tqdm(lengths, desc=f"synthetic prompts ({name})", mininterval=5, disable=count < 50)):
         start = _uniform_int(rng, 0, len(builder.words) - 1)
         text = builder.build(target, start)
         if text is None:
-            raise ConfigError(key, f"cannot build a prompt of exactly {target} tokens with the tokenizer "
-                                   f"'{getattr(tokenizer, 'name_or_path', tokenizer)}'",
-                              "use other lengths (e.g. a larger min) or another tokenizer")
+            raise ConfigError(
+                key,
+                f"cannot build a prompt of exactly {target} tokens with the tokenizer "
+                f"'{getattr(tokenizer, 'name_or_path', tokenizer)}'",
+                "use other lengths (e.g. a larger min) or another tokenizer",
+            )
         records.append(PromptRecord(prompt=text, source_id=f"synthetic-{i:06d}", target_tokens=target))
     return LoadedSource(records=records)

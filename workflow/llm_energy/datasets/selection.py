@@ -10,7 +10,6 @@ from llm_energy.artifacts import sha256_json
 from llm_energy.datasets.records import PromptRecord, _key
 from llm_energy.errors import ConfigError
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -27,8 +26,9 @@ def select_records(
     """Drop empty prompts, apply the char filters, shuffle, sample. Returns (records, dropped counts)."""
     min_chars, max_chars, sample_size = spec.get("min_chars"), spec.get("max_chars"), spec.get("sample_size")
     if min_chars is not None and max_chars is not None and max_chars < min_chars:
-        raise ConfigError(_key(name, "max_chars"), f"max_chars ({max_chars}) is below min_chars "
-                          f"({min_chars})", "fix the bounds")
+        raise ConfigError(
+            _key(name, "max_chars"), f"max_chars ({max_chars}) is below min_chars ({min_chars})", "fix the bounds"
+        )
     dropped = {"empty": 0, "min_chars": 0, "max_chars": 0}
     kept = []
     for record in records:
@@ -43,17 +43,22 @@ def select_records(
     if any(dropped.values()):
         logger.info("datasets.%s: dropped %s", name, dropped)
     if not kept:
-        raise ConfigError(_key(name), f"no prompts left out of {len(records)} after dropping empty ones "
-                          f"and applying min_chars={min_chars}, max_chars={max_chars} ({dropped})",
-                          "loosen the filters or check the source")
+        raise ConfigError(
+            _key(name),
+            f"no prompts left out of {len(records)} after dropping empty ones "
+            f"and applying min_chars={min_chars}, max_chars={max_chars} ({dropped})",
+            "loosen the filters or check the source",
+        )
     if spec.get("shuffle"):
         seed = spec.get("seed") or 0
         kept = sorted(kept, key=lambda record: shuffle_key(seed, record))
     if sample_size is not None:
         if sample_size > len(kept):
-            raise ConfigError(_key(name, "sample_size"), f"asks for {sample_size} prompts but only "
-                              f"{len(kept)} are available after filtering",
-                              f"set it to at most {len(kept)}, or null for all of them")
+            raise ConfigError(
+                _key(name, "sample_size"),
+                f"asks for {sample_size} prompts but only {len(kept)} are available after filtering",
+                f"set it to at most {len(kept)}, or null for all of them",
+            )
         kept = kept[:sample_size]
     return kept, dropped
 
@@ -64,6 +69,9 @@ def length_stats(values: Sequence[int]) -> dict[str, float]:
 
     array = np.asarray(values, dtype=float)
     return {
-        "min": int(array.min()), "max": int(array.max()), "mean": float(array.mean()),
-        "p50": float(np.percentile(array, 50)), "p90": float(np.percentile(array, 90)),
+        "min": int(array.min()),
+        "max": int(array.max()),
+        "mean": float(array.mean()),
+        "p50": float(np.percentile(array, 50)),
+        "p90": float(np.percentile(array, 90)),
     }

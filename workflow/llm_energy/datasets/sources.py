@@ -13,7 +13,6 @@ from typing import Any
 from llm_energy.datasets.records import LoadedSource, PromptRecord, _key
 from llm_energy.errors import ConfigError
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -22,8 +21,7 @@ BUNDLED_PROMPTS_PATH: Path = Path(__file__).resolve().parent.parent / "data" / "
 
 # Auto-detection order for the prompt column of files and hub data sets (case-insensitive).
 PROMPT_COLUMN_CANDIDATES = ("text", "prompt", "question", "instruction", "input", "content")
-FILE_FORMATS_BY_SUFFIX = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-                          ".parquet": "parquet"}
+FILE_FORMATS_BY_SUFFIX = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 FILE_FORMATS = ("txt", "jsonl", "csv", "parquet")
 
 
@@ -31,9 +29,7 @@ FILE_FORMATS = ("txt", "jsonl", "csv", "parquet")
 # Table-shaped sources (files and hub data sets)
 
 
-def resolve_prompt_column(
-    columns: Sequence[str], requested: str | None, key: str, where: str
-) -> str:
+def resolve_prompt_column(columns: Sequence[str], requested: str | None, key: str, where: str) -> str:
     """Pick the prompt column: the requested one (exact, else case-insensitive) or the first of
     PROMPT_COLUMN_CANDIDATES present. Raise ConfigError listing the columns otherwise."""
     by_lower: dict[str, list[str]] = {}
@@ -46,7 +42,8 @@ def resolve_prompt_column(
         if len(matches) == 1:
             return matches[0]
         raise ConfigError(
-            key, f"column '{requested}' not found in {where}; columns found: {list(columns)}",
+            key,
+            f"column '{requested}' not found in {where}; columns found: {list(columns)}",
             "set it to one of the columns found",
         )
     for candidate in PROMPT_COLUMN_CANDIDATES:
@@ -77,7 +74,8 @@ def _cell_to_text(value: Any, key: str, location: str, column: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(
-        key, f"{location}: column '{column}' holds a {type(value).__name__}, not text",
+        key,
+        f"{location}: column '{column}' holds a {type(value).__name__}, not text",
         "point prompt_column at a column of plain text",
     )
 
@@ -112,11 +110,13 @@ def _records_from_rows(
         elif category_column is not None:
             category = row.get(category_column)
         source_id = row.get(id_column) if id_column else None
-        records.append(PromptRecord(
-            prompt=prompt,
-            source_id=str(source_id) if source_id not in (None, "") else location,
-            category=None if category in (None, "") else str(category),
-        ))
+        records.append(
+            PromptRecord(
+                prompt=prompt,
+                source_id=str(source_id) if source_id not in (None, "") else location,
+                category=None if category in (None, "") else str(category),
+            )
+        )
     return records, prompt_column
 
 
@@ -130,7 +130,8 @@ def _read_text(path: Path, key: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            key, f"{path} line {_line_of_offset(raw, exc.start)} is not valid UTF-8 ({exc.reason})",
+            key,
+            f"{path} line {_line_of_offset(raw, exc.start)} is not valid UTF-8 ({exc.reason})",
             "save the file as UTF-8",
         ) from None
 
@@ -151,11 +152,15 @@ def _jsonl_rows(path: Path, key: str) -> tuple[list[tuple[str, dict]], list[str]
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(key, f"{path} line {line_no} is not valid JSON ({exc.msg})",
-                              "write one JSON object per line") from None
+            raise ConfigError(
+                key, f"{path} line {line_no} is not valid JSON ({exc.msg})", "write one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
-            raise ConfigError(key, f"{path} line {line_no} is a JSON {type(row).__name__}, not an object",
-                              'write one JSON object per line, e.g. {"prompt": "..."}')
+            raise ConfigError(
+                key,
+                f"{path} line {line_no} is a JSON {type(row).__name__}, not an object",
+                'write one JSON object per line, e.g. {"prompt": "..."}',
+            )
         columns.update(dict.fromkeys(row))
         rows.append((f"{path.name}:{line_no}", row))
     return rows, list(columns)
@@ -171,12 +176,16 @@ def _csv_rows(path: Path, key: str) -> tuple[list[tuple[str, dict]], list[str]]:
             start_line = last_line + 1  # a quoted field may span lines: report where the row starts
             last_line = reader.line_num
             if None in row:
-                raise ConfigError(key, f"{path} line {start_line} has more fields than the header "
-                                       f"({len(columns)} columns)", "quote fields that contain commas")
+                raise ConfigError(
+                    key,
+                    f"{path} line {start_line} has more fields than the header ({len(columns)} columns)",
+                    "quote fields that contain commas",
+                )
             rows.append((f"{path.name}:{start_line}", row))
     except csv.Error as exc:
-        raise ConfigError(key, f"{path} line {reader.line_num} is not valid CSV ({exc})",
-                          "fix the quoting on that line") from None
+        raise ConfigError(
+            key, f"{path} line {reader.line_num} is not valid CSV ({exc})", "fix the quoting on that line"
+        ) from None
     return rows, columns
 
 
@@ -186,42 +195,53 @@ def _parquet_rows(path: Path, key: str) -> tuple[list[tuple[str, dict]], list[st
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several error types for corrupt files
-        raise ConfigError(key, f"{path} is not a readable Parquet file ({exc})",
-                          "check the file, or set format to match its content") from None
+        raise ConfigError(
+            key, f"{path} is not a readable Parquet file ({exc})", "check the file, or set format to match its content"
+        ) from None
     rows = [(f"{path.name}:row{i}", row) for i, row in enumerate(table.to_pylist())]
     return rows, list(table.column_names)
 
 
 _FILE_READERS: dict[str, Callable[[Path, str], tuple[list[tuple[str, dict]], list[str]]]] = {
-    "txt": _txt_rows, "jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows,
+    "txt": _txt_rows,
+    "jsonl": _jsonl_rows,
+    "csv": _csv_rows,
+    "parquet": _parquet_rows,
 }
 
 
 def _load_file(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSource:
     path = Path(spec["path"])
     if not path.is_file():
-        raise ConfigError(_key(name, "path"), f"file {path} does not exist (resolved to {path.resolve()})",
-                          "fix the path; relative paths are relative to the working directory")
+        raise ConfigError(
+            _key(name, "path"),
+            f"file {path} does not exist (resolved to {path.resolve()})",
+            "fix the path; relative paths are relative to the working directory",
+        )
     file_format = spec.get("format")
     if file_format is None:
         file_format = FILE_FORMATS_BY_SUFFIX.get(path.suffix.lower())
         if file_format is None:
-            raise ConfigError(_key(name, "format"),
-                              f"cannot tell the format of {path} from its extension '{path.suffix}'",
-                              f"set format to one of {list(FILE_FORMATS)}")
+            raise ConfigError(
+                _key(name, "format"),
+                f"cannot tell the format of {path} from its extension '{path.suffix}'",
+                f"set format to one of {list(FILE_FORMATS)}",
+            )
     requested = spec.get("prompt_column")
     if file_format == "txt" and requested is not None:
-        logger.warning("datasets.%s: prompt_column=%r is ignored for .txt files (one prompt per line)",
-                       name, requested)
+        logger.warning("datasets.%s: prompt_column=%r is ignored for .txt files (one prompt per line)", name, requested)
         requested = None
     rows, columns = _FILE_READERS[file_format](path, _key(name, "path"))
     records, prompt_column = _records_from_rows(
-        rows, columns, requested_column=requested, key=_key(name, "prompt_column"), where=str(path),
+        rows,
+        columns,
+        requested_column=requested,
+        key=_key(name, "prompt_column"),
+        where=str(path),
     )
     return LoadedSource(
         records=records,
-        resolved_spec={"format": file_format,
-                       "prompt_column": prompt_column if file_format != "txt" else None},
+        resolved_spec={"format": file_format, "prompt_column": prompt_column if file_format != "txt" else None},
         source_path=path,
     )
 
@@ -231,16 +251,15 @@ def _load_file(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSour
 
 
 def _load_bundled(name: str, spec: Mapping[str, Any], tokenizer: Any) -> LoadedSource:
-    rows = [json.loads(line) for line in BUNDLED_PROMPTS_PATH.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = [json.loads(line) for line in BUNDLED_PROMPTS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
     categories = spec.get("categories")
     available = sorted({row["category"] for row in rows})
     if categories is not None:
         unknown = sorted(set(categories) - set(available))
         if unknown:
-            raise ConfigError(_key(name, "categories"), f"unknown categories {unknown}",
-                              f"use some of {available}, or null for all")
+            raise ConfigError(
+                _key(name, "categories"), f"unknown categories {unknown}", f"use some of {available}, or null for all"
+            )
         rows = [row for row in rows if row["category"] in set(categories)]
-    records = [PromptRecord(prompt=row["prompt"], source_id=row["id"], category=row["category"])
-               for row in rows]
+    records = [PromptRecord(prompt=row["prompt"], source_id=row["id"], category=row["category"]) for row in rows]
     return LoadedSource(records=records, source_path=BUNDLED_PROMPTS_PATH)

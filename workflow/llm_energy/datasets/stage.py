@@ -24,7 +24,6 @@ from llm_energy.datasets.selection import length_stats, select_records
 from llm_energy.datasets.sources import _load_bundled, _load_file
 from llm_energy.errors import ArtifactError
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -40,7 +39,10 @@ UNCATEGORIZED = "uncategorized"
 
 
 _LOADERS: dict[str, Callable[[str, Mapping[str, Any], Any], LoadedSource]] = {
-    "bundled": _load_bundled, "synthetic": _load_synthetic, "file": _load_file, "hub": _load_hub,
+    "bundled": _load_bundled,
+    "synthetic": _load_synthetic,
+    "file": _load_file,
+    "hub": _load_hub,
 }
 
 
@@ -50,22 +52,27 @@ def load_tokenizer(tokenizer_dir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unusable folders
-        raise ArtifactError(f"{tokenizer_dir}: cannot load a tokenizer with transformers.AutoTokenizer "
-                            f"({type(exc).__name__}: {exc})") from None
+        raise ArtifactError(
+            f"{tokenizer_dir}: cannot load a tokenizer with transformers.AutoTokenizer ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _token_counts(tokenizer: Any, prompts: Sequence[str], batch_size: int = 512) -> list[int]:
     counts: list[int] = []
     for begin in range(0, len(prompts), batch_size):
-        encoded = tokenizer(list(prompts[begin:begin + batch_size]), add_special_tokens=False)
+        encoded = tokenizer(list(prompts[begin : begin + batch_size]), add_special_tokens=False)
         counts.extend(len(ids) for ids in encoded["input_ids"])
     return counts
 
 
 def _prompt_lines(records: Sequence[PromptRecord]) -> Iterator[str]:
     for index, record in enumerate(records):
-        line: dict[str, Any] = {"index": index, "prompt": record.prompt, "source_id": record.source_id,
-                                "category": record.category}
+        line: dict[str, Any] = {
+            "index": index,
+            "prompt": record.prompt,
+            "source_id": record.source_id,
+            "category": record.category,
+        }
         if record.target_tokens is not None:
             line["target_tokens"] = record.target_tokens
         yield json.dumps(line, ensure_ascii=False)
@@ -95,17 +102,19 @@ def prepare_dataset(
     prompts = [record.prompt for record in records]
     if tokenizer is not None:
         token_length = length_stats(_token_counts(tokenizer, prompts))
-        tokenizer_info = {"path": str(tokenizer_dir),
-                          "name": str(getattr(tokenizer, "name_or_path", "") or tokenizer_dir),
-                          "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                          "add_special_tokens": False}
+        tokenizer_info = {
+            "path": str(tokenizer_dir),
+            "name": str(getattr(tokenizer, "name_or_path", "") or tokenizer_dir),
+            "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+            "add_special_tokens": False,
+        }
         unavailable_reason = None
     else:
         token_length, tokenizer_info = None, None
         unavailable_reason = "no tokenizer_dir was given to prepare_dataset"
 
-    categories = Counter(record.category if record.category is not None else UNCATEGORIZED
-                         for record in records)
+    categories = Counter(record.category if record.category is not None else UNCATEGORIZED for record in records)
     resolved_spec = {**spec, **loaded.resolved_spec}
     manifest = {
         "name": name,
@@ -149,8 +158,7 @@ def load_prompts(dataset_dir: Path) -> list[dict]:
             f"{dataset_dir / MANIFEST_FILENAME}; the file changed after it was prepared. Rerun "
             "prepare_dataset (delete the folder) rather than editing prompts by hand"
         )
-    prompts = [json.loads(line) for line in prompts_path.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    prompts = [json.loads(line) for line in prompts_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(prompts) != manifest["count"]:
         raise ArtifactError(f"{prompts_path}: {len(prompts)} prompts, manifest says {manifest['count']}")
     return prompts

@@ -31,9 +31,13 @@ ATTRIBUTION_METHODS = {
 }
 
 
-def steady_state_energy(timeline: pd.DataFrame, window_record: Mapping[str, Any],
-                        steady: SteadyState | None, records: Sequence[RequestRecord],
-                        spread: CounterSpread | None = None) -> dict[str, Any]:
+def steady_state_energy(
+    timeline: pd.DataFrame,
+    window_record: Mapping[str, Any],
+    steady: SteadyState | None,
+    records: Sequence[RequestRecord],
+    spread: CounterSpread | None = None,
+) -> dict[str, Any]:
     """GPU energy, output tokens and J per output token of the steady state, with its bounds and flags
     (`spread`: the window's CounterSpread where the caller has it already)."""
     if steady is None:
@@ -43,22 +47,36 @@ def steady_state_energy(timeline: pd.DataFrame, window_record: Mapping[str, Any]
         return {"available": False, "reason": spreader.reason, **steady.describe()}
     energy = spreader.energy_j(steady.start_s, steady.end_s)
     tokens = tokens_between(records, steady.start_s, steady.end_s)
-    return {"available": True, "method": METHOD, **steady.describe(), "gpu_energy_j": energy,
-            "output_tokens": tokens, "gpu_energy_per_output_token_j": energy / tokens if tokens else None}
+    return {
+        "available": True,
+        "method": METHOD,
+        **steady.describe(),
+        "gpu_energy_j": energy,
+        "output_tokens": tokens,
+        "gpu_energy_per_output_token_j": energy / tokens if tokens else None,
+    }
 
 
-def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
-                     window_record: Mapping[str, Any], spread: CounterSpread | None = None) -> dict[str, Any]:
+def attribute_energy(
+    records: Sequence[RequestRecord],
+    timeline: pd.DataFrame,
+    window_record: Mapping[str, Any],
+    spread: CounterSpread | None = None,
+) -> dict[str, Any]:
     """Per request (in `records` order) its attributed GPU energy, by tokens and by time overlap."""
     spreader = spread or CounterSpread(timeline, window_record)
     if not spreader.available or not records:
         return {"available": False, "reason": spreader.reason or "no requests in the window"}
     output_tokens = np.array([r.output_tokens for r in records], dtype=float)
-    by_tokens = (float(spreader.gross_j) * output_tokens / output_tokens.sum()).tolist() \
-        if output_tokens.sum() else [None] * len(records)
+    by_tokens = (
+        (float(spreader.gross_j) * output_tokens / output_tokens.sum()).tolist()
+        if output_tokens.sum()
+        else [None] * len(records)
+    )
     times, _ = in_flight_steps(records)
-    edges = np.unique(np.clip(np.concatenate(([spreader.start_s], times, [spreader.end_s])),
-                              spreader.start_s, spreader.end_s))
+    edges = np.unique(
+        np.clip(np.concatenate(([spreader.start_s], times, [spreader.end_s])), spreader.start_s, spreader.end_s)
+    )
     starts = np.array([r.submitted_s for r in records])
     ends = np.array([r.last_token_s for r in records])
     by_time = np.zeros(len(records))
@@ -71,13 +89,23 @@ def attribute_energy(records: Sequence[RequestRecord], timeline: pd.DataFrame,
             by_time[active] += energy / active.sum()
         else:
             unattributed += energy
-    return {"available": True, "method": METHOD, "methods": ATTRIBUTION_METHODS,
-            "attributed_gpu_energy_by_tokens_j": by_tokens,
-            "attributed_gpu_energy_by_time_j": by_time.tolist(), "unattributed_j": unattributed}
+    return {
+        "available": True,
+        "method": METHOD,
+        "methods": ATTRIBUTION_METHODS,
+        "attributed_gpu_energy_by_tokens_j": by_tokens,
+        "attributed_gpu_energy_by_time_j": by_time.tolist(),
+        "unattributed_j": unattributed,
+    }
 
 
-def load_window_results(records: Sequence[RequestRecord], timeline: pd.DataFrame, window_record: Mapping[str, Any],
-                        max_concurrency: int | None, slo: Mapping[str, float | None]) -> dict[str, Any]:
+def load_window_results(
+    records: Sequence[RequestRecord],
+    timeline: pd.DataFrame,
+    window_record: Mapping[str, Any],
+    max_concurrency: int | None,
+    slo: Mapping[str, float | None],
+) -> dict[str, Any]:
     """Everything a window under load adds to its cycle: the steady state with its energy, goodput, and
     each request's attributed energy. `metrics` are run metrics (numbers), `info` metrics_info strings,
     `per_request` columns for the requests table (in `records` order), `flags` for the cycle."""
@@ -104,13 +132,19 @@ def load_window_results(records: Sequence[RequestRecord], timeline: pd.DataFrame
             values = [v for v in attributed[name] if v is not None]
             metrics[f"{name.removesuffix('_j')}_per_request_mean_j"] = sum(values) / len(values) if values else None
     methods = ATTRIBUTION_METHODS if attributed["available"] else {}
-    info = {"attributed_energy_method": "attributed, not measured: " + "; ".join(f"{k}: {v}" for k, v in methods.items()),
-            **{f"slo_{name}": f"{value:g}" for name, value in slo.items() if value is not None}}
+    info = {
+        "attributed_energy_method": "attributed, not measured: " + "; ".join(f"{k}: {v}" for k, v in methods.items()),
+        **{f"slo_{name}": f"{value:g}" for name, value in slo.items() if value is not None},
+    }
     return {
         "metrics": metrics,
         "info": info,
         "flags": list(steady.flags) if steady else [],
         "per_request": per_request,
-        "record": {"steady_state": steady_energy, "goodput": rates, "slo": dict(slo),
-                   "attribution": {k: v for k, v in attributed.items() if k not in ATTRIBUTION_METHODS}},
+        "record": {
+            "steady_state": steady_energy,
+            "goodput": rates,
+            "slo": dict(slo),
+            "attribution": {k: v for k, v in attributed.items() if k not in ATTRIBUTION_METHODS},
+        },
     }

@@ -81,8 +81,12 @@ class SourceStatus:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "domains": list(self.domains), "available": self.available,
-            "reason": self.reason, "method": self.method, **self.details,
+            "name": self.name,
+            "domains": list(self.domains),
+            "available": self.available,
+            "reason": self.reason,
+            "method": self.method,
+            **self.details,
         }
 
 

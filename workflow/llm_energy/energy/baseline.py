@@ -31,25 +31,35 @@ logger = logging.getLogger(__name__)
 ARTIFACT = "idle_baseline"
 
 
-def baseline_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
-                         measured_unix_s: float | None = None) -> dict[str, Any]:
+def baseline_from_window(
+    record: Mapping[str, Any], gpu_uuids: Sequence[str], measured_unix_s: float | None = None
+) -> dict[str, Any]:
     """Turn the record of an idle window into baseline data (power per domain = gross / duration)."""
     duration_s = float(record["duration_s"])
     domains: dict[str, Any] = {}
     for name in DOMAINS:
         domain = record["domains"].get(name, {"available": False, "reason": "not measured"})
         if not domain.get("available"):
-            domains[name] = {"available": False, "power_w": None, "source": None,
-                             "method": None, "reason": domain.get("reason")}
+            domains[name] = {
+                "available": False,
+                "power_w": None,
+                "source": None,
+                "method": None,
+                "reason": domain.get("reason"),
+            }
             continue
         entry: dict[str, Any] = {
-            "available": True, "power_w": domain["gross_j"] / duration_s,
-            "source": domain["source"], "method": domain["method"], "reason": None,
+            "available": True,
+            "power_w": domain["gross_j"] / duration_s,
+            "source": domain["source"],
+            "method": domain["method"],
+            "reason": None,
         }
         if name == "gpu":
-            entry["devices"] = [{"uuid": d["uuid"], "index": d["index"],
-                                 "power_w": d["gross_j"] / duration_s}
-                                for d in domain.get("devices", [])]
+            entry["devices"] = [
+                {"uuid": d["uuid"], "index": d["index"], "power_w": d["gross_j"] / duration_s}
+                for d in domain.get("devices", [])
+            ]
         domains[name] = entry
     return {
         "host": socket.gethostname(),
@@ -61,22 +71,28 @@ def baseline_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
     }
 
 
-def active_idle_from_window(record: Mapping[str, Any], gpu_uuids: Sequence[str],
-                            sm_clock_mhz_mean: float | None,
-                            sm_clock_reason: str | None) -> dict[str, Any]:
+def active_idle_from_window(
+    record: Mapping[str, Any], gpu_uuids: Sequence[str], sm_clock_mhz_mean: float | None, sm_clock_reason: str | None
+) -> dict[str, Any]:
     """The active-idle baseline of an idle window measured in the loaded state."""
-    return {**baseline_from_window(record, gpu_uuids), "kind": "active_idle",
-            # its span on the run's clock (llm_energy.clock), for the power timeline figure
-            "start_s": record["start_s"], "end_s": record["end_s"],
-            "sm_clock_mhz_mean": sm_clock_mhz_mean, "sm_clock_reason": sm_clock_reason}
+    return {
+        **baseline_from_window(record, gpu_uuids),
+        "kind": "active_idle",
+        # its span on the run's clock (llm_energy.clock), for the power timeline figure
+        "start_s": record["start_s"],
+        "end_s": record["end_s"],
+        "sm_clock_mhz_mean": sm_clock_mhz_mean,
+        "sm_clock_reason": sm_clock_reason,
+    }
 
 
 def save_baseline(path: Path | str, data: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
     write_json_artifact(path, ARTIFACT, data, provenance)
 
 
-def load_fresh_baseline(path: Path | str, max_age_s: float, gpu_uuids: Sequence[str],
-                        now_unix_s: float | None = None) -> tuple[dict[str, Any] | None, str]:
+def load_fresh_baseline(
+    path: Path | str, max_age_s: float, gpu_uuids: Sequence[str], now_unix_s: float | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The stored baseline if it can be reused, else None; and why (for the log)."""
     path = Path(path)
     if not path.is_file():
@@ -96,9 +112,13 @@ def load_fresh_baseline(path: Path | str, max_age_s: float, gpu_uuids: Sequence[
     return data, f"reusing baseline from {path} ({age_s:.0f} s old)"
 
 
-def baseline_power(baseline: Mapping[str, Any] | None, domain: str, source: str,
-                   missing_reason: str = "no idle baseline was measured (call ensure_baseline)",
-                   gpu_uuids: Sequence[str] | None = None) -> tuple[float | None, str | None]:
+def baseline_power(
+    baseline: Mapping[str, Any] | None,
+    domain: str,
+    source: str,
+    missing_reason: str = "no idle baseline was measured (call ensure_baseline)",
+    gpu_uuids: Sequence[str] | None = None,
+) -> tuple[float | None, str | None]:
     """Idle power of `domain` if the baseline has it from the same source; else (None, why).
 
     For the gpu domain with `gpu_uuids`, the sum of those devices' idle power only.
@@ -110,8 +130,7 @@ def baseline_power(baseline: Mapping[str, Any] | None, domain: str, source: str,
         why = entry.get("reason") if entry else None
         return None, f"the idle baseline has no {domain} power" + (f": {why}" if why else "")
     if entry["source"] != source:
-        return None, (f"the idle baseline's {domain} power comes from {entry['source']}, "
-                      f"the window's from {source}")
+        return None, (f"the idle baseline's {domain} power comes from {entry['source']}, the window's from {source}")
     if domain == "gpu" and gpu_uuids is not None and entry.get("devices"):
         by_uuid = {d["uuid"]: float(d["power_w"]) for d in entry["devices"]}
         missing = [u for u in gpu_uuids if u not in by_uuid]

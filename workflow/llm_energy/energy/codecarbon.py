@@ -62,8 +62,7 @@ def _default_tracker_factory(**kwargs: Any) -> Any:
 class CodeCarbonSource:
     """One offline tracker for the whole session, started once before any window."""
 
-    def __init__(self, country_iso_code: str, region: str | None,
-                 tracker_factory: Callable[..., Any] | None = None):
+    def __init__(self, country_iso_code: str, region: str | None, tracker_factory: Callable[..., Any] | None = None):
         self.country_iso_code = country_iso_code
         self.region = region
         self._factory = tracker_factory or _default_tracker_factory
@@ -71,9 +70,14 @@ class CodeCarbonSource:
         self.tracker: Any = None
         self.intensity_kg_per_kwh: float | None = None
         self.emissions_reason: str | None = "CodeCarbon not started"
-        self.status = SourceStatus(name="codecarbon", domains=[], available=False,
-                                   reason="CodeCarbon not started", method=METHOD_ESTIMATED,
-                                   details={"source": SOURCE_CODECARBON})
+        self.status = SourceStatus(
+            name="codecarbon",
+            domains=[],
+            available=False,
+            reason="CodeCarbon not started",
+            method=METHOD_ESTIMATED,
+            details={"source": SOURCE_CODECARBON},
+        )
 
     def start(self) -> None:
         """Start the tracker (its first start probes the hardware for 1-3 s). Never raises."""
@@ -96,8 +100,10 @@ class CodeCarbonSource:
             )
             self.tracker.start()
             if getattr(self.tracker, "_start_time", None) is None:
-                raise RuntimeError("OfflineEmissionsTracker.start() did not start (its errors are "
-                                   "suppressed; run with CODECARBON_LOG_LEVEL=debug to see them)")
+                raise RuntimeError(
+                    "OfflineEmissionsTracker.start() did not start (its errors are "
+                    "suppressed; run with CODECARBON_LOG_LEVEL=debug to see them)"
+                )
             self._stop_tracker_threads()
         except Exception as exc:  # CodeCarbon failing must not fail the run
             self.tracker = None
@@ -148,13 +154,13 @@ class CodeCarbonSource:
                 return
             self.tracker._ensure_geo_metadata()
             self.tracker._ensure_emissions_engine()
-            kg = self.tracker._emissions.get_private_infra_emissions(
-                Energy.from_energy(kWh=1.0), self.tracker._geo)
+            kg = self.tracker._emissions.get_private_infra_emissions(Energy.from_energy(kWh=1.0), self.tracker._geo)
             self.intensity_kg_per_kwh = float(kg)
             self.emissions_reason = None
             self.status.details["carbon_intensity_g_per_kwh"] = round(1000.0 * kg, 3)
             self.status.details["emissions_basis"] = (
-                "carbon intensity x PUE x gross energy of the window's available domains")
+                "carbon intensity x PUE x gross energy of the window's available domains"
+            )
         except Exception as exc:
             self.emissions_reason = f"CodeCarbon could not give a carbon intensity: {exc}"
             logger.warning(self.emissions_reason)

@@ -38,8 +38,10 @@ class HostShareWatch:
         self._at_open = gpu_allocation.others_active(self.lock_dir, self.box, self.own, self._opened_unix_s)
 
     def close(self, record: dict[str, Any]) -> dict[str, Any]:
-        others = {**self._at_open,
-                  **gpu_allocation.others_active(self.lock_dir, self.box, self.own, self._opened_unix_s)}
+        others = {
+            **self._at_open,
+            **gpu_allocation.others_active(self.lock_dir, self.box, self.own, self._opened_unix_s),
+        }
         if others:
             mark_shared(record, others)
         return record
@@ -47,14 +49,19 @@ class HostShareWatch:
 
 def mark_shared(record: dict[str, Any], others: dict[str, dict]) -> dict[str, Any]:
     """Take the host domains of a window record out of this experiment's energy and flag it."""
-    who = ", ".join(f"{gpu} ({held.get('holder') or 'pid ' + str(held.get('pid'))})" for gpu, held in sorted(others.items()))
+    who = ", ".join(
+        f"{gpu} ({held.get('holder') or 'pid ' + str(held.get('pid'))})" for gpu, held in sorted(others.items())
+    )
     domains = record.setdefault("domains", {})
     for domain in HOST_DOMAINS:
         reading = domains.get(domain)
         if reading and reading.get("available"):
-            domains[domain] = {"available": False, "shared_host": reading,
-                               "reason": f"host_shared: other jobs ran on this host during the window ({who}); "
-                                         f"the host's {domain} energy is in shared_host, not this experiment's"}
+            domains[domain] = {
+                "available": False,
+                "shared_host": reading,
+                "reason": f"host_shared: other jobs ran on this host during the window ({who}); "
+                f"the host's {domain} energy is in shared_host, not this experiment's",
+            }
     record["host_shared_with"] = [{"gpu": gpu, **held} for gpu, held in sorted(others.items())]
     record["flags"] = sorted(set(record.get("flags", [])) | {FLAG_HOST_SHARED})
     return record

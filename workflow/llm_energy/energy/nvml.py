@@ -64,13 +64,19 @@ def counter_devices(devices: Sequence[GpuDevice]) -> list[CounterDevice]:
         migs = (device.uuid,) if device.is_mig_instance else ()
         if existing is None:
             by_uuid[key] = CounterDevice(
-                index=device.counter_index, uuid=key, name=device.name,
+                index=device.counter_index,
+                uuid=key,
+                name=device.name,
                 handle=device.counter_handle if device.counter_handle is not None else device.handle,
-                mig_instances=migs, shares_counter=device.shares_counter,
+                mig_instances=migs,
+                shares_counter=device.shares_counter,
             )
         else:
             by_uuid[key] = CounterDevice(
-                index=existing.index, uuid=key, name=existing.name, handle=existing.handle,
+                index=existing.index,
+                uuid=key,
+                name=existing.name,
+                handle=existing.handle,
                 mig_instances=existing.mig_instances + migs,
                 shares_counter=existing.shares_counter or device.shares_counter,
             )
@@ -103,8 +109,11 @@ class NvmlEnergySource:
         self._unsupported: set[tuple[str, str]] = set()
         self.power_methods: dict[str, str] = {}  # uuid -> POWER_INSTANT or POWER_AVERAGE
         self.status = SourceStatus(
-            name="nvml", domains=["gpu"], available=bool(self.counters),
-            reason=None if self.counters else "no GPU in use", method=METHOD_MEASURED,
+            name="nvml",
+            domains=["gpu"],
+            available=bool(self.counters),
+            reason=None if self.counters else "no GPU in use",
+            method=METHOD_MEASURED,
             details={"source": SOURCE_NVML},
         )
 
@@ -119,8 +128,11 @@ class NvmlEnergySource:
                 self.nv.nvmlDeviceGetTotalEnergyConsumption(device.handle)
             except self.nv.NVMLError as exc:
                 code = nvml_error_code(exc)
-                hint = (" (the total-energy counter needs a Volta or newer GPU)"
-                        if code in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND) else "")
+                hint = (
+                    " (the total-energy counter needs a Volta or newer GPU)"
+                    if code in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND)
+                    else ""
+                )
                 self.status.available = False
                 self.status.reason = (
                     f"nvmlDeviceGetTotalEnergyConsumption failed on GPU {device.index} "
@@ -143,8 +155,13 @@ class NvmlEnergySource:
             "counter_update_period_measured": self.update_period_measured,
             "timeline_power": sorted(set(self.power_methods.values())),
             "devices": [
-                {"index": c.index, "uuid": c.uuid, "name": c.name,
-                 "mig_instances": list(c.mig_instances), "shares_counter": c.shares_counter}
+                {
+                    "index": c.index,
+                    "uuid": c.uuid,
+                    "name": c.name,
+                    "mig_instances": list(c.mig_instances),
+                    "shares_counter": c.shares_counter,
+                }
                 for c in self.counters
             ],
         }
@@ -211,8 +228,7 @@ class NvmlEnergySource:
         counters = {first.uuid: value}
         for device in rest:
             counters[device.uuid] = self.read_counter_mj(device)
-        return CounterEdge(time_s=time_s, counters_mj=counters, aligned=aligned,
-                           wait_s=time_s - started)
+        return CounterEdge(time_s=time_s, counters_mj=counters, aligned=aligned, wait_s=time_s - started)
 
     # -- settings and processes -----------------------------------------------------------
 
@@ -236,10 +252,8 @@ class NvmlEnergySource:
             limit_mw = self._query(device, "nvmlDeviceGetPowerManagementLimit")
             snapshot[device.uuid] = {
                 "power_limit_w": limit_mw / 1000.0 if limit_mw is not None else None,
-                "applications_clock_sm_mhz": self._query(
-                    device, "nvmlDeviceGetApplicationsClock", NVML_CLOCK_SM),
-                "applications_clock_mem_mhz": self._query(
-                    device, "nvmlDeviceGetApplicationsClock", NVML_CLOCK_MEM),
+                "applications_clock_sm_mhz": self._query(device, "nvmlDeviceGetApplicationsClock", NVML_CLOCK_SM),
+                "applications_clock_mem_mhz": self._query(device, "nvmlDeviceGetApplicationsClock", NVML_CLOCK_MEM),
             }
         return snapshot
 
@@ -295,24 +309,28 @@ class NvmlEnergySource:
             util = self._query(device, "nvmlDeviceGetUtilizationRates")
             reasons = self._query(device, "nvmlDeviceGetCurrentClocksEventReasons")
             limit_mw = self._query(device, "nvmlDeviceGetPowerManagementLimit")
-            rows.append((
-                time_s, device.index, device.uuid,
-                power_w,
-                counter_j,
-                _num(sm), _num(mem), _num(temp),
-                _num(getattr(util, "gpu", None)), _num(getattr(util, "memory", None)),
-                int(reasons) if reasons is not None else None,
-                limit_mw / 1000.0 if limit_mw is not None else math.nan,
-            ))
+            rows.append(
+                (
+                    time_s,
+                    device.index,
+                    device.uuid,
+                    power_w,
+                    counter_j,
+                    _num(sm),
+                    _num(mem),
+                    _num(temp),
+                    _num(getattr(util, "gpu", None)),
+                    _num(getattr(util, "memory", None)),
+                    int(reasons) if reasons is not None else None,
+                    limit_mw / 1000.0 if limit_mw is not None else math.nan,
+                )
+            )
         return rows
 
     def edge_rows(self, edge: CounterEdge) -> list[SampleRow]:
         """Timeline rows for an edge: a full sample with the counter values read at the edge."""
         rows = self.sample(include_counter=False)
-        return [
-            (edge.time_s,) + row[1:4] + (edge.counters_mj[row[2]] / 1000.0,) + row[5:]
-            for row in rows
-        ]
+        return [(edge.time_s,) + row[1:4] + (edge.counters_mj[row[2]] / 1000.0,) + row[5:] for row in rows]
 
 
 # nvmlValueType_t -> the union member holding the value

@@ -82,16 +82,18 @@ class CounterSpread:
         start_s, end_s = max(start_s, self.start_s), min(end_s, self.end_s)
         if end_s <= start_s:
             return 0.0
-        part = sum(integrate_power(t, p, start_s, end_s, max_edge_gap_s=math.inf).energy_j or 0.0
-                   for t, p in self.curves)
+        part = sum(
+            integrate_power(t, p, start_s, end_s, max_edge_gap_s=math.inf).energy_j or 0.0 for t, p in self.curves
+        )
         return part / self.timeline_total_j
 
     def energy_j(self, start_s: float, end_s: float) -> float:
         return float(self.gross_j) * self.share(start_s, end_s)
 
 
-def split_prefill_decode(timeline_frame: pd.DataFrame, window_record: Mapping[str, Any],
-                         request_spans: Sequence[tuple[float, float]]) -> dict[str, Any]:
+def split_prefill_decode(
+    timeline_frame: pd.DataFrame, window_record: Mapping[str, Any], request_spans: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
     """Split the window's GPU energy into prefill and decode.
 
     `request_spans` are (prefill_start_s, prefill_end_s) per request on the `clock.now()` scale,

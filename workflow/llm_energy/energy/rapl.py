@@ -64,16 +64,20 @@ def _default_read_text(path: Path) -> str:
 class RaplReader:
     """Wrap-corrected cumulative energy per RAPL domain. Thread-safe (edges and the sampler read)."""
 
-    def __init__(self, root: Path | str = POWERCAP_ROOT,
-                 read_text: Callable[[Path], str] = _default_read_text):
+    def __init__(self, root: Path | str = POWERCAP_ROOT, read_text: Callable[[Path], str] = _default_read_text):
         self.root = Path(root)
         self._read_text = read_text
         self._lock = threading.Lock()
         self.zones: list[RaplZone] = []
         self.domain_reasons: dict[str, str | None] = {"cpu": None, "dram": None}
-        self.status = SourceStatus(name="rapl", domains=[], available=False,
-                                   reason="RAPL not opened yet", method=METHOD_MEASURED,
-                                   details={"source": SOURCE_RAPL})
+        self.status = SourceStatus(
+            name="rapl",
+            domains=[],
+            available=False,
+            reason="RAPL not opened yet",
+            method=METHOD_MEASURED,
+            details={"source": SOURCE_RAPL},
+        )
 
     # -- discovery ------------------------------------------------------------------------
 
@@ -93,13 +97,11 @@ class RaplReader:
             return
         domains = sorted({z.domain for z in self.zones}, key=["cpu", "dram"].index)
         if "dram" not in domains:
-            self.domain_reasons["dram"] = (
-                f"RAPL under {self.root} exposes no dram zone on this CPU"
-            )
+            self.domain_reasons["dram"] = f"RAPL under {self.root} exposes no dram zone on this CPU"
         self.status.available, self.status.reason, self.status.domains = True, None, domains
         self.status.details["zones"] = [
-            {"name": z.name, "path": str(z.path), "domain": z.domain,
-             "max_energy_range_uj": z.max_energy_range_uj} for z in self.zones
+            {"name": z.name, "path": str(z.path), "domain": z.domain, "max_energy_range_uj": z.max_energy_range_uj}
+            for z in self.zones
         ]
 
     def _read_failure(self, exc: OSError) -> str:
@@ -175,15 +177,17 @@ class RaplReader:
         raw = {str(z.path): int(self._read_text(z.path / "energy_uj").strip()) for z in self.zones}
         return RaplRaw(time_s=clock.now(), raw_uj=raw)
 
-    def energy_between(self, start: RaplRaw, end: RaplRaw,
-                       between: list[RaplRaw] = ()) -> dict[str, Any]:
+    def energy_between(self, start: RaplRaw, end: RaplRaw, between: list[RaplRaw] = ()) -> dict[str, Any]:
         """Energy per domain and per zone (J) from `start` to `end`, wrap-corrected along the chain.
 
         `between` may hold samples from any time: only those strictly between the two edges are
         used (in time order), each one step of the chain.
         """
-        chain = [start] + sorted((r for r in between if start.time_s < r.time_s < end.time_s),
-                                 key=lambda r: r.time_s) + [end]
+        chain = (
+            [start]
+            + sorted((r for r in between if start.time_s < r.time_s < end.time_s), key=lambda r: r.time_s)
+            + [end]
+        )
         domains: dict[str, float] = {}
         zones: dict[str, tuple[str, str, float]] = {}
         for zone in self.zones:

@@ -104,8 +104,13 @@ class ThreadSampler:
 
     mode = "thread"
 
-    def __init__(self, sample: Callable[[bool], list[tuple]], sink: SamplerSink, period_s: float,
-                 slow_tasks: Sequence[Callable[[], None]] = ()):
+    def __init__(
+        self,
+        sample: Callable[[bool], list[tuple]],
+        sink: SamplerSink,
+        period_s: float,
+        slow_tasks: Sequence[Callable[[], None]] = (),
+    ):
         from llm_energy.energy.timeline import TimelineSampler
 
         self.sink = sink
@@ -175,9 +180,15 @@ class ProcessSampler:
 
     mode = "process"
 
-    def __init__(self, devices: Sequence[SamplerDevice], sink: SamplerSink, period_s: float,
-                 rapl_zones: Sequence[str] = (), nvml_module: str | None = None,
-                 slow_period_s: float = 1.0):
+    def __init__(
+        self,
+        devices: Sequence[SamplerDevice],
+        sink: SamplerSink,
+        period_s: float,
+        rapl_zones: Sequence[str] = (),
+        nvml_module: str | None = None,
+        slow_period_s: float = 1.0,
+    ):
         self.devices = list(devices)
         self.sink = sink
         self.period_s = period_s
@@ -191,9 +202,19 @@ class ProcessSampler:
         self._partial = b""
 
     def command(self, out: Path) -> list[str]:
-        command = [sys.executable, "-m", "llm_energy.energy.sampler", "--out", str(out),
-                   "--parent-pid", str(os.getpid()), "--period-s", repr(self.period_s),
-                   "--slow-period-s", repr(self.slow_period_s)]
+        command = [
+            sys.executable,
+            "-m",
+            "llm_energy.energy.sampler",
+            "--out",
+            str(out),
+            "--parent-pid",
+            str(os.getpid()),
+            "--period-s",
+            repr(self.period_s),
+            "--slow-period-s",
+            repr(self.slow_period_s),
+        ]
         for device in self.devices:
             command += ["--device", device.argument()]
         for zone in self.rapl_zones:
@@ -210,8 +231,13 @@ class ProcessSampler:
         log_path = Path(self._dir.name) / "sampler.log"
         with open(log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                self.command(out), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=log_file, env=child_environment(), close_fds=True)
+                self.command(out),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=child_environment(),
+                close_fds=True,
+            )
         self._file = open(out, "rb")
         deadline = clock.now() + START_TIMEOUT_S
         while self.hello is None:
@@ -221,8 +247,10 @@ class ProcessSampler:
             if self.process.poll() is not None or clock.now() > deadline:
                 error = log_path.read_text(errors="replace").strip()[-2000:]
                 self.stop()
-                raise RuntimeError(f"the timeline sampler process did not start "
-                                   f"(exit code {self.process.returncode}): {error or 'no output'}")
+                raise RuntimeError(
+                    f"the timeline sampler process did not start "
+                    f"(exit code {self.process.returncode}): {error or 'no output'}"
+                )
             threading.Event().wait(0.02)
 
     def collect(self) -> None:
@@ -351,8 +379,16 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         gpus = []
         for position, device in enumerate(devices):
             handle = nv.nvmlDeviceGetHandleByUUID(device.uuid)
-            gpus.append(GpuDevice(index=device.index, uuid=device.uuid, name="", visible_index=position,
-                                  handle=handle, counter_handle=handle))
+            gpus.append(
+                GpuDevice(
+                    index=device.index,
+                    uuid=device.uuid,
+                    name="",
+                    visible_index=position,
+                    handle=handle,
+                    counter_handle=handle,
+                )
+            )
         source = NvmlEnergySource(nv, gpus)
         source.power_methods = {d.uuid: d.power_method for d in devices}
 
@@ -388,11 +424,15 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     def sample(include_counter: bool) -> list[tuple]:
         return source.sample(include_counter) if source is not None else []
 
-    sampler = TimelineSampler(sample, writer, args.period_s, slow_tasks=slow_tasks,
-                              slow_period_s=args.slow_period_s, on_error=lambda text: writer.write(
-                                  ["error", text]))
-    writer.write(["hello", {"pid": os.getpid(), "clock_s": clock.now(),
-                            "devices": [d.uuid for d in devices]}])
+    sampler = TimelineSampler(
+        sample,
+        writer,
+        args.period_s,
+        slow_tasks=slow_tasks,
+        slow_period_s=args.slow_period_s,
+        on_error=lambda text: writer.write(["error", text]),
+    )
+    writer.write(["hello", {"pid": os.getpid(), "clock_s": clock.now(), "devices": [d.uuid for d in devices]}])
     sampler.start()
     # The main thread reads commands; end of file means the parent closed the pipe or died.
     for line in sys.stdin:

@@ -131,8 +131,12 @@ class EnergySession:
         self._store = TimelineStore()
         self._sink = SamplerSink(self._store.extend)
         self._timeline_reason: str | None = None if settings.timeline else _disabled("timeline")
-        self.binding: dict[str, Any] = {"method": "not bound (bind_to_process_gpus not called)",
-                                        "bound": False, "candidates": [], "uuids": []}
+        self.binding: dict[str, Any] = {
+            "method": "not bound (bind_to_process_gpus not called)",
+            "bound": False,
+            "candidates": [],
+            "uuids": [],
+        }
 
         # GPU: the NVML counter of each used GPU
         self.gpu: NvmlEnergySource | None = None
@@ -149,8 +153,10 @@ class EnergySession:
                 self.gpu = NvmlEnergySource(nv, devices)
                 injected = getattr(nv, "__name__", None) != "pynvml"
                 if injected and sampler == "process" and sampler_nvml_module is None:
-                    raise ValueError("an injected NVML module cannot reach the sampler process: "
-                                     "use sampler='thread' or give sampler_nvml_module")
+                    raise ValueError(
+                        "an injected NVML module cannot reach the sampler process: "
+                        "use sampler='thread' or give sampler_nvml_module"
+                    )
 
         # CPU/DRAM: RAPL
         self.rapl: RaplReader | None = None
@@ -161,8 +167,9 @@ class EnergySession:
         # Emissions and the CPU/RAM estimate: CodeCarbon
         self.codecarbon: CodeCarbonSource | None = None
         if settings.codecarbon:
-            self.codecarbon = CodeCarbonSource(settings.country_iso_code, settings.region,
-                                               tracker_factory=codecarbon_factory)
+            self.codecarbon = CodeCarbonSource(
+                settings.country_iso_code, settings.region, tracker_factory=codecarbon_factory
+            )
         self.sampler: ProcessSampler | ThreadSampler | None = None
 
     # -- life cycle -----------------------------------------------------------------------
@@ -186,9 +193,11 @@ class EnergySession:
             self.codecarbon.start()
         if self.settings.timeline:
             self._start_sampler()
-        logger.info("energy session started in %.2f s: %s", clock.now() - started,
-                    "; ".join(f"{s['name']}: {'ok' if s['available'] else s['reason']}"
-                              for s in self.describe()["sources"]))
+        logger.info(
+            "energy session started in %.2f s: %s",
+            clock.now() - started,
+            "; ".join(f"{s['name']}: {'ok' if s['available'] else s['reason']}" for s in self.describe()["sources"]),
+        )
 
     def _start_sampler(self) -> None:
         rapl_ok = self.rapl is not None and self.rapl.status.available
@@ -205,11 +214,15 @@ class EnergySession:
             sample = self.gpu.sample if self._gpu_ok else (lambda include_counter: [])
             self.sampler = ThreadSampler(sample, self._sink, period_s, slow_tasks=slow_tasks)
         else:
-            devices = [SamplerDevice(c.index, c.uuid, self.gpu.power_methods[c.uuid])
-                       for c in self.gpu.counters] if self._gpu_ok else []
+            devices = (
+                [SamplerDevice(c.index, c.uuid, self.gpu.power_methods[c.uuid]) for c in self.gpu.counters]
+                if self._gpu_ok
+                else []
+            )
             zones = [str(z.path) for z in self.rapl.zones] if rapl_ok else []
-            self.sampler = ProcessSampler(devices, self._sink, period_s, rapl_zones=zones,
-                                          nvml_module=self._sampler_nvml_module)
+            self.sampler = ProcessSampler(
+                devices, self._sink, period_s, rapl_zones=zones, nvml_module=self._sampler_nvml_module
+            )
         try:
             self.sampler.start()
         except RuntimeError as exc:  # no timeline must not fail the run: say why instead
@@ -269,8 +282,7 @@ class EnergySession:
         current = self._counter_uuids()
         if uuids is None:
             if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or len(current) == 1:
-                method = ("CUDA_VISIBLE_DEVICES" if os.environ.get("CUDA_VISIBLE_DEVICES")
-                          is not None else "single GPU")
+                method = "CUDA_VISIBLE_DEVICES" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else "single GPU"
                 self.binding.update(method=method, bound=True, uuids=current)
                 return current
             own = own_process_tree()
@@ -281,9 +293,11 @@ class EnergySession:
                 logger.warning("NVML compute-process list failed: %s", exc)
             uuids = [u for u in current if held.get(u, set()) & own]
             if not uuids:
-                reason = ("no candidate GPU lists a compute process of this process tree (in a "
-                          "container the PID namespace can hide them): every candidate GPU stays "
-                          "measured; set CUDA_VISIBLE_DEVICES to measure only the job's GPUs")
+                reason = (
+                    "no candidate GPU lists a compute process of this process tree (in a "
+                    "container the PID namespace can hide them): every candidate GPU stays "
+                    "measured; set CUDA_VISIBLE_DEVICES to measure only the job's GPUs"
+                )
                 logger.warning(reason)
                 self.binding.update(method="compute processes", bound=False, reason=reason)
                 return current
@@ -319,8 +333,7 @@ class EnergySession:
         if self._stopped:
             raise RuntimeError("this EnergySession is stopped; create a new one for more windows")
         if not self._started:
-            logger.warning("open_window before start(): starting now (CodeCarbon's first start "
-                           "takes 1-3 s)")
+            logger.warning("open_window before start(): starting now (CodeCarbon's first start takes 1-3 s)")
             self.start()
         handle = WindowHandle(name=name, start_s=math.nan)
         if self.codecarbon is not None:
@@ -379,24 +392,24 @@ class EnergySession:
         if self.sampler is not None:
             if self._timeline_on and gpu_edge is not None:
                 if not self.sampler.wait_past(end_s):
-                    logger.warning("timeline sampler wrote no row past the end of window %r",
-                                   handle.name)
+                    logger.warning("timeline sampler wrote no row past the end of window %r", handle.name)
             else:
                 self.sampler.collect()
         rapl_energy = None
         if handle.rapl_start is not None and rapl_end is not None:
-            rapl_energy = self.rapl.energy_between(handle.rapl_start, rapl_end,
-                                                   self._sink.rapl_samples)
+            rapl_energy = self.rapl.energy_between(handle.rapl_start, rapl_end, self._sink.rapl_samples)
 
         start_s = handle.start_s
         duration_s = end_s - start_s
         flags: set[str] = set()
         domains: dict[str, Any] = {}
-        domains["gpu"] = self._gpu_domain(handle, gpu_edge, gpu_error, gpu_settings_end,
-                                          gpu_pids_end, start_s, end_s, flags)
+        domains["gpu"] = self._gpu_domain(
+            handle, gpu_edge, gpu_error, gpu_settings_end, gpu_pids_end, start_s, end_s, flags
+        )
         for domain in ("cpu", "dram"):
-            domains[domain] = self._host_domain(domain, rapl_energy, rapl_error,
-                                                handle.codecarbon_start, cc_end, duration_s)
+            domains[domain] = self._host_domain(
+                domain, rapl_energy, rapl_error, handle.codecarbon_start, cc_end, duration_s
+            )
         return {
             "name": handle.name,
             "start_s": start_s,
@@ -410,9 +423,17 @@ class EnergySession:
 
     # -- domains --------------------------------------------------------------------------
 
-    def _gpu_domain(self, handle: WindowHandle, edge: CounterEdge | None, error: str | None,
-                    settings_end: dict[str, dict[str, Any]], pids_end: dict[str, set[int]],
-                    start_s: float, end_s: float, flags: set[str]) -> dict[str, Any]:
+    def _gpu_domain(
+        self,
+        handle: WindowHandle,
+        edge: CounterEdge | None,
+        error: str | None,
+        settings_end: dict[str, dict[str, Any]],
+        pids_end: dict[str, set[int]],
+        start_s: float,
+        end_s: float,
+        flags: set[str],
+    ) -> dict[str, Any]:
         if not self._gpu_ok:
             return unavailable(self._gpu_reason or "no GPU in use")
         if edge is None or handle.gpu_edge is None:
@@ -433,19 +454,25 @@ class EnergySession:
                 flags.add("counter_reset")
                 return unavailable(
                     f"the NVML energy counter of GPU {counter.index} ({counter.uuid}) went "
-                    f"backwards during window {handle.name!r} (driver reloaded?)")
+                    f"backwards during window {handle.name!r} (driver reloaded?)"
+                )
             device_j = delta_mj / 1000.0
             gross_j += device_j
-            devices.append({
-                "index": counter.index, "uuid": counter.uuid, "gross_j": device_j,
-                "counter_updates": validity.counter_updates(duration_s, period_s),
-            })
+            devices.append(
+                {
+                    "index": counter.index,
+                    "uuid": counter.uuid,
+                    "gross_j": device_j,
+                    "counter_updates": validity.counter_updates(duration_s, period_s),
+                }
+            )
             if not self._timeline_on:
                 timeline_j = None
                 continue
             rows = frame[frame["device_uuid"] == counter.uuid]
-            integral = integrate_power(rows["time_s"].to_numpy(), rows["power_w"].to_numpy(),
-                                       start_s, end_s, max_edge_gap_s=2.5 * period_s)
+            integral = integrate_power(
+                rows["time_s"].to_numpy(), rows["power_w"].to_numpy(), start_s, end_s, max_edge_gap_s=2.5 * period_s
+            )
             if integral.energy_j is None or timeline_j is None:
                 timeline_j = None
             else:
@@ -454,8 +481,7 @@ class EnergySession:
 
         if min(d["counter_updates"] for d in devices) < self.settings.min_counter_updates:
             flags.add("short_window")
-        if self.settings.align_counter_edges and (handle.gpu_edge.aligned is False
-                                                  or edge.aligned is False):
+        if self.settings.align_counter_edges and (handle.gpu_edge.aligned is False or edge.aligned is False):
             flags.add("counter_edge_unaligned")
         frame = frame[frame["device_uuid"].isin(self._counter_uuids())]
         window_rows = frame[(frame["time_s"] >= start_s) & (frame["time_s"] <= end_s)]
@@ -477,28 +503,37 @@ class EnergySession:
         measured = set(self._counter_uuids())
         settings_start = {u: v for u, v in handle.gpu_settings.items() if u in measured}
         pids_start = {u: v for u, v in handle.gpu_pids.items() if u in measured}
-        if validity.settings_changed(settings_start, settings_end,
-                                     window_rows["power_limit_w"].to_numpy()):
+        if validity.settings_changed(settings_start, settings_end, window_rows["power_limit_w"].to_numpy()):
             flags.add("gpu_settings_changed")
-        observed = set().union(*pids_start.values(), *pids_end.values(), *(
-            pids for t, uuid, pids in list(self._sink.pid_observations)
-            if start_s <= t <= end_s and uuid in self._counter_uuids()))
+        observed = set().union(
+            *pids_start.values(),
+            *pids_end.values(),
+            *(
+                pids
+                for t, uuid, pids in list(self._sink.pid_observations)
+                if start_s <= t <= end_s and uuid in self._counter_uuids()
+            ),
+        )
         foreign = validity.foreign_pids(observed, own_process_tree())
         if foreign:
             flags.add("foreign_processes")
-            logger.warning("window %r: other processes on the measured GPUs: %s", handle.name,
-                           sorted(foreign))
+            logger.warning("window %r: other processes on the measured GPUs: %s", handle.name, sorted(foreign))
 
         baseline_w, baseline_reason, baseline_kind = self._baseline_for("gpu", SOURCE_NVML)
         if baseline_kind == "active_idle" and self._power_state_differs(window_rows):
             flags.add("baseline_power_state_differs")
         record: dict[str, Any] = {
-            "available": True, "source": SOURCE_NVML, "method": METHOD_MEASURED,
-            "gross_j": gross_j, "baseline_w": baseline_w,
+            "available": True,
+            "source": SOURCE_NVML,
+            "method": METHOD_MEASURED,
+            "gross_j": gross_j,
+            "baseline_w": baseline_w,
             "net_j": net_energy(gross_j, baseline_w, duration_s),
-            "baseline_reason": baseline_reason, "baseline_kind": baseline_kind,
+            "baseline_reason": baseline_reason,
+            "baseline_kind": baseline_kind,
             "devices": devices,
-            "timeline_j": timeline_j, "timeline_vs_counter_rel_diff": rel_diff,
+            "timeline_j": timeline_j,
+            "timeline_vs_counter_rel_diff": rel_diff,
             "sm_clock_mhz_mean": _mean_sm_clock(window_rows),
         }
         if not self._timeline_on:
@@ -509,11 +544,19 @@ class EnergySession:
             record["note"] = "; ".join(
                 f"GPU {c.index} ({c.uuid}) is MIG-partitioned: its counter covers every instance "
                 f"on it" + (f", measured for {', '.join(c.mig_instances)}" if c.mig_instances else "")
-                for c in shared)
+                for c in shared
+            )
         return record
 
-    def _host_domain(self, domain: str, rapl_energy: dict | None, rapl_error: str | None, cc_start: CodeCarbonReading | None,
-                     cc_end: CodeCarbonReading | None, duration_s: float) -> dict[str, Any]:
+    def _host_domain(
+        self,
+        domain: str,
+        rapl_energy: dict | None,
+        rapl_error: str | None,
+        cc_start: CodeCarbonReading | None,
+        cc_end: CodeCarbonReading | None,
+        duration_s: float,
+    ) -> dict[str, Any]:
         """cpu or dram: RAPL where it exists, else CodeCarbon's estimate, else unavailable."""
         if self.rapl is None:
             rapl_reason = _disabled("rapl")
@@ -523,10 +566,14 @@ class EnergySession:
             gross_j = rapl_energy["domains"][domain]
             baseline_w, baseline_reason, baseline_kind = self._baseline_for(domain, SOURCE_RAPL)
             return {
-                "available": True, "source": SOURCE_RAPL, "method": METHOD_MEASURED,
-                "gross_j": gross_j, "baseline_w": baseline_w,
+                "available": True,
+                "source": SOURCE_RAPL,
+                "method": METHOD_MEASURED,
+                "gross_j": gross_j,
+                "baseline_w": baseline_w,
                 "net_j": net_energy(gross_j, baseline_w, duration_s),
-                "baseline_reason": baseline_reason, "baseline_kind": baseline_kind,
+                "baseline_reason": baseline_reason,
+                "baseline_kind": baseline_kind,
                 "zones": [
                     {"name": name, "path": path, "gross_j": total}
                     for path, (name, zone_domain, total) in rapl_energy["zones"].items()
@@ -540,16 +587,21 @@ class EnergySession:
             cc_span_s = cc_end.time_s - cc_start.time_s
             scale = duration_s / cc_span_s if cc_span_s > 0 else 1.0
             gross_j = (getattr(cc_end, attribute) - getattr(cc_start, attribute)) * scale
-            baseline_w, baseline_reason, baseline_kind = self._baseline_for(domain,
-                                                                            SOURCE_CODECARBON)
+            baseline_w, baseline_reason, baseline_kind = self._baseline_for(domain, SOURCE_CODECARBON)
             estimators = ", ".join(self.codecarbon.status.details.get("estimators", []))
             return {
-                "available": True, "source": SOURCE_CODECARBON, "method": METHOD_ESTIMATED,
-                "gross_j": gross_j, "baseline_w": baseline_w,
+                "available": True,
+                "source": SOURCE_CODECARBON,
+                "method": METHOD_ESTIMATED,
+                "gross_j": gross_j,
+                "baseline_w": baseline_w,
                 "net_j": net_energy(gross_j, baseline_w, duration_s),
-                "baseline_reason": baseline_reason, "baseline_kind": baseline_kind,
-                "note": (f"RAPL unavailable ({rapl_reason}); CodeCarbon's model estimate "
-                         f"({estimators}, whole machine), not a measurement"),
+                "baseline_reason": baseline_reason,
+                "baseline_kind": baseline_kind,
+                "note": (
+                    f"RAPL unavailable ({rapl_reason}); CodeCarbon's model estimate "
+                    f"({estimators}, whole machine), not a measurement"
+                ),
             }
         if self.codecarbon is None:
             cc_reason = _disabled("codecarbon")
@@ -567,8 +619,7 @@ class EnergySession:
             watts, reason = baseline_power(self.active_baseline, domain, source, gpu_uuids=uuids)
             if watts is not None:
                 return watts, None, "active_idle"
-        watts, reason = baseline_power(self.baseline, domain, source, self._no_baseline_reason,
-                                       gpu_uuids=uuids)
+        watts, reason = baseline_power(self.baseline, domain, source, self._no_baseline_reason, gpu_uuids=uuids)
         return watts, reason, ("static_idle" if watts is not None else None)
 
     def _power_state_differs(self, window_rows: pd.DataFrame) -> bool:
@@ -580,11 +631,11 @@ class EnergySession:
 
     def _baseline_summary(self) -> dict[str, Any]:
         """Both baselines' power per domain (W), for every window record."""
+
         def powers(data: dict[str, Any] | None) -> dict[str, Any] | None:
             if data is None:
                 return None
-            summary = {d: (e.get("power_w") if e.get("available") else None)
-                       for d, e in data["domains"].items()}
+            summary = {d: (e.get("power_w") if e.get("available") else None) for d, e in data["domains"].items()}
             if "sm_clock_mhz_mean" in data:
                 summary["sm_clock_mhz_mean"] = data["sm_clock_mhz_mean"]
             return summary
@@ -593,9 +644,12 @@ class EnergySession:
 
     def _emissions(self, domains: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "available": False, "source": SOURCE_EMISSIONS,
-            "country_iso_code": self.settings.country_iso_code, "pue": self.settings.pue,
-            "kg_co2eq": None, "reason": None,
+            "available": False,
+            "source": SOURCE_EMISSIONS,
+            "country_iso_code": self.settings.country_iso_code,
+            "pue": self.settings.pue,
+            "kg_co2eq": None,
+            "reason": None,
         }
         if self.codecarbon is None:
             record["reason"] = _disabled("codecarbon")
@@ -621,11 +675,9 @@ class EnergySession:
         if self.settings.baseline.duration_s == 0:
             self._no_baseline_reason = "idle baseline skipped (energy.baseline.duration_s: 0)"
             logger.info(self._no_baseline_reason)
-            return {"skipped": True, "reason": self._no_baseline_reason, "reused": False,
-                    "path": None}
+            return {"skipped": True, "reason": self._no_baseline_reason, "reused": False, "path": None}
         if self.baseline_path is not None:
-            data, why = load_fresh_baseline(self.baseline_path, self.settings.baseline.max_age_s,
-                                            self._counter_uuids())
+            data, why = load_fresh_baseline(self.baseline_path, self.settings.baseline.max_age_s, self._counter_uuids())
             logger.info("idle baseline: %s", why)
             if data is not None:
                 self.baseline = data
@@ -636,8 +688,7 @@ class EnergySession:
 
             save_baseline(self.baseline_path, data, provenance.collect())
         self.baseline = data
-        return {**data, "reused": False,
-                "path": str(self.baseline_path) if self.baseline_path else None}
+        return {**data, "reused": False, "path": str(self.baseline_path) if self.baseline_path else None}
 
     def measure_baseline(self) -> dict[str, Any]:
         """Measure idle power for `energy.baseline.duration_s` with nothing running."""
@@ -684,8 +735,9 @@ class EnergySession:
             self.baseline, self.active_baseline = saved_static, saved_active
         self._flag_busy(record)
         clock_mhz = _mean_sm_clock(self._window_rows(record)) if self._timeline_on else None
-        reason = None if clock_mhz is not None else (
-            self._timeline_reason or "no SM clock sample in the active-idle window")
+        reason = (
+            None if clock_mhz is not None else (self._timeline_reason or "no SM clock sample in the active-idle window")
+        )
         return active_idle_from_window(record, self._counter_uuids(), clock_mhz, reason)
 
     def use_baseline(self, record: dict[str, Any]) -> None:
@@ -710,40 +762,59 @@ class EnergySession:
         if self.gpu is not None:
             sources.append(self.gpu.status.describe())
         else:
-            sources.append(SourceStatus("nvml", ["gpu"], False, self._gpu_reason, METHOD_MEASURED,
-                                        {"source": SOURCE_NVML}).describe())
+            sources.append(
+                SourceStatus(
+                    "nvml", ["gpu"], False, self._gpu_reason, METHOD_MEASURED, {"source": SOURCE_NVML}
+                ).describe()
+            )
         if self.rapl is not None:
             sources.append(self.rapl.status.describe())
         else:
-            sources.append(SourceStatus("rapl", ["cpu", "dram"], False, _disabled("rapl"),
-                                        METHOD_MEASURED, {"source": SOURCE_RAPL}).describe())
+            sources.append(
+                SourceStatus(
+                    "rapl", ["cpu", "dram"], False, _disabled("rapl"), METHOD_MEASURED, {"source": SOURCE_RAPL}
+                ).describe()
+            )
         if self.codecarbon is not None:
             cc = self.codecarbon.status.describe()
             # CodeCarbon estimates only the domains RAPL does not measure.
             rapl_domains = self.rapl.status.domains if self.rapl is not None else []
             cc["domains"] = [d for d in cc["domains"] if d not in rapl_domains] + (
-                ["emissions"] if self.codecarbon.intensity_kg_per_kwh is not None else [])
+                ["emissions"] if self.codecarbon.intensity_kg_per_kwh is not None else []
+            )
             cc["emissions_reason"] = self.codecarbon.emissions_reason
             sources.append(cc)
         else:
-            sources.append(SourceStatus("codecarbon", [], False, _disabled("codecarbon"),
-                                        METHOD_ESTIMATED, {"source": SOURCE_CODECARBON}).describe())
+            sources.append(
+                SourceStatus(
+                    "codecarbon", [], False, _disabled("codecarbon"), METHOD_ESTIMATED, {"source": SOURCE_CODECARBON}
+                ).describe()
+            )
         if self.sampler is not None:
             self.sampler.collect()
         sink = self._sink
-        sources.append({
-            "name": "timeline", "domains": ["gpu"] if self._timeline_on else [],
-            "available": self._timeline_on,
-            "reason": None if self._timeline_on else (self._timeline_reason or "no GPU in use"),
-            "method": "sampled", "period_s": self.settings.timeline_period_s,
-            "sampler": self.sampler.mode if self.sampler is not None else None,
-            "ticks": sink.ticks, "missed_ticks": sink.missed_ticks, "read_errors": sink.errors,
-            "first_error": sink.first_error,
-        })
-        return {"sources": sources, "settings": self.settings.to_dict(),
-                "gpu_binding": dict(self.binding),
-                "baseline": {"active_idle": self.active_baseline, "static_idle": self.baseline},
-                "flag_descriptions": dict(validity.FLAG_DESCRIPTIONS)}
+        sources.append(
+            {
+                "name": "timeline",
+                "domains": ["gpu"] if self._timeline_on else [],
+                "available": self._timeline_on,
+                "reason": None if self._timeline_on else (self._timeline_reason or "no GPU in use"),
+                "method": "sampled",
+                "period_s": self.settings.timeline_period_s,
+                "sampler": self.sampler.mode if self.sampler is not None else None,
+                "ticks": sink.ticks,
+                "missed_ticks": sink.missed_ticks,
+                "read_errors": sink.errors,
+                "first_error": sink.first_error,
+            }
+        )
+        return {
+            "sources": sources,
+            "settings": self.settings.to_dict(),
+            "gpu_binding": dict(self.binding),
+            "baseline": {"active_idle": self.active_baseline, "static_idle": self.baseline},
+            "flag_descriptions": dict(validity.FLAG_DESCRIPTIONS),
+        }
 
 
 def _mean_sm_clock(rows: pd.DataFrame) -> float | None:

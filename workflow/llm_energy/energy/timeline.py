@@ -79,10 +79,15 @@ class TimelineStore:
 class TimelineSampler:
     """One daemon thread: `sample(include_counter)` every period, `slow_tasks` every ~1 s."""
 
-    def __init__(self, sample: Callable[[bool], list[tuple]], store: TimelineStore,
-                 period_s: float, slow_tasks: Sequence[Callable[[], None]] = (),
-                 slow_period_s: float = SLOW_PERIOD_S,
-                 on_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        sample: Callable[[bool], list[tuple]],
+        store: TimelineStore,
+        period_s: float,
+        slow_tasks: Sequence[Callable[[], None]] = (),
+        slow_period_s: float = SLOW_PERIOD_S,
+        on_error: Callable[[str], None] | None = None,
+    ):
         self._sample = sample
         self._store = store
         self.period_s = period_s
@@ -146,8 +151,9 @@ class Integral:
     max_gap_s: float  # largest interval without a valid sample inside the window
 
 
-def integrate_power(times_s: np.ndarray, power_w: np.ndarray, start_s: float, end_s: float,
-                    max_edge_gap_s: float) -> Integral:
+def integrate_power(
+    times_s: np.ndarray, power_w: np.ndarray, start_s: float, end_s: float, max_edge_gap_s: float
+) -> Integral:
     """Exact integral of the piecewise-linear interpolation of the samples over [start_s, end_s].
 
     Power at the edges is interpolated between the neighbouring samples; where the first (last)

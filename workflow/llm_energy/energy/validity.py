@@ -22,30 +22,29 @@ THERMAL_BITS = REASON_SW_THERMAL | REASON_HW_THERMAL
 
 FLAG_DESCRIPTIONS: dict[str, str] = {
     "short_window": "fewer NVML counter updates in the window than energy.min_counter_updates: "
-                    "the 100 ms counter granularity makes the GPU energy uncertain",
+    "the 100 ms counter granularity makes the GPU energy uncertain",
     "counter_edge_unaligned": "the NVML counter did not tick within the alignment timeout at an "
-                              "edge: that edge carries up to one update period of uncertainty",
+    "edge: that edge carries up to one update period of uncertainty",
     "timeline_counter_disagree": "the integral of sampled power differs from the counter by more "
-                                 "than energy.counter_timeline_tolerance",
+    "than energy.counter_timeline_tolerance",
     "timeline_gaps": "the power timeline has gaps longer than 5 sampling periods in the window",
     "power_throttled": "clocks were reduced by the power cap or a power brake during the window",
     "thermal_throttled": "clocks were reduced by a thermal slowdown during the window",
-    "hw_slowdown": "HW slowdown (thermal, power brake or a fast power trigger) without a more "
-                   "specific reason bit",
+    "hw_slowdown": "HW slowdown (thermal, power brake or a fast power trigger) without a more specific reason bit",
     "gpu_settings_changed": "the power limit or the application clocks changed during the window",
     "foreign_processes": "other processes ran compute work on a measured GPU during the window",
     "mig_shared_counter": "a MIG instance was measured through its parent GPU's counter, which "
-                          "also counts the other instances on that GPU",
+    "also counts the other instances on that GPU",
     "counter_reset": "an NVML energy counter went backwards (driver reloaded): GPU energy invalid",
     "gpu_not_idle": "the GPU was busy while the idle baseline was measured",
     "baseline_power_state_differs": "the window's mean SM clock differs from the active-idle "
-                                    "baseline's by more than energy.baseline_clock_tolerance: "
-                                    "the GPU ran in another power state than its baseline",
+    "baseline's by more than energy.baseline_clock_tolerance: "
+    "the GPU ran in another power state than its baseline",
     "host_shared": "other measurement jobs ran on this host's other GPUs during the window "
-                   "(campaign.gpus.jobs: parallel): the host's CPU and DRAM energy covers them too, so it "
-                   "is kept in the window record (domains.<cpu|dram>.shared_host) and left out of this "
-                   "experiment's cpu, dram and node metrics; its GPU energy is its own GPUs' only "
-                   "(campaign.gpus.jobs: exclusive measures the host for one experiment)",
+    "(campaign.gpus.jobs: parallel): the host's CPU and DRAM energy covers them too, so it "
+    "is kept in the window record (domains.<cpu|dram>.shared_host) and left out of this "
+    "experiment's cpu, dram and node metrics; its GPU energy is its own GPUs' only "
+    "(campaign.gpus.jobs: exclusive measures the host for one experiment)",
 }
 
 
@@ -53,8 +52,9 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
 # on its power cap, so power_throttled is the normal state of a heavy run, not a broken measurement;
 # these reach the summary but do not make a run invalid.
 # baseline_power_state_differs is expected too: a loaded GPU at its power cap clocks lower than idle.
-OPERATING_CONDITION_FLAGS = frozenset({"power_throttled", "thermal_throttled", "hw_slowdown",
-                                       "baseline_power_state_differs"})
+OPERATING_CONDITION_FLAGS = frozenset(
+    {"power_throttled", "thermal_throttled", "hw_slowdown", "baseline_power_state_differs"}
+)
 
 
 # Flags that say which energy is not this experiment's alone: the domain concerned is reported as
@@ -92,9 +92,11 @@ def throttle_flags(reasons: Iterable[int]) -> set[str]:
     return flags
 
 
-def settings_changed(at_open: Mapping[str, Mapping[str, Any]],
-                     at_close: Mapping[str, Mapping[str, Any]],
-                     sampled_power_limits_w: Iterable[float] = ()) -> bool:
+def settings_changed(
+    at_open: Mapping[str, Mapping[str, Any]],
+    at_close: Mapping[str, Mapping[str, Any]],
+    sampled_power_limits_w: Iterable[float] = (),
+) -> bool:
     """True if a GPU's power limit or application clocks differ between the edges or within."""
     if dict(at_open) != dict(at_close):
         return True

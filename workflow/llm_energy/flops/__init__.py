@@ -41,7 +41,6 @@ from llm_energy.flops.analytic import (
     analytic_forward_flops,
     bytes_per_param,
     parameter_estimate_flops,
-    request_costs,
 )
 from llm_energy.flops.counted import (
     calflops_forward_flops,
@@ -54,9 +53,24 @@ from llm_energy.flops.peaks import PEAK_FIGURES, mbu, mfu, peak_figures
 from llm_energy.flops.stage import cycle_flops, estimate_model_flops
 
 __all__ = [
-    "DTYPE_BYTES", "PEAK_FIGURES", "SUPPORTED_MODEL_TYPES", "ArchitectureSpec", "CostModel",
-    "analytic_decode_step_flops", "analytic_flops", "analytic_forward_flops", "bytes_per_param",
-    "calflops_forward_flops", "cycle_flops", "estimate_model_flops", "fit_cost_model", "load_model_config",
-    "mbu", "measured_decode_step_flops", "measured_forward_flops", "mfu", "parameter_estimate_flops",
+    "DTYPE_BYTES",
+    "PEAK_FIGURES",
+    "SUPPORTED_MODEL_TYPES",
+    "ArchitectureSpec",
+    "CostModel",
+    "analytic_decode_step_flops",
+    "analytic_flops",
+    "analytic_forward_flops",
+    "bytes_per_param",
+    "calflops_forward_flops",
+    "cycle_flops",
+    "estimate_model_flops",
+    "fit_cost_model",
+    "load_model_config",
+    "mbu",
+    "measured_decode_step_flops",
+    "measured_forward_flops",
+    "mfu",
+    "parameter_estimate_flops",
     "peak_figures",
 ]

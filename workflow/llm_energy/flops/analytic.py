@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from llm_energy.errors import ConfigError
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -18,9 +17,19 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 # Bytes per weight / KV-cache element for the dtypes a campaign may name.
 DTYPE_BYTES: dict[str, float] = {
-    "float32": 4.0, "fp32": 4.0, "tf32": 4.0,
-    "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "half": 2.0,
-    "float8": 1.0, "fp8": 1.0, "float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "int8": 1.0,
+    "float32": 4.0,
+    "fp32": 4.0,
+    "tf32": 4.0,
+    "bfloat16": 2.0,
+    "bf16": 2.0,
+    "float16": 2.0,
+    "fp16": 2.0,
+    "half": 2.0,
+    "float8": 1.0,
+    "fp8": 1.0,
+    "float8_e4m3fn": 1.0,
+    "float8_e5m2": 1.0,
+    "int8": 1.0,
     "int4": 0.5,
 }
 
@@ -30,7 +39,8 @@ def bytes_per_param(dtype: str) -> float:
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPE_BYTES:
         raise ConfigError(
-            "dtype", f"'{dtype}' is not a dtype the FLOPs estimate knows",
+            "dtype",
+            f"'{dtype}' is not a dtype the FLOPs estimate knows",
             f"use one of {sorted(DTYPE_BYTES)}",
         )
     return DTYPE_BYTES[key]
@@ -68,9 +78,7 @@ class CostModel:
     def decode_step_flops(self, batch: int, kv_len: int) -> int:
         """A single-token forward per sequence attending over `kv_len` keys (itself included)."""
         per_sequence = (
-            self.linear_flops_per_token
-            + self.logits_flops_per_position
-            + self.attention_flops_per_query_key * kv_len
+            self.linear_flops_per_token + self.logits_flops_per_position + self.attention_flops_per_query_key * kv_len
         )
         return batch * per_sequence
 
@@ -117,29 +125,47 @@ class ArchitectureSpec:
             heads = int(config.n_head)
             inner = config.n_inner if config.n_inner is not None else 4 * hidden
             return cls(
-                model_type=model_type, hidden_size=hidden, num_layers=int(config.n_layer),
-                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                intermediate_size=int(inner), vocab_size=int(config.vocab_size), gated_mlp=False,
-                tied_embeddings=tied, qkv_bias=True, out_proj_bias=True, mlp_bias=True,
-                norm="layer", position_embeddings=int(config.n_positions),
+                model_type=model_type,
+                hidden_size=hidden,
+                num_layers=int(config.n_layer),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=int(inner),
+                vocab_size=int(config.vocab_size),
+                gated_mlp=False,
+                tied_embeddings=tied,
+                qkv_bias=True,
+                out_proj_bias=True,
+                mlp_bias=True,
+                norm="layer",
+                position_embeddings=int(config.n_positions),
             )
         heads = int(config.num_attention_heads)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
         attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True,
-                    "qwen3": attention_bias}[model_type]
-        out_bias = {"llama": attention_bias, "mistral": False, "qwen2": False,
-                    "qwen3": attention_bias}[model_type]
+        qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias}[model_type]
+        out_bias = {"llama": attention_bias, "mistral": False, "qwen2": False, "qwen3": attention_bias}[model_type]
         mlp_bias = bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False
         sliding = getattr(config, "sliding_window", None)
         return cls(
-            model_type=model_type, hidden_size=int(config.hidden_size),
-            num_layers=int(config.num_hidden_layers), num_heads=heads, num_kv_heads=int(kv_heads),
-            head_dim=int(head_dim), intermediate_size=int(config.intermediate_size),
-            vocab_size=int(config.vocab_size), gated_mlp=True, tied_embeddings=tied,
-            qkv_bias=qkv_bias, out_proj_bias=out_bias, mlp_bias=mlp_bias, norm="rms",
-            qk_norm=model_type == "qwen3", sliding_window=int(sliding) if sliding else None,
+            model_type=model_type,
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            intermediate_size=int(config.intermediate_size),
+            vocab_size=int(config.vocab_size),
+            gated_mlp=True,
+            tied_embeddings=tied,
+            qkv_bias=qkv_bias,
+            out_proj_bias=out_bias,
+            mlp_bias=mlp_bias,
+            norm="rms",
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
         )
 
     @property
@@ -220,8 +246,7 @@ def request_costs(
     )
     weight_bytes = steps * model.decode_weight_params * bytes_per_param
     kv_bytes = (
-        model.kv_elements_per_token * kv_len_sum * bytes_per_param
-        if model.kv_elements_per_token is not None else None
+        model.kv_elements_per_token * kv_len_sum * bytes_per_param if model.kv_elements_per_token is not None else None
     )
     return {
         "prefill_flops": prefill,
@@ -249,8 +274,11 @@ def analytic_flops(
     all input_tokens + t cached positions, at `bytes_per_param` bytes per element.
     """
     return request_costs(
-        arch.cost_model(), input_tokens, output_tokens,
-        bytes_per_param=bytes_per_param, prefill_logits=prefill_logits,
+        arch.cost_model(),
+        input_tokens,
+        output_tokens,
+        bytes_per_param=bytes_per_param,
+        prefill_logits=prefill_logits,
     )
 
 

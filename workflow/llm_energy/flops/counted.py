@@ -20,7 +20,6 @@ from llm_energy.flops.analytic import (
     analytic_forward_flops,
 )
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -60,7 +59,9 @@ def build_model(model_dir: Path, mode: CrossCheckMode, attn_implementation: str)
 
     if mode == "weights":
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation=attn_implementation,
+            model_dir,
+            dtype=torch.float32,
+            attn_implementation=attn_implementation,
             local_files_only=True,
         )
         return model.eval(), None
@@ -99,8 +100,7 @@ def _count_forward(
     mask = torch.ones((batch, past_len + seq_len), dtype=torch.long)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            output = model(input_ids=ids, attention_mask=mask, use_cache=use_cache,
-                           past_key_values=past_key_values)
+            output = model(input_ids=ids, attention_mask=mask, use_cache=use_cache, past_key_values=past_key_values)
     by_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
     return _ForwardCount(int(counter.get_total_flops()), by_module), output
 
@@ -141,9 +141,7 @@ def measured_decode_step_flops(
 
 def _decode_step_count(model, fake_mode, batch: int, kv_len: int) -> int:
     _, prefill_output = _count_forward(model, fake_mode, batch, kv_len - 1, use_cache=True)
-    step, _ = _count_forward(
-        model, fake_mode, batch, 1, use_cache=True, past_key_values=prefill_output.past_key_values
-    )
+    step, _ = _count_forward(model, fake_mode, batch, 1, use_cache=True, past_key_values=prefill_output.past_key_values)
     return step.total_flops
 
 
@@ -177,8 +175,8 @@ try:
     result = {"flops": int(flops)}
 except Exception as exc:
     result = {"error": f"{type(exc).__name__}: {exc}"}
-print(%r + json.dumps(result), flush=True)
-""" % _CALFLOPS_MARKER
+print(MARKER + json.dumps(result), flush=True)
+""".replace("MARKER", repr(_CALFLOPS_MARKER))
 
 
 def calflops_forward_flops(
@@ -190,19 +188,26 @@ def calflops_forward_flops(
     timeout_s: float = 600.0,
 ) -> CalflopsResult:
     """calflops' count of one forward (real weights, CPU, float32), run in a fresh subprocess."""
-    args = {"model_dir": str(model_dir), "batch": int(batch), "seq_len": int(seq_len),
-            "attn_implementation": attn_implementation}
+    args = {
+        "model_dir": str(model_dir),
+        "batch": int(batch),
+        "seq_len": int(seq_len),
+        "attn_implementation": attn_implementation,
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
         completed = subprocess.run(
             [sys.executable, "-c", _CALFLOPS_SCRIPT, json.dumps(args)],
-            capture_output=True, text=True, timeout=timeout_s, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return CalflopsResult(None, f"calflops did not finish within {timeout_s:.0f} s")
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(_CALFLOPS_MARKER):
-            result = json.loads(line[len(_CALFLOPS_MARKER):])
+            result = json.loads(line[len(_CALFLOPS_MARKER) :])
             if "flops" in result:
                 return CalflopsResult(result["flops"], None)
             return CalflopsResult(None, f"calflops failed: {result['error']}")
@@ -237,7 +242,10 @@ def _kv_elements_per_token(cache: Any, batch: int, seq_len: int) -> int | None:
 
 
 def fit_cost_model(
-    model_dir: Path | str, parameter_count: int, *, mode: CrossCheckMode = "fake",
+    model_dir: Path | str,
+    parameter_count: int,
+    *,
+    mode: CrossCheckMode = "fake",
     attn_implementation: str = "eager",
     seq_lens: tuple[int, int, int] = (8, 16, 24),
 ) -> tuple[CostModel, list[dict[str, Any]]]:
@@ -276,8 +284,11 @@ def fit_cost_model(
     if any(x.denominator != 1 or x < 0 for x in (a, b, c)):
         raise ValueError(f"counts do not fit linear + quadratic attention terms (a={a}, b={b}, c={c})")
     predicted_third = int(a * s3 + b * s3 * s3)
-    checks = [_cross_check_record("flop_counter_fit", "prefill", 1, s3, predicted_third + int(c) * s3,
-                                  bodies[2] + int(c) * s3, mode)]
+    checks = [
+        _cross_check_record(
+            "flop_counter_fit", "prefill", 1, s3, predicted_third + int(c) * s3, bodies[2] + int(c) * s3, mode
+        )
+    ]
     if predicted_third != bodies[2]:
         raise ValueError(
             f"forward FLOPs at {s3} tokens ({bodies[2]}) differ from the fit ({predicted_third}): "
@@ -286,39 +297,59 @@ def fit_cost_model(
 
     input_embeddings = model.get_input_embeddings()
     gathered = 0
-    if input_embeddings is not None and output_embeddings is not None and (
-        input_embeddings.weight is not output_embeddings.weight
+    if (
+        input_embeddings is not None
+        and output_embeddings is not None
+        and (input_embeddings.weight is not output_embeddings.weight)
     ):
         gathered = int(input_embeddings.weight.numel())
     cost = CostModel(
-        linear_flops_per_token=int(a), logits_flops_per_position=int(c),
-        attention_flops_per_query_key=int(b), decode_weight_params=int(parameter_count) - gathered,
+        linear_flops_per_token=int(a),
+        logits_flops_per_position=int(c),
+        attention_flops_per_query_key=int(b),
+        decode_weight_params=int(parameter_count) - gathered,
         kv_elements_per_token=cache_elements,
     )
     kv_len = s2 + 1
     measured_step = _decode_step_count(model, fake_mode, 1, kv_len)
     predicted_step = cost.decode_step_flops(1, kv_len)
-    checks.append(_cross_check_record("flop_counter_fit", "decode", 1, kv_len, predicted_step,
-                                      measured_step, mode))
+    checks.append(_cross_check_record("flop_counter_fit", "decode", 1, kv_len, predicted_step, measured_step, mode))
     if measured_step != predicted_step:
         raise ValueError(f"a decode step costs {measured_step} FLOPs, the fit predicts {predicted_step}")
     return cost, checks
 
 
 def _cross_check_record(
-    tool: str, phase: str, batch: int, seq_len: int, analytic: int, measured: int | None, mode: str,
+    tool: str,
+    phase: str,
+    batch: int,
+    seq_len: int,
+    analytic: int,
+    measured: int | None,
+    mode: str,
 ) -> dict[str, Any]:
     relative_error = None
     if measured:
         relative_error = (analytic - measured) / measured
-    return {"tool": tool, "phase": phase, "mode": mode, "batch": int(batch), "seq_len": int(seq_len),
-            "analytic_flops": int(analytic), "measured_flops": measured,
-            "relative_error": relative_error}
+    return {
+        "tool": tool,
+        "phase": phase,
+        "mode": mode,
+        "batch": int(batch),
+        "seq_len": int(seq_len),
+        "analytic_flops": int(analytic),
+        "measured_flops": measured,
+        "relative_error": relative_error,
+    }
 
 
 def analytic_cross_checks(
-    model_dir: Path, arch: ArchitectureSpec, shape: tuple[int, int], mode: CrossCheckMode,
-    use_calflops: bool, notes: list[str],
+    model_dir: Path,
+    arch: ArchitectureSpec,
+    shape: tuple[int, int],
+    mode: CrossCheckMode,
+    use_calflops: bool,
+    notes: list[str],
 ) -> list[dict[str, Any]]:
     """Analytic counts of one prefill forward of `shape` (batch, prompt tokens) and one decode step
     after it against the model's real code."""
@@ -337,10 +368,8 @@ def analytic_cross_checks(
     except Exception as exc:  # a cross-check that cannot run lowers confidence, not the rule
         logger.warning("FlopCounterMode cross-check failed: %s", exc)
         notes.append(f"FlopCounterMode cross-check failed ({type(exc).__name__}: {exc}).")
-    checks.append(
-        _cross_check_record("flop_counter", "prefill", batch, seq_len, forward, measured, mode))
-    checks.append(
-        _cross_check_record("flop_counter", "decode", batch, kv_len, step, measured_step, mode))
+    checks.append(_cross_check_record("flop_counter", "prefill", batch, seq_len, forward, measured, mode))
+    checks.append(_cross_check_record("flop_counter", "decode", batch, kv_len, step, measured_step, mode))
     if use_calflops:
         if mode != "weights":
             notes.append("calflops cross-check skipped: the model is too large for a CPU forward.")
@@ -348,6 +377,5 @@ def analytic_cross_checks(
             result = calflops_forward_flops(model_dir, batch, seq_len, "eager")
             if result.flops is None:
                 notes.append(f"calflops cross-check unavailable: {result.reason}")
-            checks.append(_cross_check_record("calflops", "prefill", batch, seq_len, forward,
-                                              result.flops, mode))
+            checks.append(_cross_check_record("calflops", "prefill", batch, seq_len, forward, result.flops, mode))
     return checks

@@ -119,7 +119,10 @@ class _CostChoice:
 
 
 def _choose_cost_model(
-    model_dir: Path, weights_ok: bool, parameter_count: int, cross_checks: list[dict[str, Any]],
+    model_dir: Path,
+    weights_ok: bool,
+    parameter_count: int,
+    cross_checks: list[dict[str, Any]],
     notes: list[str],
 ) -> _CostChoice:
     """analytic if the architecture is written out, else a FlopCounterMode fit, else nothing."""
@@ -177,8 +180,10 @@ def estimate_model_flops(
     model_dir = Path(model_dir)
     bpp = bytes_per_param(dtype)
     if isinstance(parameter_count, bool) or not isinstance(parameter_count, int) or parameter_count < 1:
-        raise ArtifactError(f"{model_dir}: parameter_count {parameter_count!r} is not a positive integer; "
-                            "it comes from the model manifest: run the download_model rule again")
+        raise ArtifactError(
+            f"{model_dir}: parameter_count {parameter_count!r} is not a positive integer; "
+            "it comes from the model manifest: run the download_model rule again"
+        )
     notes: list[str] = []
     if cross_check_mode == "auto":
         mode: CrossCheckMode = "weights" if parameter_count <= max_weights_cross_check_params else "fake"
@@ -197,13 +202,14 @@ def estimate_model_flops(
     if arch is not None and arch.parameter_count() != parameter_count:
         # The architecture as read here misses (or adds) parameters the manifest counted: the formula
         # may then miss matmuls too.
-        notes.append(f"The architecture's own parameter count ({arch.parameter_count()}) differs from the "
-                     f"manifest's ({parameter_count}).")
+        notes.append(
+            f"The architecture's own parameter count ({arch.parameter_count()}) differs from the "
+            f"manifest's ({parameter_count})."
+        )
     confidence = choice.confidence
     if choice.method == "analytic":
         if cross_check:
-            cross_checks.extend(analytic_cross_checks(model_dir, arch, CROSS_CHECK_SHAPE, mode, use_calflops,
-                                                      notes))
+            cross_checks.extend(analytic_cross_checks(model_dir, arch, CROSS_CHECK_SHAPE, mode, use_calflops, notes))
             counter = [c["relative_error"] for c in cross_checks if c["tool"] == "flop_counter"]
             if counter and all(e is not None and abs(e) <= HIGH_CONFIDENCE_RELATIVE_ERROR for e in counter):
                 confidence = "high"
@@ -274,8 +280,10 @@ def cycle_flops(model_flops: dict[str, Any], requests: Any, batch_size: int) -> 
     longest = max((i + o for i, o in pairs), default=0)
     if sliding_window is not None and longest > sliding_window:
         confidence = "medium" if confidence == "high" else confidence
-        notes.append(f"Requests reach {longest} tokens, beyond the sliding window of {sliding_window}: "
-                     "attention counted over the full context (an upper bound).")
+        notes.append(
+            f"Requests reach {longest} tokens, beyond the sliding window of {sliding_window}: "
+            "attention counted over the full context (an upper bound)."
+        )
     total = prefill_flops + decode_flops
     return {
         "method": model_flops["method"],
@@ -284,12 +292,19 @@ def cycle_flops(model_flops: dict[str, Any], requests: Any, batch_size: int) -> 
         "prefill_flops": prefill_flops,
         "decode_flops": decode_flops,
         "per_request_mean_flops": (total / n) if n else None,
-        "tokens": {"requests": n, "input_tokens": prefill_tokens, "output_tokens": output_tokens,
-                   "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens},
+        "tokens": {
+            "requests": n,
+            "input_tokens": prefill_tokens,
+            "output_tokens": output_tokens,
+            "prefill_tokens": prefill_tokens,
+            "decode_tokens": decode_tokens,
+        },
         "decode_bytes_min": weight_bytes + (kv_bytes or 0.0),
         "decode_bytes_breakdown": {
-            "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
-            "decode_steps_min": decode_steps_min, "batch_size": int(batch_size),
+            "weight_bytes": weight_bytes,
+            "kv_cache_bytes": kv_bytes,
+            "decode_steps_min": decode_steps_min,
+            "batch_size": int(batch_size),
             "decode_weight_params": int(weight_params),
         },
         "notes": notes,

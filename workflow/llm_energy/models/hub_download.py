@@ -14,7 +14,6 @@ from llm_energy import hub
 from llm_energy.errors import ArtifactError, SourceUnavailableError
 from llm_energy.models.specs import HubSpec
 
-
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +93,14 @@ def download_hub_model(name: str, spec: HubSpec, weights_dir: Path) -> str:
 
     cache_miss = f"the HF cache ({cache_dir}) does not hold it"
     try:
-        cached = snapshot_download(spec.id, revision=spec.revision, cache_dir=cache_dir,
-                                   allow_patterns=patterns, local_files_only=True, token=token)
+        cached = snapshot_download(
+            spec.id,
+            revision=spec.revision,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            local_files_only=True,
+            token=token,
+        )
     except IncompleteSnapshotError:
         cached, cache_miss = None, f"the HF cache ({cache_dir}) holds only part of it"
     except (LocalEntryNotFoundError, OSError, ValueError):
@@ -120,8 +125,15 @@ def download_hub_model(name: str, spec: HubSpec, weights_dir: Path) -> str:
         shutil.rmtree(weights_dir)  # an interrupted download of the same commit resumes; another is wiped
     log.info("downloading %s@%s (%s) into %s", spec.id, spec.revision, patterns, weights_dir)
     try:
-        snapshot_download(spec.id, revision=spec.revision, local_dir=weights_dir, cache_dir=cache_dir,
-                          allow_patterns=patterns, token=token, endpoint=endpoint)
+        snapshot_download(
+            spec.id,
+            revision=spec.revision,
+            local_dir=weights_dir,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            token=token,
+            endpoint=endpoint,
+        )
     except LocalEntryNotFoundError as exc:
         raise _unavailable(name, spec, f"download failed ({type(exc).__name__})") from None
     except HfHubHTTPError as exc:
@@ -137,6 +149,8 @@ def download_hub_model(name: str, spec: HubSpec, weights_dir: Path) -> str:
         ref = cache_dir / f"models--{spec.id.replace('/', '--')}" / "refs" / spec.revision
         commit = ref.read_text().strip() if ref.is_file() else None
     if commit is None:
-        raise ArtifactError(f"{weights_dir}: downloaded {spec.id}@{spec.revision} but could not tell "
-                            f"which commit it resolved to; pin models.{name}.revision to a commit sha")
+        raise ArtifactError(
+            f"{weights_dir}: downloaded {spec.id}@{spec.revision} but could not tell "
+            f"which commit it resolved to; pin models.{name}.revision to a commit sha"
+        )
     return commit

@@ -15,7 +15,6 @@ from llm_energy.artifacts import sha256_file
 from llm_energy.errors import ArtifactError, ConfigError
 from llm_energy.models.specs import BuiltinSpec, HubSpec, LocalSpec, _key
 
-
 log = logging.getLogger(__name__)
 
 
@@ -27,9 +26,18 @@ IGNORED_DIRS = (".cache", ".git", "__pycache__")
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -114,8 +122,11 @@ def count_parameters(config, folder: Path | None = None, trust_remote_code: bool
     except Exception as exc:  # any architecture transformers cannot build here
         if folder is None:
             raise
-        log.warning("cannot instantiate %s on the meta device (%s); counting from safetensors headers",
-                    getattr(config, "model_type", "?"), exc)
+        log.warning(
+            "cannot instantiate %s on the meta device (%s); counting from safetensors headers",
+            getattr(config, "model_type", "?"),
+            exc,
+        )
         return count_parameters_from_headers(folder)
 
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
@@ -143,8 +154,7 @@ def count_parameters_from_headers(folder: Path) -> ParameterCount:
         raise ArtifactError(f"{folder}: no safetensors files to count parameters from")
     total = sum(_numel(t["shape"]) for t in tensors.values())
     embedding_markers = ("embed", "wte", "wpe", "lm_head")
-    embedding = sum(_numel(t["shape"]) for n, t in tensors.items()
-                    if any(m in n.lower() for m in embedding_markers))
+    embedding = sum(_numel(t["shape"]) for n, t in tensors.items() if any(m in n.lower() for m in embedding_markers))
     return ParameterCount(total=total, non_embedding=total - embedding, method="safetensors_header")
 
 
@@ -180,25 +190,40 @@ def load_config(name: str, folder: Path, trust_remote_code: bool, key: str):
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise ConfigError(_key(name, "trust_remote_code"),
-                              f"the model in {folder} needs its own code ({exc})",
-                              "Set it to true only if you trust that repository's code.") from None
-        raise ConfigError(key, f"{folder}/config.json cannot be read by transformers ({exc})",
-                          "Point it at a transformers model folder.") from None
+            raise ConfigError(
+                _key(name, "trust_remote_code"),
+                f"the model in {folder} needs its own code ({exc})",
+                "Set it to true only if you trust that repository's code.",
+            ) from None
+        raise ConfigError(
+            key,
+            f"{folder}/config.json cannot be read by transformers ({exc})",
+            "Point it at a transformers model folder.",
+        ) from None
     except OSError as exc:
-        raise ConfigError(key, f"{folder}/config.json cannot be read ({exc})",
-                          "Point it at a transformers model folder.") from None
+        raise ConfigError(
+            key, f"{folder}/config.json cannot be read ({exc})", "Point it at a transformers model folder."
+        ) from None
 
 
 def describe_model(
-    name: str, source: str, spec: BuiltinSpec | HubSpec | LocalSpec, folder: Path, model_path: str,
-    revision: str | None, tokenizer: dict | None, key: str,
+    name: str,
+    source: str,
+    spec: BuiltinSpec | HubSpec | LocalSpec,
+    folder: Path,
+    model_path: str,
+    revision: str | None,
+    tokenizer: dict | None,
+    key: str,
 ) -> dict[str, Any]:
     """Manifest data of the model in `folder`."""
     if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.rglob("*") if p.is_file()):
-        raise ConfigError(key, f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}",
-                          "Point it at a folder with the weights (for hub models, widen allow_patterns, "
-                          "e.g. add '*.bin' for repositories without safetensors).")
+        raise ConfigError(
+            key,
+            f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}",
+            "Point it at a folder with the weights (for hub models, widen allow_patterns, "
+            "e.g. add '*.bin' for repositories without safetensors).",
+        )
     config = load_config(name, folder, spec.trust_remote_code, key)
     params = count_parameters(config, folder, spec.trust_remote_code)
     spec_record = {"source": source, **asdict(spec)}

@@ -106,8 +106,9 @@ def builtin_defaults(architecture: str) -> dict[str, Any]:
 def parse_spec(name: str, spec: Mapping[str, Any]) -> BuiltinSpec | HubSpec | LocalSpec:
     """Check the config entry `models.<name>` and fill defaults. Raises ConfigError naming the key."""
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"models.{name}", f"expected a mapping, got {spec!r}",
-                          "Give the model a mapping with at least 'source'.")
+        raise ConfigError(
+            f"models.{name}", f"expected a mapping, got {spec!r}", "Give the model a mapping with at least 'source'."
+        )
     values = validate_section(MODEL_SCHEMA, spec, prefix=("models", name))
     values.pop("max_model_len")  # the harness's, not the model folder's
     source = values.pop("source")
@@ -118,27 +119,37 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> BuiltinSpec | HubSpec | Lo
         patterns = DEFAULT_HUB_ALLOW_PATTERNS if patterns is None else tuple(patterns)
         if values["trust_remote_code"] and values["allow_patterns"] is None:
             patterns += ("*.py",)  # remote code lives in the repository's .py files
-        return HubSpec(id=values["id"], revision=values["revision"].strip(), allow_patterns=patterns,
-                       trust_remote_code=values["trust_remote_code"])
+        return HubSpec(
+            id=values["id"],
+            revision=values["revision"].strip(),
+            allow_patterns=patterns,
+            trust_remote_code=values["trust_remote_code"],
+        )
     return LocalSpec(**values)
 
 
 def _parse_builtin(name: str, values: dict[str, Any]) -> BuiltinSpec:
     architecture = values["architecture"]
     if architecture == "gpt2" and values.get("num_kv_heads") is not None:
-        raise ConfigError(_key(name, "num_kv_heads"), "GPT-2 has no grouped-query attention",
-                          "Remove it, or use architecture 'llama'.")
+        raise ConfigError(
+            _key(name, "num_kv_heads"),
+            "GPT-2 has no grouped-query attention",
+            "Remove it, or use architecture 'llama'.",
+        )
     spec = BuiltinSpec(**{**builtin_defaults(architecture), **values})
     if spec.hidden_size % spec.num_heads:
-        raise ConfigError(_key(name, "num_heads"),
-                          f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}",
-                          "Pick num_heads dividing hidden_size (head_dim 64 suits every backend).")
+        raise ConfigError(
+            _key(name, "num_heads"),
+            f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}",
+            "Pick num_heads dividing hidden_size (head_dim 64 suits every backend).",
+        )
     if spec.num_kv_heads is not None and spec.num_heads % spec.num_kv_heads:
-        raise ConfigError(_key(name, "num_kv_heads"),
-                          f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}",
-                          "Pick num_kv_heads dividing num_heads.")
+        raise ConfigError(
+            _key(name, "num_kv_heads"),
+            f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}",
+            "Pick num_kv_heads dividing num_heads.",
+        )
     head_dim = spec.hidden_size // spec.num_heads
     if head_dim % 32:
-        log.warning("models.%s: head_dim %d; vLLM's CPU attention needs a multiple of 32 (64 is safe)",
-                    name, head_dim)
+        log.warning("models.%s: head_dim %d; vLLM's CPU attention needs a multiple of 32 (64 is safe)", name, head_dim)
     return spec

@@ -14,7 +14,6 @@ from llm_energy.models.hub_download import download_hub_model
 from llm_energy.models.inspection import describe_model
 from llm_energy.models.specs import BuiltinSpec, HubSpec, _key, parse_spec
 
-
 log = logging.getLogger(__name__)
 
 
@@ -61,35 +60,50 @@ def prepare_model(name: str, spec: dict, out_dir: Path, provenance: dict | None 
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         inputs.append(BUNDLED_PROMPTS)
-        data = describe_model(name, source, parsed, weights_dir, WEIGHTS_DIRNAME, None, tokenizer_facts,
-                              key=f"models.{name}")
+        data = describe_model(
+            name, source, parsed, weights_dir, WEIGHTS_DIRNAME, None, tokenizer_facts, key=f"models.{name}"
+        )
     elif isinstance(parsed, HubSpec):
         commit = download_hub_model(name, parsed, weights_dir)
         if not (weights_dir / "config.json").is_file():
-            raise ConfigError(_key(name, "allow_patterns"),
-                              f"{parsed.id}@{parsed.revision} has no config.json among the fetched files",
-                              "Include '*.json' in allow_patterns (and check that the repository is a "
-                              "transformers model).")
-        data = describe_model(name, source, parsed, weights_dir, WEIGHTS_DIRNAME, commit, None,
-                              key=_key(name, "allow_patterns"))
+            raise ConfigError(
+                _key(name, "allow_patterns"),
+                f"{parsed.id}@{parsed.revision} has no config.json among the fetched files",
+                "Include '*.json' in allow_patterns (and check that the repository is a transformers model).",
+            )
+        data = describe_model(
+            name, source, parsed, weights_dir, WEIGHTS_DIRNAME, commit, None, key=_key(name, "allow_patterns")
+        )
     else:
         folder = Path(parsed.path).expanduser()
         key = _key(name, "path")
         if not folder.is_dir():
-            raise ConfigError(key, f"folder '{folder}' does not exist",
-                              "Point it at a model folder (with config.json) on this machine.")
+            raise ConfigError(
+                key,
+                f"folder '{folder}' does not exist",
+                "Point it at a model folder (with config.json) on this machine.",
+            )
         if not (folder / "config.json").is_file():
-            raise ConfigError(key, f"folder '{folder}' has no config.json",
-                              "Point it at the folder of a transformers model (the one holding config.json).")
+            raise ConfigError(
+                key,
+                f"folder '{folder}' has no config.json",
+                "Point it at the folder of a transformers model (the one holding config.json).",
+            )
         folder = folder.resolve()
         data = describe_model(name, source, parsed, folder, str(folder), None, None, key=key)
 
     if provenance is None:
         provenance = _default_provenance(inputs)
     write_json_artifact(out_dir / MANIFEST_FILENAME, ARTIFACT_NAME, data, provenance)
-    log.info("model %s: %s, %d parameters (%d non-embedding), dtype %s -> %s", name,
-             data["architecture"]["model_type"], data["parameter_count"],
-             data["non_embedding_parameter_count"], data["torch_dtype"], out_dir / MANIFEST_FILENAME)
+    log.info(
+        "model %s: %s, %d parameters (%d non-embedding), dtype %s -> %s",
+        name,
+        data["architecture"]["model_type"],
+        data["parameter_count"],
+        data["non_embedding_parameter_count"],
+        data["torch_dtype"],
+        out_dir / MANIFEST_FILENAME,
+    )
     return data
 
 
@@ -111,6 +125,8 @@ def resolve_model_path(manifest_path: Path | str) -> Path:
     if not model_path.is_absolute():
         model_path = manifest_path.resolve().parent / model_path
     if not (model_path / "config.json").is_file():
-        raise ArtifactError(f"{manifest_path}: model folder {model_path} is missing or has no config.json; "
-                            "run the download_model rule again")
+        raise ArtifactError(
+            f"{manifest_path}: model folder {model_path} is missing or has no config.json; "
+            "run the download_model rule again"
+        )
     return model_path

@@ -72,22 +72,31 @@ FACET_CAPTION = (
 
 FIGURES: dict[str, FigureSpec] = {
     "energy_vs_batch_size": FigureSpec(
-        "Energy per output token vs batch size", "comparisons.draw_energy_vs_batch_size",
+        "Energy per output token vs batch size",
+        "comparisons.draw_energy_vs_batch_size",
         "**Energy per output token against batch size.** Each point is the mean over the successful cycles of "
         "one experiment; error bars are two-sided 95 % confidence intervals of the mean (Student t over the "
         "cycles), clipped at zero; a single cycle has none. " + FACET_CAPTION + " Axes become logarithmic when "
-        "the values span a wide range.\n\n" + ENERGY_BOUNDARY_CAPTION + "\n\n" + CONTEXT_CAPTION),
+        "the values span a wide range.\n\n" + ENERGY_BOUNDARY_CAPTION + "\n\n" + CONTEXT_CAPTION,
+    ),
     "throughput_vs_energy": FigureSpec(
-        "Throughput vs energy per output token", "comparisons.draw_throughput_vs_energy",
+        "Throughput vs energy per output token",
+        "comparisons.draw_throughput_vs_energy",
         "**Throughput against energy per output token.** Each point is one experiment: output tokens per second "
         "(x) against energy per output token (y), means over the successful cycles with 95 % confidence "
         "intervals in both directions (clipped at zero). Marker size grows with the batch size (points are "
         "labelled with it where a panel has few). The dashed black line with open squares is each panel's "
         "Pareto front: the experiments no other experiment of the panel beats on both throughput and energy per "
-        "token (better is down and to the right). " + FACET_CAPTION + "\n\n" + ENERGY_BOUNDARY_CAPTION + "\n\n"
-        + CONTEXT_CAPTION),
+        "token (better is down and to the right). "
+        + FACET_CAPTION
+        + "\n\n"
+        + ENERGY_BOUNDARY_CAPTION
+        + "\n\n"
+        + CONTEXT_CAPTION,
+    ),
     "energy_breakdown": FigureSpec(
-        "Where the energy went", "breakdown.draw_energy_breakdown",
+        "Where the energy went",
+        "breakdown.draw_energy_breakdown",
         "**Where the energy went, as shares.** Left: the GPU energy (node energy without a GPU) of one model "
         "load with its setup (model load, compile, warm-up; measured once per load, outside every window) and "
         "one measured window per experiment, by phase; each bar is 100 % and its total in joules is printed at "
@@ -98,17 +107,21 @@ FIGURES: dict[str, FigureSpec] = {
         "see ``phase_split_method`` in the experiment's JSON). Right: the window's energy by domain; hatched segments are "
         "CodeCarbon estimates, not measurements, and a domain that could not be measured is marked n/a, never "
         "drawn as zero. With more than 40 experiments, one bar per model/dataset and series (energies summed). "
-        "\n\n" + CONTEXT_CAPTION),
+        "\n\n" + CONTEXT_CAPTION,
+    ),
     "time_accounting": FigureSpec(
-        "Where the GPU time went", "breakdown.draw_time_accounting",
+        "Where the GPU time went",
+        "breakdown.draw_time_accounting",
         "**Where the campaign's GPU time went.** Wall time of the measuring jobs (``job_*_s`` in the summary; "
         "the job holds its GPU throughout) split into model load, compilation, warm-up (including the one batch "
         "before each window), idle baselines, measured windows (inference and prefill-only) and gaps (the rest: "
         "writing artifacts, process start). Top bar: the whole campaign, its share inside measured windows in "
         "the title; below, one bar per experiment (or per model/dataset and series beyond 40). Totals in "
-        "seconds at the end of each bar. No energy is shown.\n\n" + CONTEXT_CAPTION),
+        "seconds at the end of each bar. No energy is shown.\n\n" + CONTEXT_CAPTION,
+    ),
     "roofline": FigureSpec(
-        "Against the hardware: roofline, MFU and MBU", "hardware.draw_roofline",
+        "Against the hardware: roofline, MFU and MBU",
+        "hardware.draw_roofline",
         "**How close each run came to the GPU's limits.** Roofline panels (one per GPU model and precision): "
         "achieved FLOP/s per GPU (analytic FLOPs of the measured requests / window) against arithmetic "
         "intensity, under the GPU's peak dense FLOP/s and peak memory bandwidth (black line). The intensity uses "
@@ -116,17 +129,25 @@ FIGURES: dict[str, FigureSpec] = {
         "so it is an upper bound and the point lies at most that far right. Last panel: MFU against MBU (1 = "
         "the peak). The peak figures and their source (``llm_energy.flops.PEAK_FIGURES``, vendor datasheets, "
         "dense) are named under the plot. CPU-only runs have no peak figures and are listed as not shown.\n\n"
-        + CONTEXT_CAPTION),
+        + CONTEXT_CAPTION,
+    ),
     "latency": FigureSpec(
-        "Latency distributions per request", "latency.draw_latency", needs_runs=True, caption=(
+        "Latency distributions per request",
+        "latency.draw_latency",
+        needs_runs=True,
+        caption=(
             "**Latency distributions.** TTFT (submission to the first token reaching the caller), TPOT ((own last "
             "token - own first token) / (output tokens - 1)) and end-to-end latency of every request of every "
             "successful cycle (``requests.parquet``), pooled per experiment: boxes show the quartiles and the "
             "median, whiskers the 5th and 95th percentiles, one box per series at each batch size, one row of "
             "panels per model/dataset. Distributions of positive times never reach below zero. Experiments whose "
-            "raw runs are not archived are listed under the plot.\n\n" + CONTEXT_CAPTION)),
+            "raw runs are not archived are listed under the plot.\n\n" + CONTEXT_CAPTION
+        ),
+    ),
     "serving": FigureSpec(
-        "Serving under load: latency, energy and goodput vs request rate", "serving.draw_serving", caption=(
+        "Serving under load: latency, energy and goodput vs request rate",
+        "serving.draw_serving",
+        caption=(
             "**Serving under load.** Experiments measured at a request rate (``grid.request_rate``: requests "
             "arriving open loop at their seeded arrival times), one line per series against the rate. Top: TTFT "
             "and TPOT, p50 (solid) and p90 (dashed), pooled over every request of every successful cycle. Bottom "
@@ -134,14 +155,20 @@ FIGURES: dict[str, FigureSpec] = {
             "requests in flight, without ramp-up and drain), or the whole window's energy per output token "
             "where no steady-state GPU energy was measured (the axis says which). Bottom right: goodput, the "
             "requests per second meeting every latency objective (``slo``), and the request throughput. A "
-            "campaign without request rates shows a note instead.\n\n" + CONTEXT_CAPTION)),
+            "campaign without request rates shows a note instead.\n\n" + CONTEXT_CAPTION
+        ),
+    ),
     "timeline_overview": FigureSpec(
-        "Campaign overview: GPU power of every experiment", "timeline.draw_timeline_overview", needs_runs=True,
+        "Campaign overview: GPU power of every experiment",
+        "timeline.draw_timeline_overview",
+        needs_runs=True,
         caption=(
             "**Campaign overview.** One row per experiment: the GPU power (W, colour) of its first cycle's job "
             "over time since the job's first sample, in 0.5 s bins: model load, compile, warm-up, baselines and "
             "windows in sequence. White ticks mark the measured window's edges. Each experiment's own timeline "
-            "figure (category *Power timelines*) shades and names every phase.\n\n" + CONTEXT_CAPTION)),
+            "figure (category *Power timelines*) shades and names every phase.\n\n" + CONTEXT_CAPTION
+        ),
+    ),
 }
 FIGURE_NAMES: tuple[str, ...] = tuple(FIGURES)
 RUN_TIMELINE_CAPTION = (
@@ -151,11 +178,17 @@ RUN_TIMELINE_CAPTION = (
     "window and the prefill-only window; red ticks at the bottom of the power panel: the requests' prefill "
     "spans (submission to first token). Each window's GPU energy from the NVML counter is written inside it "
     "where there is room, and all of them are listed under the plot with their durations; baselines are idle "
-    "power x duration. A span whose timestamps the measuring harness did not record is named under the plot.")
+    "power x duration. A span whose timestamps the measuring harness did not record is named under the plot."
+)
 
 
-def plot(name: str, summary: Tables | pd.DataFrame | Path | str, png: Path | str, svg: Path | str,
-         runs_dir: Path | str | None = None) -> None:
+def plot(
+    name: str,
+    summary: Tables | pd.DataFrame | Path | str,
+    png: Path | str,
+    svg: Path | str,
+    runs_dir: Path | str | None = None,
+) -> None:
     """Draw campaign figure `name` from the campaign's tables (summary.Tables, a summary.parquet path with
     metrics.parquet beside it, or an already joined DataFrame) and save PNG + SVG."""
     import matplotlib
@@ -171,8 +204,14 @@ def plot(name: str, summary: Tables | pd.DataFrame | Path | str, png: Path | str
 
 
 # Names re-exported from the modules that import matplotlib, loaded on first use (see FigureSpec.draw_at).
-_LAZY: dict[str, str] = {"EnergyBoundary": "data", "choose_boundary": "data", "load": "data",
-                         "pareto_front": "data", "NO_SUCCESS_TEXT": "style", "plot_run_timelines": "timeline"}
+_LAZY: dict[str, str] = {
+    "EnergyBoundary": "data",
+    "choose_boundary": "data",
+    "load": "data",
+    "pareto_front": "data",
+    "NO_SUCCESS_TEXT": "style",
+    "plot_run_timelines": "timeline",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -181,5 +220,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FIGURES", "FIGURE_NAMES", "TIMELINES_DIR", "RUN_TIMELINE_CAPTION", "EnergyBoundary", "FigureInputs",
-           "NO_SUCCESS_TEXT", "choose_boundary", "pareto_front", "plot", "plot_run_timelines"]
+__all__ = [
+    "FIGURES",
+    "FIGURE_NAMES",
+    "TIMELINES_DIR",
+    "RUN_TIMELINE_CAPTION",
+    "EnergyBoundary",
+    "FigureInputs",
+    "NO_SUCCESS_TEXT",
+    "choose_boundary",
+    "pareto_front",
+    "plot",
+    "plot_run_timelines",
+]

@@ -20,8 +20,17 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from llm_energy.plots import data as d
-from llm_energy.plots.style import DOMAIN_COLORS, ESTIMATED_HATCH, GRID_ALPHA, NO_SUCCESS_TEXT, PHASE_COLORS, \
-    PHASE_LABELS, add_notes, message_figure, new_figure
+from llm_energy.plots.style import (
+    DOMAIN_COLORS,
+    ESTIMATED_HATCH,
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    PHASE_COLORS,
+    PHASE_LABELS,
+    add_notes,
+    message_figure,
+    new_figure,
+)
 
 MAX_BARS = 40
 SMALL_SHARE = 0.03  # components below this share are named beside the bar's total
@@ -91,8 +100,11 @@ def domain_energies(rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, boo
     for domain in ENERGY_DOMAINS:
         measured = d.column(rows, f"{domain}_energy_j")
         estimate = d.column(rows, f"{domain}_estimated_energy_j") if domain != "gpu" else measured * np.nan
-        method = rows[f"{domain}_energy_method"].astype(str) if f"{domain}_energy_method" in rows.columns \
+        method = (
+            rows[f"{domain}_energy_method"].astype(str)
+            if f"{domain}_energy_method" in rows.columns
             else pd.Series("", index=rows.index)
+        )
         is_estimate = measured.isna() | method.str.contains("estimated")
         value = measured.where(measured.notna(), estimate)
         values[domain] = float(value.sum()) if value.notna().any() else np.nan
@@ -104,8 +116,16 @@ def _percent(share: float) -> str:
     return "<0.01 %" if share < 1e-4 else f"{100 * share:.2g} %"
 
 
-def _hbars(ax, labels: list[str], parts: list[dict[str, float]], order: list[str], colors: dict, names: dict,
-           hatched: list[dict[str, bool]] | None = None, unit: str = "J") -> list[str]:
+def _hbars(
+    ax,
+    labels: list[str],
+    parts: list[dict[str, float]],
+    order: list[str],
+    colors: dict,
+    names: dict,
+    hatched: list[dict[str, bool]] | None = None,
+    unit: str = "J",
+) -> list[str]:
     """Horizontal 100 % bars, one per label; returns the components drawn anywhere. Each bar ends in
     its total (the unit given)."""
     y = np.arange(len(labels))
@@ -120,18 +140,36 @@ def _hbars(ax, labels: list[str], parts: list[dict[str, float]], order: list[str
         shares = np.where(available, values / np.where(totals > 0, totals, 1), 0.0)
         hatch = [ESTIMATED_HATCH if hatched and hatched[i].get(key) else None for i in range(len(labels))]
         for i in np.flatnonzero(available):
-            ax.barh(y[i], shares[i], left=left[i], color=colors[key], edgecolor="white" if not hatch[i] else "#333333",
-                    hatch=hatch[i], linewidth=0.5, height=0.7)
+            ax.barh(
+                y[i],
+                shares[i],
+                left=left[i],
+                color=colors[key],
+                edgecolor="white" if not hatch[i] else "#333333",
+                hatch=hatch[i],
+                linewidth=0.5,
+                height=0.7,
+            )
             if shares[i] >= 0.08:
-                ax.text(left[i] + shares[i] / 2, y[i], f"{shares[i]:.0%}", ha="center", va="center", fontsize=6,
-                        color="black")
+                ax.text(
+                    left[i] + shares[i] / 2,
+                    y[i],
+                    f"{shares[i]:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black",
+                )
         left += shares
         drawn.append(key)
     for i, total in enumerate(totals):
         text = f"{total:,.0f} {unit}" if total >= 10 else f"{total:.3g} {unit}" if total > 0 else "n/a"
         # Components too thin to see are named with their share.
-        small = [f"{names[k]} {_percent(parts[i][k] / total)}" for k in order
-                 if total > 0 and np.isfinite(parts[i].get(k, np.nan)) and 0 < parts[i][k] / total < SMALL_SHARE]
+        small = [
+            f"{names[k]} {_percent(parts[i][k] / total)}"
+            for k in order
+            if total > 0 and np.isfinite(parts[i].get(k, np.nan)) and 0 < parts[i][k] / total < SMALL_SHARE
+        ]
         if small:
             text += " (" + ", ".join(small) + ")"
         ax.text(1.01, y[i], text, va="center", ha="left", fontsize=6, transform=ax.get_yaxis_transform())
@@ -151,8 +189,9 @@ def draw_energy_breakdown(inputs, title: str) -> Figure:
     ok, notes = d.split_successful(inputs.summary)
     if ok.empty:
         return message_figure(NO_SUCCESS_TEXT, notes, title)
-    ok = ok.sort_values([c for c in ("model", "dataset", "backend", "batch_size") if c in ok.columns],
-                        kind="stable").reset_index(drop=True)
+    ok = ok.sort_values(
+        [c for c in ("model", "dataset", "backend", "batch_size") if c in ok.columns], kind="stable"
+    ).reset_index(drop=True)
     bars = bar_groups(ok)
     boundary = "gpu" if d.column(ok, "gpu_energy_j").notna().any() else "node"
     phases = [phase_energies(rows, boundary) for rows in bars.rows]
@@ -164,30 +203,64 @@ def draw_energy_breakdown(inputs, title: str) -> Figure:
     names = {**PHASE_LABELS, "window": "window above idle (no prefill/decode split)"}
     drawn = _hbars(left, bars.labels, phases, order, colors, names)
     if drawn:
-        left.legend(handles=[Patch(color=colors[k], label=names[k]) for k in drawn], fontsize=7,
-                    loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False,
-                    title=f"{BOUNDARY_NAMES[boundary]} energy by phase: one load with its setup + one measured window",
-                    title_fontsize=9)
+        left.legend(
+            handles=[Patch(color=colors[k], label=names[k]) for k in drawn],
+            fontsize=7,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=4,
+            frameon=False,
+            title=f"{BOUNDARY_NAMES[boundary]} energy by phase: one load with its setup + one measured window",
+            title_fontsize=9,
+        )
     else:
         left.set_title(f"{BOUNDARY_NAMES[boundary]} energy by phase")
-        left.text(0.5, 0.5, f"not available: no measured {boundary} energy\nof setup and window phases",
-                  transform=left.transAxes, ha="center", va="center", fontsize=10)
-    drawn_domains = _hbars(right, bars.labels, [v for v, _ in domains], list(ENERGY_DOMAINS), DOMAIN_COLORS,
-                           {k: k for k in ENERGY_DOMAINS}, hatched=[e for _, e in domains])
+        left.text(
+            0.5,
+            0.5,
+            f"not available: no measured {boundary} energy\nof setup and window phases",
+            transform=left.transAxes,
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
+    drawn_domains = _hbars(
+        right,
+        bars.labels,
+        [v for v, _ in domains],
+        list(ENERGY_DOMAINS),
+        DOMAIN_COLORS,
+        {k: k for k in ENERGY_DOMAINS},
+        hatched=[e for _, e in domains],
+    )
     handles = [Patch(color=DOMAIN_COLORS[k], label=k) for k in drawn_domains]
-    handles += [Patch(facecolor="none", edgecolor="#999999", label=f"{k}: n/a")
-                for k in ENERGY_DOMAINS if k not in drawn_domains]
+    handles += [
+        Patch(facecolor="none", edgecolor="#999999", label=f"{k}: n/a")
+        for k in ENERGY_DOMAINS
+        if k not in drawn_domains
+    ]
     if any(any(e.values()) for _, e in domains):
-        handles.append(Patch(facecolor="white", edgecolor="#333333", hatch=ESTIMATED_HATCH,
-                             label="estimated (CodeCarbon model)"))
-    right.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
-                 frameon=False, title="Window energy by domain", title_fontsize=9)
+        handles.append(
+            Patch(facecolor="white", edgecolor="#333333", hatch=ESTIMATED_HATCH, label="estimated (CodeCarbon model)")
+        )
+    right.legend(
+        handles=handles,
+        fontsize=7,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=4,
+        frameon=False,
+        title="Window energy by domain",
+        title_fontsize=9,
+    )
     lay = d.layout(ok)
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     boundary_info = d.choose_boundary(ok)
-    notes.append("Shares of each bar's total (printed at its end). Idle baseline: the run's baseline power x "
-                 "window (gross - net; active idle where the run measured it, else the static idle); the rest of the window is split into prefill and decode in the ratio of the "
-                 "run's prefill/decode split (phase_split_method). Setup is measured once per load.")
+    notes.append(
+        "Shares of each bar's total (printed at its end). Idle baseline: the run's baseline power x "
+        "window (gross - net; active idle where the run measured it, else the static idle); the rest of the window is split into prefill and decode in the ratio of the "
+        "run's prefill/decode split (phase_split_method). Setup is measured once per load."
+    )
     if not bars.per_experiment:
         notes.append(f"{len(ok)} experiments: one bar per model/dataset and series, energies summed.")
     add_notes(figure, d.context_notes(ok, boundary_info) + notes)
@@ -210,8 +283,11 @@ def draw_time_accounting(inputs, title: str) -> Figure:
         return message_figure(NO_SUCCESS_TEXT, notes, title)
     timed = ok.loc[d.column(ok, "job_wall_s").notna()].reset_index(drop=True)
     if timed.empty:
-        return message_figure("no job time recorded\n(results from a harness without time accounting)",
-                              notes + d.context_notes(ok, None, energy=False), title)
+        return message_figure(
+            "no job time recorded\n(results from a harness without time accounting)",
+            notes + d.context_notes(ok, None, energy=False),
+            title,
+        )
     notes += d.missing_note(ok, timed, "job time accounting")
     bars = bar_groups(timed)
     labels = ["campaign (all jobs)", *bars.labels]
@@ -220,15 +296,23 @@ def draw_time_accounting(inputs, title: str) -> Figure:
     ax = figure.add_subplot()
     drawn = _hbars(ax, labels, parts, list(TIME_PHASES), PHASE_COLORS, PHASE_LABELS, unit="s")
     ax.axhline(0.5, color="black", linewidth=0.8)
-    ax.legend(handles=[Patch(color=PHASE_COLORS[k], label=PHASE_LABELS[k]) for k in drawn], fontsize=7,
-              loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=6, frameon=False)
+    ax.legend(
+        handles=[Patch(color=PHASE_COLORS[k], label=PHASE_LABELS[k]) for k in drawn],
+        fontsize=7,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=6,
+        frameon=False,
+    )
     ax.set_xlabel("Share of the jobs' wall time")
     share = parts[0]["windows"] / sum(v for v in parts[0].values() if np.isfinite(v))
     if not d.column(ok, "gpu_count").gt(0).any():
         title = title.replace("GPU time", "jobs' time (no GPU)")
     lay = d.layout(ok)
     figure.suptitle(f"{title}: {share:.0%} inside measured windows" + (f"\n{lay.title}" if lay.title else ""))
-    notes.append("Wall time of the run_inference jobs (summary job_*_s; the GPU is held for all of it). Gaps: "
-                 "the rest (writing artifacts, process start; the batch before each window counts as warm-up).")
+    notes.append(
+        "Wall time of the run_inference jobs (summary job_*_s; the GPU is held for all of it). Gaps: "
+        "the rest (writing artifacts, process start; the batch before each window counts as warm-up)."
+    )
     add_notes(figure, d.context_notes(ok, None, energy=False) + notes)
     return figure

@@ -12,17 +12,30 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from llm_energy.plots import data as d
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, facet_grid, facet_size, \
-    message_figure, new_figure, tidy_log_axes
+from llm_energy.plots.style import (
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    add_notes,
+    color_map,
+    facet_grid,
+    facet_size,
+    message_figure,
+    new_figure,
+    tidy_log_axes,
+)
 
 # Above this many points in one panel, points are not labelled with their batch size (marker size
 # says it instead).
 MAX_LABELLED_POINTS = 16
 
 
-def faceted(shown: pd.DataFrame, lay: d.Layout, title: str,
-            draw_panel: Callable[[object, pd.DataFrame, dict], list[Line2D]],
-            sharey: bool = False) -> tuple[Figure, dict]:
+def faceted(
+    shown: pd.DataFrame,
+    lay: d.Layout,
+    title: str,
+    draw_panel: Callable[[object, pd.DataFrame, dict], list[Line2D]],
+    sharey: bool = False,
+) -> tuple[Figure, dict]:
     """A figure with one panel per facet; draw_panel(ax, rows, colours) returns extra legend handles.
     One legend for the figure (series colours), right of the panels."""
     facets = list(dict.fromkeys(lay.facets.loc[shown.index]))
@@ -79,9 +92,15 @@ def draw_energy_vs_batch_size(inputs, title: str) -> Figure:
     def panel(ax, rows: pd.DataFrame, colour: dict) -> list[Line2D]:
         for label in sorted(dict.fromkeys(lay.series.loc[rows.index])):
             group = rows.loc[lay.series.loc[rows.index] == label].sort_values("batch_size")
-            ax.errorbar(d.column(group, "batch_size"), d.column(group, boundary.column),
-                        yerr=d.error(group, boundary.column, floor_positive=y_log),
-                        marker="o", capsize=3, color=colour[label], markersize=4)
+            ax.errorbar(
+                d.column(group, "batch_size"),
+                d.column(group, boundary.column),
+                yerr=d.error(group, boundary.column, floor_positive=y_log),
+                marker="o",
+                capsize=3,
+                color=colour[label],
+                markersize=4,
+            )
         d.set_batch_axis(ax, d.column(rows, "batch_size").to_numpy())
         if y_log:
             ax.set_yscale("log")
@@ -89,8 +108,9 @@ def draw_energy_vs_batch_size(inputs, title: str) -> Figure:
         return []
 
     figure, _ = faceted(shown, lay, title, panel)
-    notes.append("Error bars: 95 % CI of the mean over cycles (Student t), clipped at zero; none where "
-                 "fewer than 2 cycles.")
+    notes.append(
+        "Error bars: 95 % CI of the mean over cycles (Student t), clipped at zero; none where fewer than 2 cycles."
+    )
     add_notes(figure, d.context_notes(ok, boundary) + notes)
     return figure
 
@@ -112,33 +132,50 @@ def draw_throughput_vs_energy(inputs, title: str) -> Figure:
         for label in sorted(dict.fromkeys(lay.series.loc[rows.index])):
             group = rows.loc[lay.series.loc[rows.index] == label].sort_values("batch_size")
             x, y = d.column(group, x_column), d.column(group, boundary.column)
-            ax.errorbar(x, y, xerr=d.error(group, x_column, floor_positive=x_log),
-                        yerr=d.error(group, boundary.column, floor_positive=y_log),
-                        linestyle=":", linewidth=0.8, capsize=2, color=colour[label], fmt="none")
+            ax.errorbar(
+                x,
+                y,
+                xerr=d.error(group, x_column, floor_positive=x_log),
+                yerr=d.error(group, boundary.column, floor_positive=y_log),
+                linestyle=":",
+                linewidth=0.8,
+                capsize=2,
+                color=colour[label],
+                fmt="none",
+            )
             sizes = 12 + 60 * np.log2(1 + d.column(group, "batch_size").fillna(1)) / np.log2(1 + largest)
             ax.scatter(x, y, s=sizes, color=colour[label], zorder=3, edgecolors="white", linewidths=0.5)
             ax.plot(x, y, linestyle=":", linewidth=0.8, color=colour[label])
             if labelled:
                 for xi, yi, batch in zip(x, y, d.column(group, "batch_size")):
                     if np.isfinite(batch):
-                        ax.annotate(f"bs{int(batch)}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                                    fontsize=7)
+                        ax.annotate(f"bs{int(batch)}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         x_all, y_all = d.column(rows, x_column).to_numpy(), d.column(rows, boundary.column).to_numpy()
         front = d.pareto_front(x_all, y_all)
-        ax.plot(x_all[front], y_all[front], color="black", linestyle="--", linewidth=1.2, marker="s",
-                markersize=9, markerfacecolor="none", zorder=2)
+        ax.plot(
+            x_all[front],
+            y_all[front],
+            color="black",
+            linestyle="--",
+            linewidth=1.2,
+            marker="s",
+            markersize=9,
+            markerfacecolor="none",
+            zorder=2,
+        )
         if x_log:
             ax.set_xscale("log")
         if y_log:
             ax.set_yscale("log")
         ax.set_xlabel("Output tokens per second")
         ax.set_ylabel(boundary.label)
-        return [Line2D([], [], color="black", linestyle="--", marker="s", markerfacecolor="none",
-                       label="Pareto front")]
+        return [Line2D([], [], color="black", linestyle="--", marker="s", markerfacecolor="none", label="Pareto front")]
 
     figure, _ = faceted(shown, lay, title, panel)
-    notes.append("Error bars: 95 % CI over cycles (Student t), clipped at zero. Marker size grows with the "
-                 "batch size. Pareto front (per panel): no other point is both faster and needs less energy "
-                 "per token (better: down and right).")
+    notes.append(
+        "Error bars: 95 % CI over cycles (Student t), clipped at zero. Marker size grows with the "
+        "batch size. Pareto front (per panel): no other point is both faster and needs less energy "
+        "per token (better: down and right)."
+    )
     add_notes(figure, d.context_notes(ok, boundary) + notes)
     return figure

@@ -68,15 +68,17 @@ def backend_with_variant(summary: pd.DataFrame) -> pd.DataFrame:
     labelled["backend"] = labelled["backend"].astype(object)
     if "backend_variant" in labelled.columns:
         has = labelled["backend_variant"].notna()
-        labelled.loc[has, "backend"] = (labelled.loc[has, "backend"].astype(str) + "-"
-                                        + labelled.loc[has, "backend_variant"].astype(str))
+        labelled.loc[has, "backend"] = (
+            labelled.loc[has, "backend"].astype(str) + "-" + labelled.loc[has, "backend_variant"].astype(str)
+        )
     if "engine_path" in labelled.columns:
         variant = labelled["backend_variant"] if "backend_variant" in labelled.columns else None
         shown = labelled["engine_path"].notna()
         if variant is not None:
             shown &= labelled["engine_path"].astype(str) != variant.astype(str)
-        labelled.loc[shown, "backend"] = (labelled.loc[shown, "backend"].astype(str) + " ("
-                                          + labelled.loc[shown, "engine_path"].astype(str) + ")")
+        labelled.loc[shown, "backend"] = (
+            labelled.loc[shown, "backend"].astype(str) + " (" + labelled.loc[shown, "engine_path"].astype(str) + ")"
+        )
     return labelled
 
 
@@ -242,8 +244,13 @@ def layout(ok: pd.DataFrame) -> Layout:
     parameters."""
     facet_columns = varying(ok, FACET_COLUMNS)
     series_columns = varying(ok, SERIES_COLUMNS)
-    return Layout(facet_columns, series_columns, labels_of(ok, facet_columns), labels_of(ok, series_columns),
-                  constant_title(ok, facet_columns + series_columns))
+    return Layout(
+        facet_columns,
+        series_columns,
+        labels_of(ok, facet_columns),
+        labels_of(ok, series_columns),
+        constant_title(ok, facet_columns + series_columns),
+    )
 
 
 def error(frame: pd.DataFrame, name: str, floor_positive: bool) -> np.ndarray:
@@ -286,8 +293,7 @@ def pareto_front(throughput: Sequence[float], energy: Sequence[float]) -> list[i
     """Indices of the points no other point beats on both higher throughput and lower energy,
     sorted by throughput."""
     points = [
-        (float(x), float(y), i) for i, (x, y) in enumerate(zip(throughput, energy))
-        if np.isfinite(x) and np.isfinite(y)
+        (float(x), float(y), i) for i, (x, y) in enumerate(zip(throughput, energy)) if np.isfinite(x) and np.isfinite(y)
     ]
     # Highest throughput first; a point is on the front if it needs less energy than every faster one.
     points.sort(key=lambda p: (-p[0], p[1]))

@@ -16,8 +16,17 @@ from matplotlib.lines import Line2D
 
 from llm_energy.flops import peak_figures
 from llm_energy.plots import data as d
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, facet_grid, facet_size, \
-    message_figure, new_figure, tidy_log_axes
+from llm_energy.plots.style import (
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    add_notes,
+    color_map,
+    facet_grid,
+    facet_size,
+    message_figure,
+    new_figure,
+    tidy_log_axes,
+)
 
 
 def _peaks(rows: pd.DataFrame) -> pd.DataFrame:
@@ -26,13 +35,21 @@ def _peaks(rows: pd.DataFrame) -> pd.DataFrame:
     for name, dtype in zip(rows.get("gpu_name", [None] * len(rows)), rows.get("dtype", [None] * len(rows))):
         peaks = peak_figures(None if d.isnan(name) else str(name), str(dtype)) if not d.isnan(name) else None
         if peaks:
-            records.append({"peak_flops_per_s": peaks["flops_per_s"], "peak_bytes_per_s": peaks["memory_bytes_per_s"],
-                            "peak_key": f"{peaks['gpu_model']} at {peaks['dtype']}",
-                            "peak_text": (f"{peaks['gpu_model']} at {peaks['dtype']}: {peaks['flops_per_s']:.4g} FLOP/s, "
-                                          f"{peaks['memory_bytes_per_s']:.3g} B/s ({peaks['source']})")})
+            records.append(
+                {
+                    "peak_flops_per_s": peaks["flops_per_s"],
+                    "peak_bytes_per_s": peaks["memory_bytes_per_s"],
+                    "peak_key": f"{peaks['gpu_model']} at {peaks['dtype']}",
+                    "peak_text": (
+                        f"{peaks['gpu_model']} at {peaks['dtype']}: {peaks['flops_per_s']:.4g} FLOP/s, "
+                        f"{peaks['memory_bytes_per_s']:.3g} B/s ({peaks['source']})"
+                    ),
+                }
+            )
         else:
-            records.append({"peak_flops_per_s": np.nan, "peak_bytes_per_s": np.nan, "peak_key": None,
-                            "peak_text": None})
+            records.append(
+                {"peak_flops_per_s": np.nan, "peak_bytes_per_s": np.nan, "peak_key": None, "peak_text": None}
+            )
     return pd.DataFrame(records, index=rows.index)
 
 
@@ -57,8 +74,7 @@ def draw_roofline(inputs, title: str) -> Figure:
     ok["flops_per_gpu_s"] = d.column(ok, "achieved_flops_per_s") / gpus
     ok["bytes_per_gpu_s"] = d.column(ok, "mbu") * d.column(ok, "peak_bytes_per_s")
     ok["intensity_flop_per_byte"] = ok["flops_per_gpu_s"] / ok["bytes_per_gpu_s"]
-    shown = ok.loc[ok["intensity_flop_per_byte"].gt(0) & ok["flops_per_gpu_s"].gt(0)
-                   & ok["peak_key"].notna()]
+    shown = ok.loc[ok["intensity_flop_per_byte"].gt(0) & ok["flops_per_gpu_s"].gt(0) & ok["peak_key"].notna()]
     notes += d.missing_note(ok, shown, "MFU, MBU or the GPU's peak figures")
     context = d.context_notes(ok, None, energy=False)
     if shown.empty:
@@ -78,14 +94,35 @@ def draw_roofline(inputs, title: str) -> Figure:
         x_high = max(float(rows["intensity_flop_per_byte"].max()) * 3, ridge * 10)
         x = np.geomspace(x_low, x_high, 200)
         ax.plot(x, np.minimum(peak_flops, peak_bytes * x), color="black", linewidth=1.2)
-        ax.annotate(f"peak {peak_flops / 1e12:.0f} TFLOP/s", (x_high, peak_flops), ha="right", va="bottom",
-                    fontsize=7, textcoords="offset points", xytext=(0, 2))
-        ax.annotate(f"peak {peak_bytes / 1e12:.2f} TB/s", (ridge / 8, peak_bytes * ridge / 8), ha="right",
-                    va="bottom", fontsize=7, textcoords="offset points", xytext=(-6, 2))
+        ax.annotate(
+            f"peak {peak_flops / 1e12:.0f} TFLOP/s",
+            (x_high, peak_flops),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(0, 2),
+        )
+        ax.annotate(
+            f"peak {peak_bytes / 1e12:.2f} TB/s",
+            (ridge / 8, peak_bytes * ridge / 8),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(-6, 2),
+        )
         for label in sorted(dict.fromkeys(lay.series.loc[rows.index])):
             group = rows.loc[lay.series.loc[rows.index] == label]
-            ax.scatter(group["intensity_flop_per_byte"], group["flops_per_gpu_s"], color=colour[label], s=22,
-                       zorder=3, edgecolors="white", linewidths=0.5)
+            ax.scatter(
+                group["intensity_flop_per_byte"],
+                group["flops_per_gpu_s"],
+                color=colour[label],
+                s=22,
+                zorder=3,
+                edgecolors="white",
+                linewidths=0.5,
+            )
             _label_batches(ax, group, "intensity_flop_per_byte", "flops_per_gpu_s", len(rows))
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -97,8 +134,15 @@ def draw_roofline(inputs, title: str) -> Figure:
     ax = axes[-1]
     for label in sorted(dict.fromkeys(lay.series.loc[shown.index])):
         group = shown.loc[lay.series.loc[shown.index] == label]
-        ax.scatter(d.column(group, "mbu"), d.column(group, "mfu"), color=colour[label], s=22, zorder=3,
-                   edgecolors="white", linewidths=0.5)
+        ax.scatter(
+            d.column(group, "mbu"),
+            d.column(group, "mfu"),
+            color=colour[label],
+            s=22,
+            zorder=3,
+            edgecolors="white",
+            linewidths=0.5,
+        )
         _label_batches(ax, group, "mbu", "mfu", len(shown))
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -117,8 +161,10 @@ def draw_roofline(inputs, title: str) -> Figure:
         figure.legend(handles=handles, loc="outside right upper", fontsize=7)
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
     sources = list(dict.fromkeys(shown["peak_text"]))
-    notes = [f"Peak figures (per GPU): {'; '.join(sources)}.",
-             "MFU = achieved FLOP/s / peak; MBU = minimum decode bytes (weights + KV cache per decode step) / "
-             "window / peak bandwidth, a lower bound, so the intensity shown is an upper bound."] + notes
+    notes = [
+        f"Peak figures (per GPU): {'; '.join(sources)}.",
+        "MFU = achieved FLOP/s / peak; MBU = minimum decode bytes (weights + KV cache per decode step) / "
+        "window / peak bandwidth, a lower bound, so the intensity shown is an upper bound.",
+    ] + notes
     add_notes(figure, context + notes)
     return figure

@@ -14,8 +14,15 @@ from matplotlib.patches import Patch
 
 from llm_energy.plots import data as d
 from llm_energy.plots.runs import pooled_requests
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, message_figure, new_figure, \
-    tidy_log_axes
+from llm_energy.plots.style import (
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    add_notes,
+    color_map,
+    message_figure,
+    new_figure,
+    tidy_log_axes,
+)
 
 METRICS: tuple[tuple[str, str], ...] = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "End-to-end latency"))
 WHISKER_PERCENTILES = (5, 95)
@@ -36,16 +43,23 @@ def draw_boxes(ax, positions: list[float], stats: list[dict], width: float, colo
     """Box plots as three collections (boxes, whiskers, medians) rather than matplotlib's six artists
     per box: a campaign of 1,000 experiments draws thousands of boxes."""
     half = width / 2
-    boxes = [[(x - half, s["q1"]), (x + half, s["q1"]), (x + half, s["q3"]), (x - half, s["q3"])]
-             for x, s in zip(positions, stats)]
-    whiskers = [seg for x, s in zip(positions, stats)
-                for seg in (((x, s["whislo"]), (x, s["q1"])), ((x, s["q3"]), (x, s["whishi"])))]
-    whiskers += [((x - half / 2, s[k]), (x + half / 2, s[k])) for x, s in zip(positions, stats)
-                 for k in ("whislo", "whishi")]  # caps
+    boxes = [
+        [(x - half, s["q1"]), (x + half, s["q1"]), (x + half, s["q3"]), (x - half, s["q3"])]
+        for x, s in zip(positions, stats)
+    ]
+    whiskers = [
+        seg
+        for x, s in zip(positions, stats)
+        for seg in (((x, s["whislo"]), (x, s["q1"])), ((x, s["q3"]), (x, s["whishi"])))
+    ]
+    whiskers += [
+        ((x - half / 2, s[k]), (x + half / 2, s[k])) for x, s in zip(positions, stats) for k in ("whislo", "whishi")
+    ]  # caps
     medians = [((x - half, s["med"]), (x + half, s["med"])) for x, s in zip(positions, stats)]
     ax.add_collection(LineCollection(whiskers, colors="black", linewidths=0.6), autolim=True)
-    ax.add_collection(PolyCollection(boxes, facecolors=[color], edgecolors="black", linewidths=0.6, alpha=0.85),
-                      autolim=True)
+    ax.add_collection(
+        PolyCollection(boxes, facecolors=[color], edgecolors="black", linewidths=0.6, alpha=0.85), autolim=True
+    )
     ax.add_collection(LineCollection(medians, colors="black", linewidths=1.0), autolim=True)
     ax.autoscale_view()
 
@@ -108,8 +122,11 @@ def draw_latency(inputs, title: str) -> Figure:
     if handles:
         figure.legend(handles=handles, loc="outside right upper", fontsize=7)
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
-    notes.insert(0, f"Per request, pooled over every successful cycle ({len(requests):,} requests): box = quartiles "
-                    f"and median, whiskers = {WHISKER_PERCENTILES[0]}th and {WHISKER_PERCENTILES[1]}th percentiles. "
-                    "TPOT needs 2+ output tokens. No request rates in this campaign (offline batches).")
+    notes.insert(
+        0,
+        f"Per request, pooled over every successful cycle ({len(requests):,} requests): box = quartiles "
+        f"and median, whiskers = {WHISKER_PERCENTILES[0]}th and {WHISKER_PERCENTILES[1]}th percentiles. "
+        "TPOT needs 2+ output tokens. No request rates in this campaign (offline batches).",
+    )
     add_notes(figure, context + notes)
     return figure

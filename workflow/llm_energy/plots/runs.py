@@ -41,15 +41,17 @@ def cycle_statuses(experiment_dir: Path) -> dict[int, str]:
     statuses = {}
     for result in sorted(experiment_dir.glob("cycle-*/result.json")):
         try:
-            statuses[int(result.parent.name.removeprefix("cycle-"))] = \
-                artifacts.read_json_artifact(result, "run_result")["data"]["status"]
+            statuses[int(result.parent.name.removeprefix("cycle-"))] = artifacts.read_json_artifact(
+                result, "run_result"
+            )["data"]["status"]
         except (ArtifactError, ValueError) as exc:
             log.warning("%s unreadable: %s", result, exc)
     return statuses
 
 
-def first_cycle(runs_dir: Path | str | None, experiment_id: str,
-                with_requests: bool = True) -> tuple[CycleRun | None, str]:
+def first_cycle(
+    runs_dir: Path | str | None, experiment_id: str, with_requests: bool = True
+) -> tuple[CycleRun | None, str]:
     """The experiment's first successful cycle (cycle 1 unless it failed), or None and why. Only the
     timeline columns the figures draw are read; the requests' spans unless with_requests is False."""
     if runs_dir is None:
@@ -65,19 +67,22 @@ def first_cycle(runs_dir: Path | str | None, experiment_id: str,
     directory = experiment_dir / f"cycle-{cycle}"
     try:
         result = artifacts.read_json_artifact(directory / "result.json", "run_result")["data"]
-        timeline, _ = artifacts.read_table_artifact(directory / "timeline.parquet", "timeline_table",
-                                                    columns=TIMELINE_COLUMNS)
+        timeline, _ = artifacts.read_table_artifact(
+            directory / "timeline.parquet", "timeline_table", columns=TIMELINE_COLUMNS
+        )
         requests = pd.DataFrame(columns=list(SPAN_COLUMNS))
         if with_requests:
-            requests, _ = artifacts.read_table_artifact(directory / "requests.parquet", "requests_table",
-                                                        columns=SPAN_COLUMNS)
+            requests, _ = artifacts.read_table_artifact(
+                directory / "requests.parquet", "requests_table", columns=SPAN_COLUMNS
+            )
     except ArtifactError as exc:
         return None, str(exc)
     return CycleRun(cycle, result, timeline, requests), ""
 
 
-def pooled_requests(runs_dir: Path | str | None, experiment_ids: Iterable[str],
-                    columns: Sequence[str] = LATENCY_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
+def pooled_requests(
+    runs_dir: Path | str | None, experiment_ids: Iterable[str], columns: Sequence[str] = LATENCY_COLUMNS
+) -> tuple[pd.DataFrame, list[str]]:
     """Every request of every successful cycle, `columns` plus experiment_id; and the experiments
     without per-request data (no runs archived, or no successful cycle)."""
     paths, owners, missing = [], [], []
@@ -85,8 +90,11 @@ def pooled_requests(runs_dir: Path | str | None, experiment_ids: Iterable[str],
         experiment_dir = Path(runs_dir) / experiment_id if runs_dir is not None else None
         found = []
         if experiment_dir is not None and experiment_dir.is_dir():
-            found = [experiment_dir / f"cycle-{cycle}" / "requests.parquet"
-                     for cycle, status in sorted(cycle_statuses(experiment_dir).items()) if status == "ok"]
+            found = [
+                experiment_dir / f"cycle-{cycle}" / "requests.parquet"
+                for cycle, status in sorted(cycle_statuses(experiment_dir).items())
+                if status == "ok"
+            ]
             found = [path for path in found if path.is_file()]
         if not found:
             missing.append(experiment_id)

@@ -10,8 +10,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from llm_energy.plots import data as d
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, add_notes, color_map, message_figure, new_figure, \
-    tidy_log_axes
+from llm_energy.plots.style import (
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    add_notes,
+    color_map,
+    message_figure,
+    new_figure,
+    tidy_log_axes,
+)
 
 RATE = "request_rate_per_s"
 NO_RATES_TEXT = "no request rates in this campaign\n(static batches: set grid.request_rate)"
@@ -24,15 +31,15 @@ def loaded_rows(ok: pd.DataFrame) -> pd.DataFrame:
     return ok.loc[rates.notna() & np.isfinite(rates.astype(float))]
 
 
-def _lines(ax, shown: pd.DataFrame, series: pd.Series, colour: dict, column: str, style: str = "-",
-           marker: str = "o") -> bool:
+def _lines(
+    ax, shown: pd.DataFrame, series: pd.Series, colour: dict, column: str, style: str = "-", marker: str = "o"
+) -> bool:
     drawn = False
     for label in sorted(dict.fromkeys(series)):
         group = shown.loc[series == label].sort_values(RATE)
         values = d.column(group, column)
         if values.notna().any():
-            ax.plot(d.column(group, RATE), values, linestyle=style, marker=marker, markersize=4,
-                    color=colour[label])
+            ax.plot(d.column(group, RATE), values, linestyle=style, marker=marker, markersize=4, color=colour[label])
             drawn = True
     return drawn
 
@@ -84,11 +91,17 @@ def draw_serving(inputs, title: str) -> Figure:
     figure.legend(handles=handles, loc="outside right upper", fontsize=7)
     lay_title = d.constant_title(shown, columns)
     figure.suptitle(title + (f"\n{lay_title}" if lay_title else ""))
-    slo = [f"{name} <= {value:g} s" for name, value in (("TTFT", _first(shown, "slo_ttft_s")),
-                                                         ("TPOT", _first(shown, "slo_tpot_s"))) if value]
-    notes.append("Goodput: requests per second of the window meeting every latency objective"
-                 + (f" ({', '.join(slo)})" if slo else "") + (" (none set: goodput not shown)" if not has_goodput else "")
-                 + ". Latency percentiles pooled over every request of every successful cycle.")
+    slo = [
+        f"{name} <= {value:g} s"
+        for name, value in (("TTFT", _first(shown, "slo_ttft_s")), ("TPOT", _first(shown, "slo_tpot_s")))
+        if value
+    ]
+    notes.append(
+        "Goodput: requests per second of the window meeting every latency objective"
+        + (f" ({', '.join(slo)})" if slo else "")
+        + (" (none set: goodput not shown)" if not has_goodput else "")
+        + ". Latency percentiles pooled over every request of every successful cycle."
+    )
     notes += d.missing_note(ok, shown, "a request rate (static batches)")
     add_notes(figure, d.context_notes(shown, boundary) + notes)
     return figure

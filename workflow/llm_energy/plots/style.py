@@ -114,8 +114,15 @@ def add_notes(figure: Figure, notes: Sequence[str]) -> None:
         engine.set(rect=(0, bottom, 1, 1 - bottom))
     else:
         figure.subplots_adjust(bottom=bottom + 0.07)
-    figure.text(0.1 / figure.get_figwidth(), margin_in / height_in, text, ha="left", va="bottom",
-                fontsize=NOTE_FONT_SIZE, color=NOTE_COLOR)
+    figure.text(
+        0.1 / figure.get_figwidth(),
+        margin_in / height_in,
+        text,
+        ha="left",
+        va="bottom",
+        fontsize=NOTE_FONT_SIZE,
+        color=NOTE_COLOR,
+    )
 
 
 def message_figure(message: str, notes: Sequence[str], title: str) -> Figure:

@@ -26,8 +26,18 @@ from matplotlib.ticker import MaxNLocator
 
 from llm_energy.plots import data as d
 from llm_energy.plots.runs import CycleRun, first_cycle
-from llm_energy.plots.style import GRID_ALPHA, NO_SUCCESS_TEXT, PHASE_COLORS, PHASE_LABELS, RC_PARAMS, \
-    TIMELINE_PNG_DPI, add_notes, message_figure, new_figure, save
+from llm_energy.plots.style import (
+    GRID_ALPHA,
+    NO_SUCCESS_TEXT,
+    PHASE_COLORS,
+    PHASE_LABELS,
+    RC_PARAMS,
+    TIMELINE_PNG_DPI,
+    add_notes,
+    message_figure,
+    new_figure,
+    save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +75,15 @@ def spans_of(result: dict[str, Any]) -> tuple[list[Span], list[str]]:
     setup = result.get("setup") or {}
     for window in setup.get("windows") or []:
         energy, method = _gpu_energy(window)
-        spans.append(Span(window["name"] if window["name"] in PHASE_COLORS else "warmup", float(window["start_s"]),
-                          float(window["end_s"]), energy, method))
+        spans.append(
+            Span(
+                window["name"] if window["name"] in PHASE_COLORS else "warmup",
+                float(window["start_s"]),
+                float(window["end_s"]),
+                energy,
+                method,
+            )
+        )
     measured = result.get("window") or {}
     offset = None
     if measured.get("start_unix_s") is not None:
@@ -90,16 +107,22 @@ def spans_of(result: dict[str, Any]) -> tuple[list[Span], list[str]]:
             continue
         energy = power * (end - start) if power is not None else None
         method = kind.replace("_", " ") + (f", {gpu['method']}" if gpu.get("method") else "")
-        spans.append(Span("baseline", start, end, energy, method,
-                          label=f"{kind.replace('_', '-')} baseline"))
+        spans.append(Span("baseline", start, end, energy, method, label=f"{kind.replace('_', '-')} baseline"))
     if measured.get("start_s") is not None:
         energy, method = _gpu_energy(measured)
         spans.append(Span("inference", float(measured["start_s"]), float(measured["end_s"]), energy, method))
     prefill = (result.get("phases") or {}).get("prefill_window")
     if prefill:
         if prefill.get("start_s") is not None:
-            spans.append(Span("prefill_only", float(prefill["start_s"]), float(prefill["end_s"]),
-                              prefill.get("gross_j"), "nvml_energy_counter, measured"))
+            spans.append(
+                Span(
+                    "prefill_only",
+                    float(prefill["start_s"]),
+                    float(prefill["end_s"]),
+                    prefill.get("gross_j"),
+                    "nvml_energy_counter, measured",
+                )
+            )
         else:
             notes.append("prefill-only window: timestamps not recorded by the harness that measured this run")
     return spans, notes
@@ -109,8 +132,11 @@ def prefill_spans(requests: pd.DataFrame) -> list[tuple[float, float]]:
     """Union of the requests' prefill spans (submission to first token), as (start, width)."""
     if requests.empty or "first_token_s" not in requests.columns:
         return []
-    pairs = sorted((float(a), float(b)) for a, b in zip(requests["submitted_s"], requests["first_token_s"])
-                   if np.isfinite(a) and np.isfinite(b) and b >= a)
+    pairs = sorted(
+        (float(a), float(b))
+        for a, b in zip(requests["submitted_s"], requests["first_token_s"])
+        if np.isfinite(a) and np.isfinite(b) and b >= a
+    )
     merged: list[list[float]] = []
     for start, end in pairs:
         if merged and start <= merged[-1][1]:
@@ -140,8 +166,11 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     else:
         first, last = -np.inf, np.inf
     outside = [s for s in spans if s.end_s < first or s.start_s > last]
-    notes += [f"{s.name} ({s.method}): measured outside this job's timeline (reused), "
-              f"{_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in outside]
+    notes += [
+        f"{s.name} ({s.method}): measured outside this job's timeline (reused), "
+        f"{_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s"
+        for s in outside
+    ]
     spans = [s for s in spans if s not in outside]
     t_values = [s.start_s for s in spans] + ([float(timeline["time_s"].min())] if len(timeline) else [])
     t0 = min(t_values) if t_values else 0.0
@@ -152,38 +181,58 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
     # Fixed margins, no layout solver, few ticks: a campaign draws one of these per experiment.
     height_in = 2.4 + 1.45 * len(channels)
     figure = new_figure(10.0, height_in, constrained=False)
-    axes = figure.subplots(len(channels), 1, sharex=True, squeeze=False,
-                           gridspec_kw={"height_ratios": [2.2] + [1] * (len(channels) - 1), "hspace": 0.12})[:, 0]
+    axes = figure.subplots(
+        len(channels),
+        1,
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [2.2] + [1] * (len(channels) - 1), "hspace": 0.12},
+    )[:, 0]
     figure.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / height_in)
     for ax, (name, label) in zip(axes, channels):
         if len(timeline):
             for device, samples in timeline.groupby("device_index"):
-                ax.plot(samples["time_s"] - t0, samples[name], linewidth=0.8, color="black",
-                        label=f"GPU {device}" if timeline["device_index"].nunique() > 1 else None)
+                ax.plot(
+                    samples["time_s"] - t0,
+                    samples[name],
+                    linewidth=0.8,
+                    color="black",
+                    label=f"GPU {device}" if timeline["device_index"].nunique() > 1 else None,
+                )
         ax.set_ylabel(label)
         ax.grid(True, alpha=GRID_ALPHA)
         ax.yaxis.set_major_locator(MaxNLocator(4 if ax is not axes[0] else 6))
         for span in spans:
-            ax.axvspan(span.start_s - t0, span.end_s - t0, color=PHASE_COLORS[span.kind], alpha=SPAN_ALPHA,
-                       linewidth=0)
+            ax.axvspan(span.start_s - t0, span.end_s - t0, color=PHASE_COLORS[span.kind], alpha=SPAN_ALPHA, linewidth=0)
     power_ax = axes[0]
     if not len(timeline):
-        power_ax.text(0.5, 0.5, "no GPU power samples (no GPU measured: CPU-only run)", ha="center", va="center",
-                      transform=power_ax.transAxes, fontsize=10)
+        power_ax.text(
+            0.5,
+            0.5,
+            "no GPU power samples (no GPU measured: CPU-only run)",
+            ha="center",
+            va="center",
+            transform=power_ax.transAxes,
+            fontsize=10,
+        )
         power_ax.set_yticks([])
     prefill = prefill_spans(run.requests)
     if prefill:
-        power_ax.broken_barh([(start - t0, width) for start, width in prefill], (0.0, 0.06),
-                             transform=power_ax.get_xaxis_transform(), color=PHASE_COLORS["prefill"])
-    axes[-1].set_xlabel("Time since the first sample of the job (s)" if len(timeline) else
-                        "Time since the job's first window (s)")
+        power_ax.broken_barh(
+            [(start - t0, width) for start, width in prefill],
+            (0.0, 0.06),
+            transform=power_ax.get_xaxis_transform(),
+            color=PHASE_COLORS["prefill"],
+        )
+    axes[-1].set_xlabel(
+        "Time since the first sample of the job (s)" if len(timeline) else "Time since the job's first window (s)"
+    )
     axes[-1].xaxis.set_major_locator(MaxNLocator(10))
     kinds = list(dict.fromkeys(s.kind for s in spans))
     handles = [Patch(color=PHASE_COLORS[k], alpha=0.5, label=PHASE_LABELS[k]) for k in kinds]
     if prefill:
         handles.append(Patch(color=PHASE_COLORS["prefill"], label="prefill spans (requests)"))
-    power_ax.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=7,
-                    frameon=False)
+    power_ax.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=7, frameon=False)
     # Each window's energy inside it where it is wide enough, and all of them in the notes.
     left, right = power_ax.get_xlim()
     width_in = power_ax.get_position().width * figure.get_figwidth()
@@ -191,19 +240,38 @@ def draw_run_timeline(run: CycleRun, title: str, gpu_text: str, flags: str) -> F
         text = _energy_text(span.gpu_j)
         needed = len(text) * 7 * 0.6 / 72 + 0.05
         if span.gpu_j is not None and (span.end_s - span.start_s) / (right - left) * width_in > needed:
-            power_ax.text((span.start_s + span.end_s) / 2 - t0, 0.93, text, ha="center", va="top", fontsize=7,
-                          transform=power_ax.get_xaxis_transform())
+            power_ax.text(
+                (span.start_s + span.end_s) / 2 - t0,
+                0.93,
+                text,
+                ha="center",
+                va="top",
+                fontsize=7,
+                transform=power_ax.get_xaxis_transform(),
+            )
     methods = sorted({s.method for s in spans if s.method and s.kind != "baseline"})
     if any(s.gpu_j is not None for s in spans):
-        windows = ("Counter energy per window (cycle {cycle}): " + "; ".join(
-            f"{s.name} {_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in spans)
-            + ". Baselines: idle power x duration.").format(cycle=run.cycle)
+        windows = (
+            "Counter energy per window (cycle {cycle}): "
+            + "; ".join(f"{s.name} {_energy_text(s.gpu_j)} in {s.end_s - s.start_s:.1f} s" for s in spans)
+            + ". Baselines: idle power x duration."
+        ).format(cycle=run.cycle)
     else:
-        windows = f"No GPU energy counter; durations (cycle {run.cycle}): " + "; ".join(
-            f"{s.name} {s.end_s - s.start_s:.1f} s" for s in spans) + "."
+        windows = (
+            f"No GPU energy counter; durations (cycle {run.cycle}): "
+            + "; ".join(f"{s.name} {s.end_s - s.start_s:.1f} s" for s in spans)
+            + "."
+        )
     figure.suptitle(title)
-    add_notes(figure, [f"Energy: GPU, {'; '.join(methods) or 'not measured'}. GPU: {gpu_text}.",
-                       f"Flags: {flags or 'none'}.", windows, *notes])
+    add_notes(
+        figure,
+        [
+            f"Energy: GPU, {'; '.join(methods) or 'not measured'}. GPU: {gpu_text}.",
+            f"Flags: {flags or 'none'}.",
+            windows,
+            *notes,
+        ],
+    )
     return figure
 
 
@@ -218,8 +286,7 @@ def _timeline_job(args: tuple[str, str, str, str, str, str]) -> str | None:
     return None
 
 
-def plot_run_timelines(summary: pd.DataFrame, runs_dir: Path | str, out_dir: Path | str,
-                       workers: int = 1) -> list[str]:
+def plot_run_timelines(summary: pd.DataFrame, runs_dir: Path | str, out_dir: Path | str, workers: int = 1) -> list[str]:
     """One timeline figure per successful experiment with archived runs (out_dir/{experiment}.png and
     .svg), `workers` processes at a time. Returns the experiments skipped, with why."""
     out_dir = Path(out_dir)
@@ -228,8 +295,16 @@ def plot_run_timelines(summary: pd.DataFrame, runs_dir: Path | str, out_dir: Pat
     jobs = []
     for _, row in ok.iterrows():
         eid = str(row["experiment_id"])
-        jobs.append((eid, str(runs_dir), str(out_dir / f"{eid}.png"), str(out_dir / f"{eid}.svg"),
-                     d.gpu_text(ok.loc[[row.name]]), "" if d.isnan(row.get("flags")) else str(row.get("flags"))))
+        jobs.append(
+            (
+                eid,
+                str(runs_dir),
+                str(out_dir / f"{eid}.png"),
+                str(out_dir / f"{eid}.svg"),
+                d.gpu_text(ok.loc[[row.name]]),
+                "" if d.isnan(row.get("flags")) else str(row.get("flags")),
+            )
+        )
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
 
@@ -258,8 +333,11 @@ def overview_rows(ok: pd.DataFrame, runs_dir: Path | str | None, bin_s: float = 
             skipped.append(eid)
             continue
         timeline = run.timeline
-        power = timeline.groupby("time_s")["power_w"].sum() if timeline["device_index"].nunique() > 1 \
+        power = (
+            timeline.groupby("time_s")["power_w"].sum()
+            if timeline["device_index"].nunique() > 1
             else timeline.set_index("time_s")["power_w"]
+        )
         t0 = float(power.index.min())
         bins = ((power.index.to_numpy() - t0) // bin_s).astype(int)
         sums = np.bincount(bins, weights=power.to_numpy(float))
@@ -269,8 +347,11 @@ def overview_rows(ok: pd.DataFrame, runs_dir: Path | str | None, bin_s: float = 
         labels.append(eid)
         rows.append(row)
         window = run.result.get("window") or {}
-        windows.append((float(window["start_s"]) - t0, float(window["end_s"]) - t0) if window.get("start_s")
-                       is not None else (np.nan, np.nan))
+        windows.append(
+            (float(window["start_s"]) - t0, float(window["end_s"]) - t0)
+            if window.get("start_s") is not None
+            else (np.nan, np.nan)
+        )
     return labels, rows, windows, skipped
 
 
@@ -286,18 +367,33 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
         return message_figure("no GPU power timeline", notes + context, title)
     lay = d.layout(ok)
     by_id = dict(zip(ok["experiment_id"].astype(str), ok.index))
-    short = [" / ".join(p for p in (lay.facets[by_id[e]], lay.series[by_id[e]],
-                                    f"bs{int(ok.at[by_id[e], 'batch_size'])}" if not
-                                    d.isnan(ok.at[by_id[e], "batch_size"]) else "") if p) or e for e in labels]
+    short = [
+        " / ".join(
+            p
+            for p in (
+                lay.facets[by_id[e]],
+                lay.series[by_id[e]],
+                f"bs{int(ok.at[by_id[e], 'batch_size'])}" if not d.isnan(ok.at[by_id[e], "batch_size"]) else "",
+            )
+            if p
+        )
+        or e
+        for e in labels
+    ]
     width = max(len(r) for r in rows)
     matrix = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
-        matrix[i, :len(row)] = row
+        matrix[i, : len(row)] = row
     figure = new_figure(11.0, min(16.0, 2.6 + 0.22 * len(rows)))
     ax = figure.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#D9D9D9")
-    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap,
-                      extent=(0, width * OVERVIEW_BIN_S, len(rows) - 0.5, -0.5))
+    image = ax.imshow(
+        matrix,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
+        extent=(0, width * OVERVIEW_BIN_S, len(rows) - 0.5, -0.5),
+    )
     y = np.arange(len(rows))
     if len(rows) <= MAX_MARKED_ROWS:
         # The window's edges as white bars across each row (too thin to read beyond this many rows).
@@ -315,9 +411,11 @@ def draw_timeline_overview(inputs, title: str) -> Figure:
     if len(rows) <= MAX_MARKED_ROWS:
         ax.legend(loc="lower right", fontsize=7, facecolor="#444444", labelcolor="white")
     figure.suptitle(title + (f"\n{lay.title}" if lay.title else ""))
-    notes.insert(0, f"One row per experiment: mean GPU power per {OVERVIEW_BIN_S} s of its first cycle's job "
-                    "(model load, setup, baselines, windows); white bars: the measured window's edges; grey "
-                    "cells: no sample (before the sampler started, a gap, or after the job ended).")
+    notes.insert(
+        0,
+        f"One row per experiment: mean GPU power per {OVERVIEW_BIN_S} s of its first cycle's job "
+        "(model load, setup, baselines, windows); white bars: the measured window's edges; grey "
+        "cells: no sample (before the sampler started, a gap, or after the job ended).",
+    )
     add_notes(figure, context + notes)
     return figure
-
