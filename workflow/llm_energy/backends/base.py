@@ -91,6 +91,35 @@ class RequestRecord:
                 )
             self.chunk_tokens = list(tokens)
 
+    @classmethod
+    def streamed(
+        cls,
+        request: Request,
+        submitted_s: float,
+        chunk_times_s: list[float],
+        chunk_tokens: list[int],
+        token_ids: list[int],
+        latency_source: str,
+        due_s: float | None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> RequestRecord:
+        """A streamed request: first and last token from its chunks' arrival times (none: the
+        submission), counts from the token ids unless the engine reported its own."""
+        return cls(
+            index=request.index,
+            input_tokens=request.input_tokens if input_tokens is None else input_tokens,
+            output_tokens=len(token_ids) if output_tokens is None else output_tokens,
+            submitted_s=submitted_s,
+            finished_s=chunk_times_s[-1] if chunk_times_s else submitted_s,
+            first_token_s=chunk_times_s[0] if chunk_times_s else None,
+            chunk_times_s=chunk_times_s,
+            chunk_tokens=chunk_tokens,
+            output_token_ids=token_ids,
+            latency_source=latency_source,
+            due_s=due_s,
+        )
+
     def arrivals(self) -> tuple[list[float], list[int]]:
         """(arrival time, tokens carried) of each chunk that reached the caller; empty where unknown."""
         if self.chunk_times_s is not None:

@@ -386,20 +386,7 @@ class ContinuousBatchingEngine:
             )
         if sum(chunk_tokens) != len(tokens):
             raise BackendError(f"request {request.index}: {sum(chunk_tokens)} tokens streamed, {len(tokens)} returned")
-        return RequestRecord(
-            index=request.index,
-            input_tokens=request.input_tokens,
-            output_tokens=len(tokens),
-            submitted_s=submitted,
-            finished_s=chunk_times[-1] if chunk_times else submitted,
-            first_token_s=chunk_times[0] if chunk_times else None,
-            chunk_times_s=chunk_times,
-            chunk_tokens=chunk_tokens,
-            output_token_ids=tokens,
-            batch_index=None,
-            latency_source=LATENCY_SOURCE,
-            due_s=due_s,
-        )
+        return RequestRecord.streamed(request, submitted, chunk_times, chunk_tokens, tokens, LATENCY_SOURCE, due_s)
 
     def close(self) -> None:
         """Stop the engine thread (waiting for it), free the paged cache, restore the attention implementation."""

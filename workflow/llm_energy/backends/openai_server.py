@@ -357,19 +357,17 @@ class OpenAIServerBackend(Backend):
                 f"the server sent no usage for request {request.index} (it must honour "
                 "stream_options.include_usage): token counts would be guesses"
             )
-        return RequestRecord(
-            index=request.index,
+        # Token counts are the server's own usage, not our count of the streamed ids.
+        return RequestRecord.streamed(
+            request,
+            submitted,
+            chunk_times,
+            chunk_tokens,
+            token_ids,
+            "openai_stream_arrival_at_caller",
+            due_s,
             input_tokens=int(usage["prompt_tokens"]),
             output_tokens=int(usage["completion_tokens"]),
-            submitted_s=submitted,
-            finished_s=chunk_times[-1] if chunk_times else submitted,
-            first_token_s=chunk_times[0] if chunk_times else None,
-            chunk_times_s=chunk_times,
-            chunk_tokens=chunk_tokens,
-            output_token_ids=token_ids,
-            batch_index=None,
-            latency_source="openai_stream_arrival_at_caller",
-            due_s=due_s,
         )
 
     supports_schedule = True

@@ -607,19 +607,14 @@ class VllmBackend(Backend):
                 log.debug(
                     "request %d: %d of %d chunks carried several tokens", request.index, merged, len(chunk_tokens)
                 )
-            return RequestRecord(
-                index=request.index,
-                input_tokens=request.input_tokens,
-                output_tokens=len(token_ids),
-                submitted_s=submitted,
-                finished_s=chunk_times[-1] if chunk_times else submitted,
-                first_token_s=chunk_times[0] if chunk_times else None,
-                chunk_times_s=chunk_times,
-                chunk_tokens=chunk_tokens,
-                output_token_ids=token_ids,
-                batch_index=None,
-                latency_source="vllm_stream_arrival_at_caller",
-                due_s=due_s if arrivals else None,
+            return RequestRecord.streamed(
+                request,
+                submitted,
+                chunk_times,
+                chunk_tokens,
+                token_ids,
+                "vllm_stream_arrival_at_caller",
+                due_s if arrivals else None,
             )
 
         async def run_all() -> list[RequestRecord]:
