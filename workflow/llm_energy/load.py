@@ -102,8 +102,9 @@ class Schedule:
     max_concurrency: int | None = None
 
     @classmethod
-    def closed_batches(cls, count: int, batch_size: int) -> Schedule:
-        """The offline load: everything due at once, at most batch_size in flight."""
+    def closed_batches(cls, count: int, batch_size: int | None = None) -> Schedule:
+        """The offline load: everything due at once, at most batch_size in flight (None: the engine's
+        own scheduler decides how many run together)."""
         return cls((0.0,) * count, batch_size)
 
     @classmethod

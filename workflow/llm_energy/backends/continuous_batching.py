@@ -298,7 +298,7 @@ class ContinuousBatchingEngine:
 
         call = next(self._calls)
         arrivals = schedule is not None
-        schedule = schedule or Schedule((0.0,) * len(requests))
+        schedule = schedule or Schedule.closed_batches(len(requests))
         torch.manual_seed(decoding.seed)  # sampling draws from the global generator, as the offline path
         eos = -1 if decoding.fixed_length else sorted(self.eos_ids)  # -1: no token stops a request
 

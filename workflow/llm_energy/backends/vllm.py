@@ -583,7 +583,7 @@ class VllmBackend(Backend):
         engine = self._async_engine
         arrivals = schedule is not None
         # Offline load: everything at once, the engine's scheduler batches up to max_num_seqs.
-        schedule = schedule or Schedule((0.0,) * len(requests))
+        schedule = schedule or Schedule.closed_batches(len(requests))
 
         async def one(request: Request, due_s: float) -> RequestRecord:
             from vllm.inputs import TokensPrompt
