@@ -40,7 +40,7 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "harness throughput / transformers' own generate" in completed.stdout
     document = json.loads(out.read_text())
-    assert {r["arm"] for r in document["rows"]} == {"full", "no_sampler", "no_codecarbon"}
+    assert {r["arm"] for r in document["rows"]} == {"full", "no_sampler", "no_codecarbon", "bare_streamer"}
     for row in document["rows"]:
         assert row["pytorch_path"] == "eager" and row["batch_size"] == 4 and row["n"] == 2
         assert row["bare_output_tokens_per_s"] > 0 and row["arm_output_tokens_per_s"] > 0

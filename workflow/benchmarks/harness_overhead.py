@@ -11,6 +11,10 @@ model once, compiles and warms it up as the pipeline does, then runs interleaved
                  session as the pipeline runs it: sampler process, CodeCarbon's estimate, counter edges.
 - no_sampler:    the same without the sampler process (energy.timeline: false).
 - no_codecarbon: the same without CodeCarbon (energy.codecarbon: false).
+- bare_streamer: the bare arm with the harness's per-step streamer (the pytorch backend's _StepClock,
+                 which takes each token's arrival time). transformers copies every step's tokens to
+                 the host for a streamer (`streamer.put(tokens.cpu())`): this arm prices that copy and
+                 the clock read alone, the one per-step cost the harness adds to generate.
 
 A harness arm's throughput is the pipeline's own `output_tokens_per_s` of that window. Each round
 gives one ratio arm/bare (both measured within seconds of each other); the ratio's mean and 95 %
@@ -36,7 +40,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "workflow"))
 
-ARMS = ("bare", "full", "no_sampler", "no_codecarbon")
+ARMS = ("bare", "full", "no_sampler", "no_codecarbon", "bare_streamer")
 HARNESS_ARMS = {"full": {}, "no_sampler": {"timeline": False}, "no_codecarbon": {"codecarbon": False}}
 
 
@@ -63,9 +67,13 @@ def prepare_inputs(campaign, experiment, resources: Path) -> tuple[Path, list[st
     return models.resolve_model_path(model_dir / "manifest.json"), prompts
 
 
-def bare_window(backend, calls: list[tuple[dict, dict]], output_tokens_per_pass: int, window_s: float) -> dict:
-    """transformers' generate over the prepared calls, repeated until `window_s`; tokens / seconds."""
+def bare_window(
+    backend, calls: list[tuple[dict, dict]], output_tokens_per_pass: int, window_s: float, streamer: bool = False
+) -> dict:
+    """transformers' generate over the prepared calls, repeated until `window_s`; tokens / seconds.
+    With `streamer`, every call gets a fresh step clock, as the harness's generate passes one."""
     import torch
+    from llm_energy.backends.pytorch import _StepClock
 
     model = backend.model
     passes = 0
@@ -74,7 +82,10 @@ def bare_window(backend, calls: list[tuple[dict, dict]], output_tokens_per_pass:
     with torch.inference_mode():
         while True:
             for inputs, kwargs in calls:
-                model.generate(**inputs, **kwargs)
+                if streamer:
+                    model.generate(**inputs, **kwargs, streamer=_StepClock())
+                else:
+                    model.generate(**inputs, **kwargs)
             passes += 1
             backend.synchronize()
             if time.perf_counter() - started >= window_s:
@@ -185,9 +196,9 @@ def measure_experiment_overhead(
     for round_index in range(windows):
         order = arms[round_index % len(arms) :] + arms[: round_index % len(arms)]
         for arm in order:
-            if arm == "bare":
+            if arm in ("bare", "bare_streamer"):
                 rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
-                sample = bare_window(backend, calls, output_tokens_per_pass, window_s)
+                sample = bare_window(backend, calls, output_tokens_per_pass, window_s, arm == "bare_streamer")
             else:
                 sample = harness_window(
                     backend,
@@ -229,7 +240,7 @@ def measure_experiment_overhead(
                 "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
                 "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
                 "arm_gpu_energy_per_output_token_j": statistics.describe(
-                    s["gpu_energy_per_output_token_j"] for s in samples[arm]
+                    s["gpu_energy_per_output_token_j"] for s in samples[arm] if "gpu_energy_per_output_token_j" in s
                 )["mean"],
                 "ratios": ratios,
                 # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
