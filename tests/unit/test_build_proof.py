@@ -133,3 +133,38 @@ def test_a_stale_commit_label_is_read_as_the_commit_that_ran(tmp_path: Path) -> 
     proof = build_proof.build(tmp_path, [tmp_path / "run.json"], "new", {"old-dirty": "7094582"})
     assert proof["git_commit"] == "new"
     assert [r["git_commit"] for r in proof["harness_overhead"]] == ["7094582"]
+
+
+H200_TREE = REPO_ROOT / "results" / "examples" / "h200-llama1b"
+
+
+def test_the_committed_h200_proof_holds_what_the_proof_names() -> None:
+    proof = json.loads((H200_TREE / "proof.json").read_text())
+    assert proof["gpu_name"] == "NVIDIA H200" and proof["git_commit"]
+    experiment_keys = {"experiment_id", "batch_size", "pytorch_path", "cycles", "window_s_min"}
+    experiment_keys |= {"gpu_energy_per_output_token_j", "gpu_energy_per_output_token_cv", "git_commit"}
+    engines = set()
+    for row in proof["experiments"]:
+        assert experiment_keys <= row.keys(), row["experiment_id"]
+        assert row["cycles"] >= 5 and row["window_s_min"] >= 3.0
+        engines.add((row["backend"], row["pytorch_path"], row["batch_size"]))
+    # pytorch eager, pytorch fast and vLLM, each at batch 1, 8, 32 and 128
+    assert engines == {
+        (b, p, n) for b, p in [("pytorch", "eager"), ("pytorch", "fast"), ("vllm", None)] for n in (1, 8, 32, 128)
+    }
+    for row in proof["harness_overhead"]:
+        assert {"batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high", "git_commit"} <= row.keys()
+        assert row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
+    assert 0 < proof["gpu_time_in_windows_share"] < 1
+    assert proof["timeline_vs_counter_max_abs_rel_diff"] >= 0
+    assert proof["measured_copy_bandwidth_bytes_per_s"] > 1e12
+
+
+def test_the_committed_h200_proof_rebuilds_unchanged_from_its_tree() -> None:
+    """The proof is what build_proof reads from the committed artifacts, not a hand-edited file."""
+    committed = json.loads((H200_TREE / "proof.json").read_text())
+    inputs = committed["built_with"]
+    rebuilt = build_proof.build(
+        H200_TREE, [H200_TREE / name for name in inputs["overhead"]], inputs["git_commit"], inputs["commit_aliases"]
+    )
+    assert json.loads(json.dumps(rebuilt)) == committed

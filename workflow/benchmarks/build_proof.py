@@ -14,7 +14,8 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
 - gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
 - timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
 - measured_copy_bandwidth_bytes_per_s and mbu_vs_measured_bandwidth at batch 1 (fast path);
-- targets: each target of the proof with the figure reached and whether it is met.
+- targets: each target of the proof with the figure reached and whether it is met;
+- built_with: the benchmark files (in the results dir), --git-commit and --commit-alias it was built with.
 
     python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b \
         --overhead results/examples/h200-llama1b/harness_overhead_*.json
@@ -149,6 +150,13 @@ def build(
         "git_commit_in_artifacts": facts.get("git_commit"),
         "versions": facts.get("versions", {}),
         "experiments": rows,
+        # What this proof was built from, so that tests/unit/test_build_proof.py can rebuild it from the
+        # committed tree and find it unchanged (the benchmark files lie in the results dir).
+        "built_with": {
+            "overhead": [Path(path).name for path in overhead_paths],
+            "git_commit": git_commit,
+            "commit_aliases": dict(commit_aliases or {}),
+        },
     }
     overhead = load_overhead(overhead_paths)
     for row in overhead["rows"]:
