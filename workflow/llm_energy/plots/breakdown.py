@@ -258,8 +258,9 @@ def draw_energy_breakdown(inputs, title: str) -> Figure:
     boundary_info = d.choose_boundary(ok)
     notes.append(
         "Shares of each bar's total (printed at its end). Idle baseline: the run's baseline power x "
-        "window (gross - net; active idle where the run measured it, else the static idle); the rest of the window is split into prefill and decode in the ratio of the "
-        "run's prefill/decode split (phase_split_method). Setup is measured once per load."
+        "window (gross - net; active idle where the run measured it, else the static idle); the rest of "
+        "the window is split into prefill and decode in the ratio of the run's prefill/decode split "
+        "(its method is phase_split_method in the experiment's JSON). Setup is measured once per load."
     )
     if not bars.per_experiment:
         notes.append(f"{len(ok)} experiments: one bar per model/dataset and series, energies summed.")
