@@ -78,6 +78,32 @@ def test_child_clock_is_the_parents_clock(fake_box):
         os.kill(pid, 0)  # reaped, no orphan
 
 
+def test_the_child_stops_at_once_while_a_forked_process_holds_its_stdin_open(fake_box):
+    """vLLM forks its engine core from the measured process: the fork inherits the write end of the
+    sampler's stdin, so closing the parent's end gives the child no EOF; `stop` must end it anyway."""
+    fake_box([{"uuid": UUIDS[0], "power_w": 100.0}])
+    sampler = ProcessSampler(
+        [SamplerDevice(0, UUIDS[0], "nvml_field_power_instant")],
+        SamplerSink(lambda rows: None),
+        0.05,
+        nvml_module=FAKE_SPEC,
+    )
+    sampler.start()
+    holder = os.fork()
+    if holder == 0:  # the "engine core": keeps every inherited descriptor, the pipe too
+        time.sleep(30)
+        os._exit(0)
+    try:
+        started = clock.now()
+        sampler.stop()
+        stopped_in_s = clock.now() - started
+    finally:
+        os.kill(holder, 9)
+        os.waitpid(holder, 0)
+    assert sampler.process.returncode == 0  # ended by itself, not killed
+    assert stopped_in_s < 2.0
+
+
 def test_real_child_process_measures_windows_without_any_thread_in_the_parent(fake_box, tmp_path):
     fake_box([{"uuid": UUIDS[0], "power_w": 150.0, "pids": [os.getpid()]}])
     threads_inside: list[list[str]] = []

@@ -18,8 +18,10 @@ of the machine on Linux), so child rows and parent edges are directly comparable
 The parent reads the file only when it needs rows: when a window closes (after waiting, bounded,
 until the child has written a tick past the window's end) and when the timeline is requested.
 The child stops when its stdin closes (the parent stopped it or died) or when its parent pid
-changes (reparented to init); `ProcessSampler.stop()` closes stdin and reaps it. One command goes
-through stdin: `bind UUID,...` narrows the sampled GPUs (after `EnergySession.bind_to_process_gpus`).
+changes (reparented to init); `ProcessSampler.stop()` sends `stop`, closes stdin and reaps it. The
+commands go through stdin: `bind UUID,...` narrows the sampled GPUs (after
+`EnergySession.bind_to_process_gpus`), `stop` ends the child even where a forked process still holds
+the pipe open.
 
 `ThreadSampler` is the same interface on an in-process thread: only for unit tests that inject a
 fake NVML object (which a child process cannot share).
@@ -299,9 +301,15 @@ class ProcessSampler:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        """Close the child's stdin (its signal to stop), reap it, read what it wrote last."""
+        """Tell the child to stop, close its stdin, reap it, read what it wrote last.
+
+        The `stop` line comes first because end of file alone is not enough: a process forked from
+        the parent after the child started (vLLM's engine core is one) inherits the pipe's write end,
+        so closing ours never gives the child EOF; it then waited STOP_TIMEOUT_S and was killed at
+        the end of every vLLM job on the H200."""
         process = self.process
         if process is not None:
+            self._send("stop")
             if process.stdin:
                 try:
                     process.stdin.close()
@@ -437,6 +445,8 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     # The main thread reads commands; end of file means the parent closed the pipe or died.
     for line in sys.stdin:
         command, _, value = line.strip().partition(" ")
+        if command == "stop":
+            break
         if command == "bind" and source is not None:
             wanted = set(value.split(","))
             source.counters = [c for c in source.counters if c.uuid in wanted]
