@@ -143,6 +143,9 @@ def test_real_child_process_measures_windows_without_any_thread_in_the_parent(fa
         record = session.close_window(handle)
         frame = session.timeline_frame()
         child = session.sampler.process
+        (timeline_source,) = [s for s in session.describe()["sources"] if s["name"] == "timeline"]
+    # The fake's power never changes, so the sensor's own update period cannot be read from it.
+    assert "power_update_period_s" in timeline_source and timeline_source["power_update_period_s"] is None
     assert all(set(names) <= before | {"MainThread"} and "MainThread" in names for names in threads_inside), (
         threads_inside,
         before,

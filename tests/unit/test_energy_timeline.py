@@ -17,6 +17,7 @@ from llm_energy.energy.timeline import (
     TimelineStore,
     frame_from_rows,
     integrate_power,
+    power_update_period_s,
 )
 
 from tests.fake_nvml import FakeGpu, FakeNvml
@@ -113,3 +114,24 @@ def test_sampler_survives_failing_reads():
     time.sleep(0.15)
     sampler.stop()
     assert sampler.errors >= 3 and len(store) >= 3
+
+
+def _power_rows(uuid: str, times: np.ndarray, power: np.ndarray) -> list[tuple]:
+    nan = float("nan")
+    return [(t, 0, uuid, w, nan, nan, nan, nan, nan, nan, None, nan) for t, w in zip(times, power)]
+
+
+def test_power_update_period_is_how_often_the_reading_changes_not_the_sampling_period():
+    # Sampled every 20 ms, a reading that changes every 100 ms (as the H200's instant field does):
+    times = np.arange(0.0, 3.0, 0.02)
+    held = 200.0 + 10.0 * np.floor(times / 0.1 + 1e-9) % 7  # a new value every 5th sample
+    held[7] = np.nan  # a failed read is no change
+    # A second GPU whose reading changes at every 20 ms sample: the slower one sets the figure.
+    fast = 100.0 + np.arange(len(times))
+    frame = frame_from_rows(_power_rows("GPU-a", times, held) + _power_rows("GPU-b", times, fast))
+    assert power_update_period_s(frame) == pytest.approx(0.1, abs=1e-6)
+    assert power_update_period_s(frame[frame.device_uuid == "GPU-b"]) == pytest.approx(0.02, abs=1e-6)
+    # Too few changes (a flat reading) say nothing about the sensor.
+    flat = frame_from_rows(_power_rows("GPU-c", times, np.full(len(times), 150.0)))
+    assert power_update_period_s(flat) is None
+    assert power_update_period_s(frame_from_rows([])) is None

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from llm_energy import clock, hardware
-from llm_energy.energy import validity
+from llm_energy.energy import timeline, validity
 from llm_energy.energy.base import (
     METHOD_ESTIMATED,
     METHOD_MEASURED,
@@ -793,6 +793,7 @@ class EnergySession:
         if self.sampler is not None:
             self.sampler.collect()
         sink = self._sink
+        update_period = timeline.power_update_period_s(self.timeline_frame()) if self._timeline_on else None
         sources.append(
             {
                 "name": "timeline",
@@ -801,6 +802,8 @@ class EnergySession:
                 "reason": None if self._timeline_on else (self._timeline_reason or "no GPU in use"),
                 "method": "sampled",
                 "period_s": self.settings.timeline_period_s,
+                # how often the power reading itself changed in this run's samples (None: too few changes)
+                "power_update_period_s": update_period,
                 "sampler": self.sampler.mode if self.sampler is not None else None,
                 "ticks": sink.ticks,
                 "missed_ticks": sink.missed_ticks,

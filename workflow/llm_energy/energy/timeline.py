@@ -47,6 +47,26 @@ def frame_from_rows(rows: Sequence[tuple]) -> pd.DataFrame:
     return frame.sort_values(["time_s", "device_index"], kind="stable").reset_index(drop=True)
 
 
+MIN_POWER_CHANGES = 10
+
+
+def power_update_period_s(frame: pd.DataFrame) -> float | None:
+    """How often the sampled power reading itself changes: the median time between changes of
+    `power_w` on the GPU whose reading changes least often; None with fewer than MIN_POWER_CHANGES
+    changes. On an H200 (driver 580) the instant-power field changes every 100 ms, so 20 ms samples
+    repeat each value about 5 times: a period below this adds rows, not resolution."""
+    periods = []
+    for _, rows in frame.groupby("device_uuid", sort=False):
+        power = rows["power_w"].to_numpy(dtype=float)
+        times = rows["time_s"].to_numpy(dtype=float)
+        keep = ~np.isnan(power)
+        power, times = power[keep], times[keep]
+        changed = times[1:][power[1:] != power[:-1]]
+        if len(changed) >= MIN_POWER_CHANGES:
+            periods.append(float(np.median(np.diff(changed))))
+    return max(periods) if periods else None
+
+
 class TimelineStore:
     """Append-only rows shared by the sampler thread and the window edges."""
 
