@@ -141,9 +141,10 @@ def build(
 ) -> dict[str, Any]:
     """`commit_aliases` maps a wrong commit label found in artifacts (a copy of the tree with a stale
     .git labelled its runs with an older commit and -dirty) to the commit that really ran."""
+    aliases = dict(commit_aliases or {})
     rows, facts = experiment_rows(results_dir)
     for row in rows:
-        row["git_commit"] = (commit_aliases or {}).get(row.get("git_commit"), row.get("git_commit"))
+        row["git_commit"] = aliases.get(row.get("git_commit"), row.get("git_commit"))
     proof: dict[str, Any] = {
         "gpu_name": facts.get("gpu_name"),
         "git_commit": git_commit or facts.get("git_commit"),
@@ -155,12 +156,12 @@ def build(
         "built_with": {
             "overhead": [Path(path).name for path in overhead_paths],
             "git_commit": git_commit,
-            "commit_aliases": dict(commit_aliases or {}),
+            "commit_aliases": aliases,
         },
     }
     overhead = load_overhead(overhead_paths)
     for row in overhead["rows"]:
-        row["git_commit"] = (commit_aliases or {}).get(row["git_commit"], row["git_commit"])
+        row["git_commit"] = aliases.get(row["git_commit"], row["git_commit"])
     keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
     proof["harness_overhead"] = [
         {k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"] if r["arm"] == "full"

@@ -152,7 +152,11 @@ def main() -> int:
                     "flags": window.get("flags", []),
                 }
             )
-    metrics_path = results_dir / "metrics.csv"  # every metric's cv (the summary has the headline CIs only)
+    from llm_energy.summary import TablePaths
+
+    metrics_path = TablePaths.in_dir(
+        results_dir
+    ).metrics_csv  # every metric's cv (the summary has the headline CIs only)
     cv = {}
     if metrics_path.is_file():
         import pandas as pd

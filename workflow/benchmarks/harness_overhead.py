@@ -40,8 +40,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "workflow"))
 
-ARMS = ("bare", "full", "no_sampler", "no_codecarbon", "bare_streamer")
 HARNESS_ARMS = {"full": {}, "no_sampler": {"timeline": False}, "no_codecarbon": {"codecarbon": False}}
+ARMS = ("bare", *HARNESS_ARMS, "bare_streamer")
 
 
 def prepare_inputs(campaign, experiment, resources: Path) -> tuple[Path, list[str]]:
@@ -82,10 +82,7 @@ def bare_window(
     with torch.inference_mode():
         while True:
             for inputs, kwargs in calls:
-                if streamer:
-                    model.generate(**inputs, **kwargs, streamer=_StepClock())
-                else:
-                    model.generate(**inputs, **kwargs)
+                model.generate(**inputs, **kwargs, **({"streamer": _StepClock()} if streamer else {}))
             passes += 1
             backend.synchronize()
             if time.perf_counter() - started >= window_s:
@@ -196,7 +193,7 @@ def measure_experiment_overhead(
     for round_index in range(windows):
         order = arms[round_index % len(arms) :] + arms[: round_index % len(arms)]
         for arm in order:
-            if arm in ("bare", "bare_streamer"):
+            if arm not in HARNESS_ARMS:  # bare, bare_streamer
                 rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
                 sample = bare_window(backend, calls, output_tokens_per_pass, window_s, arm == "bare_streamer")
             else:
@@ -240,7 +237,7 @@ def measure_experiment_overhead(
                 "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
                 "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
                 "arm_gpu_energy_per_output_token_j": statistics.describe(
-                    s["gpu_energy_per_output_token_j"] for s in samples[arm] if "gpu_energy_per_output_token_j" in s
+                    s.get("gpu_energy_per_output_token_j") for s in samples[arm]
                 )["mean"],
                 "ratios": ratios,
                 # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.

@@ -52,7 +52,7 @@ from typing import Any
 
 from llm_energy import hardware
 from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Request, RequestRecord
-from llm_energy.backends.batching import make_batches
+from llm_energy.backends.batching import batches_for_settings
 from llm_energy.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -314,25 +314,24 @@ class DataParallelBackend(Backend):
 
     def tokenize(self, prompts: list[str], max_input_tokens: int) -> list[Request]:
         # Every replica has the same tokenizer; each tokenizes (cheap, and keeps the calls collective).
-        return self._call("tokenize", common=(prompts, max_input_tokens))[0]
+        return self._call("tokenize", per_rank=self._first_rank_only(), common=(prompts, max_input_tokens))[0]
+
+    def _first_rank_only(self) -> list[bool]:
+        """`mine` flags for a collective call whose ranks all compute the same answer: only rank 1
+        sends it back (the others reply None), so N - 1 copies are never pickled."""
+        return [True] + [False] * (self.replicas - 1)
 
     def _deal(
         self, requests: list[Request], batch_size: int, decoding: DecodingSettings
     ) -> list[list[tuple[int, list[Request]]]]:
-        batches = make_batches(
-            requests,
-            batch_size,
-            self.settings.get("batching", "fixed"),
-            self.settings.get("token_budget"),
-            decoding.max_output_tokens,
-        )
+        batches = batches_for_settings(requests, batch_size, self.settings, decoding.max_output_tokens)
         dealt = deal_batches(batches, self.replicas, self._next_replica)
         self._next_replica = (self._next_replica + len(batches)) % self.replicas
         return dealt
 
     def generate(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[RequestRecord]:
         if self.mode == TENSOR:  # every rank runs the same batches; they return the same tokens
-            return self._call("generate", common=(requests, batch_size, decoding))[0]
+            return self._call("generate", per_rank=self._first_rank_only(), common=(requests, batch_size, decoding))[0]
         dealt = self._deal(requests, batch_size, decoding)
         shards = self._call("generate_batches", per_rank=dealt, common=(batch_size, decoding))
         return sorted((r for shard in shards for r in shard), key=lambda r: r.index)
@@ -395,12 +394,14 @@ def _run(backend: Backend, method: str, common: Any, mine: Any) -> Any:
     if method == "load":
         model_dir, dtype, max_model_len, batch_size = common
         return backend.load(Path(model_dir), dtype, max_model_len, batch_size)
-    if method == "tokenize":
-        return backend.tokenize(*common)
+    if method == "tokenize":  # mine: whether this rank sends the answer back
+        requests = backend.tokenize(*common)
+        return requests if mine else None
     if method == "engine_path":
         return backend.engine_path
-    if method == "generate":
-        return backend.generate(*common)
+    if method == "generate":  # tensor parallel: every rank runs it, the first sends the records back
+        records = backend.generate(*common)
+        return records if mine else None
     if method == "generate_batches":
         batch_size, decoding = common
         records: list[RequestRecord] = []

@@ -63,12 +63,14 @@ def experiment_run(
     baseline_path: Path | None = None,
     compile_cache: Path | None = None,
     placement: Mapping[str, Any] | None = None,
+    campaign: Any = None,
 ):
-    """Everything measure.measure_experiment needs, from the job's arguments."""
+    """Everything measure.measure_experiment needs, from the job's arguments (`campaign`: the config
+    already loaded, where the caller has it; an isolated cycle's process loads it itself)."""
     from llm_energy import datasets, measure, models
     from llm_energy.config import load_campaign
 
-    campaign = load_campaign(config)
+    campaign = campaign or load_campaign(config)
     exp = campaign.experiments[experiment_id]
     prov = provenance.collect(
         experiment=exp.id,
@@ -122,7 +124,7 @@ def run_inference_job(
             "compile_cache": str(compile_cache) if compile_cache else None,
             "placement": placed.describe(),
         }
-        run, campaign = experiment_run(**arguments)
+        run, _ = experiment_run(**arguments, campaign=campaign)
         cycles = list(range(1, campaign.cycles + 1))
         if run.experiment.cycle_isolation == "process":
             report = measure.measure_cycles_isolated(arguments, cycles)

@@ -36,8 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from llm_energy import artifacts, clock, hardware, metrics, topology
-from llm_energy.backends import backend_class, create_backend
+from llm_energy import artifacts, clock, hardware, metrics, placement, topology
+from llm_energy.backends import create_backend
 from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
 from llm_energy.backends.batching import make_batches
 from llm_energy.config import Experiment, WarmupSpec
@@ -341,6 +341,17 @@ def measure_window(
     repeat_of_request = [i for i, run in enumerate(runs) for _ in run]
     record["repeats"] = len(runs)
     return MeasuredWindow(record, records, repeat_of_request, len(runs), compilations, memory)
+
+
+def _experiment_record(experiment: Experiment) -> dict[str, Any]:
+    """What a cycle's result says about its experiment (an ok cycle adds the engine path it ran)."""
+    return {
+        "model": experiment.model,
+        "backend": experiment.backend,
+        "variant": experiment.variant,
+        "dataset": experiment.dataset,
+        "parameters": experiment.parameters,
+    }
 
 
 def load_requests(requests: Sequence[Request], load: LoadSpec, min_window_s: float) -> tuple[list[Request], list[int]]:
@@ -692,7 +703,7 @@ def measure_experiment(run: ExperimentRun, cycles: Sequence[int]) -> dict[str, A
 def require_cuda_untouched(experiment: Experiment) -> None:
     """A backend that declares the harness must not create a CUDA context before its engine starts
     (Backend.execution: its engine's own processes create it) is refused one that exists already."""
-    if backend_class(experiment.backend).execution(dict(experiment.backend_settings)).harness_may_init_cuda:
+    if placement.execution_of(experiment).harness_may_init_cuda:
         return
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
@@ -827,14 +838,7 @@ def _measure_cycle(
         "cycle": cycle,
         "status": "ok",
         "error": None,
-        "experiment": {
-            "model": experiment.model,
-            "backend": experiment.backend,
-            "variant": experiment.variant,
-            "dataset": experiment.dataset,
-            "parameters": experiment.parameters,
-            "engine_path": backend.engine_path,
-        },
+        "experiment": {**_experiment_record(experiment), "engine_path": backend.engine_path},
         "load": {"device": load_report.device, "dtype": load_report.dtype, "details": load_report.details},
         "setup": {
             "duration_s": sum(w["duration_s"] for w in setup_windows),
@@ -920,13 +924,7 @@ def _write_failed(
         "cycle": cycle,
         "status": "failed",
         "error": error,
-        "experiment": {
-            "model": experiment.model,
-            "backend": experiment.backend,
-            "variant": experiment.variant,
-            "dataset": experiment.dataset,
-            "parameters": experiment.parameters,
-        },
+        "experiment": _experiment_record(experiment),
         "load": None,
         "setup": {"duration_s": sum(w["duration_s"] for w in setup), "windows": setup},
         "window": None,

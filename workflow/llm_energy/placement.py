@@ -205,7 +205,7 @@ def placed(experiment: Any, campaign_gpus: GpuJobsSpec | Mapping[str, Any] | Non
             reason=hardware.gpu_unavailable_reason() or "no GPU on this machine: nothing to allocate",
         )
         return
-    count = len(box) if takes_whole_box(execution, spec) else execution.gpus
+    count = job_gpu_slots(execution, len(box), spec)
     lock_dir = Path(spec.lock_dir)
     started = time.monotonic()
     try:

@@ -389,7 +389,9 @@ def read_summary(parquet_path: Path | str) -> pd.DataFrame:
 def read_tables(summary_parquet: Path | str, metrics_parquet: Path | str | None = None) -> Tables:
     """Both tables (validated); the metrics table beside the summary unless given."""
     summary_parquet = Path(summary_parquet)
-    metrics_parquet = Path(metrics_parquet) if metrics_parquet else summary_parquet.with_name("metrics.parquet")
+    metrics_parquet = (
+        Path(metrics_parquet) if metrics_parquet else TablePaths.in_dir(summary_parquet.parent).metrics_parquet
+    )
     if not metrics_parquet.is_file():
         raise ArtifactError(
             f"{metrics_parquet}: not found beside {summary_parquet.name}; a summary written before "

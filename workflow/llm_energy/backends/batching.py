@@ -9,7 +9,8 @@ Continuous-batching engines (vLLM) schedule requests themselves and ignore these
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from llm_energy.backends.base import Request
 
@@ -18,6 +19,15 @@ STRATEGIES = ("fixed", "sorted", "token_budget")
 
 def padded_tokens(batch: Sequence[Request], max_output_tokens: int) -> int:
     return len(batch) * (max(r.input_tokens for r in batch) + max_output_tokens)
+
+
+def batches_for_settings(
+    requests: Sequence[Request], batch_size: int, settings: Mapping[str, Any], max_output_tokens: int
+) -> list[list[Request]]:
+    """make_batches with a backend's settings (batching: fixed by default, token_budget)."""
+    return make_batches(
+        requests, batch_size, settings.get("batching", "fixed"), settings.get("token_budget"), max_output_tokens
+    )
 
 
 def make_batches(

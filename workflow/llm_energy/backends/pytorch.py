@@ -45,7 +45,7 @@ from llm_energy.backends.base import (
     RequestRecord,
     tokenize_prompts,
 )
-from llm_energy.backends.batching import make_batches
+from llm_energy.backends.batching import batches_for_settings
 from llm_energy.errors import BackendError, ConfigError
 from llm_energy.load import Schedule
 from llm_energy.specs import schema_spec, section_spec
@@ -496,13 +496,7 @@ class PytorchBackend(Backend):
 
     def plan_batches(self, requests: list[Request], batch_size: int, decoding: DecodingSettings) -> list[list[Request]]:
         """The batches generate() runs for these requests (the harness passes them to compile())."""
-        return make_batches(
-            requests,
-            batch_size,
-            self.settings.get("batching", "fixed"),
-            self.settings.get("token_budget"),
-            decoding.max_output_tokens,
-        )
+        return batches_for_settings(requests, batch_size, self.settings, decoding.max_output_tokens)
 
     def _rows(self, batch: list[Request], batch_size: int) -> list[Request]:
         """The static cache has a fixed batch dimension: a smaller batch gets dummy rows, copies of its

@@ -286,11 +286,7 @@ class EnergySession:
                 self.binding.update(method=method, bound=True, uuids=current)
                 return current
             own = own_process_tree()
-            try:
-                held = self.gpu.compute_pids()
-            except self.gpu.nv.NVMLError as exc:
-                held = {}
-                logger.warning("NVML compute-process list failed: %s", exc)
+            held = self.compute_processes() or {}
             uuids = [u for u in current if held.get(u, set()) & own]
             if not uuids:
                 reason = (
@@ -790,10 +786,12 @@ class EnergySession:
                     "codecarbon", [], False, _disabled("codecarbon"), METHOD_ESTIMATED, {"source": SOURCE_CODECARBON}
                 ).describe()
             )
-        if self.sampler is not None:
+        update_period = None
+        if self._timeline_on:  # timeline_frame() collects the sampler's rows and counts first
+            update_period = timeline.power_update_period_s(self.timeline_frame())
+        elif self.sampler is not None:
             self.sampler.collect()
         sink = self._sink
-        update_period = timeline.power_update_period_s(self.timeline_frame()) if self._timeline_on else None
         sources.append(
             {
                 "name": "timeline",

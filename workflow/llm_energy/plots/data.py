@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from llm_energy.plots.style import MAX_LISTED
-from llm_energy.summary import PARAMETER_COLUMNS, Tables
+from llm_energy.summary import PARAMETER_COLUMNS, Tables, read_tables
 
 # Columns that, when they vary, distinguish the series of a figure (batch size is an axis; model and
 # dataset are facets).
@@ -48,8 +48,6 @@ def load(summary: Tables | pd.DataFrame | Path | str) -> pd.DataFrame:
     """What the figures read: the summary with every metric of the metrics table joined
     (summary.Tables.for_figures; from a summary.parquet path, the metrics.parquet beside it), or an
     already joined DataFrame; backends labelled with their variant and engine path."""
-    from llm_energy.summary import Tables, read_tables
-
     if isinstance(summary, (str, Path)):
         summary = read_tables(summary)
     if isinstance(summary, Tables):
