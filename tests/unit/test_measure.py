@@ -18,6 +18,7 @@ from llm_energy.measure import (
     FLAG_RECOMPILED,
     REWARM_AFTER_IDLE_S,
     MeasuredWindow,
+    count_startup,
     differential_phases,
     measure_window,
     needs_rewarm,
@@ -219,3 +220,20 @@ def test_a_window_starts_on_a_collected_frozen_heap_and_records_collections_insi
         assert len(generations) == 3 and generations[0] > 0  # the window's own allocations were collected
     finally:
         gc.unfreeze()
+
+
+def test_the_job_processs_startup_counts_in_its_wall_time_and_lowers_the_share() -> None:
+    timing = {
+        "started_unix_s": 1000.0,
+        "total_s": 80.0,
+        "phases_s": {"model_load": 10.0, "windows": 60.0},
+        "other_s": 10.0,
+        "windows_s": 60.0,
+        "share_in_windows": 0.75,
+    }
+    counted = count_startup(timing, 4.0)
+    assert counted["phases_s"] == {"startup": 4.0, "model_load": 10.0, "windows": 60.0}
+    assert counted["total_s"] == 84.0 and counted["started_unix_s"] == 996.0
+    assert counted["share_in_windows"] == pytest.approx(60 / 84)
+    assert counted["other_s"] == 10.0 and timing["total_s"] == 80.0  # the input is left as it was
+    assert count_startup(timing, -0.5)["phases_s"]["startup"] == 0.0  # clock skew is not negative time

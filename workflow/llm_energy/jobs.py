@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,14 @@ def run_inference_job(
     run_set: Path,
     baseline_path: Path | None = None,
     compile_cache: Path | None = None,
+    process_started_unix_s: float | None = None,
 ) -> dict:
     """Measure every cycle of one experiment and write its run set (the list of its cycles).
 
     The cycles' own artifacts (runs/{experiment}/cycle-{n}/) are written as each cycle completes and
     are not outputs Snakemake deletes when a job dies: a rerun measures only the missing cycles.
+    `process_started_unix_s`: when the job's own process started (the Snakemake script passes it);
+    the time from then to measuring, less any wait for the GPUs, is the job's `startup` phase.
     """
     from llm_energy import measure, placement
     from llm_energy.config import load_campaign
@@ -126,10 +130,14 @@ def run_inference_job(
         }
         run, _ = experiment_run(**arguments, campaign=campaign)
         cycles = list(range(1, campaign.cycles + 1))
+        # Measured here, before measuring starts; the wait for the GPUs was another job's time.
+        startup_s = None if process_started_unix_s is None else time.time() - process_started_unix_s - placed.waited_s
         if run.experiment.cycle_isolation == "process":
             report = measure.measure_cycles_isolated(arguments, cycles)
         else:
             report = measure.measure_experiment(run, cycles)
+        if startup_s is not None:
+            report["timing"] = measure.count_startup(report["timing"], startup_s)
     entries = []
     for cycle in cycles:
         paths = measure.RunPaths.in_dir(measure.cycle_dir(run.experiment_dir, cycle))
@@ -150,6 +158,13 @@ def run_inference_job(
     }
     artifacts.write_json_artifact(run_set, "run_set", data, run.provenance)
     return data
+
+
+def this_process_started_unix_s() -> float:
+    """When this process was created (unix s), for run_inference_job's startup phase."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def run_results_of(run_set: Path) -> list[Path]:

@@ -989,6 +989,21 @@ def combine_timings(timings: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def count_startup(timing: Mapping[str, Any], startup_s: float) -> dict[str, Any]:
+    """The job's timing with its process's startup (interpreter, imports, config validation: the GPU
+    is held but idle) counted as phase `startup` and in total_s, so the share in windows is of the
+    whole job, not only of the part after measuring began."""
+    startup_s = max(float(startup_s), 0.0)
+    total = timing["total_s"] + startup_s
+    out = dict(timing)
+    out["phases_s"] = {"startup": startup_s, **timing["phases_s"]}
+    out["total_s"] = total
+    if out.get("started_unix_s") is not None:
+        out["started_unix_s"] -= startup_s
+    out["share_in_windows"] = timing["windows_s"] / total if total > 0 else None
+    return out
+
+
 def job_provenance() -> dict[str, Any]:
     """Scheduler facts (SLURM job id etc.) for the run artifacts."""
     keys = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME")

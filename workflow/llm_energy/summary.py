@@ -8,7 +8,8 @@
     they differ between the campaign's experiments: a setting that is the same in every row is in each
     experiment's JSON, not repeated on every line;
   - where the job's wall time went: job_wall_s, job_windows_s, job_share_in_windows,
-    job_{baseline,model_load,compile,warmup}_s;
+    job_{startup,baseline,model_load,compile,warmup}_s (startup: the job process's interpreter start and
+    imports before measuring; empty in trees measured before it was recorded);
   - the headline metrics (HEADLINE_METRICS): `<metric>` = mean over ok cycles, `<metric>_ci95_low`,
     `<metric>_ci95_high`; the pooled latency percentiles (HEADLINE_LATENCY: one value per experiment,
     over every request of every ok cycle, so no interval);
@@ -100,7 +101,7 @@ ALWAYS_COLUMNS: tuple[str, ...] = (
 )
 # Where the experiment's job spent its wall time (the run set's timing): total, inside measured
 # windows, their share, then each setup phase as job_<phase>_s.
-TIME_PHASES = ("baseline", "model_load", "compile", "warmup")
+TIME_PHASES = ("startup", "baseline", "model_load", "compile", "warmup")
 TIME_COLUMNS: dict[str, str] = {
     "job_wall_s": "float",
     "job_windows_s": "float",

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from llm_energy.jobs import baseline_cache_path, compile_cache_dir, run_inference_job
+from llm_energy.jobs import baseline_cache_path, compile_cache_dir, run_inference_job, this_process_started_unix_s
 from llm_energy.logs import job_logging
 
 # The guard matters: vLLM's engine core runs in a spawned subprocess, which re-imports this script.
@@ -14,4 +14,5 @@ if __name__ == "__main__":
             run_set=snakemake.output.run_set,
             baseline_path=baseline_cache_path(),
             compile_cache=compile_cache_dir(),
+            process_started_unix_s=this_process_started_unix_s(),
         )

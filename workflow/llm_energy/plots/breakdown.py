@@ -37,7 +37,7 @@ SMALL_SHARE = 0.03  # components below this share are named beside the bar's tot
 BOUNDARY_NAMES = {"gpu": "GPU", "node": "Node"}
 ENERGY_DOMAINS = ("gpu", "cpu", "dram")
 SETUP_PHASES = ("model_load", "compile", "warmup")
-TIME_PHASES = ("model_load", "compile", "warmup", "baseline", "windows", "gaps")
+TIME_PHASES = ("startup", "model_load", "compile", "warmup", "baseline", "windows", "gaps")
 
 
 @dataclass(frozen=True)

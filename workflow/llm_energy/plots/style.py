@@ -45,6 +45,7 @@ MAX_FACET_COLUMNS = 4
 # Energy domains and the phases of a run, each with one colour used by every figure.
 DOMAIN_COLORS = {"gpu": "#4C72B0", "cpu": "#DD8452", "dram": "#55A868"}
 PHASE_COLORS = {
+    "startup": "#B0B0B0",
     "model_load": "#8172B3",
     "compile": "#DA8BC3",
     "warmup": "#CCB974",
@@ -57,6 +58,7 @@ PHASE_COLORS = {
     "gaps": "#E5E5E5",
 }
 PHASE_LABELS = {
+    "startup": "process start",
     "model_load": "model load",
     "compile": "compile",
     "warmup": "warm-up",
