@@ -313,7 +313,8 @@ def draw_time_accounting(inputs, title: str) -> Figure:
     figure.suptitle(f"{title}: {share:.0%} inside measured windows" + (f"\n{lay.title}" if lay.title else ""))
     notes.append(
         "Wall time of the run_inference jobs (summary job_*_s; the GPU is held for all of it). Gaps: "
-        "the rest (writing artifacts, process start; the batch before each window counts as warm-up)."
+        "the rest (writing artifacts, closing the engine; the batch before each window counts as warm-up). "
+        "Process start where the job recorded it (job_startup_s); older jobs began their wall time after it."
     )
     add_notes(figure, d.context_notes(ok, None, energy=False) + notes)
     return figure
