@@ -154,9 +154,8 @@ def main() -> int:
             )
     from llm_energy.summary import TablePaths
 
-    metrics_path = TablePaths.in_dir(
-        results_dir
-    ).metrics_csv  # every metric's cv (the summary has the headline CIs only)
+    # every metric's cv (the summary has the headline CIs only)
+    metrics_path = TablePaths.in_dir(results_dir).metrics_csv
     cv = {}
     if metrics_path.is_file():
         import pandas as pd

@@ -555,6 +555,10 @@ def cycle_complete(paths: RunPaths, experiment_id: str) -> bool:
     return document["data"].get("experiment_id") == experiment_id
 
 
+def _share_in_windows(windows_s: float, total_s: float) -> float | None:
+    return windows_s / total_s if total_s > 0 else None
+
+
 class _Timing:
     """Where the job's wall time went: setup phases, windows, and the rest (gaps)."""
 
@@ -576,7 +580,7 @@ class _Timing:
             "phases_s": dict(self.phases_s),
             "other_s": max(total - accounted, 0.0),
             "windows_s": windows,
-            "share_in_windows": windows / total if total > 0 else None,
+            "share_in_windows": _share_in_windows(windows, total),
         }
 
 
@@ -984,7 +988,7 @@ def combine_timings(timings: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "phases_s": phases,
         "other_s": sum(t["other_s"] for t in timings),
         "windows_s": windows,
-        "share_in_windows": windows / total if total > 0 else None,
+        "share_in_windows": _share_in_windows(windows, total),
         "processes": len(timings),
     }
 
@@ -1000,7 +1004,7 @@ def count_startup(timing: Mapping[str, Any], startup_s: float) -> dict[str, Any]
     out["total_s"] = total
     if out.get("started_unix_s") is not None:
         out["started_unix_s"] -= startup_s
-    out["share_in_windows"] = timing["windows_s"] / total if total > 0 else None
+    out["share_in_windows"] = _share_in_windows(timing["windows_s"], total)
     return out
 
 

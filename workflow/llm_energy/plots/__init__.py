@@ -115,9 +115,10 @@ FIGURES: dict[str, FigureSpec] = {
         "**Where the campaign's GPU time went.** Wall time of the measuring jobs (``job_*_s`` in the summary; "
         "the job holds its GPU throughout) split into process start (interpreter and imports, where recorded), "
         "model load, compilation, warm-up (including the one batch before each window), idle baselines, measured "
-        "windows (inference and prefill-only) and gaps (the rest: writing artifacts, closing the engine). Top bar: the whole campaign, its share inside measured windows in "
-        "the title; below, one bar per experiment (or per model/dataset and series beyond 40). Totals in "
-        "seconds at the end of each bar. No energy is shown.\n\n" + CONTEXT_CAPTION,
+        "windows (inference and prefill-only) and gaps (the rest: writing artifacts, closing the engine). "
+        "Top bar: the whole campaign, its share inside measured windows in the title; below, one bar per "
+        "experiment (or per model/dataset and series beyond 40). Totals in seconds at the end of each bar. "
+        "No energy is shown.\n\n" + CONTEXT_CAPTION,
     ),
     "roofline": FigureSpec(
         "Against the hardware: roofline, MFU and MBU",
