@@ -16,6 +16,7 @@ from llm_energy.backends.base import Backend, DecodingSettings, LoadReport, Requ
 from llm_energy.energy import EnergySession, EnergySettings
 from llm_energy.measure import (
     FLAG_RECOMPILED,
+    PACE_FLAG_VARIED,
     REWARM_AFTER_IDLE_S,
     MeasuredWindow,
     count_startup,
@@ -24,6 +25,7 @@ from llm_energy.measure import (
     needs_rewarm,
     warm_up,
     warmup_converged,
+    window_pace,
 )
 
 DECODING = DecodingSettings(max_output_tokens=4)
@@ -134,6 +136,21 @@ def test_a_window_repeats_the_request_set_until_min_window_s(session) -> None:
     assert len(window.requests) == 4 * window.repeats
     assert window.repeat_of_request == [r for r in range(window.repeats) for _ in range(4)]
     assert FLAG_RECOMPILED not in window.record["flags"]
+
+
+def test_a_window_whose_repeats_change_pace_is_flagged_and_a_steady_one_is_not(session) -> None:
+    steady = measure_window(session, SleepingBackend(batch_s=0.02), "inference", requests(2), 2, DECODING, 0.2)
+    pace, info, flags = window_pace(steady, under_load=False, tolerance=0.2)
+    assert pace["repeats_in_window"] == steady.repeats >= 3 and pace["repeat_time_cv_in_window"] < 0.2
+    assert flags == set() and info == {}
+    # The same work at two paces, as a host that slows down and recovers inside one window.
+    varying = SleepingBackend(batch_times_s=[0.02, 0.08] * 20)
+    window = measure_window(session, varying, "inference", requests(2), 2, DECODING, 0.3)
+    pace, _, flags = window_pace(window, under_load=False, tolerance=0.2)
+    assert pace["repeat_time_cv_in_window"] > 0.5 and pace["repeat_time_spread_in_window"] > 2
+    assert flags == {PACE_FLAG_VARIED}
+    pace, info, flags = window_pace(window, under_load=True, tolerance=0.2)
+    assert set(pace.values()) == {None} and "schedule" in info["repeat_time_unavailable_reason"] and not flags
 
 
 def test_zero_min_window_s_is_one_pass(session) -> None:

@@ -17,6 +17,7 @@ from llm_energy.metrics import (
     inter_token_latencies_s,
     latency_distributions,
     latency_metrics,
+    repeat_pace,
     run_metrics,
     time_per_output_token_s,
     window_bounds,
@@ -511,3 +512,22 @@ def test_run_metrics_phases_absent(phases, reason) -> None:
         assert key in metrics and metrics[key] is None
     assert "phase_split_method" not in info
     assert info.get("phase_split_unavailable_reason") == reason
+
+
+def test_repeat_pace_is_the_spread_of_the_repeats_durations_first_submission_to_last_token() -> None:
+    # Three repeats of two requests each: 1.0 s, 2.0 s and 1.5 s from first submission to last token.
+    spans = [(0.0, 0.8, 1.0), (1.0, 2.5, 3.0), (3.0, 4.5, 4.0)]
+    records = [
+        RequestRecord(index=i, input_tokens=4, output_tokens=2, submitted_s=start, finished_s=end)
+        for start, end_a, end_b in spans
+        for i, end in enumerate((end_a, end_b))
+    ]
+    repeats = [0, 0, 1, 1, 2, 2]
+    pace, info = repeat_pace(records, repeats)
+    durations = np.array([1.0, 2.0, 1.5])
+    assert pace["repeats_in_window"] == 3 and info == {}
+    assert pace["repeat_time_cv_in_window"] == pytest.approx(durations.std(ddof=1) / durations.mean())
+    assert pace["repeat_time_spread_in_window"] == pytest.approx(1.0)
+    pace, info = repeat_pace(records[:4], repeats[:4])
+    assert pace["repeats_in_window"] == 2 and pace["repeat_time_cv_in_window"] is None
+    assert "2 repeat(s)" in info["repeat_time_unavailable_reason"]

@@ -43,6 +43,13 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
             assert data["window"]["duration_s"] >= 0.5 and data["window"]["repeats"] == repeats
             assert (requests["output_tokens"] == 16).all()  # fixed output length
             assert data["tokens"]["output_tokens"] == 8 * 16 * repeats
+            # The pace inside the window: the spread of the repeats' times, or none below 3 with the reason.
+            assert data["metrics"]["repeats_in_window"] == repeats
+            if repeats >= 3:
+                assert data["metrics"]["repeat_time_cv_in_window"] >= 0
+            else:
+                assert data["metrics"]["repeat_time_cv_in_window"] is None
+                assert "repeat(s)" in data["metrics_info"]["repeat_time_unavailable_reason"]
             # Warm-up until two consecutive batch times agree within 25 %, every time recorded.
             warmup = data["setup"]["warmup"]
             assert len(warmup["batch_times_s"]) >= 2 and all(t > 0 for t in warmup["batch_times_s"])
@@ -100,6 +107,7 @@ def test_summary_table_has_one_row_per_experiment_with_units(default_run):
     assert csv["node_energy_per_output_token_j"].isna().all()
     assert (csv["host_estimated_energy_per_output_token_j"] > 0).all()
     assert (csv["job_share_in_windows"] > 0).all() and (csv["job_wall_s"] > csv["job_windows_s"]).all()
+    assert "repeat_time_cv_in_window" in csv.columns
     assert set(csv["engine_path"]) == {"eager"}
     assert meta["schema"] == "llm_energy/summary_table"
 

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # Warm-up is bounded even when batch times never settle (a noisy shared CPU): then the run is flagged.
 WARMUP_FLAG_NOT_CONVERGED = "warmup_not_converged"
+PACE_FLAG_VARIED = "pace_varied_in_window"
 FLAG_RECOMPILED = "recompiled_in_window"
 
 
@@ -728,6 +729,19 @@ def _active_idle_baseline(session: EnergySession, settings: EnergySettings) -> d
     return record
 
 
+def window_pace(
+    window: MeasuredWindow, under_load: bool, tolerance: float
+) -> tuple[dict[str, float | None], dict[str, str], set[str]]:
+    """The window's pace metrics (llm_energy.metrics.repeat_pace) and PACE_FLAG_VARIED where the repeats'
+    CV exceeds `tolerance` (campaign.warmup.tolerance: the agreement warm-up asked of batch times)."""
+    if under_load:
+        reason = "under a request rate the schedule, not the engine, sets when each repeat starts and ends"
+        return dict.fromkeys(metrics.PACE_METRICS), {"repeat_time_unavailable_reason": reason}, set()
+    pace, info = metrics.repeat_pace(window.requests, window.repeat_of_request)
+    cv = pace["repeat_time_cv_in_window"]
+    return pace, info, {PACE_FLAG_VARIED} if cv is not None and cv > tolerance else set()
+
+
 def _measure_cycle(
     run: ExperimentRun,
     cycle: int,
@@ -828,6 +842,12 @@ def _measure_cycle(
             run_metrics[f"memory_{key}"] = value
     info["engine_path"] = backend.engine_path
     flags = set(window.record.get("flags", []))
+    pace, pace_info, pace_flags = window_pace(
+        window, under_load=experiment.load is not None, tolerance=WarmupSpec.of(experiment.warmup).tolerance
+    )
+    run_metrics.update(pace)
+    info.update(pace_info)
+    flags |= pace_flags
     if under_load is not None:
         run_metrics.update(under_load["metrics"])
         info.update(under_load["info"])

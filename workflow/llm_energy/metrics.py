@@ -170,6 +170,36 @@ def work_duration_s(records: Sequence[RequestRecord], window_duration_s: float) 
     return last - first
 
 
+# The fewest repeats of the request set in one window that a pace spread is computed from.
+PACE_MIN_REPEATS = 3
+PACE_METRICS = ("repeats_in_window", "repeat_time_cv_in_window", "repeat_time_spread_in_window")
+
+
+def repeat_pace(
+    records: Sequence[RequestRecord], repeats: Sequence[int]
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """How steady the work's pace was inside one window. Every repeat of the request set
+    (campaign.min_window_s) is the same work, so its duration (first submission to last token of that
+    repeat) changes only when the engine or its host changes pace: a spread here is in the machine, and
+    it is what makes cycles disagree when the window holds few repeats.
+
+    `repeat_time_cv_in_window` is std/mean of the repeats' durations, `repeat_time_spread_in_window`
+    max/min - 1; both None below PACE_MIN_REPEATS repeats (the reason in metrics_info)."""
+    spans: dict[int, list[float]] = {}
+    for record, repeat in zip(records, repeats):
+        first_last = spans.setdefault(int(repeat), [record.submitted_s, record.finished_s])
+        first_last[0] = min(first_last[0], record.submitted_s)
+        first_last[1] = max(first_last[1], record.finished_s)
+    durations = np.array([last - first for first, last in spans.values()], dtype=float)
+    pace: dict[str, float | None] = {**dict.fromkeys(PACE_METRICS), "repeats_in_window": float(durations.size)}
+    if durations.size < PACE_MIN_REPEATS or durations.min() <= 0:
+        reason = f"{durations.size} repeat(s) of the request set in the window; the spread needs {PACE_MIN_REPEATS}"
+        return pace, {"repeat_time_unavailable_reason": reason}
+    pace["repeat_time_cv_in_window"] = float(durations.std(ddof=1) / durations.mean())
+    pace["repeat_time_spread_in_window"] = float(durations.max() / durations.min() - 1.0)
+    return pace, {}
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator in (None, 0):
         return None

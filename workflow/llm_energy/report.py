@@ -44,6 +44,9 @@ PAGE_CAPTIONS = {
 HARNESS_FLAG_DESCRIPTIONS = {
     "warmup_not_converged": "warm-up batch times did not agree within campaign.warmup.tolerance before "
     "campaign.warmup.max_s: the window may include a host or GPU still warming up",
+    "pace_varied_in_window": "the repeats of the request set inside the window (the same work each time) took "
+    "times whose CV exceeds campaign.warmup.tolerance: the engine or its host changed pace during the window "
+    "(repeat_time_cv_in_window), which shows as spread between cycles",
     "recompiled_in_window": "the backend compiled (torch.compile / CUDA graphs) inside the measured window",
     "prefill_exceeds_window": "the differential prefill energy exceeded the whole window's: decode energy "
     "is negative, the split is not meaningful",

@@ -138,6 +138,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "setup_duration_s",
     "setup_gpu_energy_j",
     "timeline_vs_counter_rel_diff",
+    "repeat_time_cv_in_window",
 )
 HEADLINE_LATENCY: tuple[str, ...] = (
     "ttft_p50_s",

@@ -52,8 +52,10 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
 # on its power cap, so power_throttled is the normal state of a heavy run, not a broken measurement;
 # these reach the summary but do not make a run invalid.
 # baseline_power_state_differs is expected too: a loaded GPU at its power cap clocks lower than idle.
+# pace_varied_in_window (set by llm_energy.measure) says the same: the engine or its host changed pace
+# inside the window; the energy of the work that ran is measured as well as ever.
 OPERATING_CONDITION_FLAGS = frozenset(
-    {"power_throttled", "thermal_throttled", "hw_slowdown", "baseline_power_state_differs"}
+    {"power_throttled", "thermal_throttled", "hw_slowdown", "baseline_power_state_differs", "pace_varied_in_window"}
 )
 
 
