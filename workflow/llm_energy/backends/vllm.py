@@ -516,6 +516,19 @@ class VllmBackend(Backend):
             raise BackendError(f"vLLM generate failed: {_short(exc)}") from exc
         return sorted(records, key=lambda r: r.index)
 
+    def reference_generate(self, requests: list[Request], decoding: DecodingSettings) -> Callable[[], Any]:
+        """vLLM's own offline `LLM.generate` over `requests`, with the same sampling parameters and
+        nothing of ours (no clock offsets, no records): the reference that workflow/benchmarks/
+        harness_overhead.py measures the harness against. Each call of the result is one pass."""
+        if self._llm is None:
+            raise BackendError("VllmBackend.reference_generate needs the offline engine (load() it, streaming off)")
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        params = [self.sampling_params(decoding, r, streaming=False) for r in requests]
+        llm = self._llm
+        return lambda: llm.generate(prompts, params, use_tqdm=False)
+
     def _generate_offline(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
         from vllm.inputs import TokensPrompt
 
