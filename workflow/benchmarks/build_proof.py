@@ -9,8 +9,9 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
   null for vllm), cycles, window_s_min, gpu_energy_per_output_token_j (mean over cycles) and its
   _cv, output_tokens_per_s, mbu};
 - harness_overhead: per backend, batch size and pytorch path (null for vllm), the full harness's
-  throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), with its 95 % CI and the commit of the benchmark run it came from (every arm under
-  harness_overhead_arms; several benchmark JSON files may be given, say one per engine path);
+  throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), with its
+  95 % CI and the commit of the benchmark run it came from (every arm under harness_overhead_arms;
+  several benchmark JSON files may be given, say one per engine path);
 - gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
 - timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
 - measured_copy_bandwidth_bytes_per_s and mbu_vs_measured_bandwidth at batch 1 (fast path);

@@ -13,8 +13,8 @@ the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order 
                  session as the pipeline runs it: sampler process, CodeCarbon's estimate, counter edges.
 - no_sampler:    the same without the sampler process (energy.timeline: false).
 - no_codecarbon: the same without CodeCarbon (energy.codecarbon: false).
-- bare_streamer: (pytorch only) the bare arm with the harness's per-step streamer (the pytorch backend's _StepClock,
-                 which takes each token's arrival time). transformers copies every step's tokens to
+- bare_streamer: (pytorch only) the bare arm with the harness's per-step streamer (the pytorch
+                 backend's _StepClock, which takes each token's arrival time). transformers copies every step's tokens to
                  the host for a streamer (`streamer.put(tokens.cpu())`): this arm prices that copy and
                  the clock read alone, the one per-step cost the harness adds to generate.
 

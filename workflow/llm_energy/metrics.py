@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from llm_energy.backends.base import RequestRecord
+from llm_energy.statistics import describe
 
 DOMAINS = ("gpu", "cpu", "dram")
 # Percentile -> the fewest samples it is reported from.
@@ -185,18 +186,16 @@ def repeat_pace(
 
     `repeat_time_cv_in_window` is std/mean of the repeats' durations, `repeat_time_spread_in_window`
     max/min - 1; both None below PACE_MIN_REPEATS repeats (the reason in metrics_info)."""
-    spans: dict[int, list[float]] = {}
+    by_repeat: dict[int, list[RequestRecord]] = {}
     for record, repeat in zip(records, repeats):
-        first_last = spans.setdefault(int(repeat), [record.submitted_s, record.finished_s])
-        first_last[0] = min(first_last[0], record.submitted_s)
-        first_last[1] = max(first_last[1], record.finished_s)
-    durations = np.array([last - first for first, last in spans.values()], dtype=float)
-    pace: dict[str, float | None] = {**dict.fromkeys(PACE_METRICS), "repeats_in_window": float(durations.size)}
-    if durations.size < PACE_MIN_REPEATS or durations.min() <= 0:
-        reason = f"{durations.size} repeat(s) of the request set in the window; the spread needs {PACE_MIN_REPEATS}"
+        by_repeat.setdefault(int(repeat), []).append(record)
+    durations = describe(last - first for first, last in map(window_bounds, by_repeat.values()))
+    pace: dict[str, float | None] = {**dict.fromkeys(PACE_METRICS), "repeats_in_window": float(durations["n"])}
+    if durations["n"] < PACE_MIN_REPEATS or durations["min"] <= 0:
+        reason = f"{durations['n']} repeat(s) of the request set in the window; the spread needs {PACE_MIN_REPEATS}"
         return pace, {"repeat_time_unavailable_reason": reason}
-    pace["repeat_time_cv_in_window"] = float(durations.std(ddof=1) / durations.mean())
-    pace["repeat_time_spread_in_window"] = float(durations.max() / durations.min() - 1.0)
+    pace["repeat_time_cv_in_window"] = durations["cv"]
+    pace["repeat_time_spread_in_window"] = durations["max"] / durations["min"] - 1.0
     return pace, {}
 
 

@@ -522,18 +522,19 @@ class VllmBackend(Backend):
         harness_overhead.py measures the harness against. Each call of the result is one pass."""
         if self._llm is None:
             raise BackendError("VllmBackend.reference_generate needs the offline engine (load() it, streaming off)")
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
-        params = [self.sampling_params(decoding, r, streaming=False) for r in requests]
+        prompts, params = self._offline_inputs(requests, decoding)
         llm = self._llm
         return lambda: llm.generate(prompts, params, use_tqdm=False)
 
-    def _generate_offline(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
+    def _offline_inputs(self, requests: list[Request], decoding: DecodingSettings) -> tuple[list[Any], list[Any]]:
+        """The prompts and per-request sampling parameters of one offline `LLM.generate` call."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
-        params = [self.sampling_params(decoding, r, streaming=False) for r in requests]
+        return prompts, [self.sampling_params(decoding, r, streaming=False) for r in requests]
+
+    def _generate_offline(self, requests: list[Request], decoding: DecodingSettings) -> list[RequestRecord]:
+        prompts, params = self._offline_inputs(requests, decoding)
         offsets = _measure_clock_offsets()
         # One call: the engine's scheduler batches up to max_num_seqs; outputs come back in prompt order.
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
