@@ -30,7 +30,7 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
             "--windows",
             "2",
             "--window-s",
-            "0.2",
+            "0.6",  # enough repeats (>= 3) for the pace CV of both arms
             "--out",
             str(out),
         ],
@@ -47,6 +47,9 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
         assert row["pytorch_path"] == "eager" and row["batch_size"] == 4 and row["n"] == 2
         assert row["bare_output_tokens_per_s"] > 0 and row["arm_output_tokens_per_s"] > 0
         assert row["ratio"] > 0 and row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
+        # The same repeat-time CV for the bare engine as for the harness's window.
+        assert 0 < row["bare_repeat_time_cv_in_window"] < 1 and 0 < row["arm_repeat_time_cv_in_window"] < 1
+    assert "bare pace CV" in completed.stdout
     (timing,) = document["time_accounting"]
     assert 0 < timing["share_in_windows"] < 1
 

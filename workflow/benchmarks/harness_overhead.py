@@ -92,17 +92,28 @@ def bare_pass(backend, batches, measured, decoding, streamer: bool = False) -> C
 
 def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: int, window_s: float) -> dict:
     """`one_pass` repeated until `window_s`; tokens / seconds."""
-    passes = 0
+    from llm_energy import metrics, statistics
+
+    pass_ends = []
     backend.synchronize()
     started = time.perf_counter()
     while True:
         one_pass()
-        passes += 1
         backend.synchronize()
-        if time.perf_counter() - started >= window_s:
+        pass_ends.append(time.perf_counter())
+        if pass_ends[-1] - started >= window_s:
             break
-    elapsed = time.perf_counter() - started
-    return {"output_tokens_per_s": passes * output_tokens_per_pass / elapsed, "duration_s": elapsed, "repeats": passes}
+    elapsed = pass_ends[-1] - started
+    durations = [end - start for start, end in zip([started, *pass_ends], pass_ends)]
+    return {
+        "output_tokens_per_s": len(pass_ends) * output_tokens_per_pass / elapsed,
+        "duration_s": elapsed,
+        "repeats": len(pass_ends),
+        # The same statistic as the harness's repeat_time_cv_in_window: the engine's own pace, unmeasured.
+        "repeat_time_cv_in_window": (
+            statistics.describe(durations)["cv"] if len(durations) >= metrics.PACE_MIN_REPEATS else None
+        ),
+    }
 
 
 def harness_window(
@@ -125,10 +136,12 @@ def harness_window(
     finally:
         session.stop()
     run_metrics, _ = metrics.run_metrics(window.requests, window.record, [], {})
+    pace, _ = metrics.repeat_pace(window.requests, window.repeat_of_request)
     return {
         "output_tokens_per_s": run_metrics["output_tokens_per_s"],
         "duration_s": window.record["duration_s"],
         "repeats": window.repeats,
+        "repeat_time_cv_in_window": pace["repeat_time_cv_in_window"],
         "gpu_energy_per_output_token_j": run_metrics.get("gpu_energy_per_output_token_j"),
         "flags": window.record.get("flags", []),
     }
@@ -262,6 +275,14 @@ def measure_experiment_overhead(
                 "arm_gpu_energy_per_output_token_j": statistics.describe(
                     s.get("gpu_energy_per_output_token_j") for s in samples[arm]
                 )["mean"],
+                # The mean over windows of each window's repeat-time CV: whether the engine held its pace
+                # without the harness as well as with it (what bounds a cycle CV that the harness does not).
+                "arm_repeat_time_cv_in_window": statistics.describe(
+                    s.get("repeat_time_cv_in_window") for s in samples[arm]
+                )["mean"],
+                "bare_repeat_time_cv_in_window": statistics.describe(
+                    s.get("repeat_time_cv_in_window") for s in samples["bare"]
+                )["mean"],
                 "ratios": ratios,
                 # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
                 "arm_window_output_tokens_per_s": [s["output_tokens_per_s"] for s in samples[arm]],
@@ -352,13 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm_version}, "
         f"commit {git_commit()}"
     )
-    print(f"{'engine':14} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10}")
+    print(
+        f"{'engine':14} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10} "
+        f"{'bare pace CV':>12} {'arm pace CV':>11}"
+    )
     for r in rows:
         ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"
         engine = f"{r['backend']}-{r['engine_path']}"
+        pace = [r["bare_repeat_time_cv_in_window"], r["arm_repeat_time_cv_in_window"]]
         print(
             f"{engine:14} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
-            f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f}"
+            f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f} "
+            + " ".join(f"{'n/a' if cv is None else f'{cv:.3f}':>{w}}" for cv, w in zip(pace, (12, 11)))
         )
     print(
         "\nwhere the time went (s): "
