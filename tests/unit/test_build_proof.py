@@ -148,6 +148,20 @@ def test_a_stale_commit_label_is_read_as_the_commit_that_ran(tmp_path: Path) -> 
     assert [r["git_commit"] for r in proof["harness_overhead"]] == ["7094582"]
 
 
+def test_each_arm_keeps_the_bare_and_harness_pace_and_older_files_read_as_unmeasured(tmp_path: Path) -> None:
+    (tmp_path / "experiments").mkdir()
+    paced = _row(None, 8, "full", 0.97, 0.85, 1.09, backend="vllm", engine_path="default")
+    paced |= {"bare_repeat_time_cv_in_window": 0.077, "arm_repeat_time_cv_in_window": 0.065}
+    (tmp_path / "old.json").write_text(json.dumps({"git_commit": "a", "rows": [_row("fast", 8, "full", 1, 0.9, 1.1)]}))
+    (tmp_path / "new.json").write_text(json.dumps({"git_commit": "b", "rows": [paced]}))
+    proof = build_proof.build(tmp_path, [tmp_path / "old.json", tmp_path / "new.json"])
+    pace = {
+        r["backend"]: (r["bare_repeat_time_cv_in_window"], r["arm_repeat_time_cv_in_window"])
+        for r in proof["harness_overhead_arms"]
+    }
+    assert pace == {"pytorch": (None, None), "vllm": (0.077, 0.065)}
+
+
 H200_TREE = REPO_ROOT / "results" / "examples" / "h200-llama1b"
 
 
@@ -168,6 +182,9 @@ def test_the_committed_h200_proof_holds_what_the_proof_names() -> None:
     for row in proof["harness_overhead"]:
         assert {"batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high", "git_commit"} <= row.keys()
         assert row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
+    # The full harness against the engine's own generate for the fast path and vLLM at every batch size.
+    overhead_engines = {(r["backend"], r["pytorch_path"], r["batch_size"]) for r in proof["harness_overhead"]}
+    assert overhead_engines >= {(b, p, n) for b, p in [("pytorch", "fast"), ("vllm", None)] for n in (1, 8, 32, 128)}
     assert 0 < proof["gpu_time_in_windows_share"] < 1
     assert proof["timeline_vs_counter_max_abs_rel_diff"] >= 0
     assert proof["measured_copy_bandwidth_bytes_per_s"] > 1e12
