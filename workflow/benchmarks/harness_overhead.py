@@ -20,7 +20,9 @@ the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order 
 
 A harness arm's throughput is the pipeline's own `output_tokens_per_s` of that window. Each round
 gives one ratio arm/bare (both measured within seconds of each other); the ratio's mean and 95 %
-CI (t over rounds) are printed per engine path, batch size and arm. Where the job's time went (load,
+CI (t over rounds) are printed per engine path, batch size and arm, beside each arm's pace: the mean
+over its windows of the repeats' duration CV inside a window (the harness's repeat_time_cv_in_window;
+for bare, its passes), which says whether a spread is the engine's own. Where the job's time went (load,
 compile, warm-up, windows, the rest) is printed too, and with `--copy-bandwidth` the GPU's
 device-to-device copy bandwidth measured in the same process (the MBU reference).
 
