@@ -94,7 +94,7 @@ def bare_pass(backend, batches, measured, decoding, streamer: bool = False) -> C
 
 def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: int, window_s: float) -> dict:
     """`one_pass` repeated until `window_s`; tokens / seconds."""
-    from llm_energy import metrics, statistics
+    from llm_energy import metrics
 
     pass_ends = []
     backend.synchronize()
@@ -112,9 +112,7 @@ def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: i
         "duration_s": elapsed,
         "repeats": len(pass_ends),
         # The same statistic as the harness's repeat_time_cv_in_window: the engine's own pace, unmeasured.
-        "repeat_time_cv_in_window": (
-            statistics.describe(durations)["cv"] if len(durations) >= metrics.PACE_MIN_REPEATS else None
-        ),
+        "repeat_time_cv_in_window": metrics.pace_of_durations(durations)[0]["repeat_time_cv_in_window"],
     }
 
 

@@ -189,7 +189,13 @@ def repeat_pace(
     by_repeat: dict[int, list[RequestRecord]] = {}
     for record, repeat in zip(records, repeats):
         by_repeat.setdefault(int(repeat), []).append(record)
-    durations = describe(last - first for first, last in map(window_bounds, by_repeat.values()))
+    return pace_of_durations([last - first for first, last in map(window_bounds, by_repeat.values())])
+
+
+def pace_of_durations(repeat_durations_s: Sequence[float]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """repeat_pace's figures from the repeats' durations themselves (also for a loop timed without
+    records, such as the harness-overhead benchmark's bare engine)."""
+    durations = describe(repeat_durations_s)
     pace: dict[str, float | None] = {**dict.fromkeys(PACE_METRICS), "repeats_in_window": float(durations["n"])}
     if durations["n"] < PACE_MIN_REPEATS or durations["min"] <= 0:
         reason = f"{durations['n']} repeat(s) of the request set in the window; the spread needs {PACE_MIN_REPEATS}"
