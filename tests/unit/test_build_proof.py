@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("build_proof", REPO_ROOT / "workflow" / "benchmarks" / "build_proof.py")
 build_proof = importlib.util.module_from_spec(spec)
@@ -75,6 +77,37 @@ def test_a_later_overhead_run_replaces_the_rows_it_remeasured(tmp_path: Path) ->
     merged = build_proof.load_overhead([tmp_path / "old.json", tmp_path / "new.json"])
     by_key = {(r["batch_size"], r["arm"]): (r["ratio"], r["git_commit"]) for r in merged["rows"]}
     assert by_key == {(8, "full"): (0.99, "bbb"), (8, "no_sampler"): (1.06, "aaa"), (1, "full"): (1.0, "aaa")}
+
+
+def test_runs_of_one_commit_pool_their_rounds_and_a_later_commit_supersedes(tmp_path: Path) -> None:
+    def rounds(ratios: list[float], bare: list[float], pace: float) -> dict:
+        return {
+            "ratios": ratios,
+            "bare_window_output_tokens_per_s": bare,
+            "arm_window_output_tokens_per_s": [r * b for r, b in zip(ratios, bare)],
+            "arm_repeat_time_cv_in_window": pace,
+            "bare_repeat_time_cv_in_window": 0.02,
+            "arm_gpu_energy_per_output_token_j": 0.7,
+        }
+
+    first = _row("fast", 1, "full", 0.95, 0.9, 1.0, **rounds([0.9, 1.0, 0.95], [300.0, 360.0, 330.0], 0.04))
+    second = _row("fast", 1, "full", 1.0, 0.98, 1.02, **rounds([0.99, 1.01], [380.0, 370.0], 0.01))
+    (tmp_path / "first.json").write_text(json.dumps({"git_commit": "bbb", "rows": [first]}))
+    (tmp_path / "second.json").write_text(json.dumps({"git_commit": "bbb", "rows": [second]}))
+    merged = build_proof.load_overhead([tmp_path / "first.json", tmp_path / "second.json"])
+    (pooled,) = merged["rows"]
+    assert pooled["n"] == 5 and pooled["ratios"] == [0.9, 1.0, 0.95, 0.99, 1.01]
+    assert pooled["ratio"] == pytest.approx(0.97)
+    # t(0.975, 4) = 2.776, std of the five ratios = 0.04528
+    assert pooled["ci95_low"] == pytest.approx(0.97 - 2.776 * 0.04528 / 5**0.5, abs=1e-4)
+    assert pooled["bare_output_tokens_per_s"] == pytest.approx((300 + 360 + 330 + 380 + 370) / 5)
+    assert pooled["arm_repeat_time_cv_in_window"] == pytest.approx((3 * 0.04 + 2 * 0.01) / 5)
+    assert pooled["source"] == "first.json + second.json"
+
+    # The same rows under another commit: the later run replaces, it does not pool.
+    (tmp_path / "second.json").write_text(json.dumps({"git_commit": "ccc", "rows": [second]}))
+    merged = build_proof.load_overhead([tmp_path / "first.json", tmp_path / "second.json"])
+    assert [(r["ratio"], r["n"], r["git_commit"]) for r in merged["rows"]] == [(1.0, 5, "ccc")]
 
 
 def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:

@@ -11,7 +11,8 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
 - harness_overhead: per backend, batch size and pytorch path (null for vllm), the full harness's
   throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), with its
   95 % CI and the commit of the benchmark run it came from (every arm under harness_overhead_arms;
-  several benchmark JSON files may be given, say one per engine path);
+  several benchmark JSON files may be given, say one per engine path; runs of one commit pool their
+  rounds, a run at a later commit supersedes);
 - gpu_time_in_windows_share: the campaign's time inside measured windows over the jobs' wall time;
 - timeline_vs_counter_max_abs_rel_diff: the largest |timeline - counter| / counter of any window;
 - measured_copy_bandwidth_bytes_per_s and mbu_vs_measured_bandwidth at batch 1 (fast path);
@@ -40,6 +41,7 @@ SHARE_TARGET = 0.70
 TIMELINE_TARGET = 0.03
 MBU_TARGET = 0.25
 PACE_KEYS = ("bare_repeat_time_cv_in_window", "arm_repeat_time_cv_in_window")
+ROUND_LISTS = ("ratios", "arm_window_output_tokens_per_s", "bare_window_output_tokens_per_s")  # one value a round
 
 
 def _mean(metric: dict | None) -> float | None:
@@ -119,22 +121,54 @@ def window_facts(results_dir: Path) -> dict[str, Any]:
 def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
     """harness_overhead.py outputs, possibly from several runs (say one per engine path, or a longer
     rerun of some batch sizes): their rows, each tagged with the commit of the run it came from, and the
-    first copy bandwidth measured. A later file's row replaces an earlier one for the same engine path,
-    batch size and arm (list the files oldest first), so a rerun supersedes what it re-measured."""
+    first copy bandwidth measured. List the files oldest first. For one engine path, batch size and arm,
+    a run at another commit replaces what earlier runs measured (the code changed), while runs at the
+    same commit pool their rounds (`pool_rows`): a second run of the same code is more evidence, so the
+    figure is never whichever run happened to come last."""
     rows: dict[tuple, dict[str, Any]] = {}
     bandwidth = None
     for path in paths:
         run = json.loads(path.read_text())
         for r in run.get("rows", []):
             backend = r.get("backend", "pytorch")  # files before vLLM's bare arm hold pytorch rows only
-            rows[(backend, r["pytorch_path"], r["batch_size"], r["arm"])] = {
-                **r,
-                "backend": backend,
-                "git_commit": run.get("git_commit"),
-                "source": path.name,
-            }
+            key = (backend, r["pytorch_path"], r["batch_size"], r["arm"])
+            row = {**r, "backend": backend, "git_commit": run.get("git_commit"), "source": path.name}
+            earlier = rows.get(key)
+            if earlier is not None and earlier["git_commit"] == row["git_commit"]:
+                row = pool_rows(earlier, row)
+            rows[key] = row
         bandwidth = bandwidth or run.get("measured_copy_bandwidth_bytes_per_s")
     return {"rows": list(rows.values()), "measured_copy_bandwidth_bytes_per_s": bandwidth}
+
+
+def pool_rows(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One row from two runs' rows of the same code, engine path, batch size and arm: the ratio and its
+    95 % CI over all their rounds, the throughputs over all their windows, and the per-run means
+    (energy per token, pace CV) weighted by each run's rounds."""
+    from llm_energy import statistics
+
+    if any(key not in row for key in ROUND_LISTS for row in (earlier, later)):
+        return later  # a file from before the rounds were kept: nothing to pool, the later row stands
+    ratios = earlier["ratios"] + later["ratios"]
+    stats = statistics.describe(ratios)
+    pooled = {
+        **later,
+        "ratio": stats["mean"],
+        "ci95_low": stats["ci95_low"],
+        "ci95_high": stats["ci95_high"],
+        "n": stats["n"],
+        "ratios": ratios,
+        "source": f"{earlier['source']} + {later['source']}",
+    }
+    for arm in ("arm", "bare"):
+        windows = earlier[f"{arm}_window_output_tokens_per_s"] + later[f"{arm}_window_output_tokens_per_s"]
+        pooled[f"{arm}_window_output_tokens_per_s"] = windows
+        pooled[f"{arm}_output_tokens_per_s"] = statistics.describe(windows)["mean"]
+    for key in ("arm_gpu_energy_per_output_token_j", *PACE_KEYS):
+        weighted = [(r[key], len(r["ratios"])) for r in (earlier, later) if r.get(key) is not None]
+        total = sum(n for _, n in weighted)
+        pooled[key] = sum(value * n for value, n in weighted) / total if total else None
+    return pooled
 
 
 def build(
