@@ -110,6 +110,28 @@ def test_runs_of_one_commit_pool_their_rounds_and_a_later_commit_supersedes(tmp_
     assert [(r["ratio"], r["n"], r["git_commit"]) for r in merged["rows"]] == [(1.0, 5, "ccc")]
 
 
+def test_rebuild_keeps_the_proofs_inputs_and_adds_a_newer_run_after_them(tmp_path: Path) -> None:
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "old.json").write_text(
+        json.dumps({"git_commit": "aaa", "rows": [_row("fast", 8, "full", 0.9, 0.8, 1.0)]})
+    )
+    (tmp_path / "new.json").write_text(
+        json.dumps({"git_commit": "bbb", "rows": [_row("fast", 8, "full", 1.0, 0.9, 1.1)]})
+    )
+    arguments = ["--results-dir", str(tmp_path), "--git-commit", "ccc", "--commit-alias", "x-dirty=ddd"]
+    assert build_proof.main([*arguments, "--overhead", str(tmp_path / "old.json")]) == 0
+    assert (
+        build_proof.main(["--results-dir", str(tmp_path), "--rebuild", "--overhead", str(tmp_path / "new.json")]) == 0
+    )
+    proof = json.loads((tmp_path / "proof.json").read_text())
+    assert proof["built_with"] == {
+        "overhead": ["old.json", "new.json"],
+        "git_commit": "ccc",
+        "commit_aliases": {"x-dirty": "ddd"},
+    }
+    assert [(r["ratio"], r["git_commit"]) for r in proof["harness_overhead"]] == [(1.0, "bbb")]
+
+
 def test_targets_say_met_by_the_mean_and_conclusive_by_the_interval() -> None:
     proof = {
         "experiments": [

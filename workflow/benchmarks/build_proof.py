@@ -20,7 +20,11 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
 - built_with: the benchmark files (in the results dir), --git-commit and --commit-alias it was built with.
 
     python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b \
-        --overhead results/examples/h200-llama1b/harness_overhead_*.json
+        --overhead results/examples/h200-llama1b/harness_overhead_{eager,fast}.json
+
+    # the same inputs again, plus a newer benchmark run:
+    python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b --rebuild \
+        --overhead results/examples/h200-llama1b/harness_overhead_new.json
 """
 
 from __future__ import annotations
@@ -297,7 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         help="harness_overhead.py's --out JSON files, oldest first (rows keep their run's commit; "
-        "a later run's row replaces an earlier one for the same path, batch and arm)",
+        "runs of one commit pool their rounds, a later commit's row replaces an earlier one for the "
+        "same path, batch and arm)",
+    )
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="start from the results dir's proof.json: its benchmark files, --git-commit and "
+        "--commit-alias (its built_with); --overhead files given too come after them, as newer runs",
     )
     parser.add_argument(
         "--git-commit",
@@ -312,13 +323,22 @@ def main(argv: list[str] | None = None) -> int:
         help="read the commit LABEL found in artifacts as COMMIT (repeatable)",
     )
     args = parser.parse_args(argv)
-    aliases = {}
+    overhead, git_commit, aliases = list(args.overhead), args.git_commit, {}
+    if args.rebuild:
+        proof_path = args.results_dir / "proof.json"
+        if not proof_path.is_file():
+            parser.error(f"--rebuild: {proof_path} does not exist; build it once with --overhead")
+        built_with = json.loads(proof_path.read_text())["built_with"]
+        earlier = [args.results_dir / name for name in built_with["overhead"]]
+        overhead = earlier + [path for path in overhead if path.name not in built_with["overhead"]]
+        git_commit = git_commit or built_with["git_commit"]
+        aliases = dict(built_with["commit_aliases"])
     for alias in args.commit_alias:
         label, sep, commit = alias.partition("=")
         if not sep or not label or not commit:
             parser.error(f"--commit-alias {alias!r}: expected LABEL=COMMIT")
         aliases[label] = commit
-    proof = build(args.results_dir, args.overhead, args.git_commit, aliases)
+    proof = build(args.results_dir, overhead, git_commit, aliases)
     (args.results_dir / "proof.json").write_text(json.dumps(proof, indent=2) + "\n")
     for check in proof["targets"]:
         value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
