@@ -237,9 +237,10 @@ def test_the_committed_h200_proof_holds_what_the_proof_names() -> None:
     for row in proof["harness_overhead"]:
         assert {"batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high", "git_commit"} <= row.keys()
         assert row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
-    # The full harness against the engine's own generate for the fast path and vLLM at every batch size.
+    # The full harness against the engine's own generate for both pytorch paths and vLLM at every batch size.
     overhead_engines = {(r["backend"], r["pytorch_path"], r["batch_size"]) for r in proof["harness_overhead"]}
-    assert overhead_engines >= {(b, p, n) for b, p in [("pytorch", "fast"), ("vllm", None)] for n in (1, 8, 32, 128)}
+    engines = [("pytorch", "eager"), ("pytorch", "fast"), ("vllm", None)]
+    assert overhead_engines >= {(b, p, n) for b, p in engines for n in (1, 8, 32, 128)}
     assert 0 < proof["gpu_time_in_windows_share"] < 1
     assert proof["timeline_vs_counter_max_abs_rel_diff"] >= 0
     assert proof["measured_copy_bandwidth_bytes_per_s"] > 1e12
