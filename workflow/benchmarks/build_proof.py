@@ -20,7 +20,8 @@ benchmark's JSON, and writes `<results-dir>/proof.json`:
 - built_with: the benchmark files (in the results dir), --git-commit and --commit-alias it was built with.
 
     python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b \
-        --overhead results/examples/h200-llama1b/harness_overhead_{eager,fast}.json
+        --overhead results/examples/h200-llama1b/harness_overhead_eager_883a7c4.json \
+        results/examples/h200-llama1b/harness_overhead_fast.json
 
     # the same inputs again, plus a newer benchmark run:
     python workflow/benchmarks/build_proof.py --results-dir results/examples/h200-llama1b --rebuild \
