@@ -74,7 +74,7 @@ def dynamic_records(dynamic: PytorchBackend, requests_) -> list[RequestRecord]:
 
 
 def test_auto_is_fast_on_cuda_and_eager_on_cpu() -> None:
-    assert resolve_engine_path({}, "cuda") == EnginePath("static", "reduce-overhead", "inductor")
+    assert resolve_engine_path({}, "cuda") == EnginePath("static", "reduce-overhead", "inductor", "deferred")
     assert resolve_engine_path({}, "cuda").label == "fast"
     assert resolve_engine_path({"compile": "auto", "cache_implementation": "auto"}, "cpu") == EnginePath(
         "dynamic", None, "inductor"

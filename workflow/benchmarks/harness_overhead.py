@@ -6,7 +6,8 @@ the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order 
 
 - bare:          the engine's own generate, nothing of ours (no streamer, no energy session, no
                  records); tokens / wall time. pytorch: transformers' `generate` on the same padded
-                 batches with the same cache and compile settings (PytorchBackend.reference_generate_call);
+                 batches with the same cache, compile and stop-check settings
+                 (PytorchBackend.reference_generate_call, run in PytorchBackend.generate_scope);
                  vllm: `LLM.generate` over the same requests and sampling parameters
                  (VllmBackend.reference_generate).
 - full:          the harness's measured window (llm_energy.measure.measure_window) with the energy
@@ -14,9 +15,11 @@ the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order 
 - no_sampler:    the same without the sampler process (energy.timeline: false).
 - no_codecarbon: the same without CodeCarbon (energy.codecarbon: false).
 - bare_streamer: (pytorch only) the bare arm with the harness's per-step streamer (the pytorch
-                 backend's _StepClock, which takes each token's arrival time). transformers copies every step's tokens to
-                 the host for a streamer (`streamer.put(tokens.cpu())`): this arm prices that copy and
-                 the clock read alone, the one per-step cost the harness adds to generate.
+                 backend's _StepClock, which takes each token's arrival time). With the per-step stop
+                 check transformers copies every step's tokens to the host for a streamer
+                 (`streamer.put(tokens.cpu())`), with the deferred one asynchronously a step late
+                 (llm_energy.backends.stop_check): this arm prices that copy and the clock read alone,
+                 the one per-step cost the harness adds to generate.
 
 A harness arm's throughput is the pipeline's own `output_tokens_per_s` of that window. Each round
 gives one ratio arm/bare (both measured within seconds of each other); the ratio's mean and 95 %
@@ -78,14 +81,13 @@ def bare_pass(backend, batches, measured, decoding, streamer: bool = False) -> C
     (pytorch), every generate call gets a fresh step clock, as the harness's generate passes one."""
     if backend.name == "vllm":
         return backend.reference_generate(measured, decoding)
-    import torch
     from llm_energy.backends.pytorch import _StepClock
 
     calls = [backend.reference_generate_call(batch, decoding) for batch in batches]
     model = backend.model
 
     def one_pass() -> None:
-        with torch.inference_mode():
+        with backend.generate_scope():  # the engine path's stop check, as the harness's generate runs it
             for inputs, kwargs in calls:
                 model.generate(**inputs, **kwargs, **({"streamer": _StepClock()} if streamer else {}))
 

@@ -1,8 +1,10 @@
 """The pytorch backend: transformers `generate` (+ accelerate for multi-GPU placement).
 
 Static batches with left padding; per-token arrival times come from a streamer that `generate` calls
-once per decoding step (it moves each step's tokens to the host, which synchronizes the device, so the
-host clock sees the token when it exists). TTFT is measured from the moment a batch is submitted.
+once per decoding step with that step's tokens on the host, so the host clock sees a token when it
+reaches the caller: with the per-step stop check as soon as it exists (the copy synchronizes the
+device), with the fast path's deferred one a step later, when its asynchronous copy has landed
+(llm_energy.backends.stop_check). TTFT is measured from the moment a batch is submitted.
 
 Two engine paths (`engine_path`):
 - "fast": one `transformers.StaticCache` of fixed length (max_model_len) and batch size, owned by the
@@ -10,7 +12,8 @@ Two engine paths (`engine_path`):
   itself (`_valid_auto_compile_criteria` + `CompileConfig`; the prefill stays eager). Every batch is
   padded to the batch size, so the decoding step has one shape per experiment: `compile()` compiles
   and captures it once, outside the measured window. A persistent cache keeps the tensor addresses
-  that CUDA graphs were captured with (a fresh cache per call would allocate inside the window).
+  that CUDA graphs were captured with (a fresh cache per call would allocate inside the window). On
+  CUDA its stop check is deferred, so the host queues the next step while the device runs this one.
 - "eager": transformers' default dynamic cache, no compilation (the default on CPU, where compiling
   would cost more than it saves on a 2-core machine).
 - "continuous-batching": under a request rate (or a concurrency cap), every window, warm-up and rewarm
@@ -21,17 +24,18 @@ Two engine paths (`engine_path`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm_energy import clock
-from llm_energy.backends import continuous_batching, quantization
+from llm_energy.backends import continuous_batching, quantization, stop_check
 from llm_energy.backends.base import (
     HARNESS_SETTINGS,
     LAUNCH_DATA_PARALLEL,
@@ -70,6 +74,7 @@ class PytorchSettings:
     cache_implementation: str
     compile: str | bool
     compile_backend: str
+    stop_check: str
     num_threads: int | None
     data_parallel: int
     tensor_parallel: int
@@ -90,6 +95,7 @@ class EnginePath:
     cache_implementation: str  # "dynamic" or "static"
     compile_mode: str | None  # a torch.compile mode; None: not compiled
     compile_backend: str  # torch.compile backend ("inductor"; "eager"/"aot_eager" skip code generation)
+    stop_check: str = "per_step"  # llm_energy.backends.stop_check: "per_step" (transformers' default) or "deferred"
 
     @property
     def compiled(self) -> bool:
@@ -103,8 +109,8 @@ class EnginePath:
 
 
 def resolve_engine_path(settings: PytorchSettings | Mapping[str, Any], device: str) -> EnginePath:
-    """ "auto" means the fast path on CUDA and eager dynamic elsewhere; an explicit compile mode implies
-    the static cache (transformers compiles only over a static cache)."""
+    """ "auto" means the fast path on CUDA (with the deferred stop check) and eager dynamic elsewhere; an
+    explicit compile mode implies the static cache (transformers compiles only over a static cache)."""
     config = PytorchSettings.of(settings)
     if config.compile == "auto":
         compile_mode = "reduce-overhead" if device == "cuda" else None
@@ -113,7 +119,7 @@ def resolve_engine_path(settings: PytorchSettings | Mapping[str, Any], device: s
     cache = config.cache_implementation
     if cache == "auto":
         cache = "static" if device == "cuda" or compile_mode else "dynamic"
-    return EnginePath(cache, compile_mode, config.compile_backend)
+    return EnginePath(cache, compile_mode, config.compile_backend, stop_check.resolve(config.stop_check, device, cache))
 
 
 def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
@@ -132,6 +138,13 @@ def check_settings(settings: PytorchSettings | Mapping[str, Any]) -> None:
             f"is '{config.compile}' but cache_implementation is 'dynamic'",
             "transformers compiles generate only over a static cache: set cache_implementation to 'static' "
             "or 'auto', or compile to false.",
+        )
+    if config.stop_check == "deferred" and config.cache_implementation == "dynamic":
+        raise ConfigError(
+            f"{SETTINGS_KEY}.stop_check",
+            "is 'deferred' but cache_implementation is 'dynamic'",
+            "the deferred stop check runs one extra step that only a static cache can absorb: set "
+            "cache_implementation to 'static' or 'auto', or stop_check to 'per_step' or 'auto'.",
         )
     reason = quantization.unsupported_reason(config.quantization, config.device)
     if reason:
@@ -264,9 +277,10 @@ class PytorchBackend(Backend):
 
     supports_data_parallel = True
     supports_tensor_parallel = True
-    # Added after ids were fixed (id unchanged at 1) / never changes what is measured.
-    id_neutral_settings = {"data_parallel": 1, "tensor_parallel": 1}
-    id_excluded_settings = ("data_parallel_timeout_s",)
+    # Added after ids were fixed: at these values the id stays as it was before the setting existed
+    # (a changed default behaviour is a change of code, which every artifact's git_commit records).
+    id_neutral_settings = {"data_parallel": 1, "tensor_parallel": 1, "stop_check": "auto"}
+    id_excluded_settings = ("data_parallel_timeout_s",)  # never changes what is measured
 
     @classmethod
     def execution(cls, settings: dict[str, Any]) -> Execution:
@@ -380,10 +394,17 @@ class PytorchBackend(Backend):
                 "cache_implementation": "paged",
                 "compile_mode": None,
                 "compile_backend": None,
+                "stop_check": None,
                 "static_cache_len": None,
                 "compile_cache_dirs": {},
             }
         self.path = resolve_engine_path(self.config, self.device)
+        if self.path.stop_check == "deferred":
+            reason = stop_check.unavailable_reason(self.device, self.path.cache_implementation)
+            if reason:
+                raise ConfigError(
+                    f"{SETTINGS_KEY}.stop_check", f"is 'deferred' but {reason}", "Use 'auto' or 'per_step'."
+                )
         cache_dirs: dict[str, str] = {}
         if self.path.compiled:
             self._compile_config = CompileConfig(mode=self.path.compile_mode, backend=self.path.compile_backend)
@@ -396,6 +417,7 @@ class PytorchBackend(Backend):
             "cache_implementation": self.path.cache_implementation,
             "compile_mode": self.path.compile_mode,
             "compile_backend": self.path.compile_backend if self.path.compiled else None,
+            "stop_check": self.path.stop_check,
             "static_cache_len": self.max_cache_len if self.path.cache_implementation == "static" else None,
             "compile_cache_dirs": cache_dirs,
         }
@@ -446,6 +468,15 @@ class PytorchBackend(Backend):
         # The returned cache is how the dynamic path's KV bytes are observed (memory_report).
         kwargs["return_dict_in_generate"] = True
         return kwargs
+
+    @contextlib.contextmanager
+    def generate_scope(self) -> Iterator[stop_check.Scope]:
+        """What every `generate` of this engine path runs inside, ours and the bare reference's alike:
+        inference mode and the engine path's stop check."""
+        import torch
+
+        with torch.inference_mode(), stop_check.stop_check(self.path.stop_check) as scope:
+            yield scope
 
     def reference_generate_call(self, batch: list[Request], decoding: DecodingSettings) -> tuple[Any, dict[str, Any]]:
         """(inputs, kwargs) for transformers' own `generate` with this engine path's cache and compile
@@ -533,13 +564,18 @@ class PytorchBackend(Backend):
         step_clock = _StepClock()
         submitted = clock.now()
         try:
-            with torch.inference_mode():
+            with self.generate_scope() as scope:
                 if "past_key_values" in call_kwargs:
                     call_kwargs["past_key_values"].reset()  # in place: the captured addresses stay valid
                 output = self.model.generate(input_ids=ids, attention_mask=mask, streamer=step_clock, **call_kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError(f"out of GPU memory at batch size {len(rows)}: {exc}") from exc
         self.synchronize()
+        if self.path.stop_check == "deferred" and not scope.deferred_calls:
+            raise BackendError(
+                "backend_settings.pytorch.stop_check is 'deferred' but this transformers' generate did not use "
+                "its DeferredStopCheck; set stop_check to 'per_step'"
+            )
         if self.path.cache_implementation == "dynamic" and output.past_key_values is not None:
             # At the end of generate the dynamic cache holds every token: its largest size.
             held = _cache_bytes(output.past_key_values)
