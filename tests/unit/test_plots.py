@@ -278,3 +278,27 @@ def test_pytorch_engine_paths_are_labelled_where_no_variant_names_them(tmp_path:
     draw("energy_vs_batch_size", summary, tmp_path / "e.png", tmp_path / "e.svg")
     text = (tmp_path / "e.svg").read_text()
     assert "pytorch (eager)" in text and "pytorch (fast)" in text
+
+
+def _batch_labels(points: list[tuple[float, float, float]]) -> list[tuple[str, tuple[float, float]]]:
+    from llm_energy.plots import style
+
+    figure = style.new_figure()
+    ax = figure.subplots()
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set_xscale("log")
+    style.label_batches(ax, points)
+    return [(a.get_text(), tuple(a.xyann)) for a in ax.texts]
+
+
+def test_batch_labels_of_coinciding_points_are_drawn_once_and_others_move_aside() -> None:
+    # Two engines at the same speed and energy at batch 1: one "bs1" names both.
+    assert [t for t, _ in _batch_labels([(400.0, 0.6, 1), (401.0, 0.6, 1), (3000.0, 0.09, 8)])] == ["bs1", "bs8"]
+    # Different batch sizes at one spot: both are labelled, at different corners.
+    (first, first_at), (second, second_at) = _batch_labels([(400.0, 0.6, 1), (400.0, 0.6, 8)])
+    assert (first, second) == ("bs1", "bs8") and first_at != second_at
+    # Far apart, every label takes the first corner.
+    assert {at for _, at in _batch_labels([(10.0, 0.1, 1), (1e4, 0.9, 8)])} == {(4.0, 3.0)}
+    # Above MAX_LABELLED_POINTS, none (marker sizes say it); NaN points are skipped.
+    assert _batch_labels([(float(i + 1), 1.0, i) for i in range(17)]) == []
+    assert [t for t, _ in _batch_labels([(1.0, float("nan"), 1), (2.0, 1.0, 2)])] == ["bs2"]

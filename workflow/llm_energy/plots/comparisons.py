@@ -19,14 +19,11 @@ from llm_energy.plots.style import (
     color_map,
     facet_grid,
     facet_size,
+    label_batches,
     message_figure,
     new_figure,
     tidy_log_axes,
 )
-
-# Above this many points in one panel, points are not labelled with their batch size (marker size
-# says it instead).
-MAX_LABELLED_POINTS = 16
 
 
 def faceted(
@@ -128,7 +125,7 @@ def draw_throughput_vs_energy(inputs, title: str) -> Figure:
     largest = float(np.nanmax(batches)) if batches.notna().any() else 1.0
 
     def panel(ax, rows: pd.DataFrame, colour: dict) -> list[Line2D]:
-        labelled = len(rows) <= MAX_LABELLED_POINTS
+        labels: list[tuple[float, float, float]] = []
         for label in sorted(dict.fromkeys(lay.series.loc[rows.index])):
             group = rows.loc[lay.series.loc[rows.index] == label].sort_values("batch_size")
             x, y = d.column(group, x_column), d.column(group, boundary.column)
@@ -146,10 +143,7 @@ def draw_throughput_vs_energy(inputs, title: str) -> Figure:
             sizes = 12 + 60 * np.log2(1 + d.column(group, "batch_size").fillna(1)) / np.log2(1 + largest)
             ax.scatter(x, y, s=sizes, color=colour[label], zorder=3, edgecolors="white", linewidths=0.5)
             ax.plot(x, y, linestyle=":", linewidth=0.8, color=colour[label])
-            if labelled:
-                for xi, yi, batch in zip(x, y, d.column(group, "batch_size")):
-                    if np.isfinite(batch):
-                        ax.annotate(f"bs{int(batch)}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels += zip(x, y, d.column(group, "batch_size"))
         x_all, y_all = d.column(rows, x_column).to_numpy(), d.column(rows, boundary.column).to_numpy()
         front = d.pareto_front(x_all, y_all)
         ax.plot(
@@ -167,6 +161,7 @@ def draw_throughput_vs_energy(inputs, title: str) -> Figure:
             ax.set_xscale("log")
         if y_log:
             ax.set_yscale("log")
+        label_batches(ax, labels)
         ax.set_xlabel("Output tokens per second")
         ax.set_ylabel(boundary.label)
         return [Line2D([], [], color="black", linestyle="--", marker="s", markerfacecolor="none", label="Pareto front")]

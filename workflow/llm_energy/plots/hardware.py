@@ -23,6 +23,7 @@ from llm_energy.plots.style import (
     color_map,
     facet_grid,
     facet_size,
+    label_batches,
     message_figure,
     new_figure,
     tidy_log_axes,
@@ -53,16 +54,8 @@ def _peaks(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, index=rows.index)
 
 
-MAX_LABELLED_POINTS = 16
-
-
-def _label_batches(ax, group: pd.DataFrame, x: str, y: str, points_in_panel: int) -> None:
-    """Each point's batch size, where the panel has few points."""
-    if points_in_panel > MAX_LABELLED_POINTS:
-        return
-    for xi, yi, batch in zip(d.column(group, x), d.column(group, y), d.column(group, "batch_size")):
-        if np.isfinite(batch) and np.isfinite(xi) and np.isfinite(yi):
-            ax.annotate(f"bs{int(batch)}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+def _points(rows: pd.DataFrame, x: str, y: str) -> list[tuple[float, float, float]]:
+    return list(zip(d.column(rows, x), d.column(rows, y), d.column(rows, "batch_size")))
 
 
 def draw_roofline(inputs, title: str) -> Figure:
@@ -123,9 +116,9 @@ def draw_roofline(inputs, title: str) -> Figure:
                 edgecolors="white",
                 linewidths=0.5,
             )
-            _label_batches(ax, group, "intensity_flop_per_byte", "flops_per_gpu_s", len(rows))
         ax.set_xscale("log")
         ax.set_yscale("log")
+        label_batches(ax, _points(rows, "intensity_flop_per_byte", "flops_per_gpu_s"))
         ax.set_xlabel("Arithmetic intensity (FLOP/byte, upper bound)")
         ax.set_ylabel("Achieved FLOP/s per GPU")
         ax.set_title(f"Roofline: {key}")
@@ -143,12 +136,12 @@ def draw_roofline(inputs, title: str) -> Figure:
             edgecolors="white",
             linewidths=0.5,
         )
-        _label_batches(ax, group, "mbu", "mfu", len(shown))
     ax.set_xscale("log")
     ax.set_yscale("log")
     low = float(np.nanmin([d.column(shown, "mbu").min(), d.column(shown, "mfu").min()]))
     ax.set_xlim(low / 2, 1.5)
     ax.set_ylim(low / 2, 1.5)
+    label_batches(ax, _points(shown, "mbu", "mfu"))
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("MBU (lower bound)")

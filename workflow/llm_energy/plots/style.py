@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -71,6 +72,12 @@ PHASE_LABELS = {
     "gaps": "gaps (other)",
 }
 ESTIMATED_HATCH = "///"
+# Above this many points in one panel, points are not labelled with their batch size (marker size or
+# position says it instead).
+MAX_LABELLED_POINTS = 16
+BATCH_LABEL_FONT_SIZE = 7
+# Where a batch label may sit, in points from its marker: upper right first, then the other corners.
+BATCH_LABEL_OFFSETS = ((4, 3), (4, -10), (-22, 3), (-22, -10))
 
 
 def colors(n: int) -> list:
@@ -188,3 +195,31 @@ def save(figure: Figure, png: Path | str, svg: Path | str, dpi: int = PNG_DPI) -
     atomic_write_bytes(png, png_bytes)
     atomic_write_bytes(svg, svg_bytes)
     log.info("wrote %s and %s", png, svg)
+
+
+def label_batches(ax, points: Sequence[tuple[float, float, float]]) -> None:
+    """Label a panel's (x, y, batch size) points "bs<n>" where it has at most MAX_LABELLED_POINTS.
+    Points of several series often coincide (two engines at the same speed): a label equal to one
+    already drawn within a label's height of it is left out, since that one names both, and any other
+    label takes the first corner of BATCH_LABEL_OFFSETS where it covers no label drawn before. Call it
+    once the panel's scales and data are set, so that where the points land is known."""
+    shown = [(x, y, b) for x, y, b in points if np.isfinite(x) and np.isfinite(y) and np.isfinite(b)]
+    if not shown or len(shown) > MAX_LABELLED_POINTS:
+        return
+    ax.autoscale_view()
+    px_per_pt = ax.figure.dpi / 72
+    height = BATCH_LABEL_FONT_SIZE * px_per_pt
+    drawn: list[tuple[str, np.ndarray, np.ndarray]] = []  # text, marker and box (left, bottom, right, top)
+    for x, y, batch in shown:
+        text = f"bs{int(batch)}"
+        at = ax.transData.transform((x, y))
+        if any(t == text and np.all(np.abs(at - marker) < height) for t, marker, _ in drawn):
+            continue
+        size = np.array([0.6 * BATCH_LABEL_FONT_SIZE * len(text) * px_per_pt, height])
+        boxes = [np.concatenate([at + np.array(o) * px_per_pt] * 2) + np.r_[0, 0, size] for o in BATCH_LABEL_OFFSETS]
+        free = [all(b[2] <= d[0] or b[0] >= d[2] or b[3] <= d[1] or b[1] >= d[3] for *_, d in drawn) for b in boxes]
+        choice = free.index(True) if any(free) else 0
+        ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=BATCH_LABEL_OFFSETS[choice], fontsize=BATCH_LABEL_FONT_SIZE
+        )
+        drawn.append((text, at, boxes[choice]))
