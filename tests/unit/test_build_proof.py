@@ -109,6 +109,10 @@ def test_runs_of_one_commit_pool_their_rounds_and_a_later_commit_supersedes(tmp_
     merged = build_proof.load_overhead([tmp_path / "first.json", tmp_path / "second.json"])
     assert [(r["ratio"], r["n"], r["git_commit"]) for r in merged["rows"]] == [(1.0, 5, "ccc")]
 
+    # ccc changed only results: read as bbb, the runs are of one code and pool again.
+    merged = build_proof.load_overhead([tmp_path / "first.json", tmp_path / "second.json"], {"ccc": "bbb"})
+    assert [(r["ratio"], r["n"], r["git_commit"]) for r in merged["rows"]] == [(pytest.approx(0.97), 5, "bbb")]
+
 
 def test_rebuild_keeps_the_proofs_inputs_and_adds_a_newer_run_after_them(tmp_path: Path) -> None:
     (tmp_path / "experiments").mkdir()

@@ -123,13 +123,15 @@ def window_facts(results_dir: Path) -> dict[str, Any]:
     }
 
 
-def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
+def load_overhead(paths: Sequence[Path], commit_aliases: dict[str, str] | None = None) -> dict[str, Any]:
     """harness_overhead.py outputs, possibly from several runs (say one per engine path, or a longer
     rerun of some batch sizes): their rows, each tagged with the commit of the run it came from, and the
     first copy bandwidth measured. List the files oldest first. For one engine path, batch size and arm,
     a run at another commit replaces what earlier runs measured (the code changed), while runs at the
     same commit pool their rounds (`pool_rows`): a second run of the same code is more evidence, so the
-    figure is never whichever run happened to come last."""
+    figure is never whichever run happened to come last. A run's commit is read through
+    `commit_aliases` first, so two commits with the same code (one added only results) pool."""
+    aliases = commit_aliases or {}
     rows: dict[tuple, dict[str, Any]] = {}
     bandwidth = None
     for path in paths:
@@ -137,7 +139,8 @@ def load_overhead(paths: Sequence[Path]) -> dict[str, Any]:
         for r in run.get("rows", []):
             backend = r.get("backend", "pytorch")  # files before vLLM's bare arm hold pytorch rows only
             key = (backend, r["pytorch_path"], r["batch_size"], r["arm"])
-            row = {**r, "backend": backend, "git_commit": run.get("git_commit"), "source": path.name}
+            commit = aliases.get(run.get("git_commit"), run.get("git_commit"))
+            row = {**r, "backend": backend, "git_commit": commit, "source": path.name}
             earlier = rows.get(key)
             if earlier is not None and earlier["git_commit"] == row["git_commit"]:
                 row = pool_rows(earlier, row)
@@ -182,8 +185,9 @@ def build(
     git_commit: str | None = None,
     commit_aliases: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """`commit_aliases` maps a wrong commit label found in artifacts (a copy of the tree with a stale
-    .git labelled its runs with an older commit and -dirty) to the commit that really ran."""
+    """`commit_aliases` maps a commit label found in artifacts to the commit whose code really ran: a
+    wrong label (a copy of the tree with a stale .git labelled its runs with an older commit and
+    -dirty), or a commit that changed only results, so that runs of the same code pool."""
     aliases = dict(commit_aliases or {})
     rows, facts = experiment_rows(results_dir)
     for row in rows:
@@ -202,9 +206,7 @@ def build(
             "commit_aliases": aliases,
         },
     }
-    overhead = load_overhead(overhead_paths)
-    for row in overhead["rows"]:
-        row["git_commit"] = aliases.get(row["git_commit"], row["git_commit"])
+    overhead = load_overhead(overhead_paths, aliases)
     keys = ("backend", "batch_size", "pytorch_path", "ratio", "ci95_low", "ci95_high")
     proof["harness_overhead"] = [
         {k: r[k] for k in (*keys, "git_commit")} for r in overhead["rows"] if r["arm"] == "full"
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="LABEL=COMMIT",
-        help="read the commit LABEL found in artifacts as COMMIT (repeatable)",
+        help="read the commit LABEL found in artifacts as COMMIT, whose code ran (a stale label, or a "
+        "commit that changed only results; repeatable)",
     )
     args = parser.parse_args(argv)
     overhead, git_commit, aliases = list(args.overhead), args.git_commit, {}
