@@ -250,6 +250,15 @@ def test_the_committed_h200_proof_holds_what_the_proof_names() -> None:
     assert proof["measured_copy_bandwidth_bytes_per_s"] > 1e12
 
 
+def test_the_committed_h200_fast_path_ran_as_its_default_runs_on_cuda() -> None:
+    """The tree's fast-path runs are what `stop_check: auto` gives on CUDA today: the deferred check."""
+    results = sorted(H200_TREE.glob("runs/*.pytorch-fast.*/cycle-*/result.json"))
+    assert len(results) == 4 * 5
+    for path in results:
+        details = json.loads(path.read_text())["data"]["load"]["details"]
+        assert (details["engine_path"], details["stop_check"]) == ("fast", "deferred"), path
+
+
 def test_the_committed_h200_proof_rebuilds_unchanged_from_its_tree() -> None:
     """The proof is what build_proof reads from the committed artifacts, not a hand-edited file."""
     committed = json.loads((H200_TREE / "proof.json").read_text())
