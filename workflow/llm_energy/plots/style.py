@@ -197,6 +197,11 @@ def save(figure: Figure, png: Path | str, svg: Path | str, dpi: int = PNG_DPI) -
     log.info("wrote %s and %s", png, svg)
 
 
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether two (left, bottom, right, top) boxes overlap."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def label_batches(ax, points: Sequence[tuple[float, float, float]]) -> None:
     """Label a panel's (x, y, batch size) points "bs<n>" where it has at most MAX_LABELLED_POINTS.
     Points of several series often coincide (two engines at the same speed): a label equal to one
@@ -209,17 +214,20 @@ def label_batches(ax, points: Sequence[tuple[float, float, float]]) -> None:
     ax.autoscale_view()
     px_per_pt = ax.figure.dpi / 72
     height = BATCH_LABEL_FONT_SIZE * px_per_pt
-    drawn: list[tuple[str, np.ndarray, np.ndarray]] = []  # text, marker and box (left, bottom, right, top)
+    drawn: list[tuple[str, float, float, tuple[float, ...]]] = []  # text, marker (px) and its label's box
     for x, y, batch in shown:
         text = f"bs{int(batch)}"
-        at = ax.transData.transform((x, y))
-        if any(t == text and np.all(np.abs(at - marker) < height) for t, marker, _ in drawn):
+        at_x, at_y = ax.transData.transform((x, y))
+        if any(t == text and abs(at_x - mx) < height and abs(at_y - my) < height for t, mx, my, _ in drawn):
             continue
-        size = np.array([0.6 * BATCH_LABEL_FONT_SIZE * len(text) * px_per_pt, height])
-        boxes = [np.concatenate([at + np.array(o) * px_per_pt] * 2) + np.r_[0, 0, size] for o in BATCH_LABEL_OFFSETS]
-        free = [all(b[2] <= d[0] or b[0] >= d[2] or b[3] <= d[1] or b[1] >= d[3] for *_, d in drawn) for b in boxes]
-        choice = free.index(True) if any(free) else 0
+        width = 0.6 * BATCH_LABEL_FONT_SIZE * len(text) * px_per_pt
+        boxes = []
+        for dx, dy in BATCH_LABEL_OFFSETS:
+            left, bottom = at_x + dx * px_per_pt, at_y + dy * px_per_pt
+            boxes.append((left, bottom, left + width, bottom + height))
+        free = (i for i, box in enumerate(boxes) if not any(_overlaps(box, other) for *_, other in drawn))
+        choice = next(free, 0)
         ax.annotate(
             text, (x, y), textcoords="offset points", xytext=BATCH_LABEL_OFFSETS[choice], fontsize=BATCH_LABEL_FONT_SIZE
         )
-        drawn.append((text, at, boxes[choice]))
+        drawn.append((text, at_x, at_y, boxes[choice]))
