@@ -28,7 +28,9 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
             "--batch-sizes",
             "4",
             "--windows",
-            "2",
+            "5",
+            "--deadline-s",
+            "0",  # past at once: the two rounds a confidence interval needs, then stop
             "--window-s",
             "1.5",  # enough repeats (>= 3) for the pace CV of both arms, on a loaded CI machine too
             "--out",
@@ -44,12 +46,14 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
     document = json.loads(out.read_text())
     assert {r["arm"] for r in document["rows"]} == {"full", "no_sampler", "no_codecarbon", "bare_streamer"}
     for row in document["rows"]:
-        assert row["pytorch_path"] == "eager" and row["batch_size"] == 4 and row["n"] == 2
+        assert row["pytorch_path"] == "eager" and row["batch_size"] == 4
+        assert row["n"] == 2 and row["rounds_requested"] == 5
         assert row["bare_output_tokens_per_s"] > 0 and row["arm_output_tokens_per_s"] > 0
         assert row["ratio"] > 0 and row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
         # The same repeat-time CV for the bare engine as for the harness's window.
         assert 0 < row["bare_repeat_time_cv_in_window"] < 1 and 0 < row["arm_repeat_time_cv_in_window"] < 1
     assert "bare pace CV" in completed.stdout
+    assert "stopped after 2 of 5 rounds, before --deadline-s" in completed.stderr
     (timing,) = document["time_accounting"]
     assert 0 < timing["share_in_windows"] < 1
 

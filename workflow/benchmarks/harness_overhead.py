@@ -2,7 +2,9 @@
 
 For every pytorch and vllm experiment of a campaign (each engine path and batch size), one process
 loads the model once, compiles and warms it up as the pipeline does, then runs interleaved windows of
-the arms (all unless `--arms` picks fewer), `--windows` rounds, the arms' order rotated every round:
+the arms (all unless `--arms` picks fewer), `--windows` rounds (fewer where `--deadline-s` would
+otherwise be passed: a run under a time limit ends with what it measured), the arms' order rotated
+every round:
 
 - bare:          the engine's own generate, nothing of ours (no streamer, no energy session, no
                  records); tokens / wall time. pytorch: transformers' `generate` on the same padded
@@ -171,6 +173,13 @@ def measure_copy_bandwidth_bytes_per_s(size_bytes: int = 2**30, iterations: int 
     return 2 * size_bytes * iterations / seconds
 
 
+def another_round_fits(rounds_done: int, last_round_s: float, now: float, deadline: float | None) -> bool:
+    """Whether a round as long as the last one, started `now`, still ends before `deadline` (always
+    after fewer than two rounds, the fewest a confidence interval needs). A run killed by a time limit
+    would lose the experiment it was in, so under a deadline it stops early with what it measured."""
+    return deadline is None or rounds_done < 2 or now + last_round_s <= deadline
+
+
 def measure_experiment_overhead(
     campaign,
     experiment,
@@ -179,7 +188,10 @@ def measure_experiment_overhead(
     window_s: float,
     log: logging.Logger,
     arms: tuple[str, ...] = ARMS,
+    deadline: float | None = None,
 ) -> tuple[list[dict], dict]:
+    """`deadline` (llm_energy.clock time): no round starts that the last one's length says would end
+    after it, once two rounds (the fewest a CI needs) are done; the rows say how many rounds ran."""
     from llm_energy import clock, statistics
     from llm_energy.backends import create_backend
     from llm_energy.measure import (
@@ -226,7 +238,9 @@ def measure_experiment_overhead(
     samples: dict[str, list[dict]] = {arm: [] for arm in arms}
     t0 = clock.now()
     window_total_s = 0.0
+    rounds_done = 0
     for round_index in range(windows):
+        round_started = clock.now()
         order = arms[round_index % len(arms) :] + arms[: round_index % len(arms)]
         for arm in order:
             if arm not in HARNESS_ARMS:  # bare, bare_streamer
@@ -251,6 +265,16 @@ def measure_experiment_overhead(
             windows,
             {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in arms},
         )
+        rounds_done += 1
+        now = clock.now()
+        if round_index + 1 < windows and not another_round_fits(rounds_done, now - round_started, now, deadline):
+            log.warning(
+                "%s: stopped after %d of %d rounds, before --deadline-s; the rows hold those rounds",
+                experiment.id,
+                rounds_done,
+                windows,
+            )
+            break
     timing["windows_s"] = window_total_s
     timing["other_s"] = clock.now() - t0 - window_total_s
     path = backend.engine_path
@@ -272,6 +296,7 @@ def measure_experiment_overhead(
                 "ci95_low": stats["ci95_low"],
                 "ci95_high": stats["ci95_high"],
                 "n": stats["n"],
+                "rounds_requested": windows,  # more than n: stopped before --deadline-s
                 "arm_output_tokens_per_s": statistics.describe(s["output_tokens_per_s"] for s in samples[arm])["mean"],
                 "bare_output_tokens_per_s": statistics.describe(bare)["mean"],
                 "arm_gpu_energy_per_output_token_j": statistics.describe(
@@ -320,12 +345,22 @@ def main(argv: list[str] | None = None) -> int:
         help="harness arms to run beside bare (fewer arms buy more rounds in the same time)",
     )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="start no round that would end later than this many seconds after the start, nor another "
+        "experiment after it (for a machine lent for a limited time: the rows then hold the rounds done, "
+        "at least 2, beside rounds_requested)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("harness_overhead")
     if args.windows < 2:
         parser.error("--windows must be at least 2 for a confidence interval (the issue asks for 5)")
 
+    from llm_energy import clock
+
+    deadline = None if args.deadline_s is None else clock.now() + args.deadline_s
     import torch
     import transformers
     from llm_energy.config import load_campaign_file
@@ -347,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     rows, timings = [], []
     for experiment in chosen:
+        if rows and deadline is not None and clock.now() >= deadline:  # the first always runs (2 rounds)
+            log.warning("%s: not started, past --deadline-s", experiment.id)
+            continue
         log.info("experiment %s", experiment.id)
         experiment_rows, timing = measure_experiment_overhead(
-            campaign, experiment, args.resources, args.windows, args.window_s, log, ("bare", *args.arms)
+            campaign, experiment, args.resources, args.windows, args.window_s, log, ("bare", *args.arms), deadline
         )
         rows += experiment_rows
         timings.append({"experiment_id": experiment.id, **timing})
@@ -371,12 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         f"\nharness throughput / the engine's own generate (transformers' generate, vLLM's LLM.generate), "
-        f"{args.windows} interleaved windows of >= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, "
+        f"up to {args.windows} rounds of interleaved windows of >= {args.window_s} s per arm; GPU {gpu or 'none (CPU)'}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm_version}, "
         f"commit {git_commit()}"
     )
     print(
-        f"{'engine':14} {'batch':>5} {'arm':14} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} {'arm tok/s':>10} "
+        f"{'engine':14} {'batch':>5} {'arm':14} {'rounds':>6} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} "
+        f"{'arm tok/s':>10} "
         f"{'bare pace CV':>12} {'arm pace CV':>11}"
     )
     for r in rows:
@@ -384,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = f"{r['backend']}-{r['engine_path']}"
         pace = [r["bare_repeat_time_cv_in_window"], r["arm_repeat_time_cv_in_window"]]
         print(
-            f"{engine:14} {r['batch_size']:>5} {r['arm']:14} {r['ratio']:>7.3f} {ci:>17} "
+            f"{engine:14} {r['batch_size']:>5} {r['arm']:14} {r['n']:>6} {r['ratio']:>7.3f} {ci:>17} "
             f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f} "
             + " ".join(f"{'n/a' if cv is None else f'{cv:.3f}':>{w}}" for cv, w in zip(pace, (12, 11)))
         )
