@@ -130,7 +130,8 @@ def load_overhead(paths: Sequence[Path], commit_aliases: dict[str, str] | None =
     a run at another commit replaces what earlier runs measured (the code changed), while runs at the
     same commit pool their rounds (`pool_rows`): a second run of the same code is more evidence, so the
     figure is never whichever run happened to come last. A run's commit is read through
-    `commit_aliases` first, so two commits with the same code (one added only results) pool."""
+    `commit_aliases` first, so two commits whose measuring code is the same pool (one added only
+    results, or changed only what never runs in a measured process: plots, this script)."""
     aliases = commit_aliases or {}
     rows: dict[tuple, dict[str, Any]] = {}
     bandwidth = None
@@ -187,7 +188,8 @@ def build(
 ) -> dict[str, Any]:
     """`commit_aliases` maps a commit label found in artifacts to the commit whose code really ran: a
     wrong label (a copy of the tree with a stale .git labelled its runs with an older commit and
-    -dirty), or a commit that changed only results, so that runs of the same code pool."""
+    -dirty), or a commit that changed only results or code outside the measured process (plots, this
+    script), so that runs of the same measuring code pool."""
     aliases = dict(commit_aliases or {})
     rows, facts = experiment_rows(results_dir)
     for row in rows:
@@ -323,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="LABEL=COMMIT",
-        help="read the commit LABEL found in artifacts as COMMIT, whose code ran (a stale label, or a "
-        "commit that changed only results; repeatable)",
+        help="read the commit LABEL found in artifacts as COMMIT, whose measuring code ran (a stale label, "
+        "or a commit that changed only results, plots or this script; repeatable)",
     )
     args = parser.parse_args(argv)
     overhead, git_commit, aliases = list(args.overhead), args.git_commit, {}
