@@ -103,6 +103,18 @@ def test_runs_of_one_commit_pool_their_rounds_and_a_later_commit_supersedes(tmp_
     assert pooled["bare_output_tokens_per_s"] == pytest.approx((300 + 360 + 330 + 380 + 370) / 5)
     assert pooled["arm_repeat_time_cv_in_window"] == pytest.approx((3 * 0.04 + 2 * 0.01) / 5)
     assert pooled["source"] == "first.json + second.json"
+    assert "arm_window_host_cpu" not in pooled  # neither run recorded what the host took
+
+    # Host-CPU lists pool where both runs have them, and are left out where one lacks them.
+    taken = {"throttled_s": 0.0, "pressure_some_s": 0.01, "steal_s": None}
+    first_host = {**first, "arm_window_host_cpu": [taken] * 3, "bare_window_host_cpu": [taken] * 3}
+    second_host = {**second, "arm_window_host_cpu": [taken] * 2, "bare_window_host_cpu": [taken] * 2}
+    for later, expected in ((second_host, 5), (second, None)):
+        (tmp_path / "first.json").write_text(json.dumps({"git_commit": "bbb", "rows": [first_host]}))
+        (tmp_path / "second.json").write_text(json.dumps({"git_commit": "bbb", "rows": [later]}))
+        (pooled,) = build_proof.load_overhead([tmp_path / "first.json", tmp_path / "second.json"])["rows"]
+        assert (len(pooled["bare_window_host_cpu"]) if "bare_window_host_cpu" in pooled else None) == expected
+    (tmp_path / "first.json").write_text(json.dumps({"git_commit": "bbb", "rows": [first]}))
 
     # The same rows under another commit: the later run replaces, it does not pool.
     (tmp_path / "second.json").write_text(json.dumps({"git_commit": "ccc", "rows": [second]}))

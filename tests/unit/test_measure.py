@@ -254,3 +254,13 @@ def test_the_job_processs_startup_counts_in_its_wall_time_and_lowers_the_share()
     assert counted["share_in_windows"] == pytest.approx(60 / 84)
     assert counted["other_s"] == 10.0 and timing["total_s"] == 80.0  # the input is left as it was
     assert count_startup(timing, -0.5)["phases_s"]["startup"] == 0.0  # clock skew is not negative time
+
+
+def test_a_window_records_what_the_host_took_from_its_cpu_time(session) -> None:
+    window = measure_window(session, SleepingBackend(), "inference", requests(4), 2, DECODING, 0.0)
+    taken = window.record["host_cpu"]
+    # Read from this machine's kernel at both edges: each counter a change in seconds, or why not.
+    for name in ("throttled", "pressure_some", "steal"):
+        assert (taken[f"{name}_s"] is not None and taken[f"{name}_s"] >= 0) != (name in taken["unavailable"])
+    assert taken["sources"]["steal"] == "/proc/stat"
+    assert ("host_cpu_throttled" in window.record.get("flags", [])) == bool(taken["throttled_s"])

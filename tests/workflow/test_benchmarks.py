@@ -48,11 +48,14 @@ def test_harness_overhead_measures_every_arm_against_bare_generate(tmp_path: Pat
     for row in document["rows"]:
         assert row["pytorch_path"] == "eager" and row["batch_size"] == 4
         assert row["n"] == 2 and row["rounds_requested"] == 5
+        # What the host took from each window, read from this machine's kernel (steal at least).
+        for windows in (row["arm_window_host_cpu"], row["bare_window_host_cpu"]):
+            assert len(windows) == 2 and all(w["steal_s"] is not None and w["steal_s"] >= 0 for w in windows)
         assert row["bare_output_tokens_per_s"] > 0 and row["arm_output_tokens_per_s"] > 0
         assert row["ratio"] > 0 and row["ci95_low"] <= row["ratio"] <= row["ci95_high"]
         # The same repeat-time CV for the bare engine as for the harness's window.
         assert 0 < row["bare_repeat_time_cv_in_window"] < 1 and 0 < row["arm_repeat_time_cv_in_window"] < 1
-    assert "bare pace CV" in completed.stdout
+    assert "bare pace CV" in completed.stdout and "max host CPU taken (bare, arm)" in completed.stdout
     assert "stopped after 2 of 5 rounds, before --deadline-s" in completed.stderr
     (timing,) = document["time_accounting"]
     assert 0 < timing["share_in_windows"] < 1

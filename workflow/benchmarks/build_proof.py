@@ -47,6 +47,7 @@ TIMELINE_TARGET = 0.03
 MBU_TARGET = 0.25
 PACE_KEYS = ("bare_repeat_time_cv_in_window", "arm_repeat_time_cv_in_window")
 ROUND_LISTS = ("ratios", "arm_window_output_tokens_per_s", "bare_window_output_tokens_per_s")  # one value a round
+HOST_CPU_LISTS = ("arm_window_host_cpu", "bare_window_host_cpu")  # one a round, in files since host_cpu came
 
 
 def _mean(metric: dict | None) -> float | None:
@@ -169,6 +170,11 @@ def pool_rows(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
         "ratios": ratios,
         "source": f"{earlier['source']} + {later['source']}",
     }
+    for key in HOST_CPU_LISTS:  # pooled only where both runs have them: never a list shorter than n
+        if key in earlier and key in later:
+            pooled[key] = earlier[key] + later[key]
+        else:
+            pooled.pop(key, None)
     for arm in ("arm", "bare"):
         windows = earlier[f"{arm}_window_output_tokens_per_s"] + later[f"{arm}_window_output_tokens_per_s"]
         pooled[f"{arm}_window_output_tokens_per_s"] = windows

@@ -27,7 +27,9 @@ A harness arm's throughput is the pipeline's own `output_tokens_per_s` of that w
 gives one ratio arm/bare (both measured within seconds of each other); the ratio's mean and 95 %
 CI (t over rounds) are printed per engine path, batch size and arm, beside each arm's pace: the mean
 over its windows of the repeats' duration CV inside a window (the harness's repeat_time_cv_in_window;
-for bare, its passes), which says whether a spread is the engine's own. Where the job's time went (load,
+for bare, its passes), which says whether a spread is the engine's own, and the most CPU time the host
+took from any one window (llm_energy.host_cpu: cgroup throttling, CPU pressure, steal; every window's
+figures are in the JSON rows), which says whether a slow window was the host's doing. Where the job's time went (load,
 compile, warm-up, windows, the rest) is printed too, and with `--copy-bandwidth` the GPU's
 device-to-device copy bandwidth measured in the same process (the MBU reference).
 
@@ -98,10 +100,11 @@ def bare_pass(backend, batches, measured, decoding, streamer: bool = False) -> C
 
 def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: int, window_s: float) -> dict:
     """`one_pass` repeated until `window_s`; tokens / seconds."""
-    from llm_energy import metrics
+    from llm_energy import host_cpu, metrics
 
     pass_ends = []
     backend.synchronize()
+    host_before = host_cpu.snapshot()
     started = time.perf_counter()
     while True:
         one_pass()
@@ -110,6 +113,7 @@ def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: i
         if pass_ends[-1] - started >= window_s:
             break
     elapsed = pass_ends[-1] - started
+    host = host_cpu.window_record(host_before, host_cpu.snapshot(), elapsed)
     durations = [end - start for start, end in zip([started, *pass_ends], pass_ends)]
     return {
         "output_tokens_per_s": len(pass_ends) * output_tokens_per_pass / elapsed,
@@ -117,7 +121,13 @@ def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: i
         "repeats": len(pass_ends),
         # The same statistic as the harness's repeat_time_cv_in_window: the engine's own pace, unmeasured.
         "repeat_time_cv_in_window": metrics.pace_of_durations(durations)[0]["repeat_time_cv_in_window"],
+        "host_cpu": host_taken(host),
     }
+
+
+def host_taken(record: dict) -> dict:
+    """A window's host_cpu record (llm_energy.host_cpu) cut to the seconds the host took from it."""
+    return {f"{name}_s": record[f"{name}_s"] for name in ("throttled", "pressure_some", "steal")}
 
 
 def harness_window(
@@ -148,6 +158,7 @@ def harness_window(
         "repeat_time_cv_in_window": pace["repeat_time_cv_in_window"],
         "gpu_energy_per_output_token_j": run_metrics.get("gpu_energy_per_output_token_j"),
         "flags": window.record.get("flags", []),
+        "host_cpu": host_taken(window.record["host_cpu"]),
     }
 
 
@@ -314,11 +325,22 @@ def measure_experiment_overhead(
                 # Each window's throughput, so the arms' own spread (what bounds the ratio's CI) can be read.
                 "arm_window_output_tokens_per_s": [s["output_tokens_per_s"] for s in samples[arm]],
                 "bare_window_output_tokens_per_s": bare,
+                # What the host took from each window (cgroup throttling, CPU pressure, steal; seconds):
+                # whether a slow window was the host's doing.
+                "arm_window_host_cpu": [s["host_cpu"] for s in samples[arm]],
+                "bare_window_host_cpu": [s["host_cpu"] for s in samples["bare"]],
             }
         )
     total = sum(timing.values())
     timing["share_in_windows"] = timing["windows_s"] / total if total else None
     return rows, timing
+
+
+def host_wait(windows: list[dict]) -> str:
+    """The most CPU time the host took from any one window: PSI's some, throttling and steal added, in
+    seconds (an upper bound: a throttled stretch can count in PSI as well)."""
+    waits = [sum(v for v in w.values() if v is not None) for w in windows if any(v is not None for v in w.values())]
+    return f"{max(waits):.3f} s" if waits else "n/a"
 
 
 def write_json(path: Path, document: dict) -> None:
@@ -416,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'engine':14} {'batch':>5} {'arm':14} {'rounds':>6} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} "
         f"{'arm tok/s':>10} "
-        f"{'bare pace CV':>12} {'arm pace CV':>11}"
+        f"{'bare pace CV':>12} {'arm pace CV':>11} {'max host CPU taken (bare, arm)':>30}"
     )
     for r in rows:
         ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"
@@ -426,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{engine:14} {r['batch_size']:>5} {r['arm']:14} {r['n']:>6} {r['ratio']:>7.3f} {ci:>17} "
             f"{r['bare_output_tokens_per_s']:>11.1f} {r['arm_output_tokens_per_s']:>10.1f} "
             + " ".join(f"{'n/a' if cv is None else f'{cv:.3f}':>{w}}" for cv, w in zip(pace, (12, 11)))
+            + f" {host_wait(r['bare_window_host_cpu']) + ', ' + host_wait(r['arm_window_host_cpu']):>30}"
         )
     print(
         "\nwhere the time went (s): "

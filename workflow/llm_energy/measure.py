@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from llm_energy import artifacts, clock, hardware, metrics, placement, topology
+from llm_energy import artifacts, clock, hardware, host_cpu, metrics, placement, topology
 from llm_energy.backends import create_backend
 from llm_energy.backends.base import Backend, DecodingSettings, Request, RequestRecord
 from llm_energy.backends.batching import make_batches
@@ -291,8 +291,9 @@ def _measured(
     host_share: HostShareWatch | None = None,
 ) -> tuple[dict[str, Any], Any, tuple[int | None, int | None], dict[str, Any]]:
     """The edges every measured window shares around `work` (the backend's calls, nothing else):
-    a fresh peak-memory interval, a settled heap, the compilation and GC counters read at both edges,
-    and (beside other jobs on the box) whether the host's energy was shared with them (host_shared).
+    a fresh peak-memory interval, a settled heap, the compilation, GC and host-CPU counters read at
+    both edges (llm_energy.host_cpu: whether the host took CPU time from the process), and (beside
+    other jobs on the box) whether the host's energy was shared with them (host_shared).
     Returns the window's energy record (gc_collections and the recompilation flag in it), what `work`
     returned, the compilation counts and the memory report."""
     backend.reset_peak_memory()
@@ -301,10 +302,14 @@ def _measured(
         host_share.open()
     settle_heap()
     gc_before = gc_collections()
+    host_before = host_cpu.snapshot()
     handle = session.open_window(name)
     value = work()
     backend.synchronize()
     record = session.close_window(handle)
+    record["host_cpu"] = host_cpu.window_record(host_before, host_cpu.snapshot(), record.get("duration_s") or 0.0)
+    if taken := host_cpu.flags(record["host_cpu"]):
+        record["flags"] = sorted(set(record.get("flags", [])) | taken)
     if host_share is not None:
         host_share.close(record)
     record["gc_collections"] = [after - before for before, after in zip(gc_before, gc_collections())]

@@ -47,6 +47,8 @@ HARNESS_FLAG_DESCRIPTIONS = {
     "pace_varied_in_window": "the repeats of the request set inside the window (the same work each time) took "
     "times whose CV exceeds campaign.warmup.tolerance: the engine or its host changed pace during the window "
     "(repeat_time_cv_in_window), which shows as spread between cycles",
+    "host_cpu_throttled": "the cgroup's CPU quota stopped the measured process during the window "
+    "(host_cpu.throttled_s in the window record): the host, not the engine, set part of its pace",
     "recompiled_in_window": "the backend compiled (torch.compile / CUDA graphs) inside the measured window",
     "prefill_exceeds_window": "the differential prefill energy exceeded the whole window's: decode energy "
     "is negative, the split is not meaningful",

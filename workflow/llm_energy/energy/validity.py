@@ -54,8 +54,17 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
 # baseline_power_state_differs is expected too: a loaded GPU at its power cap clocks lower than idle.
 # pace_varied_in_window (set by llm_energy.measure) says the same: the engine or its host changed pace
 # inside the window; the energy of the work that ran is measured as well as ever.
+# host_cpu_throttled (llm_energy.host_cpu): the cgroup's CPU quota stopped the process for a while;
+# the work that ran is measured, at a pace the host set.
 OPERATING_CONDITION_FLAGS = frozenset(
-    {"power_throttled", "thermal_throttled", "hw_slowdown", "baseline_power_state_differs", "pace_varied_in_window"}
+    {
+        "power_throttled",
+        "thermal_throttled",
+        "hw_slowdown",
+        "baseline_power_state_differs",
+        "pace_varied_in_window",
+        "host_cpu_throttled",
+    }
 )
 
 
