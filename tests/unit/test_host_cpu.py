@@ -89,3 +89,14 @@ def test_a_kernel_without_the_counters_says_why_each_is_unavailable(tmp_path: Pa
 def test_this_machine_has_at_least_the_steal_counter() -> None:
     snap = host_cpu.snapshot()
     assert snap.readings["steal"].seconds is not None and snap.cpus and snap.cpus >= 1
+
+
+def test_a_counter_in_a_format_it_cannot_parse_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    _write(tmp_path, "proc/self/cgroup", "0::/\n")
+    _write(tmp_path, "sys/fs/cgroup/cpu.stat", "nr_throttled x\nthrottled_usec not-a-number\n")
+    _write(tmp_path, "proc/pressure/cpu", "some avg10=0.00\n")  # no total=
+    _write(tmp_path, "proc/stat", _proc_stat(TICK))
+    snap = host_cpu.snapshot(tmp_path)
+    assert snap.readings["throttled"].seconds is None and "ValueError" in snap.readings["throttled"].reason
+    assert snap.readings["pressure_some"].seconds is None and "KeyError" in snap.readings["pressure_some"].reason
+    assert snap.readings["steal"].seconds == 1.0  # the others still read

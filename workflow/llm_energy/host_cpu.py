@@ -134,11 +134,19 @@ def _steal(root: Path) -> tuple[Reading, int | None]:
 def snapshot(root: Path = Path("/")) -> Snapshot:
     """The three counters now. `root` is the file system they are read under (a recorded tree in tests)."""
     v2_dirs, v1_dirs = _cgroup_dirs(root)
-    throttled, quota_cpus = _throttling(v2_dirs, v1_dirs)
-    steal, cpus = _steal(root)
-    return Snapshot(
-        {"throttled": throttled, "pressure_some": _pressure(root, v2_dirs), "steal": steal}, cpus, quota_cpus
-    )
+    throttled, quota_cpus = _unless_unreadable(lambda: _throttling(v2_dirs, v1_dirs), "cgroup throttling")
+    (pressure, _) = _unless_unreadable(lambda: (_pressure(root, v2_dirs), None), "CPU pressure")
+    steal, cpus = _unless_unreadable(lambda: _steal(root), "steal time")
+    return Snapshot({"throttled": throttled, "pressure_some": pressure, "steal": steal}, cpus, quota_cpus)
+
+
+def _unless_unreadable(read, what: str) -> tuple[Reading, Any]:
+    """A counter that exists but cannot be read or parsed (permissions, a kernel's other format) is
+    unavailable with that reason: it never stops a measured window."""
+    try:
+        return read()
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        return Reading(None, reason=f"{what} could not be read: {type(exc).__name__}: {exc}"), None
 
 
 def window_record(before: Snapshot, after: Snapshot, duration_s: float) -> dict[str, Any]:
