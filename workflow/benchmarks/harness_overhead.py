@@ -127,7 +127,9 @@ def bare_window(backend, one_pass: Callable[[], None], output_tokens_per_pass: i
 
 def host_taken(record: dict) -> dict:
     """A window's host_cpu record (llm_energy.host_cpu) cut to the seconds the host took from it."""
-    return {f"{name}_s": record[f"{name}_s"] for name in ("throttled", "pressure_some", "steal")}
+    from llm_energy.host_cpu import COUNTERS
+
+    return {f"{name}_s": record[f"{name}_s"] for name in COUNTERS}
 
 
 def harness_window(
@@ -249,7 +251,6 @@ def measure_experiment_overhead(
     samples: dict[str, list[dict]] = {arm: [] for arm in arms}
     t0 = clock.now()
     window_total_s = 0.0
-    rounds_done = 0
     for round_index in range(windows):
         round_started = clock.now()
         order = arms[round_index % len(arms) :] + arms[: round_index % len(arms)]
@@ -276,13 +277,12 @@ def measure_experiment_overhead(
             windows,
             {arm: round(samples[arm][-1]["output_tokens_per_s"], 1) for arm in arms},
         )
-        rounds_done += 1
-        now = clock.now()
-        if round_index + 1 < windows and not another_round_fits(rounds_done, now - round_started, now, deadline):
+        done, now = round_index + 1, clock.now()
+        if done < windows and not another_round_fits(done, now - round_started, now, deadline):
             log.warning(
                 "%s: stopped after %d of %d rounds, before --deadline-s; the rows hold those rounds",
                 experiment.id,
-                rounds_done,
+                done,
                 windows,
             )
             break
