@@ -196,6 +196,7 @@ def test_load_report(offline):
     assert details["resolved"]["max_num_seqs"] == BATCH_SIZE
     assert details["resolved"]["max_model_len"] == MAX_MODEL_LEN
     assert details["resolved"]["enable_prefix_caching"] is False
+    assert details["resolved"]["async_scheduling"] in (True, False)  # what the engine decided, never unset
     assert details["resolved"]["kv_cache_tokens"] > 0
     assert details["resolved"]["kv_cache_memory_bytes"] == 2**30  # cpu_kv_cache_space_gib = 1
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

@@ -412,6 +412,9 @@ class VllmBackend(Backend):
             "max_num_seqs": getattr(sched, "max_num_seqs", None),
             "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
             "enable_chunked_prefill": getattr(sched, "enable_chunked_prefill", None),
+            # Whether the scheduler plans step n+1 while step n runs on the device (vLLM's default since
+            # 0.12): it sets how much of the engine loop's host time a host-bound window waits for.
+            "async_scheduling": getattr(sched, "async_scheduling", None),
             "enable_prefix_caching": getattr(cache, "enable_prefix_caching", None),
             "kv_cache_dtype": getattr(cache, "cache_dtype", None),
             "kv_cache_blocks": blocks,
