@@ -11,8 +11,8 @@ steal), read by the parent at the window edges.
 
 It prints, per mode and window length (the base window and `--aggregate` multiples of it, summed
 from consecutive base windows), the chunks per second of each process, their CV between windows,
-the slowest and fastest window relative to the mean, and the host's largest take. A CV here is the
-floor under the cycle-to-cycle CV of any experiment whose pace this CPU sets, at that window length.
+the slowest and fastest window relative to the mean, and the host's largest take. An experiment whose
+pace this CPU sets inherits a spread of this size at that window length, whatever the harness does.
 
     python workflow/benchmarks/host_pace.py --windows 45 --window-s 1 --aggregate 3,15 \
         --modes 1,1-pinned,2 --out host_pace.json
