@@ -87,6 +87,7 @@ def test_a_short_real_run_counts_chunks_in_every_window(tmp_path: Path) -> None:
         # A 0.25 s window holds many 2 ms chunks, however loaded the machine: none is empty.
         assert all(len(counts) == 4 and min(counts) > 0 for counts in mode["chunks_per_window"])
         assert len(mode["host_cpu"]) == 4 and all("steal_s" in r for r in mode["host_cpu"])
+        assert mode["start_unix_s"] > 1.7e9 and mode["start_monotonic_s"] > 0
     lengths = {(r["mode"], r["window_s"]) for r in result["rows"]}
     assert ("2", 0.5) in lengths and ("1-pinned", 0.25) in lengths
     assert result["host"]["cpu_count"] >= 1

@@ -94,6 +94,7 @@ def run_mode(procs: int, pinned: bool, iterations: int, window_s: float, windows
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     start = time.monotonic() + 1.0  # time for every process to start before the first window
+    start_unix_s = time.time() + (start - time.monotonic())
     workers = [
         context.Process(
             target=worker, args=(i, cpus[i] if pinned else None, iterations, start, window_s, windows, queue)
@@ -115,6 +116,11 @@ def run_mode(procs: int, pinned: bool, iterations: int, window_s: float, windows
     return {
         "procs": procs,
         "pinned": pinned,
+        # Where the window grid lies, on the clock the pipeline's windows use (time.perf_counter and
+        # time.monotonic are both CLOCK_MONOTONIC on Linux) and in Unix time: a run beside an
+        # experiment can then be lined up with its windows.
+        "start_monotonic_s": start,
+        "start_unix_s": start_unix_s,
         "chunks_per_window": [counts[i] for i in range(procs)],
         "host_cpu": host,
     }
