@@ -50,6 +50,10 @@ def test_a_quota_cgroup_v2_window_reports_throttling_pressure_and_steal_and_is_f
     assert record["sources"]["pressure_some"].endswith("job.slice/step_0/cpu.pressure")
     assert record["unavailable"] == {}
     assert host_cpu.flags(record) == {host_cpu.FLAG_THROTTLED}
+    assert host_cpu.window_metrics(record) == (
+        {"host_cpu_throttled_s": 0.5, "host_cpu_pressure_some_share": 0.25, "host_cpu_steal_share": 0.125},
+        {},
+    )
 
 
 def test_a_hybrid_v1_host_without_a_quota_reads_v1_throttling_and_v2_pressure(tmp_path: Path) -> None:
@@ -84,6 +88,11 @@ def test_a_kernel_without_the_counters_says_why_each_is_unavailable(tmp_path: Pa
     assert set(record["unavailable"]) == {"throttled", "pressure_some", "steal"}
     assert "PSI" in record["unavailable"]["pressure_some"] and "/proc/stat" in record["unavailable"]["steal"]
     assert "pressure_some_share" not in record and host_cpu.flags(record) == set()
+    # As run metrics: None where a counter is missing, with the reason beside it in metrics_info.
+    values, reasons = host_cpu.window_metrics(record)
+    assert values == dict.fromkeys(host_cpu.METRICS)
+    assert set(reasons) == {f"host_cpu_{name}_unavailable_reason" for name in ("throttled", "pressure_some", "steal")}
+    assert reasons["host_cpu_steal_unavailable_reason"] == record["unavailable"]["steal"]
 
 
 def test_this_machine_has_at_least_the_steal_counter() -> None:

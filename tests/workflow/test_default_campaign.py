@@ -55,6 +55,13 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
             assert len(warmup["batch_times_s"]) >= 2 and all(t > 0 for t in warmup["batch_times_s"])
             assert data["setup"]["shared_by_cycles"] is True  # loaded and warmed once per experiment
             assert data["memory"]["peak_rss_bytes"] > 0 and data["metrics"]["memory_peak_rss_bytes"] > 0
+            # What the host took from the window, as metrics that aggregate over cycles: this machine's
+            # kernel has steal (checked in test_host_cpu), so it is a number, never a silent None.
+            window_host = data["window"]["host_cpu"]
+            assert data["metrics"]["host_cpu_steal_share"] == window_host["steal_share"] >= 0
+            assert data["metrics"]["host_cpu_throttled_s"] == window_host.get("throttled_s")
+            for name in window_host["unavailable"]:
+                assert data["metrics_info"][f"host_cpu_{name}_unavailable_reason"]
             assert data["experiment"]["engine_path"] == "eager"  # the CPU default
             # No GPU: the differential prefill/decode split says why it is unavailable.
             assert data["phases"]["available"] is False and "GPU" in data["phases"]["reason"]
@@ -84,6 +91,7 @@ def test_every_experiment_and_cycle_has_artifacts(default_run):
         assert [c["cycle"] for c in flops_cycles] == list(range(1, campaign.cycles + 1))
         assert all(c["window_flops"] > 0 for c in flops_cycles)
         assert aggregated["data"]["metrics"]["achieved_flops_per_s"]["n"] == campaign.cycles
+        assert aggregated["data"]["metrics"]["host_cpu_steal_share"]["n"] == campaign.cycles
         run_set = artifacts.read_json_artifact(workdir / "results" / "runs" / eid / "cycles.json", "run_set")["data"]
         assert [c["cycle"] for c in run_set["cycles"]] == list(range(1, campaign.cycles + 1))
         timing = run_set["timing"]

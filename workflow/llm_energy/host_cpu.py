@@ -171,5 +171,22 @@ def window_record(before: Snapshot, after: Snapshot, duration_s: float) -> dict[
     return record
 
 
+# A window's host_cpu record as run metrics: aggregated over cycles like every metric (mean, CI, in
+# metrics.csv with their units), so a campaign's tables say what the host took from each experiment.
+METRICS = {
+    "host_cpu_throttled_s": "throttled_s",
+    "host_cpu_pressure_some_share": "pressure_some_share",
+    "host_cpu_steal_share": "steal_share",
+}
+
+
+def window_metrics(record: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """The run metrics of a window's host_cpu record, and for each counter the kernel lacks (None) the
+    reason, for metrics_info."""
+    values = {metric: record.get(key) for metric, key in METRICS.items()}
+    reasons = {f"host_cpu_{name}_unavailable_reason": why for name, why in record.get("unavailable", {}).items()}
+    return values, reasons
+
+
 def flags(record: dict[str, Any]) -> set[str]:
     return {FLAG_THROTTLED} if record.get("throttled_s") else set()

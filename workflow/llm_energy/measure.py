@@ -853,6 +853,9 @@ def _measure_cycle(
     run_metrics.update(pace)
     info.update(pace_info)
     flags |= pace_flags
+    host_metrics, host_info = host_cpu.window_metrics(window.record["host_cpu"])
+    run_metrics.update(host_metrics)
+    info.update(host_info)
     if under_load is not None:
         run_metrics.update(under_load["metrics"])
         info.update(under_load["info"])

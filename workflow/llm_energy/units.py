@@ -37,6 +37,8 @@ UNITLESS = {
     "repeat_time_cv_in_window": "ratio (std/mean)",
     "repeat_time_spread_in_window": "ratio (max/min - 1)",
     "repeats_in_window": "count",
+    "host_cpu_pressure_some_share": "ratio (0-1, of the window's wall time)",
+    "host_cpu_steal_share": "ratio (0-1, of the window's CPU time)",
     "batch_size": "requests",
     "cycles_ok": "count",
     "cycles_failed": "count",
