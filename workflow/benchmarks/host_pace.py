@@ -104,7 +104,8 @@ def run_mode(procs: int, pinned: bool, iterations: int, window_s: float, windows
     for process in workers:
         process.start()
     host = []
-    edge = host_cpu.snapshot()
+    time.sleep(max(0.0, start - time.monotonic()))
+    edge = host_cpu.snapshot()  # at the first window's start, so that each record covers its window alone
     for k in range(1, windows + 1):
         time.sleep(max(0.0, start + k * window_s - time.monotonic()))
         after = host_cpu.snapshot()
