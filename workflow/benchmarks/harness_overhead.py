@@ -437,8 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'engine':14} {'batch':>5} {'arm':14} {'rounds':>6} {'ratio':>7} {'95% CI':>17} {'bare tok/s':>11} "
-        f"{'arm tok/s':>10} "
-        f"{'bare pace CV':>12} {'arm pace CV':>11} {'max host CPU taken (bare, arm)':>30}"
+        f"{'arm tok/s':>10} {'bare pace CV':>12} {'arm pace CV':>11} {'max host CPU taken (bare, arm)':>30}"
     )
     for r in rows:
         ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" if r["ci95_low"] is not None else "n/a"

@@ -164,16 +164,11 @@ def host_take(records: list[dict], window_s: float, factor: int) -> dict:
 
 def summarise(mode: dict, window_s: float, factors: list[int]) -> list[dict]:
     rows = []
+    name = f"{mode['procs']}{'-pinned' if mode['pinned'] else ''}"
     for factor in factors:
+        taken = host_take(mode["host_cpu"], window_s, factor)  # the mode's, the same for each process
         for index, chunks in enumerate(mode["chunks_per_window"]):
-            rows.append(
-                {
-                    "mode": f"{mode['procs']}{'-pinned' if mode['pinned'] else ''}",
-                    "process": index,
-                    **describe_windows(chunks, window_s, factor),
-                    **host_take(mode["host_cpu"], window_s, factor),
-                }
-            )
+            rows.append({"mode": name, "process": index, **describe_windows(chunks, window_s, factor), **taken})
     return rows
 
 
@@ -213,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(f < 1 for f in factors):
         parser.error("--aggregate: every multiple must be at least 1")
     modes = [parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()]
+    factors = [f for f in factors if f == 1 or f <= args.windows // 2]  # at least two windows at each length
 
     iterations = calibrate()
     print(f"host_pace: {iterations} iterations a chunk (about {CHUNK_TARGET_S * 1e3:.0f} ms here)", flush=True)
@@ -221,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host_pace: mode {procs}{'-pinned' if pinned else ''}, {args.windows} x {args.window_s} s", flush=True)
         mode = run_mode(procs, pinned, iterations, args.window_s, args.windows)
         results.append(mode)
-        rows.extend(summarise(mode, args.window_s, [f for f in factors if f <= args.windows // 2 or f == 1]))
+        rows.extend(summarise(mode, args.window_s, factors))
     print_table(rows)
     if args.out:
         from llm_energy.artifacts import atomic_write_bytes
